@@ -1,0 +1,5 @@
+import sys
+
+from kimi_linear.cli.main import main
+
+sys.exit(main())

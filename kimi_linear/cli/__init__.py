@@ -1,0 +1,1 @@
+"""Command-line interface: `kimi-linear {init, serve, generate, chat, bench, train}`."""

@@ -1,0 +1,60 @@
+"""Exception hierarchy of kimi_linear.
+
+Every error a user can cause (a bad config key, a missing tensor, an invalid request field) is one
+of these, with a message that names the offending thing. The server maps them to HTTP statuses:
+ClientError -> 400, NotFoundError -> 404, EngineDeadError / OverloadedError -> 503, the rest -> 500.
+"""
+
+from __future__ import annotations
+
+
+class KimiLinearError(Exception):
+    """Base class of every error raised on purpose by kimi_linear."""
+
+
+class ConfigError(KimiLinearError, ValueError):
+    """An invalid model or engine configuration. `key` names the offending config key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config key '{key}': {message}")
+
+
+class CheckpointError(KimiLinearError):
+    """A checkpoint folder that cannot be loaded: missing/unexpected/mis-shaped tensor or bad file."""
+
+    def __init__(self, message: str, *, tensor: str | None = None, file: str | None = None):
+        self.tensor = tensor
+        self.file = file
+        super().__init__(message)
+
+
+class ClientError(KimiLinearError, ValueError):
+    """A request that is invalid as sent (HTTP 400). `param` names the offending field."""
+
+    status_code = 400
+    error_type = "BadRequestError"
+
+    def __init__(self, message: str, param: str | None = None):
+        self.param = param
+        self.message = message
+        super().__init__(message)
+
+
+class ValidationError(ClientError):
+    """An invalid sampling or request parameter."""
+
+
+class NotFoundError(KimiLinearError):
+    status_code = 404
+    error_type = "NotFoundError"
+
+
+class EngineDeadError(KimiLinearError):
+    status_code = 503
+    error_type = "ServiceUnavailableError"
+
+
+class OverloadedError(KimiLinearError):
+    status_code = 503
+    error_type = "ServiceUnavailableError"

@@ -1,0 +1,1 @@
+"""nn.Modules of the model. Imports only from ops (and distributed, later)."""

@@ -1,0 +1,99 @@
+"""Kimi Delta Attention layer (spec section 3), over a flat batch described by a ForwardContext.
+
+x -> q/k/v projections -> causal short conv + SiLU (conv state in the cache slot) -> per-channel
+forget gate g = -exp(A_log) softplus(f_b(f_a(x)) + dt_bias), beta = sigmoid(b_proj(x)) -> L2-normed
+q, k -> delta-rule recurrence (chunked for prefill, fused recurrent for decode; recurrent state in
+the cache slot) -> gated RMSNorm with sigmoid(g_b(g_a(x))) -> o_proj.
+
+Parameter names equal the checkpoint's (`self_attn.q_proj.weight`, `self_attn.A_log`, ...).
+On CUDA the Triton kernels run; on the CPU the naive ops with the same call signatures.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kimi_linear.config import ModelConfig
+from kimi_linear.layers.context import ForwardContext
+from kimi_linear.ops import kda as kda_ops
+from kimi_linear.ops.conv import naive_causal_conv1d
+from kimi_linear.ops.norm import gated_rms_norm
+from kimi_linear.ops.triton_utils import use_triton
+
+
+class ShortConv(nn.Module):
+    """Holds one depthwise conv weight [C, 1, W] under the checkpoint's name (`q_conv1d.weight`)."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+
+
+class KimiDeltaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        D, H, K = config.hidden_size, config.kda_num_heads, config.kda_head_dim
+        C = H * K
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = H, K
+        self.eps = config.rms_norm_eps
+        self.q_proj = nn.Linear(D, C, bias=False)
+        self.k_proj = nn.Linear(D, C, bias=False)
+        self.v_proj = nn.Linear(D, C, bias=False)
+        self.q_conv1d = ShortConv(C, config.conv_kernel_size)
+        self.k_conv1d = ShortConv(C, config.conv_kernel_size)
+        self.v_conv1d = ShortConv(C, config.conv_kernel_size)
+        self.A_log = nn.Parameter(torch.empty(1, 1, H, 1, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(C, dtype=torch.float32))
+        self.f_a_proj = nn.Linear(D, K, bias=False)
+        self.f_b_proj = nn.Linear(K, C, bias=False)
+        self.b_proj = nn.Linear(D, H, bias=False)
+        self.g_a_proj = nn.Linear(D, K, bias=False)
+        self.g_b_proj = nn.Linear(K, C, bias=False)
+        self.o_norm = _GatedNormWeight(K)
+        self.o_proj = nn.Linear(C, D, bias=False)
+
+    def conv_weight(self) -> torch.Tensor:
+        """The three conv weights as one [3C, W] tensor (q | k | v channels)."""
+        return torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], 0).squeeze(1)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        N = x.shape[0]
+        H, K = self.num_heads, self.head_dim
+        C = H * K
+        cache = ctx.cache
+        conv_state = cache.kda_conv[self.layer_idx] if cache is not None else None
+        recurrent = cache.kda_recurrent[self.layer_idx] if cache is not None else None
+        state_indices = ctx.state_indices if cache is not None else None
+        triton = use_triton(x)
+
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        conv = naive_causal_conv1d
+        if triton:
+            from kimi_linear.ops.conv import causal_conv1d as conv
+        qkv = conv(qkv, self.conv_weight(), conv_state, ctx.cu_seqlens, state_indices, activation="silu")
+        q, k, v = (t.reshape(1, N, H, K) for t in qkv.split(C, dim=-1))
+        f = self.f_b_proj(self.f_a_proj(x)).view(1, N, H, K)
+        b = self.b_proj(x).view(1, N, H)
+
+        kwargs = dict(initial_state=recurrent, output_final_state=False, cu_seqlens=ctx.cu_seqlens,
+                      use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log,
+                      dt_bias=self.dt_bias, use_beta_sigmoid_in_kernel=True, state_indices=state_indices)
+        if ctx.is_decode and recurrent is not None:
+            fn = kda_ops.fused_recurrent_kda if triton else kda_ops.naive_recurrent_kda
+        else:
+            fn = kda_ops.chunk_kda if triton else kda_ops.naive_chunk_kda
+        o, _ = fn(q, k, v, f, b, **kwargs)
+
+        gate = self.g_b_proj(self.g_a_proj(x)).view(N, H, K)
+        o = gated_rms_norm(o.view(N, H, K), gate, self.o_norm.weight, self.eps)
+        return self.o_proj(o.reshape(N, C))
+
+
+class _GatedNormWeight(nn.Module):
+    """`o_norm.weight` [K], shared by all heads."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))

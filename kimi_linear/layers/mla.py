@@ -1,0 +1,82 @@
+"""Multi-head latent attention layer with NoPE (spec section 5), over a flat batch.
+
+Per token the layer caches [kv_a_layernorm(c) (R) ; k_pe (Dr)] into the paged latent cache. Prefill
+and mixed batches use the MHA form (latents expanded through kv_b_proj); pure decode batches use the
+absorbed MQA form over the latent cache. Both are exact rewrites of the same attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kimi_linear.config import ModelConfig
+from kimi_linear.layers.context import ForwardContext
+from kimi_linear.layers.norm import RMSNorm
+from kimi_linear.ops import mla as mla_ops
+from kimi_linear.ops.triton_utils import use_triton
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        D, H = config.hidden_size, config.num_attention_heads
+        self.layer_idx = layer_idx
+        self.num_heads = H
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.scale = self.qk_head_dim ** -0.5
+        self.q_proj = nn.Linear(D, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, config.kv_cache_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.mla_kv_norm_eps)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        N = x.shape[0]
+        H, R = self.num_heads, self.kv_lora_rank
+        q = self.q_proj(x).view(N, H, self.qk_head_dim)
+        ckv = self.kv_a_proj_with_mqa(x)
+        latent = torch.cat([self.kv_a_layernorm(ckv[:, :R]), ckv[:, R:]], dim=-1)  # [N, R + Dr]
+        cache = ctx.cache.mla[self.layer_idx] if ctx.cache is not None else None
+        if cache is not None:
+            mla_ops.write_latent(cache, ctx.slot_mapping, latent)
+
+        if ctx.is_decode and cache is not None:
+            o = self._decode(q, cache, ctx)
+        else:
+            o = self._prefill(q, latent, cache, ctx)
+        return self.o_proj(o.reshape(N, H * self.v_head_dim))
+
+    def _prefill(self, q, latent, cache, ctx: ForwardContext) -> torch.Tensor:
+        R = self.kv_lora_rank
+        out = torch.empty(q.shape[0], self.num_heads, self.v_head_dim, dtype=q.dtype, device=q.device)
+        start = 0
+        for n, (qlen, clen) in enumerate(zip(ctx.query_lens, ctx.context_lens)):
+            if qlen == 0:
+                continue
+            if cache is not None and clen > 0:
+                kv = mla_ops.gather_latent(cache, ctx.block_tables[n], clen + qlen)
+            else:
+                kv = latent[start:start + qlen]
+            o = mla_ops.mla_attention_mha(q[start:start + qlen], kv[:, :R], kv[:, R:], self.kv_b_proj.weight,
+                                          self.v_head_dim, self.scale)
+            out[start:start + qlen] = o
+            start += qlen
+        return out
+
+    def _decode(self, q, cache, ctx: ForwardContext) -> torch.Tensor:
+        if use_triton(q):
+            from kimi_linear.ops.mla.decode import mla_decode
+            return mla_decode(q, cache, ctx.block_tables, ctx.seq_lens, self.kv_b_proj.weight,
+                              self.v_head_dim, self.scale, ctx.extras)
+        R = self.kv_lora_rank
+        out = torch.empty(q.shape[0], self.num_heads, self.v_head_dim, dtype=q.dtype, device=q.device)
+        for n, L in enumerate(ctx.seq_lens.tolist()):
+            kv = mla_ops.gather_latent(cache, ctx.block_tables[n], L)
+            out[n:n + 1] = mla_ops.mla_attention_absorbed(q[n:n + 1], kv[:, :R], kv[:, R:], self.kv_b_proj.weight,
+                                                          self.v_head_dim, self.scale)
+        return out

@@ -1,0 +1,1 @@
+"""Reading and writing checkpoint folders (weights, later tokenizer and chat template)."""

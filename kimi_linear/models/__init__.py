@@ -1,0 +1,6 @@
+"""The Kimi Linear model: decoder stack, explicit per-sequence cache, weight init and presets."""
+
+from kimi_linear.models.kimi_linear import KimiLinearForCausalLM
+from kimi_linear.models.sequence_cache import SequenceCache
+
+__all__ = ["KimiLinearForCausalLM", "SequenceCache"]
