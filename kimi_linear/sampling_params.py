@@ -1,0 +1,159 @@
+"""SamplingParams: how one request is decoded, with vLLM's field names and semantics.
+
+`validate()` (called on construction) raises `ValidationError(param=...)` for every invalid field,
+so the server can answer 400 naming the field. Defaults not given by the user can be filled from
+`generation_config.json` with `with_defaults()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from kimi_linear.errors import ValidationError
+
+_UNSET = object()
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrained decoding: exactly one of `json` (a JSON schema, dict or str), `json_object`
+    (any JSON object), `regex`, `choice` (list of strings) or `grammar` (EBNF)."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def kind(self) -> str:
+        kinds = [k for k, v in (("json", self.json), ("json_object", self.json_object), ("regex", self.regex),
+                                ("choice", self.choice), ("grammar", self.grammar)) if v]
+        if len(kinds) != 1:
+            raise ValidationError(f"structured_outputs needs exactly one of json, json_object, regex, choice, "
+                                  f"grammar; got {kinds or 'none'}", param="structured_outputs")
+        return kinds[0]
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    max_tokens: int | None = 16  # None = up to the context limit
+    min_tokens: int = 0
+    logprobs: int | None = None  # number of top logprobs per output token (0 = only the sampled one)
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if self.bad_words is None:
+            self.bad_words = []
+        if self.top_k == -1:
+            self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.logit_bias:
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise ValidationError("logit_bias keys must be token ids and values numbers",
+                                      param="logit_bias") from None
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        def check(cond: bool, param: str, msg: str) -> None:
+            if not cond:
+                raise ValidationError(f"{param} {msg}", param=param)
+
+        def num(name: str) -> float:
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and not isinstance(v, bool), name, f"must be a number, got {v!r}")
+            return v
+
+        def integer(name: str, optional: bool = False) -> int | None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return None
+            check(isinstance(v, int) and not isinstance(v, bool), name, f"must be an integer, got {v!r}")
+            return v
+
+        check(integer("n") >= 1, "n", f"must be at least 1, got {self.n}")
+        check(0.0 <= num("temperature") <= 100.0, "temperature", f"must be in [0, 100], got {self.temperature}")
+        check(0.0 < num("top_p") <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(integer("top_k") >= 0, "top_k", f"must be -1 (off), 0 (off) or positive, got {self.top_k}")
+        check(0.0 <= num("min_p") <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
+        check(-2.0 <= num("presence_penalty") <= 2.0, "presence_penalty",
+              f"must be in [-2, 2], got {self.presence_penalty}")
+        check(-2.0 <= num("frequency_penalty") <= 2.0, "frequency_penalty",
+              f"must be in [-2, 2], got {self.frequency_penalty}")
+        check(0.0 < num("repetition_penalty") <= 2.0, "repetition_penalty",
+              f"must be in (0, 2], got {self.repetition_penalty}")
+        mt = integer("max_tokens", optional=True)
+        check(mt is None or mt >= 1, "max_tokens", f"must be at least 1, got {mt}")
+        check(integer("min_tokens") >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}")
+        check(mt is None or self.min_tokens <= mt, "min_tokens",
+              f"({self.min_tokens}) must not exceed max_tokens ({mt})")
+        seed = integer("seed", optional=True)
+        check(seed is None or -(2 ** 63) <= seed < 2 ** 64, "seed", "is out of range")
+        lp = integer("logprobs", optional=True)
+        check(lp is None or 0 <= lp <= 20, "logprobs", f"must be in [0, 20], got {lp}")
+        plp = integer("prompt_logprobs", optional=True)
+        check(plp is None or 0 <= plp <= 20, "prompt_logprobs", f"must be in [0, 20], got {plp}")
+        check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
+              "must be a non-empty string or a list of non-empty strings")
+        check(len(self.stop) <= 64, "stop", "has more than 64 strings")
+        check(isinstance(self.stop_token_ids, list)
+              and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
+              "stop_token_ids", "must be a list of non-negative token ids")
+        if self.logit_bias:
+            for tok, bias in self.logit_bias.items():
+                check(-100.0 <= bias <= 100.0, "logit_bias", f"value for token {tok} must be in [-100, 100]")
+                check(tok >= 0 and (vocab_size is None or tok < vocab_size), "logit_bias",
+                      f"token id {tok} is out of the vocabulary")
+        if self.allowed_token_ids is not None:
+            check(isinstance(self.allowed_token_ids, list) and len(self.allowed_token_ids) > 0
+                  and all(isinstance(t, int) and t >= 0 and (vocab_size is None or t < vocab_size)
+                          for t in self.allowed_token_ids),
+                  "allowed_token_ids", "must be a non-empty list of token ids in the vocabulary")
+        if vocab_size is not None:
+            for t in self.stop_token_ids:
+                check(t < vocab_size, "stop_token_ids", f"token id {t} is out of the vocabulary")
+        if self.structured_outputs is not None:
+            self.structured_outputs.kind()
+
+    def with_defaults(self, defaults: dict[str, Any], explicit: set[str]) -> "SamplingParams":
+        """A copy where the fields not in `explicit` take values from `defaults` (generation_config)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        changes = {k: v for k, v in defaults.items() if k in names and k not in explicit}
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def clone(self) -> "SamplingParams":
+        return dataclasses.replace(self)
