@@ -1,0 +1,1 @@
+"""The inference engine: scheduler, MLA block pool, KDA state pool, model runner, sampler, outputs."""
