@@ -76,6 +76,9 @@ class MultiHeadLatentAttention(nn.Module):
         R = self.kv_lora_rank
         out = torch.empty(q.shape[0], self.num_heads, self.v_head_dim, dtype=q.dtype, device=q.device)
         for n, L in enumerate(ctx.seq_lens.tolist()):
+            if L == 0:  # padding row of a bucketed decode batch
+                out[n] = 0
+                continue
             kv = mla_ops.gather_latent(cache, ctx.block_tables[n], L)
             out[n:n + 1] = mla_ops.mla_attention_absorbed(q[n:n + 1], kv[:, :R], kv[:, R:], self.kv_b_proj.weight,
                                                           self.v_head_dim, self.scale)

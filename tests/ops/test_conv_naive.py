@@ -41,3 +41,15 @@ def test_state_continuation_and_varlen():
         assert_close(f"rest {n}", ref[6:], y2[cu2[n]:cu2[n + 1]], 1e-6)
         assert torch.equal(state[idx[n]], f[-(W - 1):])
     assert torch.isnan(state[1]).all() and torch.isnan(state[4]).all()
+
+
+def test_negative_index_is_a_padding_row():
+    C, W = 4, 4
+    w = torch.randn(C, W)
+    state = torch.randn(3, W - 1, C)
+    before = state.clone()
+    x = torch.randn(2, C)
+    y = naive_causal_conv1d(x, w, state, torch.tensor([0, 1, 2], dtype=torch.int32),
+                            torch.tensor([-1, 2], dtype=torch.int32))
+    assert torch.equal(y[0], torch.zeros(C))
+    assert torch.equal(state[:2], before[:2]) and not torch.equal(state[2], before[2])

@@ -3,8 +3,9 @@
 x [T, C] holds the tokens of all sequences back to back (`cu_seqlens` [N + 1]; None = one sequence).
 weight [C, W]: column W - 1 multiplies the current token, column 0 the token W - 1 steps back.
 conv_state [S, W - 1, C]: a pool of per-sequence windows of the last W - 1 *pre-conv* inputs (oldest
-first); `state_indices` [N] picks each sequence's slot. The inputs before a sequence start come from
-its state (zeros when conv_state is None). The window is updated in place after the call.
+first); `state_indices` [N] picks each sequence's slot (a negative index marks a padding row: its output is
+zero and no slot is touched). The inputs before a sequence start come from its state (zeros when
+conv_state is None). The window is updated in place after the call.
 Math in fp32, output in x's dtype, state stored in the pool's dtype.
 """
 
@@ -25,6 +26,9 @@ def naive_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch
     y = torch.empty(T, C, dtype=x.dtype, device=x.device)
     for n in range(len(cu) - 1):
         bos, eos = cu[n], cu[n + 1]
+        if idx[n] < 0:
+            y[bos:eos] = 0
+            continue
         if conv_state is not None:
             prev = conv_state[idx[n]].float()
         else:
