@@ -1,7 +1,9 @@
 """Create a complete Hugging Face-format checkpoint folder from a preset (what `kimi-linear init` does).
 
-Writes config.json, generation_config.json and, unless `weights=False`, random well-scaled weights
-as sharded safetensors with model.safetensors.index.json in the official tensor names and dtypes.
+Writes config.json, generation_config.json, a Kimi-format tokenizer (tiktoken.model,
+tokenizer_config.json, chat_template.jinja; built for vocabularies of at most 32768 ids, i.e. the
+`tiny` and `small` presets) and, unless `weights=False`, random well-scaled weights as sharded
+safetensors with model.safetensors.index.json in the official tensor names and dtypes.
 Weights are generated tensor by tensor on a meta-device model and streamed into shards, so even the
 48B preset never needs its weights in memory at once.
 """
@@ -15,9 +17,12 @@ import torch
 
 from kimi_linear.config import ModelConfig, parse_dtype
 from kimi_linear.loader.safetensors import save_checkpoint
+from kimi_linear.loader.tokenizer_builder import write_tokenizer
 from kimi_linear.models.init import init_tensor, make_generator
 from kimi_linear.models.kimi_linear import FP32_PARAMS, KimiLinearForCausalLM
 from kimi_linear.models.presets import preset_config
+
+MAX_BUILT_VOCAB = 32768  # larger vocabularies (the 48b presets) get no built tokenizer: too slow to train
 
 
 def generation_config(config: ModelConfig) -> dict:
@@ -31,8 +36,10 @@ def generation_config(config: ModelConfig) -> dict:
 
 def create_checkpoint(out_dir: str | os.PathLike, preset: str | dict = "tiny", seed: int = 0, weights: bool = True,
                       dtype: torch.dtype | str | None = None, max_shard_bytes: int = 2 * 1024 ** 3,
-                      progress: bool = True) -> ModelConfig:
-    """Write a checkpoint folder for `preset` (a preset name or an official-format config dict)."""
+                      progress: bool = True, tokenizer: bool | None = None) -> ModelConfig:
+    """Write a checkpoint folder for `preset` (a preset name or an official-format config dict).
+
+    `tokenizer`: write a built tokenizer (default: when the vocabulary has at most 32768 ids)."""
     out_dir = os.fspath(out_dir)
     cfg_dict = preset_config(preset) if isinstance(preset, str) else dict(preset)
     if dtype is not None:
@@ -44,6 +51,9 @@ def create_checkpoint(out_dir: str | os.PathLike, preset: str | dict = "tiny", s
         json.dump(cfg_dict, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation_config(config), f, indent=2)
+    if tokenizer if tokenizer is not None else config.vocab_size <= MAX_BUILT_VOCAB:
+        write_tokenizer(out_dir, config.vocab_size, config.bos_token_id, (list(config.eos_token_ids) or [None])[0],
+                        config.pad_token_id, cfg_dict.get("model_max_length"))
     if weights:
         with torch.device("meta"):
             model = KimiLinearForCausalLM(config)
