@@ -3,6 +3,9 @@
 Per token the layer caches [kv_a_layernorm(c) (R) ; k_pe (Dr)] into the paged latent cache. Prefill
 and mixed batches use the MHA form (latents expanded through kv_b_proj); pure decode batches use the
 absorbed MQA form over the latent cache. Both are exact rewrites of the same attention.
+On CUDA (`use_triton`): decode -> `ops/mla/decode.py` (split-KV over the paged cache, CUDA-graph safe),
+prefill / mixed -> `ops/mla/prefill.py` (chunked flash MHA; its decode-like rows go to the decode kernel).
+On CPU: the naive per-sequence ops.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(o.reshape(N, H * self.v_head_dim))
 
     def _prefill(self, q, latent, cache, ctx: ForwardContext) -> torch.Tensor:
+        if use_triton(q):
+            from kimi_linear.ops.mla.prefill import mla_prefill
+            return mla_prefill(q, latent, cache, ctx.block_tables, ctx.query_lens, ctx.context_lens,
+                               self.kv_b_proj.weight, self.v_head_dim, self.scale)
         R = self.kv_lora_rank
         out = torch.empty(q.shape[0], self.num_heads, self.v_head_dim, dtype=q.dtype, device=q.device)
         start = 0

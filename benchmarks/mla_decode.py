@@ -1,0 +1,220 @@
+"""MLA decode (absorbed, split-KV over the paged latent cache) vs the copy-bandwidth floor; MLA prefill.
+
+Real shape (H=32, Dn=128, Dr=64, Dv=128, R=512), bf16, block size 64, scattered block tables, random
+cache contents. For each (batch, context) it checks sequence 0 and the last sequence against the fp32
+naive absorbed form, then times (median of `triton.testing.do_bench`, L2 flushed between calls):
+  attn   the two Triton kernels only (absorbed query given),
+  eager  the whole `mla_decode` (W_UK bmm, kernels, W_UV bmm),
+  graph  the whole `mla_decode` replayed from a CUDA graph,
+against floor = cache bytes / measured device copy bandwidth (read + write counted).
+Then a launch-config sweep of the attention kernel at batch 1 / 1M, and the prefill kernel (our chunked
+flash MHA incl. the K/V expansion) beside torch SDPA (flash, V padded to 192) on already expanded K/V.
+
+    PYTHONPATH=. python benchmarks/mla_decode.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import triton
+import triton.testing
+
+from kimi_linear.ops.mla.decode import decode_num_splits, mla_decode, mla_decode_attention, reference_decode
+from kimi_linear.ops.mla.prefill import mla_prefill
+
+H, DN, DR, DV, R = 32, 128, 64, 128, 512
+BS = 64
+SCALE = (DN + DR) ** -0.5
+BYTES_PER_TOKEN = (R + DR) * 2
+DEVICE = "cuda"
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3  # seconds
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(1 << 30, dtype=torch.bfloat16, device=DEVICE)  # 2 GiB
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    bw = 2 * src.numel() * 2 / t
+    del src, dst
+    return bw
+
+
+def make_batch(N: int, ctx: int, seed: int = 0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    nbps = triton.cdiv(ctx, BS)
+    NB = N * nbps + 1
+    cache = torch.randn(NB, BS, R + DR, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    tables = torch.randperm(NB, device=DEVICE, generator=g)[:N * nbps].view(N, nbps).to(torch.int32)
+    q = torch.randn(N, H, DN + DR, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    w = (torch.randn(H * (DN + DV), R, device=DEVICE, generator=g) / R ** 0.5).to(torch.bfloat16)
+    lens = torch.full((N,), ctx, dtype=torch.int32, device=DEVICE)
+    return q, cache, tables, lens, w
+
+
+def check(q, cache, tables, lens, w, out) -> float:
+    worst = 0.0
+    for n in sorted({0, q.shape[0] - 1}):
+        ref = reference_decode(q[n:n + 1], cache, tables[n:n + 1], lens[n:n + 1], w, DV, SCALE)
+        worst = max(worst, ((out[n:n + 1].float() - ref).norm() / ref.norm()).item())
+    return worst
+
+
+def graph_time(fn) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench(g.replay)
+
+
+def decode_rows(shapes, bw):
+    rows = []
+    for N, ctx in shapes:
+        q, cache, tables, lens, w = make_batch(N, ctx)
+        extras = {}
+        out = mla_decode(q, cache, tables, lens, w, DV, SCALE, extras)
+        err = check(q, cache, tables, lens, w, out)
+        wv = w.view(H, DN + DV, R)
+        q_lat = torch.bmm(q[..., :DN].transpose(0, 1), wv[:, :DN])
+        q_pe = q[..., DN:]
+        t_attn = bench(lambda: mla_decode_attention(q_lat, q_pe, cache, tables, lens, SCALE, extras))
+        t_eager = bench(lambda: mla_decode(q, cache, tables, lens, w, DV, SCALE, extras))
+        t_graph = graph_time(lambda: mla_decode(q, cache, tables, lens, w, DV, SCALE, extras))
+        nbytes = N * ctx * BYTES_PER_TOKEN
+        floor = nbytes / bw
+        rows.append(dict(batch=N, context=ctx, splits=decode_num_splits(N, H, q.device), cache_GB=nbytes / 1e9,
+                         rel_err=err, attn_us=t_attn * 1e6, eager_us=t_eager * 1e6, graph_us=t_graph * 1e6,
+                         floor_us=floor * 1e6, attn_TBps=nbytes / t_attn / 1e12,
+                         attn_over_floor=t_attn / floor, graph_over_floor=t_graph / floor))
+        r = rows[-1]
+        print(f"  N={N:4d} ctx={ctx:8d} err={err:.1e} attn={r['attn_us']:9.1f}us graph={r['graph_us']:9.1f}us "
+              f"floor={r['floor_us']:9.1f}us ({r['attn_TBps']:.2f} TB/s)", flush=True)
+        del q, cache, tables, lens, w, extras, q_lat, q_pe, out
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep(bw, ctx):
+    q, cache, tables, lens, w = make_batch(1, ctx)
+    wv = w.view(H, DN + DV, R)
+    q_lat = torch.bmm(q[..., :DN].transpose(0, 1), wv[:, :DN])
+    q_pe = q[..., DN:]
+    ref = None
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    configs = [dict()]
+    for bh, bn, nw, ns in [(32, 32, 8, 3), (32, 32, 4, 2), (32, 64, 8, 2), (32, 16, 4, 3), (32, 16, 8, 4),
+                           (16, 32, 4, 2), (16, 64, 4, 2), (16, 32, 8, 3)]:
+        configs.append(dict(block_h=bh, block_n=bn, num_warps=nw, num_stages=ns))
+    configs += [dict(prefetch=True), dict(prefetch=True, num_stages=3), dict(num_splits=sms),
+                dict(num_splits=4 * sms)]
+    rows = []
+    for cfg in configs:
+        try:
+            o = mla_decode_attention(q_lat, q_pe, cache, tables, lens, SCALE, {}, **cfg)
+            if ref is None:
+                ref = o.float()
+            err = ((o.float() - ref).norm() / ref.norm()).item()
+            t = bench(lambda: mla_decode_attention(q_lat, q_pe, cache, tables, lens, SCALE, {}, **cfg))
+            nbytes = ctx * BYTES_PER_TOKEN
+            rows.append(dict(cfg=cfg or "default", us=t * 1e6, TBps=nbytes / t / 1e12, over_floor=t * bw / nbytes,
+                             diff_vs_default=err))
+            print(f"  {str(cfg or 'default'):70s} {t * 1e6:8.1f}us {nbytes / t / 1e12:.2f} TB/s", flush=True)
+        except Exception as e:  # a config that does not compile (shared memory) is reported, not fatal
+            rows.append(dict(cfg=cfg, error=f"{type(e).__name__}: {str(e)[:120]}"))
+            print(f"  {cfg}: {type(e).__name__}", flush=True)
+    return rows
+
+
+def prefill_rows(cases):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kimi_linear.ops.mla.naive import gather_latent, mla_attention_mha
+
+    rows = []
+    for T, ctx in cases:
+        L = ctx + T
+        nbps = triton.cdiv(L, BS)
+        cache = torch.randn(nbps, BS, R + DR, device=DEVICE, dtype=torch.bfloat16)
+        tables = torch.randperm(nbps, device=DEVICE).view(1, nbps).to(torch.int32)
+        q = torch.randn(T, H, DN + DR, device=DEVICE, dtype=torch.bfloat16)
+        w = (torch.randn(H * (DN + DV), R, device=DEVICE) / R ** 0.5).to(torch.bfloat16)
+        lat_all = gather_latent(cache, tables[0], L)
+        latent = lat_all[ctx:].contiguous()
+        fn = lambda: mla_prefill(q, latent, cache, tables, [T], [ctx], w, DV, SCALE)  # noqa: E731
+        out = fn()
+        sl = slice(T - 64, T)  # the last 64 queries against the fp32 reference
+        ref = mla_attention_mha(q[sl].float(), lat_all[:, :R].float(), lat_all[:, R:].float(), w.float(), DV, SCALE)
+        err = ((out[sl].float() - ref).norm() / ref.norm()).item()
+        t = bench(fn)
+        flops = 2 * H * T * (ctx + (T + 1) / 2) * (DN + DR + DV)
+        row = dict(T=T, context=ctx, rel_err=err, ours_ms=t * 1e3, ours_TFLOPs=flops / t / 1e12)
+        if ctx == 0:
+            kv = (latent[:, :R] @ w.t()).view(T, H, DN + DV)
+            k = torch.cat([kv[..., :DN], latent[:, None, R:].expand(T, H, DR)], -1).transpose(0, 1)[None]
+            v = F.pad(kv[..., DN:], (0, DN + DR - DV)).transpose(0, 1)[None]
+            qq = q.transpose(0, 1)[None]
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                ts = bench(lambda: F.scaled_dot_product_attention(qq, k, v, is_causal=True, scale=SCALE))
+            row.update(sdpa_flash_padded_ms=ts * 1e3, sdpa_TFLOPs=flops / ts / 1e12)
+        rows.append(row)
+        print(f"  T={T} ctx={ctx} err={err:.1e} ours={t * 1e3:.2f} ms ({row['ours_TFLOPs']:.0f} TFLOP/s)"
+              + (f" sdpa-flash(padded V, K/V given)={row['sdpa_flash_padded_ms']:.2f} ms" if ctx == 0 else ""),
+              flush=True)
+        del cache, q, w, lat_all, latent, out
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small contexts only")
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "mla_decode.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"{dev}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    if args.quick:
+        shapes = [(1, 4096), (8, 4096), (1, 131072)]
+    else:
+        shapes = [(1, 4096), (1, 131072), (1, 1048576), (8, 4096), (8, 131072), (32, 4096), (32, 32768),
+                  (64, 4096), (128, 4096), (256, 4096)]
+    t0 = time.time()
+    print("decode:", flush=True)
+    dec = decode_rows(shapes, bw)
+    print("config sweep (attention kernels, batch 1):", flush=True)
+    sw = sweep(bw, 131072 if args.quick else 1048576)
+    print("prefill:", flush=True)
+    pre = prefill_rows([(4096, 0), (4096, 28672), (16384, 0)] if not args.quick else [(1024, 0), (1024, 4096)])
+    with open(args.json, "w") as f:
+        json.dump(dict(device=dev, copy_TBps=bw / 1e12, decode=dec, sweep=sw, prefill=pre), f, indent=1)
+
+    print(f"\n## MLA decode, {dev}, bf16, H={H} R={R} Dr={DR}, block {BS}; copy bw {bw / 1e12:.2f} TB/s "
+          f"({time.time() - t0:.0f}s)")
+    print("| batch | context | splits | cache GB | rel err | attn us | eager us | graph us | floor us "
+          "| attn TB/s | attn/floor | graph/floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in dec:
+        print(f"| {r['batch']} | {r['context']} | {r['splits']} | {r['cache_GB']:.3f} | {r['rel_err']:.1e} "
+              f"| {r['attn_us']:.1f} | {r['eager_us']:.1f} | {r['graph_us']:.1f} | {r['floor_us']:.1f} "
+              f"| {r['attn_TBps']:.2f} | {r['attn_over_floor']:.2f} | {r['graph_over_floor']:.2f} |")
+    best = min((r for r in sw if "us" in r), key=lambda r: r["us"], default=None)
+    if best:
+        print(f"sweep best: {best['cfg']} {best['us']:.1f} us ({best['over_floor']:.2f}x floor)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""MLA decode in the absorbed (MQA) form over the paged latent cache: a split-KV Triton kernel.
+
+One query token per sequence (spec section 5.2). W_UK is folded into the query and W_UV applied after
+the attention (two batched matmuls, cuBLAS); the kernels do the attention of the H query heads over the
+shared latent keys/values [c (R) ; k_pe (Dr)] of every cached token:
+
+    score[h, s] = scale * (q_lat[h] . c[s] + q_pe[h] . k_pe[s]),   o_lat[h] = sum_s softmax(score)[h, s] c[s]
+
+Design and invariants:
+- MQA: a program owns BLOCK_H heads of one sequence and one context split, and reads each cached token
+  once for all of its heads (the [BLOCK_N, R] latent tile is both the key and the value operand).
+  With H <= 32 (the real shape) one program holds every head, so the cache is streamed exactly once.
+- Split-KV: the grid is (head groups, NUM_SPLITS, N), fixed by shapes. Each program derives its token
+  range from seq_lens on the device: chunk = max(cdiv(L, NUM_SPLITS), MIN_CHUNK) rounded up to BLOCK_N,
+  split s covers [s * chunk, min((s + 1) * chunk, L)); a split past L does nothing. So short contexts
+  use few splits (little partial traffic) and long contexts all of them (the whole GPU streams).
+- Online softmax in fp32 (exp2, scale folded with log2(e)); each split writes its normalised partial
+  output and log2-sum-exp; the reduction kernel merges the active splits of each (sequence, head) and
+  writes o_lat in the model dtype, or zeros for a padding row (seq_len 0: nothing is read).
+- CUDA-graph safe: no host sync; the grid depends on shapes only; the split scratch lives in `extras`
+  (reused across layers and steps while the shapes match) or is allocated by shape.
+- Any power-of-two block size; any seq_len from 0 up (int64 cache offsets, int32 positions).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kimi_linear.errors import ConfigError
+from kimi_linear.ops.triton_utils import is_interpreter, patch_triton_interpreter
+
+_LOG2E = 1.4426950408889634
+MIN_CHUNK = 128  # fewest tokens a split takes before another split is used
+MAX_SPLITS = 512
+
+
+@triton.jit
+def _mla_decode_split_kernel(
+    q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse,
+    scale_log2,
+    s_ql_h, s_ql_n, s_qp_n, s_qp_h, s_c_blk, s_c_tok, s_bt_n,
+    s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s,
+    H, R, DR, NUM_SPLITS,
+    BS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
+    PREC: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    i_hg = tl.program_id(0)
+    i_s = tl.program_id(1)
+    i_n = tl.program_id(2)
+
+    L = tl.load(seq_lens + i_n)
+    chunk = tl.maximum((L + NUM_SPLITS - 1) // NUM_SPLITS, MIN_CHUNK)
+    chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = i_s * chunk
+    end = tl.minimum(start + chunk, L)
+
+    o_h = i_hg * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_r = tl.arange(0, BLOCK_R)
+    o_p = tl.arange(0, BLOCK_DR)
+    m_h = o_h < H
+    m_r = o_r < R
+    m_p = o_p < DR
+    q_l = tl.load(q_lat + o_h[:, None] * s_ql_h + i_n * s_ql_n + o_r[None, :],
+                  mask=m_h[:, None] & m_r[None, :], other=0.0)
+    q_p = tl.load(q_pe + i_n * s_qp_n + o_h[:, None] * s_qp_h + o_p[None, :],
+                  mask=m_h[:, None] & m_p[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+    table = block_tables + i_n.to(tl.int64) * s_bt_n
+    if PREFETCH:  # read the block ids of the next tile one iteration ahead
+        nxt = start + tl.arange(0, BLOCK_N)
+        blk_next = tl.load(table + nxt // BS, mask=nxt < end, other=0)
+    for off in range(start, end, BLOCK_N):
+        pos = off + tl.arange(0, BLOCK_N)
+        m_n = pos < end
+        if PREFETCH:
+            blk = blk_next.to(tl.int64)
+            nxt = pos + BLOCK_N
+            blk_next = tl.load(table + nxt // BS, mask=nxt < end, other=0)
+        else:
+            blk = tl.load(table + pos // BS, mask=m_n, other=0).to(tl.int64)
+        row = cache + blk * s_c_blk + (pos % BS).to(tl.int64) * s_c_tok
+        c = tl.load(row[:, None] + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
+        kp = tl.load(row[:, None] + R + o_p[None, :], mask=m_n[:, None] & m_p[None, :], other=0.0)
+        s = tl.dot(q_l, tl.trans(c), input_precision=PREC)
+        s = tl.dot(q_p, tl.trans(kp), s, input_precision=PREC)
+        s = tl.where(m_n[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(c.dtype), c, acc, input_precision=PREC)
+        m_i = m_new
+
+    active = start < L
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o_base = part_o + i_n.to(tl.int64) * s_po_n + i_s.to(tl.int64) * s_po_s
+    tl.store(o_base + o_h[:, None] * s_po_h + o_r[None, :], acc / l_safe[:, None],
+             mask=(m_h[:, None] & m_r[None, :]) & active)
+    tl.store(part_lse + i_n.to(tl.int64) * s_pl_n + i_s * s_pl_s + o_h, m_i + tl.log2(l_safe),
+             mask=m_h & active)
+
+
+@triton.jit
+def _mla_decode_reduce_kernel(
+    part_o, part_lse, seq_lens, o_lat,
+    s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s, s_ol_h, s_ol_n,
+    R, NUM_SPLITS,
+    MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_RR: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_r = tl.program_id(2)
+
+    L = tl.load(seq_lens + i_n)
+    chunk = tl.maximum((L + NUM_SPLITS - 1) // NUM_SPLITS, MIN_CHUNK)
+    chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    num_active = (L + chunk - 1) // chunk  # 0 for a padding row
+
+    o_s = tl.arange(0, BLOCK_S)
+    lse_base = part_lse + i_n.to(tl.int64) * s_pl_n + i_h
+    lse = tl.load(lse_base + o_s * s_pl_s, mask=o_s < num_active, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(num_active > 0, m, 0.0)
+
+    o_r = i_r * BLOCK_RR + tl.arange(0, BLOCK_RR)
+    m_r = o_r < R
+    den = tl.sum(tl.exp2(lse - m), 0)  # masked splits contribute exp2(-inf) = 0
+    den = tl.where(den > 0, den, 1.0)
+    acc = tl.zeros([BLOCK_RR], dtype=tl.float32)
+    o_base = part_o + i_n.to(tl.int64) * s_po_n + i_h * s_po_h
+    for s in range(0, num_active):
+        w = tl.exp2(tl.load(lse_base + s * s_pl_s) - m)
+        acc += w * tl.load(o_base + s * s_po_s + o_r, mask=m_r, other=0.0)
+    tl.store(o_lat + i_h * s_ol_h + i_n.to(tl.int64) * s_ol_n + o_r, (acc / den).to(o_lat.dtype.element_ty),
+             mask=m_r)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def patch_interpreter_scalar_index() -> None:
+    """Interpreter only: let scalars with a device-side value bound `range` loops.
+
+    The interpreter keeps a kernel scalar as a 1-element numpy array and converts it with int(array),
+    which numpy 2.x refuses for 1-d arrays; loops such as `for off in range(start, end, BLOCK_N)` then
+    fail under TRITON_INTERPRET=1 (compiled kernels are unaffected). This re-sets `__index__` to read the
+    single element. (Belongs next to `patch_triton_interpreter` in ops/triton_utils.py.)
+    """
+    if not is_interpreter():
+        return
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_kimi_linear_patched", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._kimi_linear_patched = True
+    interpreter._patch_lang_tensor = patched
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_num_splits(num_seqs: int, num_heads: int, device: torch.device, block_h: int = 32) -> int:
+    """Splits per sequence for a batch of `num_seqs`: about two programs per SM, at least 4, a shape-only rule."""
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    groups = triton.cdiv(num_heads, block_h)
+    return max(4, min(MAX_SPLITS, triton.cdiv(2 * sms, max(1, num_seqs) * groups)))
+
+
+def _workspace(extras: dict | None, N: int, S: int, H: int, R: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split scratch [N, S, H, R] + [N, S, H] fp32, cached in `extras` while the shapes stay the same."""
+    key = (N, S, H, R, str(device))
+    ws = extras.get("mla_decode_ws") if extras is not None else None
+    if ws is None or ws[0] != key:
+        ws = (key, torch.empty(N, S, H, R, dtype=torch.float32, device=device),
+              torch.empty(N, S, H, dtype=torch.float32, device=device))
+        if extras is not None:
+            extras["mla_decode_ws"] = ws
+    return ws[1], ws[2]
+
+
+def _default_config(H: int, R: int, dtype: torch.dtype) -> dict:
+    block_h = min(32, max(16, triton.next_power_of_2(H)))
+    if dtype == torch.float32:
+        return dict(block_h=block_h, block_n=16, num_warps=4, num_stages=2, prefetch=False)
+    return dict(block_h=block_h, block_n=32, num_warps=8 if block_h * triton.next_power_of_2(R) >= 8192 else 4,
+                num_stages=2, prefetch=False)
+
+
+def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                         seq_lens: torch.Tensor, scale: float, extras: dict | None = None, *,
+                         num_splits: int | None = None, min_chunk: int = MIN_CHUNK, block_h: int | None = None,
+                         block_n: int | None = None, num_warps: int | None = None,
+                         num_stages: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
+    """Attention over the paged latent cache (MQA form). Returns o_lat [H, N, R] in q_lat's dtype.
+
+    q_lat [H, N, R] (the absorbed query, any strides with a unit last stride); q_pe [N, H, Dr] (unit last
+    stride); cache [NB, BS, R + Dr]; block_tables int32 [N, max_blocks]; seq_lens int32 [N] (0 = padding
+    row: its output is zeros). The keyword arguments override the launch configuration (tests, sweeps).
+    """
+    H, N, R = q_lat.shape
+    Dr = q_pe.shape[-1]
+    NB, BS, D = cache.shape
+    if D != R + Dr:
+        raise ConfigError("kv_cache_dim", f"latent cache rows hold {D} values, expected R + Dr = {R} + {Dr}")
+    if BS & (BS - 1):
+        raise ConfigError("block_size", f"the MLA decode kernel needs a power-of-two block size, got {BS}")
+    if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1 or cache.stride(-1) != 1 or cache.stride(1) != D:
+        raise ValueError("mla_decode_attention: q_lat, q_pe and cache need a unit last stride and dense cache rows")
+    patch_triton_interpreter()
+    patch_interpreter_scalar_index()
+    cfg = _default_config(H, R, q_lat.dtype)
+    block_h = block_h or cfg["block_h"]
+    block_n = block_n or cfg["block_n"]
+    S = num_splits or decode_num_splits(N, H, q_lat.device, block_h)
+    part_o, part_lse = _workspace(extras, N, S, H, R, q_lat.device)
+    o_lat = torch.empty(H, N, R, dtype=q_lat.dtype, device=q_lat.device)
+    if N == 0:
+        return o_lat
+    prec = "ieee" if q_lat.dtype == torch.float32 else "tf32"
+    block_tables = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
+    seq_lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
+    _mla_decode_split_kernel[(triton.cdiv(H, block_h), S, N)](
+        q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse,
+        scale * _LOG2E,
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0), cache.stride(1),
+        block_tables.stride(0), part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        H, R, Dr, S,
+        BS=BS, MIN_CHUNK=min_chunk, BLOCK_H=block_h, BLOCK_N=block_n,
+        BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_DR=max(16, triton.next_power_of_2(Dr)), PREC=prec,
+        PREFETCH=cfg["prefetch"] if prefetch is None else prefetch,
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+    )
+    block_rr = min(128, triton.next_power_of_2(R))
+    _mla_decode_reduce_kernel[(N, H, triton.cdiv(R, block_rr))](
+        part_o, part_lse, seq_lens, o_lat,
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        o_lat.stride(0), o_lat.stride(1),
+        R, S,
+        MIN_CHUNK=min_chunk, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(S), BLOCK_RR=block_rr,
+        num_warps=4,
+    )
+    return o_lat
+
+
+def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+               w_kv_b: torch.Tensor, v_head_dim: int, scale: float, extras: dict | None = None,
+               **launch) -> torch.Tensor:
+    """Absorbed MLA decode: one query per sequence over its cached latents. Returns o [N, H, Dv] (q's dtype).
+
+    q [N, H, Dn + Dr] (nope part first); cache [NB, BS, R + Dr] holding every attended token, the current
+    one included; block_tables int32 [N, max_blocks]; seq_lens int32 [N] (0 = padding row -> zeros);
+    w_kv_b [H * (Dn + Dv), R] (kv_b_proj.weight, per head [k_nope (Dn); v (Dv)] rows). The result is a
+    [N, H, Dv] view of an [H, N, Dv] tensor (callers reshape it, which copies once).
+    """
+    N, H, Dqk = q.shape
+    R = w_kv_b.shape[1]
+    Dr = cache.shape[-1] - R
+    Dn = Dqk - Dr
+    if w_kv_b.shape[0] != H * (Dn + v_head_dim):
+        raise ConfigError("kv_b_proj", f"weight has {w_kv_b.shape[0]} rows, expected H * (Dn + Dv) = "
+                                       f"{H} * ({Dn} + {v_head_dim})")
+    w = w_kv_b.view(H, Dn + v_head_dim, R)
+    if w.dtype != q.dtype:
+        w = w.to(q.dtype)
+    q_lat = torch.bmm(q[..., :Dn].transpose(0, 1), w[:, :Dn])  # [H, N, R]
+    o_lat = mla_decode_attention(q_lat, q[..., Dn:], cache, block_tables, seq_lens, scale, extras, **launch)
+    return torch.bmm(o_lat, w[:, Dn:].transpose(1, 2)).transpose(0, 1)  # [N, H, Dv]
+
+
+def reference_decode(q, cache, block_tables, seq_lens, w_kv_b, v_head_dim: int, scale: float) -> torch.Tensor:
+    """The naive absorbed form per sequence (fp32), for tests and benchmarks; syncs with the host."""
+    from kimi_linear.ops.mla.naive import gather_latent, mla_attention_absorbed
+
+    R = w_kv_b.shape[1]
+    out = torch.zeros(q.shape[0], q.shape[1], v_head_dim, dtype=torch.float32, device=q.device)
+    for n, L in enumerate(seq_lens.tolist()):
+        if L > 0:
+            kv = gather_latent(cache, block_tables[n], L).float()
+            out[n:n + 1] = mla_attention_absorbed(q[n:n + 1].float(), kv[:, :R], kv[:, R:], w_kv_b.float(),
+                                                  v_head_dim, scale)
+    return out
+
+
+__all__ = ["mla_decode", "mla_decode_attention", "decode_num_splits", "reference_decode"]
