@@ -137,6 +137,20 @@ def sweep(bw, ctx):
     return rows
 
 
+def sweep_short(bw, ctx=4096):
+    """Batch 1, short context: the split count floor (min_chunk), attention kernels in a CUDA graph."""
+    q, cache, tables, lens, w = make_batch(1, ctx)
+    wv = w.view(H, DN + DV, R)
+    q_lat = torch.bmm(q[..., :DN].transpose(0, 1), wv[:, :DN])
+    q_pe = q[..., DN:]
+    rows = []
+    for mc in (64, 128, 256, 512, 1024):
+        t = graph_time(lambda: mla_decode_attention(q_lat, q_pe, cache, tables, lens, SCALE, {}, min_chunk=mc))
+        rows.append(dict(ctx=ctx, min_chunk=mc, graph_us=t * 1e6, over_floor=t * bw / (ctx * BYTES_PER_TOKEN)))
+        print(f"  ctx={ctx} min_chunk={mc:5d} attn graph {t * 1e6:6.1f}us", flush=True)
+    return rows
+
+
 def prefill_rows(cases):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -197,6 +211,7 @@ def main():
     dec = decode_rows(shapes, bw)
     print("config sweep (attention kernels, batch 1):", flush=True)
     sw = sweep(bw, 131072 if args.quick else 1048576)
+    sw += sweep_short(bw)
     print("prefill:", flush=True)
     pre = prefill_rows([(4096, 0), (4096, 28672), (16384, 0)] if not args.quick else [(1024, 0), (1024, 4096)])
     with open(args.json, "w") as f:
