@@ -28,12 +28,28 @@ class StructuredOutputsParams:
     grammar: str | None = None
 
     def kind(self) -> str:
-        kinds = [k for k, v in (("json", self.json), ("json_object", self.json_object), ("regex", self.regex),
-                                ("choice", self.choice), ("grammar", self.grammar)) if v]
+        kinds = [k for k, v in (("json", self.json is not None), ("json_object", self.json_object),
+                                ("regex", self.regex is not None), ("choice", self.choice is not None),
+                                ("grammar", self.grammar is not None)) if v]
         if len(kinds) != 1:
             raise ValidationError(f"structured_outputs needs exactly one of json, json_object, regex, choice, "
                                   f"grammar; got {kinds or 'none'}", param="structured_outputs")
-        return kinds[0]
+        kind = kinds[0]
+        if kind == "json" and not isinstance(self.json, (dict, str, bool)):
+            raise ValidationError("structured_outputs.json must be a JSON schema (an object or a string)",
+                                  param="structured_outputs")
+        if kind == "choice" and not (isinstance(self.choice, list) and self.choice
+                                     and all(isinstance(c, str) for c in self.choice)):
+            raise ValidationError("structured_outputs.choice must be a non-empty list of strings",
+                                  param="structured_outputs")
+        if kind in ("regex", "grammar") and not (isinstance(getattr(self, kind), str) and getattr(self, kind)):
+            raise ValidationError(f"structured_outputs.{kind} must be a non-empty string", param="structured_outputs")
+        return kind
+
+    def spec(self):
+        """The payload of `kind()`: schema, pattern, choices or grammar text (None for json_object)."""
+        return {"json": self.json, "json_object": None, "regex": self.regex, "choice": self.choice,
+                "grammar": self.grammar}[self.kind()]
 
 
 @dataclass
@@ -62,6 +78,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    # token-id sequences of `bad_words`, set by update_from_tokenizer() (or given directly)
+    bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -146,8 +164,28 @@ class SamplingParams:
         if vocab_size is not None:
             for t in self.stop_token_ids:
                 check(t < vocab_size, "stop_token_ids", f"token id {t} is out of the vocabulary")
+        check(isinstance(self.bad_words, list) and all(isinstance(w, str) and w.strip() for w in self.bad_words),
+              "bad_words", "must be a list of non-empty strings")
         if self.structured_outputs is not None:
+            check(isinstance(self.structured_outputs, StructuredOutputsParams), "structured_outputs",
+                  "must be an object")
             self.structured_outputs.kind()
+
+    def update_from_tokenizer(self, tokenizer) -> None:
+        """Tokenize `bad_words`: each word left-stripped, and with one leading space when that tokenizes
+        differently (so the word is banned at the start of the text and after a space; vLLM adds the
+        spaced form only when it has as many tokens as the plain one)."""
+        if not self.bad_words:
+            return
+        ids: list[list[int]] = []
+        for word in self.bad_words:
+            plain = tokenizer.encode(word.lstrip(), allow_special=False)
+            spaced = tokenizer.encode(" " + word.lstrip(), allow_special=False)
+            if plain:
+                ids.append(plain)
+            if spaced and spaced != plain:
+                ids.append(spaced)
+        self.bad_words_token_ids = ids
 
     def with_defaults(self, defaults: dict[str, Any], explicit: set[str]) -> "SamplingParams":
         """A copy where the fields not in `explicit` take values from `defaults` (generation_config)."""
