@@ -7,7 +7,7 @@ naive absorbed form, then times (median of `triton.testing.do_bench`, L2 flushed
   eager  the whole `mla_decode` (W_UK bmm, kernels, W_UV bmm),
   graph  the whole `mla_decode` replayed from a CUDA graph,
 against floor = cache bytes / measured device copy bandwidth (read + write counted).
-Then a launch-config sweep of the attention kernel at batch 1 / 1M, and the prefill kernel (our chunked
+Then a launch-config sweep of the attention kernel at batch 1 / 1M (incl. the TMA variant), and the prefill kernel (our chunked
 flash MHA incl. the K/V expansion) beside torch SDPA (flash, V padded to 192) on already expanded K/V.
 
     PYTHONPATH=. python benchmarks/mla_decode.py [--quick] [--json out.json]
@@ -114,11 +114,14 @@ def sweep(bw, ctx):
     ref = None
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     configs = [dict()]
-    for bh, bn, nw, ns in [(32, 32, 8, 3), (32, 32, 4, 2), (32, 64, 8, 2), (32, 16, 4, 3), (32, 16, 8, 4),
-                           (16, 32, 4, 2), (16, 64, 4, 2), (16, 32, 8, 3)]:
+    for bh, bn, nw, ns in [(32, 32, 8, 2), (32, 32, 4, 3), (32, 64, 4, 2), (32, 64, 8, 2), (32, 16, 4, 3),
+                           (16, 32, 4, 2)]:
         configs.append(dict(block_h=bh, block_n=bn, num_warps=nw, num_stages=ns))
     configs += [dict(prefetch=True), dict(prefetch=True, num_stages=3), dict(num_splits=sms),
                 dict(num_splits=4 * sms)]
+    # tensor-descriptor (TMA) tile loads, pipelined by Triton on sm90+
+    configs += [dict(use_tma=True), dict(use_tma=True, num_stages=3), dict(use_tma=True, num_stages=4),
+                dict(use_tma=True, block_n=64, num_stages=3), dict(use_tma=True, num_warps=8, num_stages=3)]
     rows = []
     for cfg in configs:
         try:
@@ -144,7 +147,7 @@ def sweep_short(bw, ctx=4096):
     q_lat = torch.bmm(q[..., :DN].transpose(0, 1), wv[:, :DN])
     q_pe = q[..., DN:]
     rows = []
-    for mc in (64, 128, 256, 512, 1024):
+    for mc in (32, 64, 128, 256):
         t = graph_time(lambda: mla_decode_attention(q_lat, q_pe, cache, tables, lens, SCALE, {}, min_chunk=mc))
         rows.append(dict(ctx=ctx, min_chunk=mc, graph_us=t * 1e6, over_floor=t * bw / (ctx * BYTES_PER_TOKEN)))
         print(f"  ctx={ctx} min_chunk={mc:5d} attn graph {t * 1e6:6.1f}us", flush=True)

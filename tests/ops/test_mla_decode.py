@@ -94,6 +94,19 @@ def test_decode_prefetch_and_tiles(block_n, block_h, device, poison_empty):
     assert_close(f"prefetch BN={block_n} BH={block_h}", ref, got.float(), 1e-5)
 
 
+@pytest.mark.parametrize("dtype,BS", [(torch.float32, 16), (torch.bfloat16, 64)], ids=["fp32", "bf16"])
+def test_decode_tma_tiles(dtype, BS, device, poison_empty):
+    """The tensor-descriptor (TMA) variant: tiles inside one block, latent read in two halves."""
+    if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm90+")
+    H, Dn, Dr, Dv, R = 5, 16, 16, 16, 64
+    seq_lens = [3 * BS + 5, 1, 0, BS]
+    q, cache, tables, lens, w = _setup(4, H, Dn, Dr, Dv, R, BS, seq_lens, dtype, device)
+    ref = reference_decode(q, cache, tables, lens, w, Dv, 0.25)
+    got = mla_decode(q, cache, tables, lens, w, Dv, 0.25, num_splits=3, min_chunk=16, use_tma=True)
+    assert_close("tma", ref, got.float(), 1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_decode_ignores_unused_table_entries(device):
     """Entries past a sequence's length (padding, stale ids) are never read: garbage ids change nothing."""
     H, Dn, Dr, Dv, R = 2, 16, 16, 16, 16
