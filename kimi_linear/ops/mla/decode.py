@@ -20,6 +20,10 @@ Design and invariants:
 - CUDA-graph safe: no host sync; the grid depends on shapes only; the split scratch lives in `extras`
   (reused across layers and steps while the shapes match) or is allocated by shape.
 - Any power-of-two block size; any seq_len from 0 up (int64 cache offsets, int32 positions).
+- Measured (H100, bf16, batch 1, 1M tokens, benchmarks/mla_decode.py): 0.64 ms per layer with the default
+  launch, 1.6x the copy-bandwidth floor (0.40 ms): the pointer-gather tile loads are latency-bound. The
+  opt-in `use_tma=True` variant (tensor-descriptor tile loads, one block per tile) is tested for
+  correctness but not yet timed on a GPU.
 """
 
 from __future__ import annotations
