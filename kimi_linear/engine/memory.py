@@ -1,0 +1,146 @@
+"""Cache sizing: how many MLA blocks and KDA state slots the engine allocates.
+
+On CUDA (nano-vllm / vLLM style): after the weights are loaded, one profiling forward over
+`max_num_batched_tokens` tokens (no cache) plus the lm_head and the sampler over `max_num_seqs` rows
+measures the peak activation memory (`torch.cuda.max_memory_allocated`). The caches then get
+    total * gpu_memory_utilization - weights - peak activations - non-torch memory - graph reserve,
+capped by what is actually free. `plan_cache` splits that: state slots = max_num_seqs (fewer when
+memory is short, keeping room for one max_model_len sequence of blocks), the rest MLA blocks.
+
+On the CPU: the override knobs, or a modest default (slots = max_num_seqs, blocks for
+min(max_model_len * max_num_seqs, max(max_model_len, 2^18)) tokens).
+The result is logged as token capacity and maximum concurrent sequences.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kimi_linear.engine.block_pool import cdiv
+from kimi_linear.errors import ConfigError
+from kimi_linear.layers.cache import HybridCache
+from kimi_linear.layers.context import ForwardContext
+
+logger = logging.getLogger(__name__)
+GiB = 1024 ** 3
+CPU_DEFAULT_TOKENS = 1 << 18
+
+
+@dataclass(frozen=True)
+class CacheSizing:
+    num_blocks: int
+    num_slots: int
+    block_size: int
+    bytes_per_block: int
+    bytes_per_slot: int
+
+    @property
+    def token_capacity(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def max_concurrent(self, max_model_len: int) -> int:
+        """Sequences of max_model_len tokens that fit at once (slots and blocks both)."""
+        if self.bytes_per_block == 0:
+            return self.num_slots
+        return min(self.num_slots, self.token_capacity // max_model_len)
+
+    def log(self, max_model_len: int) -> None:
+        logger.info("MLA latent cache: %d blocks x %d tokens = %d tokens (%.2f GiB); KDA state slots: %d "
+                    "(%.2f GiB); max concurrent sequences of %d tokens: %d", self.num_blocks, self.block_size,
+                    self.token_capacity, self.num_blocks * self.bytes_per_block / GiB, self.num_slots,
+                    self.num_slots * self.bytes_per_slot / GiB, max_model_len, self.max_concurrent(max_model_len))
+
+
+def plan_cache(available_bytes: int, bytes_per_block: int, bytes_per_slot: int, block_size: int,
+               max_num_seqs: int, min_tokens: int, num_blocks: int | None = None,
+               num_slots: int | None = None) -> tuple[int, int]:
+    """Split `available_bytes` into (num_blocks, num_slots). Slots come first (up to max_num_seqs),
+    leaving blocks for at least `min_tokens` tokens; fixed `num_blocks` / `num_slots` are honoured.
+    Raises ConfigError when not even one slot and `min_tokens` of blocks fit."""
+    min_blocks = cdiv(min_tokens, block_size)
+    if num_slots is None:
+        room = available_bytes - (num_blocks if num_blocks is not None else min_blocks) * bytes_per_block
+        num_slots = max_num_seqs if bytes_per_slot == 0 else min(max_num_seqs, room // bytes_per_slot)
+    if num_blocks is None:
+        if bytes_per_block == 0:
+            num_blocks = max(min_blocks, 1) * max(num_slots, 1)
+        else:
+            num_blocks = (available_bytes - max(num_slots, 0) * bytes_per_slot) // bytes_per_block
+    if num_slots < 1 or num_blocks < min_blocks or num_blocks < 1:
+        need = min_blocks * bytes_per_block + bytes_per_slot
+        raise ConfigError("gpu_memory_utilization",
+                          f"{available_bytes / GiB:.2f} GiB left for the caches cannot hold one sequence of "
+                          f"{min_tokens} tokens ({need / GiB:.2f} GiB); raise gpu_memory_utilization or lower "
+                          f"max_model_len / max_num_batched_tokens")
+    return int(num_blocks), int(num_slots)
+
+
+def cpu_sizing(model_config, dtype, block_size: int, max_num_seqs: int, max_model_len: int,
+               num_blocks: int | None, num_slots: int | None, table_bytes_per_slot: int) -> CacheSizing:
+    tokens = min(max_model_len * max_num_seqs, max(max_model_len, CPU_DEFAULT_TOKENS))
+    return CacheSizing(num_blocks=num_blocks or cdiv(tokens, block_size), num_slots=num_slots or max_num_seqs,
+                       block_size=block_size,
+                       bytes_per_block=HybridCache.bytes_per_block(model_config, block_size, dtype),
+                       bytes_per_slot=HybridCache.bytes_per_slot(model_config, dtype) + table_bytes_per_slot)
+
+
+@torch.no_grad()
+def profile_peak_activation(model, num_tokens: int, max_seq_len: int, num_logit_rows: int, device) -> int:
+    """Run one cache-less forward over `num_tokens` tokens (sequences of at most `max_seq_len`), the
+    lm_head and the sampler over `num_logit_rows` rows; return the peak memory above the weights."""
+    from kimi_linear.engine.sampler import Sampler, SamplingBatch
+    from kimi_linear.sampling_params import SamplingParams
+
+    torch.cuda.synchronize(device)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    lens = [max_seq_len] * (num_tokens // max_seq_len) + ([num_tokens % max_seq_len] if num_tokens % max_seq_len else [])
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (num_tokens,), device=device)
+    hidden = model.forward_flat(ids, ForwardContext.for_prefill(lens, device))
+    rows = torch.arange(num_logit_rows, device=device) % num_tokens
+    logits = model.compute_logits(hidden[rows])
+    del hidden
+    params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20)] * num_logit_rows
+    Sampler()(logits, SamplingBatch.build(params, [None] * num_logit_rows, vocab, device))
+    del logits
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
+
+
+def cuda_sizing(model, model_config, dtype, device, config, max_model_len: int, free_at_start: int,
+                table_bytes_per_slot: int, min_tokens: int) -> CacheSizing:
+    """Profile, then size the caches from `config.gpu_memory_utilization` (see module docstring)."""
+    bs = config.block_size
+    bpb = HybridCache.bytes_per_block(model_config, bs, dtype)
+    bps = HybridCache.bytes_per_slot(model_config, dtype) + table_bytes_per_slot
+    if config.num_gpu_blocks_override and config.num_state_slots_override:
+        return CacheSizing(config.num_gpu_blocks_override, config.num_state_slots_override, bs, bpb, bps)
+    free, total = torch.cuda.mem_get_info(device)
+    requested = int(total * config.gpu_memory_utilization)
+    others = total - free_at_start  # memory other processes (and our CUDA context) held at start
+    if free_at_start < requested:
+        raise ConfigError("gpu_memory_utilization",
+                          f"{config.gpu_memory_utilization} of {total / GiB:.1f} GiB requested but only "
+                          f"{free_at_start / GiB:.1f} GiB are free; lower gpu_memory_utilization")
+    peak = profile_peak_activation(model, config.max_num_batched_tokens, min(max_model_len, config.max_num_batched_tokens),
+                                   config.max_num_seqs, device)
+    free, total = torch.cuda.mem_get_info(device)
+    ours = total - free - others  # this engine's footprint now: weights, buffers, allocator cache, ...
+    reserve = config.cuda_graph_reserve_bytes if config.use_cuda_graphs else 0
+    available = min(requested - ours - peak - reserve, free - peak - reserve)
+    logger.info("memory: %.2f GiB requested, %.2f GiB in use (weights and buffers), peak activations %.2f GiB, "
+                "%.2f GiB kept for CUDA graphs -> %.2f GiB for the caches", requested / GiB, ours / GiB,
+                peak / GiB, reserve / GiB, max(available, 0) / GiB)
+    num_blocks, num_slots = plan_cache(max(available, 0), bpb, bps, bs, config.max_num_seqs, min_tokens,
+                                       config.num_gpu_blocks_override, config.num_state_slots_override)
+    return CacheSizing(num_blocks, num_slots, bs, bpb, bps)

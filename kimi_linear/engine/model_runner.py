@@ -1,0 +1,170 @@
+"""ModelRunner: owns the model, the cache tensors and the decode graphs; turns a scheduled step into
+a forward pass and sampled tokens.
+
+Lifetime: load weights -> size the caches (`memory.py`) -> allocate `HybridCache` and the persistent
+`BlockTable` -> capture decode CUDA graphs (unless eager or on the CPU). Per step (`execute`):
+zero the state slots handed out this step, copy new block ids into the block table, then either
+the decode path (`DecodeRunner`: static padded buffers, graph replay) when every sequence computes
+one token, or an eager flat forward (prefill chunks, mixed batches), and finally sample the rows
+whose step reached their last token (`engine/sampler.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kimi_linear.config import ModelConfig
+from kimi_linear.engine.block_pool import cdiv
+from kimi_linear.engine.block_table import BlockTable
+from kimi_linear.engine.config import EngineConfig
+from kimi_linear.engine.cuda_graph import DecodeRunner
+from kimi_linear.engine.input_batch import BatchInputs, build_batch
+from kimi_linear.engine.memory import CacheSizing, cpu_sizing, cuda_sizing
+from kimi_linear.engine.sampler import Sampler, SamplingBatch
+from kimi_linear.engine.scheduler import SchedulerOutput
+from kimi_linear.errors import ConfigError
+from kimi_linear.layers.cache import HybridCache
+from kimi_linear.layers.context import ForwardContext
+from kimi_linear.models.kimi_linear import KimiLinearForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float  # raw logprob of the sampled token
+    top: list[tuple[int, float]] | None = None  # (token id, logprob) of the top `logprobs`, best first
+    rank: int | None = None  # rank of the sampled token in the raw distribution (1 = top), if logprobs
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig):
+        self.config = config
+        self.model_config = model_config
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype(model_config)
+        self.block_size = config.block_size
+        user_len = config.max_model_len is not None
+        max_model_len = config.resolve_max_model_len(model_config)
+        free_at_start = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+
+        self.model = KimiLinearForCausalLM.from_pretrained(
+            config.model, device=self.device, dtype=self.dtype, load_format=config.load_format,
+            seed=config.seed, progress=False)
+        table_width = cdiv(max_model_len, self.block_size)
+        table_bytes = table_width * 4
+        if self.device.type == "cuda":
+            sizing = cuda_sizing(self.model, model_config, self.dtype, self.device, config, max_model_len,
+                                 free_at_start, table_bytes, max_model_len if user_len else self.block_size)
+        else:
+            sizing = cpu_sizing(model_config, self.dtype, self.block_size, config.max_num_seqs, max_model_len,
+                                config.num_gpu_blocks_override, config.num_state_slots_override, table_bytes)
+        self.max_model_len = self._fit_max_model_len(max_model_len, sizing, user_len)
+        self.sizing = sizing
+        sizing.log(self.max_model_len)
+
+        self.cache = HybridCache(model_config, sizing.num_blocks, self.block_size, sizing.num_slots,
+                                 self.device, self.dtype)
+        self.block_table = BlockTable(sizing.num_slots, cdiv(self.max_model_len, self.block_size), self.device)
+        self.max_num_seqs = min(config.max_num_seqs, sizing.num_slots)
+        max_graph = min(config.max_cuda_graph_batch_size or self.max_num_seqs, self.max_num_seqs)
+        self.decode = DecodeRunner(self.model, self.cache, self.block_table, self.max_num_seqs, self.max_model_len,
+                                   self.block_size, self.device)
+        if config.use_cuda_graphs:
+            with torch.no_grad():
+                self.decode.capture(max_graph)  # larger batches run eagerly on the static buffers
+        self.sampler = Sampler()
+
+    @staticmethod
+    def _fit_max_model_len(max_model_len: int, sizing: CacheSizing, user_len: bool) -> int:
+        cap = sizing.token_capacity if sizing.bytes_per_block else max_model_len
+        if cap >= max_model_len:
+            return max_model_len
+        if user_len:
+            raise ConfigError("max_model_len", f"{max_model_len} tokens do not fit in the MLA cache "
+                                               f"({cap} tokens); lower max_model_len or give the cache more memory")
+        logger.warning("max_model_len lowered from %d to the cache capacity %d", max_model_len, cap)
+        return cap
+
+    @property
+    def num_blocks(self) -> int:
+        return self.sizing.num_blocks
+
+    @property
+    def num_slots(self) -> int:
+        return self.sizing.num_slots
+
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def forward(self, out: SchedulerOutput, use_graph: bool = True) -> tuple[torch.Tensor, BatchInputs]:
+        """Run the model on a scheduled step: logits [R, vocab] of the R rows to sample, and the batch."""
+        if out.reset_slots:
+            self.cache.reset_slots(out.reset_slots)
+        batch = build_batch(out, self.block_size)
+        self.block_table.sync(batch.requests)
+        if batch.is_decode:
+            logits = self.decode.run(batch.input_ids, batch.state_indices, batch.slot_mapping, batch.seq_lens,
+                                     use_graph=use_graph)
+            if len(batch.sample_seq) != batch.num_seqs:  # 1-token prefill chunks that do not sample
+                logits = logits[batch.sample_seq]
+            return logits, batch
+        return self._forward_eager(batch), batch
+
+    def _forward_eager(self, batch: BatchInputs) -> torch.Tensor:
+        dev = self.device
+
+        def t(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
+        state_indices = t(batch.state_indices, torch.int32)
+        max_seq_len = max(batch.seq_lens)
+        ctx = ForwardContext(
+            cu_seqlens=t(batch.cu_seqlens, torch.int32), query_lens=batch.query_lens,
+            context_lens=batch.context_lens, is_decode=False, cache=self.cache, state_indices=state_indices,
+            slot_mapping=t(batch.slot_mapping, torch.int64),
+            block_tables=self.block_table.rows(state_indices, cdiv(max_seq_len, self.block_size)),
+            seq_lens=t(batch.seq_lens, torch.int32), max_seq_len=max_seq_len)
+        hidden = self.model.forward_flat(t(batch.input_ids, torch.int64), ctx)
+        if not batch.sample_index:
+            return hidden.new_empty(0, self.model_config.vocab_size)
+        return self.model.compute_logits(hidden[t(batch.sample_index, torch.int64)])
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, requests: list) -> dict[str, SampleResult]:
+        if not requests:
+            return {}
+        params = [r.sampling_params for r in requests]
+        batch = SamplingBatch.build(
+            params, [r.generator for r in requests], self.model_config.vocab_size, self.device,
+            prompt_token_ids=[r.prompt_token_ids for r in requests],
+            output_token_ids=[r.output_token_ids for r in requests],
+            eos_token_ids=sorted(requests[0].eos_token_ids))
+        so = self.sampler(logits, batch)
+        tokens = so.token_ids.tolist()
+        lps = so.logprobs.tolist()
+        ranks = so.ranks.tolist() if so.ranks is not None else None
+        top_ids = so.top_ids.tolist() if so.top_ids is not None else None
+        top_lps = so.top_logprobs.tolist() if so.top_logprobs is not None else None
+        results = {}
+        for i, r in enumerate(requests):
+            k = r.sampling_params.logprobs
+            top = list(zip(top_ids[i][:k], top_lps[i][:k])) if (k and top_ids is not None) else None
+            results[r.request_id] = SampleResult(tokens[i], lps[i], top, ranks[i] if ranks is not None else None)
+        return results
+
+    def execute(self, out: SchedulerOutput) -> dict[str, SampleResult]:
+        """Forward + sample: request id -> its new token, for the requests whose step reached their end."""
+        logits, batch = self.forward(out)
+        return self.sample(logits, batch.sample_requests)
+
+    def release(self) -> None:
+        """Drop the graphs, cache and model so that their device memory can be freed."""
+        self.decode.release()
+        self.decode = None
+        self.cache = None
+        self.block_table = None
+        self.model = None

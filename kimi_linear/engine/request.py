@@ -1,0 +1,126 @@
+"""Request: one sequence the engine generates (a prompt with n > 1 fans out into n of them).
+
+Invariants the scheduler and runner rely on:
+- `num_tokens` = prompt + generated tokens; `num_computed_tokens` of them are in the caches. The
+  tokens `[num_computed_tokens, num_tokens)` are what the next steps must compute; a step that brings
+  `num_computed_tokens` to `num_tokens` yields logits from which the next token is sampled.
+- While RUNNING the request owns `block_ids` (MLA cache blocks covering at least its computed tokens)
+  and `state_slot` (its KDA states). WAITING requests own neither. Preemption frees both and sets
+  `num_computed_tokens` back to 0; generated tokens are kept and recomputed with the prompt.
+- `check_stop` decides finishing from token ids only (eos, stop_token_ids, max_tokens, max_model_len),
+  as vLLM's engine core does; stop strings live in the output processor.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from kimi_linear.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                 eos_token_ids: frozenset[int] = frozenset(), max_tokens: int | None = None,
+                 parent_id: str | None = None, index: int = 0):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = eos_token_ids
+        # resolved max_tokens (None = until the context limit)
+        self.max_tokens = sampling_params.max_tokens if max_tokens is None else max_tokens
+        self.parent_id = parent_id if parent_id is not None else request_id
+        self.index = index  # position among the parent's n sequences
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.state_slot: int | None = None
+        self.slot_epoch = 0  # changes each time the request gets a slot (runner-side tables key on it)
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+        self.generator: Any = None  # torch.Generator of a seeded request (set by the engine)
+
+    # ------------------------------------------------------------------ token views
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """More than one token to compute (a prompt, or a prompt plus outputs after preemption)."""
+        return self.num_uncomputed_tokens > 1
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without concatenating the whole sequence."""
+        P = len(self.prompt_token_ids)
+        if end <= P:
+            return self.prompt_token_ids[start:end]
+        if start >= P:
+            return self.output_token_ids[start - P:end - P]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - P]
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    # ------------------------------------------------------------------ finishing
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.is_finished else None
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+
+    def check_stop(self, max_model_len: int) -> bool:
+        """After a token was appended: set a FINISHED status and return True if the request is done."""
+        p = self.sampling_params
+        if self.num_tokens >= max_model_len or (self.max_tokens is not None
+                                                 and self.num_output_tokens >= self.max_tokens):
+            self.status = RequestStatus.FINISHED_LENGTH
+            return True
+        if self.num_output_tokens < p.min_tokens:
+            return False
+        last = self.output_token_ids[-1]
+        if not p.ignore_eos and last in self.eos_token_ids:
+            self.status = RequestStatus.FINISHED_STOPPED
+            return True
+        if last in p.stop_token_ids:
+            self.status = RequestStatus.FINISHED_STOPPED
+            self.stop_reason = last
+            return True
+        return False
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.value}, prompt={self.num_prompt_tokens}, "
+                f"output={self.num_output_tokens}, computed={self.num_computed_tokens}, "
+                f"blocks={len(self.block_ids)}, slot={self.state_slot})")
