@@ -1,0 +1,138 @@
+"""xgrammar backend: every kind constrains tokens correctly; invalid specs are per-request errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from kimi_linear.errors import ConfigError, ValidationError
+from kimi_linear.sampling_params import StructuredOutputsParams
+from kimi_linear.structured import make_backend
+
+STOP = {770, 769}
+
+
+def allowed_ids(bitmask_row: torch.Tensor, V: int) -> list[int]:
+    bits = (bitmask_row[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
+    return [i for i in bits.reshape(-1)[:V].nonzero()[:, 0].tolist()]
+
+
+def random_walk(backend, tok, grammar, seed: int, max_steps: int = 300, prefer_short: bool = True):
+    """Draw tokens uniformly among the allowed ones (stop as soon as allowed): text, ids, terminated."""
+    rng = random.Random(seed)
+    m = backend.matcher(grammar)
+    bitmask = backend.allocate_bitmask(1)
+    ids = []
+    for _ in range(max_steps):
+        backend.fill(m, bitmask, 0)
+        allowed = allowed_ids(bitmask[0], backend.vocab_size)
+        assert allowed, "the grammar allows no token"
+        stops = [t for t in allowed if t in STOP]
+        t = stops[0] if stops and prefer_short else rng.choice(allowed)
+        assert backend.accept(m, t)
+        if t in STOP:
+            assert backend.is_terminated(m)
+            return tok.decode(ids), ids, True
+        ids.append(t)
+    return tok.decode(ids), ids, False
+
+
+def test_choice(backend, tiny_tok):
+    choices = ["yes", "no", "maybe so", 'quote " and \\ 😀 é']
+    g = backend.compile_params(StructuredOutputsParams(choice=choices))
+    seen = set()
+    for seed in range(12):
+        text, _, done = random_walk(backend, tiny_tok, g, seed, prefer_short=False)
+        assert done and text in choices
+        seen.add(text)
+    assert len(seen) >= 2
+
+
+def test_regex(backend, tiny_tok):
+    pattern = r"[a-z]{2,5}-\d{3}"
+    g = backend.compile("regex", pattern)
+    for seed in range(5):
+        text, _, done = random_walk(backend, tiny_tok, g, seed, prefer_short=False)
+        assert done and re.fullmatch(pattern, text), text
+
+
+def test_ebnf_grammar(backend, tiny_tok):
+    g = backend.compile("grammar", 'root ::= "(" item ("," item)* ")"\nitem ::= [0-9]+')
+    text, _, done = random_walk(backend, tiny_tok, g, 3)
+    assert done and re.fullmatch(r"\(\d+(,\d+)*\)", text)
+
+
+def test_json_schema_walk_parses(backend, tiny_tok):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}},
+              "required": ["a", "b"], "additionalProperties": False}
+    g = backend.compile("json", json.dumps(schema))
+    text, _, done = random_walk(backend, tiny_tok, g, 0)
+    obj = json.loads(text)
+    assert done and set(obj) == {"a", "b"} and isinstance(obj["a"], int) and obj["b"] in ("x", "y")
+
+
+def test_json_object_and_specials_are_never_allowed(backend, tiny_tok):
+    g = backend.compile_params(StructuredOutputsParams(json_object=True))
+    m = backend.matcher(g)
+    bitmask = backend.allocate_bitmask(2)
+    backend.fill(m, bitmask, 1)
+    assert torch.equal(bitmask[0], torch.full_like(bitmask[0], -1))  # other rows untouched
+    allowed = allowed_ids(bitmask[1], 1024)
+    assert tiny_tok.encode("{")[0] in allowed and not any(t >= 768 for t in allowed)
+    text, _, done = random_walk(backend, tiny_tok, g, 1)
+    assert done and isinstance(json.loads(text), dict)
+
+
+def test_rollback(backend, tiny_tok):
+    g = backend.compile("choice", ["abc", "xyz"])
+    m = backend.matcher(g)
+    bm = backend.allocate_bitmask(1)
+    for t in tiny_tok.encode("a"):
+        assert m.accept(t)
+    assert not m.accept(tiny_tok.encode("x")[0])  # rejected, state unchanged
+    backend.rollback(m, 1)
+    for t in tiny_tok.encode("xyz"):
+        assert m.accept(t)
+    backend.fill(m, bm, 0)
+    assert set(allowed_ids(bm[0], 1024)) == STOP
+    m.reset()
+    backend.fill(m, bm, 0)
+    assert tiny_tok.encode("a")[0] in allowed_ids(bm[0], 1024)
+
+
+def test_padded_model_vocab(tiny_tok):
+    be = make_backend(tiny_tok, 1100, [770])
+    assert be.allocate_bitmask(3).shape == (3, 35)
+    m = be.matcher(be.compile("regex", "[a-z]+"))
+    bm = be.allocate_bitmask(1)
+    be.fill(m, bm, 0)
+    assert all(t < 768 for t in allowed_ids(bm[0], 1100))
+
+
+@pytest.mark.parametrize("kind,spec,match", [
+    ("json", '{"type": ', "not valid JSON"),
+    ("json", {"type": "foo"}, 'Unsupported type "foo"'),
+    ("json", [1, 2], "must be an object or a boolean"),
+    ("regex", "(ab", "parenthesis is not closed"),
+    ("grammar", "root ::= undefined_rule", 'Rule "undefined_rule" is not defined'),
+    ("nonsense", "x", "unknown kind"),
+])
+def test_invalid_spec_is_a_validation_error_for_that_request(backend, kind, spec, match):
+    with pytest.raises(ValidationError, match=match) as e:
+        backend.compile(kind, spec)
+    assert e.value.param == "structured_outputs" and "/project/" not in str(e.value)
+    assert backend.compile("regex", "ok") is not None  # the backend still works
+
+
+def test_params_validation():
+    with pytest.raises(ValidationError, match="exactly one"):
+        StructuredOutputsParams(json={}, regex="a").kind()
+    with pytest.raises(ValidationError, match="non-empty list of strings"):
+        StructuredOutputsParams(choice=[]).kind()
+    assert StructuredOutputsParams(json={}).spec() == {}
+    with pytest.raises(ConfigError, match="unknown backend"):
+        make_backend(None, name="outlines")
