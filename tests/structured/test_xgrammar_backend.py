@@ -136,3 +136,21 @@ def test_params_validation():
     assert StructuredOutputsParams(json={}).spec() == {}
     with pytest.raises(ConfigError, match="unknown backend"):
         make_backend(None, name="outlines")
+
+
+def test_json_strings_never_admit_control_characters(tiny_tok):
+    """xgrammar's maxLength string rule admits raw control bytes; our JSON mask removes them."""
+    for any_ws in (True, False):
+        be = make_backend(tiny_tok, 1024, [770], any_whitespace=any_ws)
+        m = be.matcher(be.compile("json", {"type": "string", "maxLength": 5}))
+        assert m.accept(tiny_tok.encode('"')[0])
+        bm = be.allocate_bitmask(1)
+        be.fill(m, bm, 0)
+        allowed = set(allowed_ids(bm[0], 1024))
+        assert ord("a") in allowed and not allowed & {0x00, 0x01, 0x1E, 0x1F}
+        assert (0x09 in allowed) == any_ws
+        assert not any(set(tiny_tok.token_bytes(t)) & set(range(0x0B, 0x0D)) for t in allowed)
+    # regex grammars are left alone: a control character is a legal regex match
+    m = be.matcher(be.compile("regex", "[\\x00-\\x1f]"))
+    be.fill(m, bm, 0)
+    assert 0x1E in allowed_ids(bm[0], 1024)
