@@ -181,3 +181,11 @@ def render_chat(messages: Any, template: str | None = None, *, add_generation_pr
                                   "rendered prompt", param="continue_final_message")
         text = text[:cut + len(final)]
     return text
+
+
+def apply_chat_template(tokenizer, messages: Any, chat_template: str | None = None, **kwargs) -> str:
+    """`render_chat` with the template chosen as the engine should: the request's `chat_template`, else the
+    checkpoint's (`tokenizer.chat_template`), else DEFAULT_CHAT_TEMPLATE; bos/eos from the tokenizer."""
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    return render_chat(messages, template, bos_token=getattr(tokenizer, "bos_token", None) or "",
+                       eos_token=getattr(tokenizer, "eos_token", None) or "", **kwargs)

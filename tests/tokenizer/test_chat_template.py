@@ -118,3 +118,18 @@ def test_checkpoint_template_from_tokenizer_config(tmp_path, bpe_folder):
     assert KimiTokenizer.from_pretrained(tmp_path).chat_template == "D"
     (tmp_path / "chat_template.jinja").write_text("J")  # the separate file wins
     assert KimiTokenizer.from_pretrained(tmp_path).chat_template == "J"
+
+
+def test_apply_chat_template_picks_request_then_checkpoint_then_default(tok):
+    from kimi_linear.loader.chat_template import apply_chat_template
+
+    msgs = CONVERSATION[1:2]
+    assert tok.chat_template is None
+    assert apply_chat_template(tok, msgs) == render_chat(msgs)
+    assert apply_chat_template(tok, msgs, "{{ bos_token }}|{{ eos_token }}") == "[BOS]|<|im_end|>"
+
+    class WithTemplate:
+        chat_template, bos_token, eos_token = "ckpt:{{ messages[0]['content'] }}", "[BOS]", "<|im_end|>"
+
+    assert apply_chat_template(WithTemplate(), msgs) == "ckpt:Is 123 a prime?"
+    assert apply_chat_template(WithTemplate(), msgs, "req") == "req"
