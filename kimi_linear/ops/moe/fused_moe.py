@@ -1,0 +1,321 @@
+"""Fused MoE experts on the GPU (Triton): y = sum_k w_k * w2[e_k] (silu(w1[e_k] x) * w3[e_k] x).
+
+Same result as `naive.naive_moe_experts`, with no host synchronisation: every grid depends only on
+N, k, E and the tile sizes, so a decode step that calls this can be captured in a CUDA graph.
+
+Pairs: the P = N * k (token, slot) pairs, pair p = token p // k, slot p % k, expert topk_ids[p].
+1. align (`_align_*`): a counting sort of the pairs by expert. Each expert's group of rows is padded
+   to a multiple of BLOCK_M, so a row tile never straddles two experts.
+     sorted_pairs int32 [R]: the pair of each sorted row, R = P + min(P, E) * (BLOCK_M - 1) bounds
+       the padded total from shapes alone; padding rows are never read nor written.
+     expert_start int32 [E + 1]: first padded row of each expert; expert_start[E] = rows in use.
+     expert_count int32 [E]: pairs routed to each expert.
+   P <= SINGLE_PROGRAM_MAX_PAIRS (decode, small batches): one program does it all (one launch);
+   otherwise three launches (rank with atomics, scan, scatter) over many programs.
+2. up (`_moe_up_kernel`): h[r] = silu(x[t] w1^T) * (x[t] w3^T) per sorted row, gate and up tiles of
+   the same columns in one program, fp32 accumulation, h stored in x's dtype [R, I].
+3. down (`_moe_down_kernel`): y[p] = h[r] w2^T, fp32 accumulation, stored in x's dtype at the pair's
+   position [P, D], unweighted (the reference also rounds each expert's output to x's dtype).
+4. sum (`_moe_sum_kernel`): out[t] = sum_j topk_weights[t, j] * y[t * k + j] in fp32, cast to x's dtype.
+Row tiles past expert_start[E] exit at once. Expert ids must lie in [0, E) (not checked: that needs a sync).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+SINGLE_PROGRAM_MAX_PAIRS = 4096
+_ALIGN_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class MoETiles:
+    """Tile sizes. `up` / `down`: (block_n, block_k, num_warps, num_stages) of each grouped GEMM."""
+
+    block_m: int
+    up: tuple[int, int, int, int]
+    down: tuple[int, int, int, int]
+    group_m: int = 1
+
+
+def pick_tiles(num_pairs: int, num_experts: int) -> MoETiles:
+    """Tiles by the mean rows per expert: GEMV-like tiles for decode, wgmma-sized tiles for prefill."""
+    rows = num_pairs / num_experts
+    if rows <= 16:
+        return MoETiles(16, (64, 128, 4, 4), (64, 128, 4, 4), 1)
+    if rows <= 48:
+        return MoETiles(32, (64, 128, 4, 4), (64, 128, 4, 4), 4)
+    if rows <= 192:
+        return MoETiles(64, (64, 128, 4, 3), (128, 64, 4, 4), 8)
+    return MoETiles(128, (128, 64, 8, 3), (128, 64, 8, 4), 8)
+
+
+# ---------------------------------------------------------------------------------------------- align
+@triton.jit
+def _rank_chunk(ids_ptr, count_ptr, rank_ptr, start, P, BLOCK: tl.constexpr):
+    offs = start + tl.arange(0, BLOCK)
+    m = offs < P
+    ids = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
+    rank = tl.atomic_add(count_ptr + ids, 1, mask=m)
+    tl.store(rank_ptr + offs, rank, mask=m)
+
+
+@triton.jit
+def _scan(count_ptr, start_ptr, E, BLOCK_M: tl.constexpr, E_P: tl.constexpr):
+    e = tl.arange(0, E_P)
+    em = e < E
+    count = tl.load(count_ptr + e, mask=em, other=0, cache_modifier=".cg")  # from L2, where the atomics land
+    padded = (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(start_ptr + e, ends - padded, mask=em)
+    tl.store(start_ptr + E, tl.sum(padded, axis=0))
+
+
+@triton.jit
+def _scatter_chunk(ids_ptr, rank_ptr, start_ptr, sorted_ptr, start, P, BLOCK: tl.constexpr):
+    offs = start + tl.arange(0, BLOCK)
+    m = offs < P
+    ids = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
+    rank = tl.load(rank_ptr + offs, mask=m, other=0, cache_modifier=".cg")
+    row = tl.load(start_ptr + ids, mask=m, other=0, cache_modifier=".cg") + rank
+    tl.store(sorted_ptr + row, offs, mask=m)
+
+
+@triton.jit
+def _align_single_kernel(ids_ptr, count_ptr, rank_ptr, start_ptr, sorted_ptr, P, E,
+                         BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, E_P: tl.constexpr):
+    e = tl.arange(0, E_P)
+    tl.store(count_ptr + e, tl.zeros([E_P], dtype=tl.int32), mask=e < E)
+    tl.debug_barrier()
+    c = 0
+    while c < P:  # a while loop: runtime bounds (the interpreter cannot index `range` by a runtime scalar)
+        _rank_chunk(ids_ptr, count_ptr, rank_ptr, c, P, BLOCK)
+        c += BLOCK
+    tl.debug_barrier()
+    _scan(count_ptr, start_ptr, E, BLOCK_M, E_P)
+    tl.debug_barrier()
+    c = 0
+    while c < P:
+        _scatter_chunk(ids_ptr, rank_ptr, start_ptr, sorted_ptr, c, P, BLOCK)
+        c += BLOCK
+
+
+@triton.jit
+def _align_rank_kernel(ids_ptr, count_ptr, rank_ptr, P, BLOCK: tl.constexpr):
+    _rank_chunk(ids_ptr, count_ptr, rank_ptr, tl.program_id(0) * BLOCK, P, BLOCK)
+
+
+@triton.jit
+def _align_scan_kernel(count_ptr, start_ptr, E, BLOCK_M: tl.constexpr, E_P: tl.constexpr):
+    _scan(count_ptr, start_ptr, E, BLOCK_M, E_P)
+
+
+@triton.jit
+def _align_scatter_kernel(ids_ptr, rank_ptr, start_ptr, sorted_ptr, P, BLOCK: tl.constexpr):
+    _scatter_chunk(ids_ptr, rank_ptr, start_ptr, sorted_ptr, tl.program_id(0) * BLOCK, P, BLOCK)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """topk_ids [N, k] -> (sorted_pairs int32 [R], expert_start int32 [E + 1], expert_count int32 [E])."""
+    P = topk_ids.numel()
+    E = num_experts
+    dev = topk_ids.device
+    ids = topk_ids.reshape(-1)
+    R = P + min(P, E) * (block_m - 1)
+    sorted_pairs = torch.empty(R, dtype=torch.int32, device=dev)
+    start = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    rank = torch.empty(P, dtype=torch.int32, device=dev)
+    E_P = triton.next_power_of_2(E)
+    if P <= SINGLE_PROGRAM_MAX_PAIRS:
+        count = torch.empty(E, dtype=torch.int32, device=dev)
+        block = min(_ALIGN_BLOCK, max(128, triton.next_power_of_2(P)))  # >= 4 warps: no replicated atomics
+        _align_single_kernel[(1,)](ids, count, rank, start, sorted_pairs, P, E, BLOCK_M=block_m, BLOCK=block,
+                                   E_P=E_P, num_warps=4)
+    else:
+        count = torch.zeros(E, dtype=torch.int32, device=dev)
+        grid = (triton.cdiv(P, _ALIGN_BLOCK),)
+        _align_rank_kernel[grid](ids, count, rank, P, BLOCK=_ALIGN_BLOCK, num_warps=4)
+        _align_scan_kernel[(1,)](count, start, E, BLOCK_M=block_m, E_P=E_P, num_warps=4)
+        _align_scatter_kernel[grid](ids, rank, start, sorted_pairs, P, BLOCK=_ALIGN_BLOCK, num_warps=4)
+    return sorted_pairs, start, count
+
+
+# ------------------------------------------------------------------------------------------- GEMMs
+@triton.jit
+def _tile_coords(num_m, num_n, GROUP_M: tl.constexpr):
+    """Program id -> (row tile, column tile), GROUP_M row tiles side by side for weight reuse in L2."""
+    pid = tl.program_id(0)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
+def _tile_rows(start_ptr, count_ptr, row0, E, BLOCK_M: tl.constexpr, E_P: tl.constexpr):
+    """Expert of the row tile at row0 (the first expert whose padded end lies past row0), its rows, mask."""
+    e_offs = tl.arange(0, E_P)
+    ends = tl.load(start_ptr + 1 + e_offs, mask=e_offs < E, other=2147483647)
+    e = tl.sum((ends <= row0).to(tl.int32), axis=0)
+    valid_end = tl.load(start_ptr + e) + tl.load(count_ptr + e)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    return e, rows, rows < valid_end
+
+
+@triton.jit
+def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, start_ptr, count_ptr, num_m, E, D: tl.constexpr, I: tl.constexpr,
+                   TOPK: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   E_P: tl.constexpr):
+    pid_m, pid_n = _tile_coords(num_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+    row0 = pid_m * BLOCK_M
+    if row0 >= tl.load(start_ptr + E):
+        return
+    e, rows, rmask = _tile_rows(start_ptr, count_ptr, row0, E, BLOCK_M, E_P)
+    pair = tl.load(sorted_ptr + rows, mask=rmask, other=0)
+    tok = (pair // TOPK).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < I
+    x_ptrs = x_ptr + tok[:, None] * D + offs_k[None, :]
+    wg_ptrs = w13_ptr + e.to(tl.int64) * 2 * I * D + offs_n[None, :].to(tl.int64) * D + offs_k[:, None]
+    wu_ptrs = wg_ptrs + I * D
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=rmask[:, None], other=0.0)
+            if EVEN_N:
+                bg = tl.load(wg_ptrs)
+                bu = tl.load(wu_ptrs)
+            else:
+                bg = tl.load(wg_ptrs, mask=nmask[None, :], other=0.0)
+                bu = tl.load(wu_ptrs, mask=nmask[None, :], other=0.0)
+        else:
+            kmask = (k0 + offs_k) < D
+            a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            bg = tl.load(wg_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            bu = tl.load(wu_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * I + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, start_ptr, count_ptr, num_m, E, D: tl.constexpr, I: tl.constexpr,
+                     PREC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     E_P: tl.constexpr):
+    pid_m, pid_n = _tile_coords(num_m, tl.cdiv(D, BLOCK_N), GROUP_M)
+    row0 = pid_m * BLOCK_M
+    if row0 >= tl.load(start_ptr + E):
+        return
+    e, rows, rmask = _tile_rows(start_ptr, count_ptr, row0, E, BLOCK_M, E_P)
+    pair = tl.load(sorted_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < D
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * I + offs_k[None, :]
+    w_ptrs = w2_ptr + e.to(tl.int64) * D * I + offs_n[None, :].to(tl.int64) * I + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(h_ptrs, mask=rmask[:, None], other=0.0)
+            if EVEN_N:
+                b = tl.load(w_ptrs)
+            else:
+                b = tl.load(w_ptrs, mask=nmask[None, :], other=0.0)
+        else:
+            kmask = (k0 + offs_k) < I
+            a = tl.load(h_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    y_ptrs = y_ptr + pair[:, None] * D + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _moe_sum_kernel(y_ptr, w_ptr, out_ptr, D: tl.constexpr, TOPK: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = d < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        w = tl.load(w_ptr + t * TOPK + j).to(tl.float32)
+        acc += w * tl.load(y_ptr + (t * TOPK + j) * D + d, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * D + d, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ------------------------------------------------------------------------------------------ public op
+def _check(x, w13, w2, topk_weights, topk_ids):
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"fused_moe: expected x [N, D], w13 [E, 2I, D], w2 [E, D, I]; got x {tuple(x.shape)}, "
+                         f"w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
+    N, D = x.shape
+    E, I2, D13 = w13.shape
+    if D13 != D or I2 % 2 or tuple(w2.shape) != (E, D, I2 // 2):
+        raise ValueError(f"fused_moe: shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)} (want [E, 2I, D]), "
+                         f"w2 {tuple(w2.shape)} (want [E, D, I])")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != N or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"fused_moe: topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+                         f"must both be [N={N}, k]")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"fused_moe: topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if not (x.dtype == w13.dtype == w2.dtype):
+        raise ValueError(f"fused_moe: x, w13 and w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
+    if len({t.device for t in (x, w13, w2, topk_weights, topk_ids)}) != 1:
+        raise ValueError("fused_moe: all tensors must be on one device")
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, tiles: MoETiles | None = None) -> torch.Tensor:
+    """Routed SwiGLU experts.
+
+    x [N, D]; w13 [E, 2I, D] (rows: gate w1, then up w3); w2 [E, D, I]; topk_weights [N, k] (fp32);
+    topk_ids [N, k] int32/int64 in [0, E) -> y [N, D] in x's dtype. `tiles` overrides `pick_tiles`.
+    """
+    _check(x, w13, w2, topk_weights, topk_ids)
+    N, D = x.shape
+    E, I = w13.shape[0], w2.shape[2]
+    k = topk_ids.shape[1]
+    out = torch.empty(N, D, dtype=x.dtype, device=x.device)
+    if N == 0 or k == 0:
+        return out.zero_()
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    topk_weights = topk_weights.contiguous()
+    P = N * k
+    t = tiles or pick_tiles(P, E)
+    BM = t.block_m
+    E_P = triton.next_power_of_2(E)
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    sorted_pairs, start, count = moe_align(topk_ids.contiguous(), E, BM)
+    num_m = triton.cdiv(sorted_pairs.numel(), BM)
+
+    h = torch.empty(sorted_pairs.numel(), I, dtype=x.dtype, device=x.device)
+    bn, bk, warps, stages = t.up
+    _moe_up_kernel[(num_m * triton.cdiv(I, bn),)](
+        x, w13, h, sorted_pairs, start, count, num_m, E, D, I, TOPK=k, PREC=prec,
+        EVEN_K=D % bk == 0, EVEN_N=I % bn == 0, BLOCK_M=BM, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t.group_m, E_P=E_P,
+        num_warps=warps, num_stages=stages)
+
+    y = torch.empty(P, D, dtype=x.dtype, device=x.device)
+    bn, bk, warps, stages = t.down
+    _moe_down_kernel[(num_m * triton.cdiv(D, bn),)](
+        h, w2, y, sorted_pairs, start, count, num_m, E, D, I, PREC=prec,
+        EVEN_K=I % bk == 0, EVEN_N=D % bn == 0, BLOCK_M=BM, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t.group_m, E_P=E_P,
+        num_warps=warps, num_stages=stages)
+
+    block_d = min(1024, triton.next_power_of_2(D))
+    _moe_sum_kernel[(N, triton.cdiv(D, block_d))](y, topk_weights, out, D, TOPK=k, BLOCK_D=block_d, num_warps=4)
+    return out

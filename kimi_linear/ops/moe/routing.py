@@ -1,0 +1,140 @@
+"""Fused MoE router on the GPU (Triton): the same result as `naive.sigmoid_grouped_topk`, in two launches
+and with no host synchronisation (CUDA-graph capturable).
+
+1. `_router_logits_kernel`: logits [N, E] fp32 = x [N, D] @ gate_weight [E, D]^T. bf16 operands are
+   multiplied exactly and accumulated in fp32, which equals the reference's fp32 upcast-then-matmul up
+   to summation order; fp32 operands use IEEE fp32 dot products (no TF32).
+2. `_router_topk_kernel`: one program per token. scores = sigmoid(logits), choice = scores + bias; the
+   experts are laid out as [groups, experts per group]; groups are ranked by the sum of their two best
+   choices, the best `topk_group` are kept, the others masked to -inf; then top-k on choice by repeated
+   first-argmax (ties go to the lower expert id); weights gathered from scores (or from choice with
+   `biased_weights`), optionally renormalised (+1e-20), scaled.
+
+Outputs: topk_weights [N, k] fp32 (best expert first), topk_ids [N, k] int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _router_logits_kernel(x_ptr, w_ptr, out_ptr, N, E, D: tl.constexpr, BF16_DOT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_k = tl.arange(0, BLOCK_K)
+    rmask = rows < N
+    cmask = cols < E
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * D + offs_k[None, :]
+    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * D + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kmask = (k0 + offs_k) < D
+        a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if BF16_DOT:
+            acc = tl.dot(a, b, acc)
+        else:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _router_topk_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E, PER, scaling,
+                        G: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr, K_P: tl.constexpr,
+                        G_P: tl.constexpr, PER_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BIASED_WEIGHTS: tl.constexpr, RENORMALIZE: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, G_P)
+    j = tl.arange(0, PER_P)
+    valid = (g[:, None] < G) & (j[None, :] < PER)
+    eid = g[:, None] * PER + j[None, :]
+    logits = tl.load(logits_ptr + n * E + eid, mask=valid, other=0.0)
+    scores = 1.0 / (1.0 + tl.exp(-logits))
+    choice = scores
+    if HAS_BIAS:
+        choice = scores + tl.load(bias_ptr + eid, mask=valid, other=0.0).to(tl.float32)
+    source = scores
+    if BIASED_WEIGHTS:
+        source = choice
+    neg_inf = float("-inf")
+    big = 2147483647
+    choice = tl.where(valid, choice, neg_inf)
+    if TOPK_GROUP < G:
+        # group score = sum of the group's two best choices; keep the best TOPK_GROUP groups
+        top1 = tl.max(choice, axis=1)
+        first = tl.min(tl.where(choice == top1[:, None], j[None, :], big), axis=1)
+        top2 = tl.max(tl.where(j[None, :] == first[:, None], neg_inf, choice), axis=1)
+        gscore = tl.where(g < G, top1 + top2, neg_inf)
+        keep = g < 0
+        for _ in tl.static_range(TOPK_GROUP):
+            best = tl.max(gscore, axis=0)
+            gbest = tl.min(tl.where(gscore == best, g, big), axis=0)
+            keep = keep | (g == gbest)
+            gscore = tl.where(g == gbest, neg_inf, gscore)
+        choice = tl.where(keep[:, None], choice, neg_inf)
+    slots = tl.arange(0, K_P)
+    out_w = tl.zeros([K_P], dtype=tl.float32)
+    out_id = tl.zeros([K_P], dtype=tl.int64)
+    for s in tl.static_range(TOPK):
+        best = tl.max(tl.max(choice, axis=1), axis=0)
+        idx = tl.min(tl.min(tl.where(choice == best, eid, big), axis=1), axis=0)
+        hit = eid == idx
+        w = tl.sum(tl.sum(tl.where(hit, source, 0.0), axis=1), axis=0)
+        out_w = tl.where(slots == s, w, out_w)
+        out_id = tl.where(slots == s, idx.to(tl.int64), out_id)
+        choice = tl.where(hit, neg_inf, choice)
+    if RENORMALIZE:
+        out_w = out_w / (tl.sum(out_w, axis=0) + 1e-20)
+    out_w = out_w * scaling
+    tl.store(weights_ptr + n * TOPK + slots, out_w, mask=slots < TOPK)
+    tl.store(ids_ptr + n * TOPK + slots, out_id, mask=slots < TOPK)
+
+
+def fused_sigmoid_grouped_topk(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
+                               num_expert_group: int = 1, topk_group: int = 1, renormalize: bool = True,
+                               scaling: float = 1.0, biased_weights: bool = False):
+    """x [N, D], gate_weight [E, D], bias [E] or None -> (topk_weights [N, k] fp32, topk_ids [N, k] int64).
+
+    Same contract as `naive.sigmoid_grouped_topk`; ids come best first (the reference leaves them unsorted).
+    """
+    if x.dim() != 2 or gate_weight.dim() != 2 or x.shape[1] != gate_weight.shape[1]:
+        raise ValueError(f"router: x {tuple(x.shape)} and gate weight {tuple(gate_weight.shape)} do not match "
+                         "([N, D] and [E, D])")
+    N, D = x.shape
+    E = gate_weight.shape[0]
+    if not 1 <= top_k <= E:
+        raise ValueError(f"router: top_k={top_k} must be in [1, {E}]")
+    if num_expert_group < 1 or E % num_expert_group or not 1 <= topk_group <= num_expert_group:
+        raise ValueError(f"router: {E} experts cannot form {num_expert_group} groups keeping {topk_group}")
+    if bias is not None and bias.shape != (E,):
+        raise ValueError(f"router: correction bias shape {tuple(bias.shape)} != ({E},)")
+    x = x.contiguous()
+    gate_weight = gate_weight.contiguous()
+    weights = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(N, top_k, dtype=torch.int64, device=x.device)
+    if N == 0:
+        return weights, ids
+    logits = torch.empty(N, E, dtype=torch.float32, device=x.device)
+    bf16 = x.dtype == torch.bfloat16 and gate_weight.dtype == torch.bfloat16
+    block_m = 16 if N <= 16 else 64
+    block_e = 16 if N <= 16 else 64
+    block_k = (256 if N <= 16 else 64) if bf16 else 32
+    grid = (triton.cdiv(N, block_m), triton.cdiv(E, block_e))
+    _router_logits_kernel[grid](x, gate_weight, logits, N, E, D, BF16_DOT=bf16, BLOCK_M=block_m, BLOCK_E=block_e,
+                                BLOCK_K=block_k, num_warps=4, num_stages=3)
+    per = E // num_expert_group
+    b = bias.contiguous() if bias is not None else logits
+    _router_topk_kernel[(N,)](logits, b, weights, ids, E, per, float(scaling),
+                              G=num_expert_group, TOPK_GROUP=topk_group, TOPK=top_k,
+                              K_P=triton.next_power_of_2(top_k), G_P=max(2, triton.next_power_of_2(num_expert_group)),
+                              PER_P=max(2, triton.next_power_of_2(per)), HAS_BIAS=bias is not None,
+                              BIASED_WEIGHTS=biased_weights, RENORMALIZE=renormalize, num_warps=4)
+    return weights, ids
