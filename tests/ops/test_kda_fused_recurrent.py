@@ -95,13 +95,13 @@ def test_varlen_matches_naive(dtype, device, poison_empty):
 
 
 def _pool_case(lens, H, K, V, device, dtype, seed):
-    """A pool 3x larger than the batch, unused slots 1e30; index permuted with one negative entry."""
+    """A pool 3x larger than the batch, unused slots 1e30; index permuted, entry 1 negative (N > 1)."""
     N = len(lens)
     S = 3 * N
     pool = torch.full((S, H, K, V), 1e30, device=device)
-    perm = torch.randperm(S, generator=torch.Generator().manual_seed(seed))[:N]
-    idx = perm.clone()
-    idx[1] = -1
+    idx = torch.randperm(S, generator=torch.Generator().manual_seed(seed))[:N]
+    if N > 1:
+        idx[1] = -1
     used = idx[idx >= 0].to(device)
     pool[used] = torch.randn(len(used), H, K, V, device=device)
     return pool, idx.to(device=device, dtype=torch.int32), used

@@ -76,6 +76,19 @@ def test_decode_steps_continue_prefill(W, device):
         pos = [p + L for p, L in zip(pos, lens)]
 
 
+def test_single_sequence_decode(device):
+    """Batch of one decode token (cu_seqlens [0, 1]): the shape Triton specialises (N == 1)."""
+    C, W = 24, 4
+    w = torch.randn(C, W, device=device)
+    pool, idx = pool_case(1, W, C, device, torch.float32, seed=4)
+    cu = cu_of([1], device)
+    for _ in range(3):
+        x = torch.randn(1, C, device=device)
+        ref_pool = pool.clone()
+        assert_close("y", naive_causal_conv1d(x, w, ref_pool, cu, idx), causal_conv1d(x, w, pool, cu, idx), 1e-6)
+        assert torch.equal(ref_pool, pool)
+
+
 def test_no_state_no_cu_no_activation(device, poison_empty):
     x = torch.randn(37, 20, device=device)
     w = torch.randn(20, 4, device=device)
@@ -145,11 +158,13 @@ def test_gpu_real_channels_prefill_and_decode():
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_decode_step():
-    N, C, W = 16, 3 * 32 * 128, 4
+@pytest.mark.parametrize("N", [1, 16])
+def test_gpu_cuda_graph_decode_step(N):
+    C, W = 3 * 32 * 128, 4
     w = torch.randn(C, W, device="cuda").bfloat16()
     pool, idx = pool_case(N, W, C, "cuda", torch.bfloat16, seed=3)
-    idx[4] = -1
+    if N > 4:
+        idx[4] = -1
     cu = cu_of([1] * N, "cuda")
     x = torch.randn(N, C, device="cuda").bfloat16()
     y = None

@@ -29,7 +29,7 @@ from kimi_linear.ops.triton_utils import patch_triton_interpreter
 def _conv_fwd_kernel(x, w, y, state, cu_seqlens, state_indices, T, N,
                      sx_t, sy_t, sw_c, sw_j, ss_n, ss_r,
                      C: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,
-                     IS_VARLEN: tl.constexpr, HAS_STATE: tl.constexpr, HAS_IDX: tl.constexpr,
+                     NUM_NB: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_STATE: tl.constexpr, HAS_IDX: tl.constexpr,
                      SILU: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -40,13 +40,13 @@ def _conv_fwd_kernel(x, w, y, state, cu_seqlens, state_indices, T, N,
 
     if IS_VARLEN:
         # sequence of token t: the number of starts cu[1..N-1] that are <= t
+        # (NUM_NB = cdiv(N - 1, BN) blocks, a constexpr: a runtime-bounded loop that Triton folds to
+        # zero trips when it specialises N == 1 crashes its coalescing pass)
         seq = tl.zeros([BT], dtype=tl.int32)
-        start = 1
-        while start < N:  # a while loop: the interpreter cannot index `range` with a runtime scalar
-            o_n = start + tl.arange(0, BN)
+        for i_nb in range(NUM_NB):
+            o_n = 1 + i_nb * BN + tl.arange(0, BN)
             starts = tl.load(cu_seqlens + o_n, mask=o_n < N, other=2147483647).to(tl.int32)
             seq += tl.sum((starts[None, :] <= o_t[:, None]).to(tl.int32), 1)
-            start += BN
         bos = tl.load(cu_seqlens + seq).to(tl.int32)
         eos = tl.load(cu_seqlens + seq + 1).to(tl.int32)
         live = m_t & (o_t < eos)
@@ -163,10 +163,10 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tenso
     st = conv_state if conv_state is not None else dummy
     ss = conv_state.stride()[:2] if conv_state is not None else (0, 0)
     if T > 0:
-        BT, BC = 16, min(128, triton.next_power_of_2(C))
+        BT, BC, BN = 16, min(128, triton.next_power_of_2(C)), 256
         grid = (triton.cdiv(T, BT), triton.cdiv(C, BC))
         _conv_fwd_kernel[grid](x, weight, y, st, cu, idx, T, N, x.stride(0), y.stride(0), *weight.stride(), *ss,
-                               C=C, W=W, BT=BT, BC=BC, BN=256, IS_VARLEN=is_varlen,
+                               C=C, W=W, BT=BT, BC=BC, BN=BN, NUM_NB=triton.cdiv(N - 1, BN), IS_VARLEN=is_varlen,
                                HAS_STATE=conv_state is not None, HAS_IDX=has_idx, SILU=activation == "silu",
                                num_warps=4)
     if conv_state is not None:
