@@ -33,6 +33,11 @@ CONFIG = {
 }
 
 
+# dtype of the chunk states (and their gradients) kept for the backward: fp32 keeps the decay
+# gradient exp(G_last) * sum_v(S * dS) exact; the matmuls still take them in the compute dtype.
+STATE_DTYPE = torch.float32
+
+
 class KDAInputError(KimiLinearError, ValueError):
     """Invalid arguments to chunk_kda (shapes, dtypes, option combinations)."""
 
@@ -108,7 +113,7 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_fina
     )
     if save:
         bufs.update(M=torch.empty(TT, H, BT, device=dev, dtype=dt), G=torch.empty(TT, H, K, device=dev, dtype=torch.float32),
-                    h=torch.empty(NS, H, K, V, device=dev, dtype=dt), vn=torch.empty(TT, H, V, device=dev, dtype=dt))
+                    h=torch.empty(NS, H, K, V, device=dev, dtype=STATE_DTYPE), vn=torch.empty(TT, H, V, device=dev, dtype=dt))
         if use_l2:
             bufs.update(rq=torch.empty(TT, H, device=dev, dtype=torch.float32),
                         rk=torch.empty(TT, H, device=dev, dtype=torch.float32))
@@ -171,7 +176,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, initial_state, do, dht, bufs, id
     NS = bufs["gam"].shape[0]
     f32 = torch.float32
     grads = dict(
-        dh=torch.empty(NS, H, K, V, device=dev, dtype=dt), dvn=torch.empty(TT, H, V, device=dev, dtype=dt),
+        dh=torch.empty(NS, H, K, V, device=dev, dtype=STATE_DTYPE), dvn=torch.empty(TT, H, V, device=dev, dtype=dt),
         dQg=torch.empty(TT, H, K, device=dev, dtype=f32), dY=torch.empty(TT, H, K, device=dev, dtype=f32),
         dKd=torch.empty(TT, H, K, device=dev, dtype=f32), dAqk=torch.empty(TT, H, BT, device=dev, dtype=f32),
         dAkk=torch.empty(TT, H, BT, device=dev, dtype=f32), dgx=torch.empty(NS, H, K, device=dev, dtype=f32),

@@ -18,8 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.kda.chunk_utils import (chunk_of_program, col_of, load_beta, load_rows, row_of,
-                                             sigmoid_thr, softplus, store_rows)
+from kimi_linear.ops.kda.chunk_utils import (chunk_of_program, load_beta, load_rows, sigmoid_thr, softplus,
+                                             store_rows)
 
 
 @triton.jit
@@ -126,11 +126,13 @@ def chunk_kda_bwd_intra_kernel(
         Cd = tl.zeros([BC, BK], dtype=tl.float32)
         bz = bkn * b_b[:, None]
         for c in range(BC):
-            k_c = row_of(bkn, o, c)
-            G_c = row_of(bG, o, c)
+            sel = o[:, None] == c  # (row / column extraction inlined: nested jit calls are slow in the interpreter)
+            k_c = tl.sum(tl.where(sel, bkn, 0.0), 0)
+            G_c = tl.sum(tl.where(sel, bG, 0.0), 0)
             e = tl.where(o[:, None] >= c, tl.exp2(tl.minimum(bG - G_c[None, :], 0.0)), 0.0)
-            daq = col_of(dA_qk, o, c)
-            dak = col_of(dA_kk, o, c)
+            selc = o[None, :] == c
+            daq = tl.sum(tl.where(selc, dA_qk, 0.0), 1)
+            dak = tl.sum(tl.where(selc, dA_kk, 0.0), 1)
             ek = e * k_c[None, :]
             Rqk += daq[:, None] * ek
             Rkk += dak[:, None] * ek

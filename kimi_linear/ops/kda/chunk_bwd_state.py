@@ -60,8 +60,10 @@ def chunk_kda_bwd_state_kernel(
     p_tv = rows[:, None] * sHV + i_h * V + cv[None, :]
     p_ta = rows[:, None] * sHA + i_h * BT + ct[None, :]
 
-    S = tl.load(h + p_s, mask=m_kv, other=0.0)
-    dS = tl.load(dh + p_s, mask=m_kv, other=0.0)
+    S32 = tl.load(h + p_s, mask=m_kv, other=0.0).to(tl.float32)
+    dS32 = tl.load(dh + p_s, mask=m_kv, other=0.0).to(tl.float32)
+    S = S32.to(dt)
+    dS = dS32.to(dt)
     g_o = tl.load(do + rows[:, None] * s_do + i_h * V + cv[None, :], mask=m_tv, other=0.0).to(dt)
     b_vn = tl.load(vn + p_tv, mask=m_tv, other=0.0)
     b_dvn = tl.load(dvn + p_tv, mask=m_tv, other=0.0)
@@ -69,7 +71,7 @@ def chunk_kda_bwd_state_kernel(
     tl.store(dQg + p_tk, tl.dot(g_o, tl.trans(S)), mask=m_tk)
     tl.store(dKd + p_tk, tl.dot(b_vn, tl.trans(dS)), mask=m_tk)
     glast = tl.load(gam + (gc * H + i_h) * K + ck, mask=m_k, other=0.0)
-    sdS = tl.sum(S.to(tl.float32) * dS.to(tl.float32), 1)
+    sdS = tl.sum(S32 * dS32, 1)
     tl.store(dgx + (gc * H + i_h) * K + ck, tl.exp2(glast) * sdS, mask=m_k)
 
     M = tl.load(Mi + p_ta, mask=m_t[:, None], other=0.0)

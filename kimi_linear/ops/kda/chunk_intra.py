@@ -19,8 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.kda.chunk_utils import (chunk_of_program, col_of, gate_log2, load_beta, load_rows,
-                                             row_of, store_rows)
+from kimi_linear.ops.kda.chunk_utils import chunk_of_program, gate_log2, load_beta, load_rows, store_rows
 
 
 @triton.jit
@@ -50,8 +49,9 @@ def _diag_blocks(qh, kn, G, b, BC: tl.constexpr):
     Aqk = tl.zeros([BC, BC], dtype=tl.float32)
     Akk = tl.zeros([BC, BC], dtype=tl.float32)
     for c in range(BC):
-        k_c = row_of(kn, o, c)
-        G_c = row_of(G, o, c)
+        sel = o[:, None] == c  # (inlined row extraction: nested jit calls are slow in the interpreter)
+        k_c = tl.sum(tl.where(sel, kn, 0.0), 0)
+        G_c = tl.sum(tl.where(sel, G, 0.0), 0)
         t = tl.exp2(tl.minimum(G - G_c[None, :], 0.0)) * k_c[None, :]
         aq = tl.sum(qh * t, 1)
         ak = tl.sum(kn * t, 1)
@@ -80,7 +80,7 @@ def _inv_unit_lower(A, BC: tl.constexpr):
     o = tl.arange(0, BC)
     X = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
     for i in range(1, BC):
-        a = row_of(A, o, i)
+        a = tl.sum(tl.where(o[:, None] == i, A, 0.0), 0)
         r = -tl.sum(a[:, None] * X, 0)
         X = tl.where(o[:, None] == i, X + r[None, :], X)
     return X
@@ -208,14 +208,15 @@ def chunk_kda_fwd_intra_kernel(
         store_rows(Go, G1, r1, m1, sHK, i_h * K, cols, m_c)
         store_rows(Go, G2, r2, m2, sHK, i_h * K, cols, m_c)
         store_rows(Go, G3, r3, m3, sHK, i_h * K, cols, m_c)
-        tl.store(rq_o + r0 * H + i_h, rq0, mask=m0)
-        tl.store(rq_o + r1 * H + i_h, rq1, mask=m1)
-        tl.store(rq_o + r2 * H + i_h, rq2, mask=m2)
-        tl.store(rq_o + r3 * H + i_h, rq3, mask=m3)
-        tl.store(rk_o + r0 * H + i_h, rk0, mask=m0)
-        tl.store(rk_o + r1 * H + i_h, rk1, mask=m1)
-        tl.store(rk_o + r2 * H + i_h, rk2, mask=m2)
-        tl.store(rk_o + r3 * H + i_h, rk3, mask=m3)
+        if USE_L2:
+            tl.store(rq_o + r0 * H + i_h, rq0, mask=m0)
+            tl.store(rq_o + r1 * H + i_h, rq1, mask=m1)
+            tl.store(rq_o + r2 * H + i_h, rq2, mask=m2)
+            tl.store(rq_o + r3 * H + i_h, rq3, mask=m3)
+            tl.store(rk_o + r0 * H + i_h, rk0, mask=m0)
+            tl.store(rk_o + r1 * H + i_h, rk1, mask=m1)
+            tl.store(rk_o + r2 * H + i_h, rk2, mask=m2)
+            tl.store(rk_o + r3 * H + i_h, rk3, mask=m3)
 
     # ---- M = (I + Akk)^-1 by blocks
     M00 = _inv_unit_lower(Akk00, BC)

@@ -88,7 +88,8 @@ def chunk_kda_fwd_scan_kernel(
         decay = tl.exp2(tl.load(gam + (gc * H + i_h) * K + ck, mask=m_k, other=0.0))
         Sb = S.to(dt)
         if SAVE:
-            tl.store(h_out + (gc * H + i_h) * K * V + ck[:, None] * V + cv[None, :], Sb, mask=m_kv)
+            tl.store(h_out + (gc * H + i_h) * K * V + ck[:, None] * V + cv[None, :],
+                     S.to(h_out.dtype.element_ty), mask=m_kv)
         vn = u - tl.dot(w, Sb)
         vnb = vn.to(dt)
         if SAVE:
@@ -144,7 +145,8 @@ def chunk_kda_bwd_scan_kernel(
         gc = c_base + c
         decay = tl.exp2(tl.load(gam + (gc * H + i_h) * K + ck, mask=m_k, other=0.0))
         dSb = dS.to(dt)
-        tl.store(dh_out + (gc * H + i_h) * K * V + ck[:, None] * V + cv[None, :], dSb, mask=m_kv)
+        tl.store(dh_out + (gc * H + i_h) * K * V + ck[:, None] * V + cv[None, :],
+                 dS.to(dh_out.dtype.element_ty), mask=m_kv)
         dvn = tl.dot(tl.trans(A), g_o) + tl.dot(kd, dSb)
         dvnb = dvn.to(dt)
         tl.store(dvn_out + rows[:, None] * sHV + i_h * V + cv[None, :], dvnb, mask=m_tv)

@@ -68,10 +68,12 @@ def prepare_chunks(cu_seqlens: torch.Tensor | None, B: int, T: int,
     return ChunkIndex(N, max(NT, 1), 0, chunk_seq, offsets.to(torch.int32))
 
 
-def _patch_interpreter_index() -> None:
-    """Under TRITON_INTERPRET=1 scalars are 1-element arrays, and with NumPy 2 `int()` of those fails,
-    so a loop bounded by a value computed from program_id / a load (`range(nc)`) cannot run. Make the
-    interpreter's tensor `__index__` read the single element. Compiled kernels are untouched."""
+def _patch_interpreter() -> None:
+    """CPU-interpreter fixes (TRITON_INTERPRET=1 only; compiled kernels are untouched).
+
+    Scalars are 1-element arrays there, and with NumPy 2 `int()` of those fails, so a loop bounded by
+    a value computed from program_id or a load (`range(nc)`) cannot run: make `__index__` read the
+    single element."""
     if not is_interpreter():
         return
     from triton.runtime import interpreter
@@ -87,8 +89,55 @@ def _patch_interpreter_index() -> None:
     patched._kimi_linear_patched = True
     interpreter._patch_lang_tensor = patched
 
+    # fp32 -> bf16 casts: the interpreter truncates (the GPU rounds to nearest even), which biases
+    # every rounded intermediate; round to nearest even like the hardware.
+    import numpy as np
+    import triton.language as tl_
 
-_patch_interpreter_index()
+    builder = interpreter.InterpreterBuilder
+    cast = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl_.float32 and dst_type.scalar == tl_.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            return interpreter.TensorHandle(bits.astype(np.uint16).reshape(src.data.shape), dst_type.scalar)
+        return cast(self, src, dst_type)
+
+    builder.cast_impl = cast_impl
+    builder.create_fp_trunc = lambda self, src, dst_type: self.cast_impl(src, dst_type)
+
+    # Every nested @triton.jit call re-patches triton.language (~1.5 ms each); while a kernel runs
+    # the language is already patched, so skip the redundant work (same semantics, ~3x faster).
+    patch_lang = interpreter._patch_lang
+    patched_modules: set[int] = set()
+    depth = [0]
+
+    class _Scope:
+        def __init__(self, scope, top):
+            self.scope, self.top = scope, top
+
+        def restore(self):
+            if self.top:
+                patched_modules.clear()
+                depth[0] = 0
+            if self.scope is not None:
+                self.scope.restore()
+
+    def _patch_lang(fn):
+        mods = {id(m) for m in fn.__globals__.values() if m is tl_ or m is tl_.core}
+        top = depth[0] == 0
+        if not top and mods <= patched_modules:
+            return _Scope(None, False)
+        scope = patch_lang(fn)
+        patched_modules.update(mods)
+        depth[0] = 1
+        return _Scope(scope, top)
+
+    interpreter._patch_lang = _patch_lang
+
+
+_patch_interpreter()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,15 +214,3 @@ def load_beta(beta, rows, m_r, s_b, i_h, USE_SIGMOID: tl.constexpr):
     if USE_SIGMOID:
         b = tl.sigmoid(b)
     return tl.where(m_r, b, 0.0)
-
-
-@triton.jit
-def row_of(x, o, i):
-    """Row i of a [R, C] register tile as a [C] vector."""
-    return tl.sum(tl.where(o[:, None] == i, x, 0.0), 0)
-
-
-@triton.jit
-def col_of(x, o, j):
-    """Column j of a [R, C] register tile as an [R] vector."""
-    return tl.sum(tl.where(o[None, :] == j, x, 0.0), 1)
