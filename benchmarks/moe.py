@@ -10,7 +10,8 @@ weights in (0.1, 1.1). For each N in {1, 16, 256, 4096, 16384}:
   naive   `naive_moe_experts` (host-synced loop over the experts hit),
   floor   max(bytes / copy bandwidth, FLOPs / matmul rate): bytes = distinct experts touched x
           3 x D x I x 2 + x + y; FLOPs = 2 x N x k x 3 x D x I; both ceilings measured in this run.
-Then the router (fused vs torch) and a sweep over tile configs (each checked against the oracle).
+Then the router (fused vs torch, CUDA-graph replays), per-kernel times (profiler) and a sweep over
+tile configs (each checked against the oracle; graph replays for N <= 256).
 
     PYTHONPATH=. python benchmarks/moe.py [--json out.json] [--sweep-seconds 150]
 """
@@ -160,7 +161,8 @@ def main() -> None:
             if time.time() - t0 > args.sweep_seconds:
                 break
             got = fused_moe(x, w13, w2, tw, ids, tiles=tiles)
-            t = bench(lambda: fused_moe(x, w13, w2, tw, ids, tiles=tiles))
+            call = lambda: fused_moe(x, w13, w2, tw, ids, tiles=tiles)  # noqa: E731
+            t = graph_time(call) if N <= 256 else bench(call)  # decode sizes: launch overhead excluded
             s = dict(N=N, tiles=str(tiles), err_fp32=rel(ref, got.float()), us=t * 1e6)
             sweep.append(s)
             print(json.dumps(s), flush=True)
