@@ -1,10 +1,10 @@
 """DecodeRunner: decode steps on static, bucket-padded buffers, replayed as CUDA graphs when captured.
 
 A decode batch of N sequences (one new token each) is padded to the smallest bucket B >= N
-(1, 2, 4, 8, then steps of 16, and the largest batch). The step's host inputs go into one packed
-int64 [4, B] buffer (input_ids, state_indices, slot_mapping, seq_lens) with a single copy; the
-captured region unpacks it, gathers the block tables by state slot from the persistent
-`BlockTable`, runs the model and the lm_head. Padding rows carry state_indices = -1 (KDA kernels
+(1, 2, 4, 8, then steps of 16, and the largest batch). The step's host inputs go into one pinned,
+packed int64 [4, max_batch] buffer (input_ids, state_indices, slot_mapping, seq_lens) sent with a
+single asynchronous copy; the captured region unpacks it, gathers the block tables by state slot
+from the persistent `BlockTable`, runs the model and the lm_head. Padding rows carry state_indices = -1 (KDA kernels
 and the short conv skip them), slot_mapping = -1 (no latent write) and seq_lens = 0 (MLA decode
 reads nothing and returns zeros); their logits are dropped.
 
@@ -87,7 +87,8 @@ class DecodeRunner:
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has left the pinned buffer
         self.host[:, :B].copy_(staged)
-        self.packed[:, :B].copy_(self.host[:, :B], non_blocking=True)
+        # the whole (contiguous, few KB) buffer in one async copy; columns past B are never read
+        self.packed.copy_(self.host, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
         return B
@@ -150,8 +151,10 @@ class DecodeRunner:
                     sorted(self.graphs), time.perf_counter() - t0, self.graph_bytes / 1024 ** 3)
 
     def _load_padding(self, B: int) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
         self.host[:, :B] = torch.tensor(PAD_VALUES, dtype=torch.int64)[:, None]
-        self.packed[:, :B].copy_(self.host[:, :B])
+        self.packed.copy_(self.host)
 
     def release(self) -> None:
         self.graphs.clear()

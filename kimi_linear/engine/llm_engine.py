@@ -139,6 +139,21 @@ class LLMEngine:
         if stream:
             self._streaming.add(request_id)
 
+    def admit_computed(self, request_id: str, prompt, params: SamplingParams, num_computed_tokens: int) -> Request:
+        """Admit a request (n = 1) as running with its first `num_computed_tokens` tokens taken as already
+        cached: its blocks and state slot come from the pools now, the caller fills their contents
+        (benchmarks reach long contexts this way). It decodes from the next step on."""
+        p = self.process_inputs(prompt, params)
+        if p.params.n != 1:
+            raise ValidationError("admit_computed takes n = 1", param="n")
+        if request_id in self._states:
+            raise ValidationError(f"request id {request_id!r} is already in use", param="request_id")
+        req = Request(request_id, p.prompt_token_ids, p.params, self.eos_token_ids, p.max_tokens)
+        self.scheduler.admit_computed(req, num_computed_tokens)
+        self._states[request_id] = RequestState(request_id, p.prompt, p.prompt_token_ids,
+                                                [self.processor_factory(req, self.tokenizer)])
+        return req
+
     def abort_request(self, request_ids: str | list[str]) -> None:
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
             state = self._states.get(rid)

@@ -1,0 +1,51 @@
+"""benchmarks/engine_decode.py runs end to end on the CPU with the tiny preset (the GPU run is the lead's)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "engine_decode.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("engine_decode", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parse_count(bench):
+    assert [bench.parse_count(c) for c in ("4K", "128k", "1M", "300")] == [4096, 131072, 1048576, 300]
+
+
+def test_variant_config_makes_every_layer_mla(bench):
+    from kimi_linear.config import ModelConfig
+    from kimi_linear.models.presets import preset_config
+
+    base = preset_config("48b-a3b-e64")
+    mla = ModelConfig.from_dict(bench.variant_config(base, "mla"))
+    hyb = ModelConfig.from_dict(bench.variant_config(base, "hybrid"))
+    assert mla.layer_types == ("mla",) * 27 and hyb.layer_types.count("mla") == 7
+    assert mla.mlp_types == hyb.mlp_types and mla.num_experts == 64
+
+
+def test_cpu_smoke(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    report = bench.main(["--preset", "tiny", "--contexts", "40,100", "--steps", "2", "--warmup", "1",
+                         "--device", "cpu", "--dtype", "float32", "--block-size", "16"])
+    saved = json.loads((tmp_path / "engine_decode.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    rows = {(r["variant"], r["context"]): r for r in report["results"]}
+    assert set(rows) == {("hybrid", 40), ("hybrid", 100), ("mla", 40), ("mla", 100)}
+    for r in rows.values():
+        assert r["tpot_ms"] > 0 and r["floor_ms"] > 0 and r["generated"] == 3  # warmup + steps
+    # the latent bytes grow with the context and with the number of MLA layers (tiny: 1 of 4 vs 4 of 4)
+    assert rows[("mla", 100)]["bytes"]["latent"] == 4 * rows[("hybrid", 100)]["bytes"]["latent"]
+    assert rows[("hybrid", 100)]["bytes"]["latent"] > rows[("hybrid", 40)]["bytes"]["latent"]
+    assert rows[("mla", 40)]["bytes"]["kda_state"] == 0 < rows[("hybrid", 40)]["bytes"]["kda_state"]
+    assert [q["context"] for q in report["ratios"]] == [40, 100]
