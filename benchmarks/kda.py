@@ -1,0 +1,316 @@
+"""KDA chunk kernels (prefill / training) vs fla-core 0.6.0 vs the physical floor, then the decode step.
+
+Real shape: H=32, K=V=128, bf16, gate (-exp(A_log) softplus(f + dt_bias)), beta sigmoid and q/k L2 norm
+computed in the kernel, random inputs (A_log = log U(1, 16)), (B, T) in {(16, 4096), (4, 16384),
+(1, 65536)}; output_final_state=True, no initial state, same options for both.
+  check   ours (and fla) vs the fp32 naive reference on a slice (B=2, T=1000, plus a varlen batch):
+          output, final state and every gradient,
+  ours    forward (no grad) and forward+backward (median of triton.testing.do_bench),
+  fla     fla.ops.kda.chunk_kda, same inputs and options,
+  floor   max(FLOPs / matmul rate, bytes / copy bandwidth), both measured in this run. FLOPs: the
+          report's Eq. 13, 6 T d^2 + 3 T C d + T C^2 per head (x3 for forward+backward); bytes: q, k, v,
+          g, beta in and o out (forward); plus do in and dq, dk, dv, dg, dbeta out, and q, k, v, g, beta
+          read again (forward+backward),
+then a per-kernel breakdown (torch.profiler), an optional sweep of launch settings, and the decode
+benchmark of benchmarks/kda_decode.py when it exists (--skip-decode to skip).
+
+    PYTHONPATH=. python benchmarks/kda.py [--skip-decode] [--sweep-seconds 120]   (JSON to $OUT if set)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+from kimi_linear.ops.kda import naive_chunk_kda
+from kimi_linear.ops.kda import chunk as chunk_mod
+from kimi_linear.ops.kda.chunk import chunk_kda
+
+H, D, C = 32, 128, 64
+SHAPES = [(16, 4096), (4, 16384), (1, 65536)]
+OPTS = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def bench_ms(fn, grad_to_none=None) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=40, grad_to_none=grad_to_none, return_mode="median")
+
+
+def ceilings() -> tuple[float, float]:
+    src = torch.randn(1 << 29, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * 2 / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    rate = 2 * 8192 ** 3 / (bench_ms(lambda: a @ b) * 1e-3)
+    return bw, rate
+
+
+def floors_ms(B, T, bw, rate) -> tuple[float, float]:
+    flops = B * H * (6 * T * D * D + 3 * T * C * D + T * C * C)
+    tok = B * T * H
+    fwd_bytes = (5 * D + 1) * tok * 2  # q, k, v, g, o (+ beta)
+    bwd_bytes = fwd_bytes + (5 * D + 1) * tok * 2 + (5 * D + 1) * tok * 2  # + do, dq, dk, dv, dg, dbeta; re-read
+    return (max(flops / rate, fwd_bytes / bw) * 1e3, max(3 * flops / rate, bwd_bytes / bw) * 1e3)
+
+
+def make_inputs(B, T, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev, bf = "cuda", torch.bfloat16
+    q = torch.randn(B, T, H, D, device=dev, generator=g).to(bf)
+    k = torch.randn(B, T, H, D, device=dev, generator=g).to(bf)
+    v = torch.randn(B, T, H, D, device=dev, generator=g).to(bf)
+    f = torch.randn(B, T, H, D, device=dev, generator=g).to(bf)
+    beta = torch.randn(B, T, H, device=dev, generator=g).to(bf)
+    A_log = torch.empty(H, device=dev).uniform_(1, 16, generator=g).log()
+    dt_bias = torch.empty(H * D, device=dev).uniform_(math.log(1e-3), math.log(0.1), generator=g).exp()
+    dt_bias = dt_bias + torch.log(-torch.expm1(-dt_bias))
+    return q, k, v, f, beta, A_log, dt_bias
+
+
+def load_fla():
+    try:
+        _stub_einops()
+        from fla.ops.kda import chunk_kda as fla_chunk_kda
+        return fla_chunk_kda
+    except Exception as e:  # not installed
+        log(f"fla not available: {e!r}")
+        return None
+
+
+def _stub_einops() -> None:
+    """fla imports einops at module level in files whose code paths we never run."""
+    import sys
+    import types
+
+    try:
+        import einops  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("einops")
+        for name in ("rearrange", "repeat", "reduce", "einsum", "pack", "unpack", "parse_shape"):
+            setattr(stub, name, lambda *a, **k: (_ for _ in ()).throw(NotImplementedError("einops stub")))
+        sys.modules["einops"] = stub
+
+
+def rel(ref, got) -> float:
+    ref, got = ref.double(), got.double()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def fwd_bwd(fn, inputs, cu=None, h0=None, seed=1):
+    q, k, v, f, beta, A_log, dt_bias = inputs
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, f, beta, A_log, dt_bias)]
+    h = h0.detach().clone().requires_grad_(True) if h0 is not None else None
+    o, s = fn(*leaves[:5], A_log=leaves[5], dt_bias=leaves[6], initial_state=h, output_final_state=True,
+              cu_seqlens=cu, **OPTS)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    do = torch.randn(o.shape, device="cuda", generator=g)
+    ds = torch.randn(s.shape, device="cuda", generator=g)
+    ((o.float() * do).sum() + (s.float() * ds).sum()).backward()
+    out = dict(o=o, final_state=s, dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad, df=leaves[3].grad,
+               dbeta=leaves[4].grad, dA_log=leaves[5].grad, ddt_bias=leaves[6].grad)
+    if h is not None:
+        out["dh0"] = h.grad
+    return out
+
+
+def check(fla) -> dict:
+    """Relative errors vs the fp32 reference (errors of fla on the same slice for context)."""
+    res = {}
+    for name, B, T, lens in (("B2_T1000", 2, 1000, None), ("varlen", 1, 1 + 63 + 64 + 65 + 1000, [1, 63, 64, 65, 1000])):
+        inputs = make_inputs(B, T, seed=3)
+        cu = None
+        N = B
+        if lens is not None:
+            cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+            N = len(lens)
+        h0 = torch.randn(N, H, D, D, device="cuda")
+        ref = fwd_bwd(naive_chunk_kda, [x.float() if x.is_floating_point() else x for x in inputs], cu, h0)
+        ours = fwd_bwd(chunk_kda, inputs, cu, h0)
+        res[f"ours_{name}"] = {key: rel(ref[key], ours[key]) for key in ref}
+        if fla is not None:
+            try:
+                theirs = fwd_bwd(fla, inputs, None if cu is None else cu.long(), h0)
+                res[f"fla_{name}"] = {key: rel(ref[key], theirs[key]) for key in ref if theirs.get(key) is not None}
+            except Exception as e:
+                res[f"fla_{name}"] = {"error": repr(e)}
+        del ref, ours
+        torch.cuda.empty_cache()
+    return res
+
+
+def time_impl(fn, B, T) -> tuple[float, float]:
+    q, k, v, f, beta, A_log, dt_bias = make_inputs(B, T)
+    kw = dict(A_log=A_log, dt_bias=dt_bias, output_final_state=True, **OPTS)
+    with torch.no_grad():
+        t_f = bench_ms(lambda: fn(q, k, v, f, beta, **kw))
+    leaves = [x.requires_grad_(True) for x in (q, k, v, f, beta, A_log, dt_bias)]
+    do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        o, _ = fn(*leaves[:5], A_log=leaves[5], dt_bias=leaves[6], output_final_state=True, **OPTS)
+        o.backward(do)
+
+    t_fb = bench_ms(step, grad_to_none=leaves)
+    return t_f, t_fb
+
+
+def kernel_breakdown(B, T) -> dict:
+    """Per-kernel CUDA time (ms per call) of our forward+backward, from torch.profiler."""
+    q, k, v, f, beta, A_log, dt_bias = make_inputs(B, T)
+    leaves = [x.requires_grad_(True) for x in (q, k, v, f, beta, A_log, dt_bias)]
+    do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        o, _ = chunk_kda(*leaves[:5], A_log=leaves[5], dt_bias=leaves[6], output_final_state=True, **OPTS)
+        o.backward(do)
+    step()
+    torch.cuda.synchronize()
+    n = 3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            out[e.key[:60]] = t / n / 1e3
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+SWEEP = [
+    ("scan", dict(BV=16, num_warps=4, num_stages=2)), ("scan", dict(BV=32, num_warps=4, num_stages=2)),
+    ("scan", dict(BV=32, num_warps=4, num_stages=3)), ("scan", dict(BV=64, num_warps=4, num_stages=2)),
+    ("scan", dict(BV=32, num_warps=8, num_stages=2)), ("scan", dict(BV=64, num_warps=8, num_stages=2)),
+    ("intra", dict(num_warps=4, num_stages=1)), ("intra", dict(num_warps=16, num_stages=1)),
+    ("bwd_scan", dict(BV=32, num_warps=4, num_stages=2)), ("bwd_scan", dict(BV=64, num_warps=8, num_stages=2)),
+    ("bwd_state", dict(num_warps=4, num_stages=1)), ("bwd_state", dict(num_warps=16, num_stages=1)),
+    ("bwd_intra", dict(num_warps=4, num_stages=1)), ("bwd_intra", dict(num_warps=16, num_stages=1)),
+]
+
+
+def sweep(seconds: float) -> list[dict]:
+    """Each setting changes one kernel's launch; time forward (forward kernels) or forward+backward."""
+    rows = []
+    t_end = time.time() + seconds
+    base = {k: dict(v) for k, v in chunk_mod.CONFIG.items()}
+    for kernel, cfg in SWEEP:
+        for B, T in SHAPES:
+            if time.time() > t_end:
+                return rows
+            chunk_mod.CONFIG.update({k: dict(v) for k, v in base.items()})
+            chunk_mod.CONFIG[kernel].update(cfg)
+            try:
+                t_f, t_fb = time_impl(chunk_kda, B, T)
+                rows.append(dict(kernel=kernel, cfg=cfg, B=B, T=T, fwd_ms=t_f, fwd_bwd_ms=t_fb))
+                log(f"sweep {kernel} {cfg} B={B} T={T}: fwd {t_f:.3f} ms, fwd+bwd {t_fb:.3f} ms")
+            except Exception as e:
+                rows.append(dict(kernel=kernel, cfg=cfg, B=B, T=T, error=repr(e)[:200]))
+                log(f"sweep {kernel} {cfg}: {e!r}"[:300])
+            torch.cuda.empty_cache()
+    chunk_mod.CONFIG.update({k: dict(v) for k, v in base.items()})
+    return rows
+
+
+def decode_rows(skip: bool) -> list[dict]:
+    path = Path(__file__).with_name("kda_decode.py")
+    if skip or not path.exists():
+        return []
+    spec = importlib.util.spec_from_file_location("kda_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.run_decode_benchmark(batch_sizes=(1, 16, 64, 256), H=32, K=128, check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-fla", action="store_true")
+    ap.add_argument("--sweep-seconds", type=float, default=0.0)
+    ap.add_argument("--shapes", default=None, help="e.g. 16x4096,1x65536")
+    args = ap.parse_args()
+    shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    log(f"device: {torch.cuda.get_device_name()}")
+    result = dict(device=torch.cuda.get_device_name(), shapes=[], config=chunk_mod.CONFIG)
+    out_dir = os.environ.get("OUT")
+
+    def dump():
+        if out_dir:
+            with open(os.path.join(out_dir, "kda_bench.json"), "w") as fh:
+                json.dump(result, fh, indent=1, default=str)
+
+    bw, rate = ceilings()
+    result.update(copy_bw_TBs=bw / 1e12, matmul_TFLOPs=rate / 1e12)
+    log(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    fla = None if args.skip_fla else load_fla()
+    result["check"] = check(fla)
+    for key, errs in result["check"].items():
+        log(f"check {key}: " + ", ".join(f"{k}={v:.1e}" if isinstance(v, float) else f"{k}={v}" for k, v in errs.items()))
+    dump()
+    for B, T in shapes:
+        row = dict(B=B, T=T)
+        row["floor_fwd_ms"], row["floor_fwd_bwd_ms"] = floors_ms(B, T, bw, rate)
+        row["ours_fwd_ms"], row["ours_fwd_bwd_ms"] = time_impl(chunk_kda, B, T)
+        log(f"ours B={B} T={T}: fwd {row['ours_fwd_ms']:.3f} ms, fwd+bwd {row['ours_fwd_bwd_ms']:.3f} ms")
+        torch.cuda.empty_cache()
+        if fla is not None:
+            try:
+                row["fla_fwd_ms"], row["fla_fwd_bwd_ms"] = time_impl(fla, B, T)
+                log(f"fla  B={B} T={T}: fwd {row['fla_fwd_ms']:.3f} ms, fwd+bwd {row['fla_fwd_bwd_ms']:.3f} ms")
+            except Exception as e:
+                log(f"fla failed at B={B} T={T}: {e!r}")
+            torch.cuda.empty_cache()
+        result["shapes"].append(row)
+        dump()
+    for B, T in shapes:
+        result.setdefault("breakdown", {})[f"{B}x{T}"] = kernel_breakdown(B, T)
+        log(f"kernels B={B} T={T} (ms/call): " + ", ".join(
+            f"{k}={v:.3f}" for k, v in result["breakdown"][f"{B}x{T}"].items()))
+        torch.cuda.empty_cache()
+    dump()
+    if args.sweep_seconds > 0:
+        result["sweep"] = sweep(args.sweep_seconds)
+        dump()
+    try:
+        result["decode"] = decode_rows(args.skip_decode)
+    except Exception as e:
+        log(f"decode benchmark failed: {e!r}")
+        result["decode"] = []
+    dump()
+
+    print("\nKDA chunk, H=32 K=V=128 bf16, gate + beta sigmoid + L2 norm in kernel "
+          f"(copy {bw / 1e12:.2f} TB/s, matmul {rate / 1e12:.0f} TFLOP/s)")
+    print(f"{'B':>3} {'T':>6} | {'ours fwd':>9} {'fla fwd':>8} {'x fla':>6} {'floor':>6} {'x floor':>7} | "
+          f"{'ours f+b':>9} {'fla f+b':>8} {'x fla':>6} {'floor':>6} {'x floor':>7}")
+    for r in result["shapes"]:
+        ff, fb = r.get("fla_fwd_ms", float("nan")), r.get("fla_fwd_bwd_ms", float("nan"))
+        print(f"{r['B']:>3} {r['T']:>6} | {r['ours_fwd_ms']:>9.3f} {ff:>8.3f} {ff / r['ours_fwd_ms']:>6.2f} "
+              f"{r['floor_fwd_ms']:>6.3f} {r['ours_fwd_ms'] / r['floor_fwd_ms']:>7.2f} | "
+              f"{r['ours_fwd_bwd_ms']:>9.3f} {fb:>8.3f} {fb / r['ours_fwd_bwd_ms']:>6.2f} "
+              f"{r['floor_fwd_bwd_ms']:>6.3f} {r['ours_fwd_bwd_ms'] / r['floor_fwd_bwd_ms']:>7.2f}")
+    print("(times in ms; 'x fla' = fla time / ours, > 1 means we are faster; 'x floor' = ours / floor)")
+    if result["decode"]:
+        print("\nKDA decode step (benchmarks/kda_decode.py), H=32 K=V=128")
+        print(f"{'B':>5} {'ours_us':>8} {'fla_us':>8} {'floor_us':>8} {'x fla':>6} {'copy bw':>8}")
+        for r in result["decode"]:
+            print(f"{r['B']:>5} {r['ours_us']:>8.2f} {r.get('fla_us') or float('nan'):>8.2f} {r['floor_us']:>8.2f} "
+                  f"{r.get('ratio_vs_fla') or float('nan'):>6.2f} {100 * r['frac_copy_bw']:>7.1f}%")
+
+
+if __name__ == "__main__":
+    main()
