@@ -193,26 +193,27 @@ def kernel_breakdown(B, T) -> dict:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+LONG, WIDE, MID = [(1, 65536)], [(16, 4096)], [(4, 16384)]
 SWEEP = [
-    ("scan", dict(BV=16, num_warps=4, num_stages=2)), ("scan", dict(BV=32, num_warps=4, num_stages=2)),
-    ("scan", dict(BV=32, num_warps=4, num_stages=3)), ("scan", dict(BV=64, num_warps=4, num_stages=2)),
-    ("scan", dict(BV=32, num_warps=8, num_stages=2)), ("scan", dict(BV=64, num_warps=8, num_stages=2)),
-    ("intra", dict(num_warps=4, num_stages=1)), ("intra", dict(num_warps=16, num_stages=1)),
-    ("bwd_scan", dict(BV=32, num_warps=4, num_stages=2)), ("bwd_scan", dict(BV=64, num_warps=8, num_stages=2)),
-    ("bwd_state", dict(num_warps=4, num_stages=1)), ("bwd_state", dict(num_warps=16, num_stages=1)),
-    ("bwd_intra", dict(num_warps=4, num_stages=1)), ("bwd_intra", dict(num_warps=16, num_stages=1)),
+    ("scan", dict(BV=16, num_warps=4, num_stages=2), LONG), ("scan", dict(BV=32, num_warps=4, num_stages=3), LONG),
+    ("scan", dict(BV=32, num_warps=8, num_stages=2), LONG), ("scan", dict(BV=64, num_warps=4, num_stages=2), LONG + WIDE),
+    ("scan", dict(BV=32, num_warps=4, num_stages=2), WIDE), ("scan", dict(BV=64, num_warps=8, num_stages=2), WIDE),
+    ("intra", dict(num_warps=4, num_stages=1), MID), ("bwd_intra", dict(num_warps=4, num_stages=1), MID),
+    ("bwd_state", dict(num_warps=4, num_stages=1), MID), ("bwd_scan", dict(BV=32, num_warps=4, num_stages=3), LONG),
+    ("intra", dict(num_warps=16, num_stages=1), MID), ("bwd_intra", dict(num_warps=16, num_stages=1), MID),
+    ("bwd_state", dict(num_warps=16, num_stages=1), MID), ("bwd_scan", dict(BV=64, num_warps=8, num_stages=2), WIDE),
 ]
 
 
 def sweep(seconds: float) -> list[dict]:
-    """Each setting changes one kernel's launch; time forward (forward kernels) or forward+backward."""
+    """Each setting changes one kernel's launch; times forward and forward+backward at its shapes."""
     rows = []
     t_end = time.time() + seconds
     base = {k: dict(v) for k, v in chunk_mod.CONFIG.items()}
-    for kernel, cfg in SWEEP:
-        for B, T in SHAPES:
+    for kernel, cfg, shapes in SWEEP:
+        for B, T in shapes:
             if time.time() > t_end:
-                return rows
+                break
             chunk_mod.CONFIG.update({k: dict(v) for k, v in base.items()})
             chunk_mod.CONFIG[kernel].update(cfg)
             try:
