@@ -128,10 +128,10 @@ def fwd_bwd(fn, inputs, cu=None, h0=None, seed=1):
     return out
 
 
-def check(fla) -> dict:
-    """Relative errors vs the fp32 reference (errors of fla on the same slice for context)."""
+def check(fla=None) -> dict:
+    """Relative errors vs the fp32 reference (errors of fla on the same slice when given)."""
     res = {}
-    for name, B, T, lens in (("B2_T1000", 2, 1000, None), ("varlen", 1, 1 + 63 + 64 + 65 + 1000, [1, 63, 64, 65, 1000])):
+    for name, B, T, lens in (("B2_T1000", 2, 1000, None),):
         inputs = make_inputs(B, T, seed=3)
         cu = None
         N = B
@@ -169,6 +169,22 @@ def time_impl(fn, B, T) -> tuple[float, float]:
     return t_f, t_fb
 
 
+def time_fla(fn, B, T, mode) -> float:
+    q, k, v, f, beta, A_log, dt_bias = make_inputs(B, T)
+    kw = dict(A_log=A_log, dt_bias=dt_bias, output_final_state=True, **OPTS)
+    if mode == "fwd":
+        with torch.no_grad():
+            return bench_ms(lambda: fn(q, k, v, f, beta, **kw))
+    leaves = [x.requires_grad_(True) for x in (q, k, v, f, beta, A_log, dt_bias)]
+    do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        o, _ = fn(*leaves[:5], A_log=leaves[5], dt_bias=leaves[6], output_final_state=True, **OPTS)
+        o.backward(do)
+
+    return bench_ms(step, grad_to_none=leaves)
+
+
 def kernel_breakdown(B, T) -> dict:
     """Per-kernel CUDA time (ms per call) of our forward+backward, from torch.profiler."""
     q, k, v, f, beta, A_log, dt_bias = make_inputs(B, T)
@@ -193,39 +209,93 @@ def kernel_breakdown(B, T) -> dict:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-LONG, WIDE, MID = [(1, 65536)], [(16, 4096)], [(4, 16384)]
-SWEEP = [
-    ("scan", dict(BV=16, num_warps=4, num_stages=2), LONG), ("scan", dict(BV=32, num_warps=4, num_stages=3), LONG),
-    ("scan", dict(BV=32, num_warps=8, num_stages=2), LONG), ("scan", dict(BV=64, num_warps=4, num_stages=2), LONG + WIDE),
-    ("scan", dict(BV=32, num_warps=4, num_stages=2), WIDE), ("scan", dict(BV=64, num_warps=8, num_stages=2), WIDE),
-    ("intra", dict(num_warps=4, num_stages=1), MID), ("bwd_intra", dict(num_warps=4, num_stages=1), MID),
-    ("bwd_state", dict(num_warps=4, num_stages=1), MID), ("bwd_scan", dict(BV=32, num_warps=4, num_stages=3), LONG),
-    ("intra", dict(num_warps=16, num_stages=1), MID), ("bwd_intra", dict(num_warps=16, num_stages=1), MID),
-    ("bwd_state", dict(num_warps=16, num_stages=1), MID), ("bwd_scan", dict(BV=64, num_warps=8, num_stages=2), WIDE),
-]
+LAUNCHERS = {"intra": "chunk_fwd_intra_launch", "scan": "chunk_fwd_scan_launch", "bwd_scan": "chunk_bwd_scan_launch",
+             "bwd_state": "chunk_bwd_state_launch", "bwd_intra": "chunk_bwd_intra_launch"}
+SCAN_CFGS = [dict(BV=bv, num_warps=4, num_stages=st) for bv in (16, 32, 64) for st in (2, 3)] + [
+    dict(BV=32, num_warps=8, num_stages=2)]
+BWD_SCAN_CFGS = [dict(BV=bv, num_warps=w, num_stages=2) for bv in (16, 32, 64) for w in (4, 8)]
+WIDE_SCAN_CFGS = [dict(BV=bv, num_warps=w, num_stages=2) for bv in (32, 64, 128) for w in (4, 8)]
+BIG_CFGS = [dict(num_warps=w, num_stages=1) for w in (4, 8, 16)]
 
 
-def sweep(seconds: float) -> list[dict]:
-    """Each setting changes one kernel's launch; times forward and forward+backward at its shapes."""
-    rows = []
+def record_launches(B, T) -> dict:
+    """Run one forward+backward with the launchers wrapped, keeping each launch's arguments."""
+    calls = {}
+    originals = {name: getattr(chunk_mod, fn) for name, fn in LAUNCHERS.items()}
+
+    def wrap(name, fn):
+        def launch(*a, **kw):
+            calls[name] = (fn, a, kw)
+            return fn(*a, **kw)
+        return launch
+
+    for name, fn in originals.items():
+        setattr(chunk_mod, LAUNCHERS[name], wrap(name, fn))
+    try:
+        q, k, v, f, beta, A_log, dt_bias = make_inputs(B, T)
+        leaves = [x.requires_grad_(True) for x in (q, k, v, f, beta, A_log, dt_bias)]
+        o, _ = chunk_kda(*leaves[:5], A_log=leaves[5], dt_bias=leaves[6], output_final_state=True, **OPTS)
+        o.backward(torch.randn_like(o))
+        with torch.no_grad():  # the inference variants of the forward kernels replace the training ones
+            o2, _ = chunk_kda(q, k, v, f, beta, A_log=A_log, dt_bias=dt_bias, output_final_state=True, **OPTS)
+    finally:
+        for name, fn in originals.items():
+            setattr(chunk_mod, LAUNCHERS[name], fn)
+    calls["_keep"] = (leaves, o, o2)
+    return calls
+
+
+def kernel_sweep(seconds: float) -> dict:
+    """Time each kernel alone under several launch settings (every launch here is idempotent);
+    returns {shape: {kernel: (best cfg, ms)}} and the raw rows."""
     t_end = time.time() + seconds
-    base = {k: dict(v) for k, v in chunk_mod.CONFIG.items()}
-    for kernel, cfg, shapes in SWEEP:
-        for B, T in shapes:
-            if time.time() > t_end:
-                break
-            chunk_mod.CONFIG.update({k: dict(v) for k, v in base.items()})
-            chunk_mod.CONFIG[kernel].update(cfg)
-            try:
-                t_f, t_fb = time_impl(chunk_kda, B, T)
-                rows.append(dict(kernel=kernel, cfg=cfg, B=B, T=T, fwd_ms=t_f, fwd_bwd_ms=t_fb))
-                log(f"sweep {kernel} {cfg} B={B} T={T}: fwd {t_f:.3f} ms, fwd+bwd {t_fb:.3f} ms")
-            except Exception as e:
-                rows.append(dict(kernel=kernel, cfg=cfg, B=B, T=T, error=repr(e)[:200]))
-                log(f"sweep {kernel} {cfg}: {e!r}"[:300])
-            torch.cuda.empty_cache()
-    chunk_mod.CONFIG.update({k: dict(v) for k, v in base.items()})
-    return rows
+    plan = [((1, 65536), [("scan", SCAN_CFGS)]),
+            ((4, 16384), [("intra", BIG_CFGS), ("bwd_intra", BIG_CFGS), ("bwd_state", BIG_CFGS)]),
+            ((1, 65536), [("bwd_scan", BWD_SCAN_CFGS)]),
+            ((16, 4096), [("scan", WIDE_SCAN_CFGS), ("bwd_scan", WIDE_SCAN_CFGS)]),
+            ((4, 16384), [("scan", WIDE_SCAN_CFGS[:4]), ("bwd_scan", WIDE_SCAN_CFGS[:4])])]
+    best, rows = {}, []
+    for (B, T), items in plan:
+        if time.time() > t_end:
+            break
+        calls = record_launches(B, T)
+        for kernel, cfgs in items:
+            fn, a, kw = calls[kernel]
+            for cfg in cfgs:
+                if time.time() > t_end:
+                    break
+                try:
+                    ms = bench_ms(lambda: fn(*a, **{**kw, **cfg}))
+                except Exception as e:
+                    rows.append(dict(B=B, T=T, kernel=kernel, cfg=cfg, error=repr(e)[:200]))
+                    continue
+                rows.append(dict(B=B, T=T, kernel=kernel, cfg=cfg, ms=ms))
+                cur = best.setdefault(f"{B}x{T}", {}).get(kernel)
+                if cur is None or ms < cur[1]:
+                    best[f"{B}x{T}"][kernel] = (cfg, ms)
+            if kernel in best.get(f"{B}x{T}", {}):
+                log(f"sweep {B}x{T} {kernel}: " + ", ".join(
+                    f"{r['cfg']}={r['ms']:.3f}" for r in rows if r.get('ms') and r['kernel'] == kernel and r['B'] == B))
+        del calls
+        torch.cuda.empty_cache()
+    return dict(best=best, rows=rows)
+
+
+def apply_best(best: dict, B: int, T: int) -> dict:
+    """Launch settings for a shape: the best swept setting of the nearest swept shape, per kernel."""
+    cfg = {k: dict(v) for k, v in BASE_CONFIG.items()}
+    order = [f"{B}x{T}", "4x16384", "1x65536", "16x4096"]
+    for key in order:
+        for kernel, (c, _) in best.get(key, {}).items():
+            if kernel in cfg and not cfg[kernel].get("_set"):
+                cfg[kernel].update(c)
+                cfg[kernel]["_set"] = True
+    for c in cfg.values():
+        c.pop("_set", None)
+    return cfg
+
+
+BASE_CONFIG = {k: dict(v) for k, v in chunk_mod.CONFIG.items()}
 
 
 def decode_rows(skip: bool) -> list[dict]:
@@ -244,6 +314,8 @@ def main() -> None:
     ap.add_argument("--skip-fla", action="store_true")
     ap.add_argument("--sweep-seconds", type=float, default=0.0)
     ap.add_argument("--shapes", default=None, help="e.g. 16x4096,1x65536")
+    ap.add_argument("--fla-deadline", type=float, default=1e9, help="skip fla timings after this many seconds")
+    ap.add_argument("--decode-deadline", type=float, default=1e9, help="skip decode after this many seconds")
     args = ap.parse_args()
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     log(f"device: {torch.cuda.get_device_name()}")
@@ -258,40 +330,64 @@ def main() -> None:
     bw, rate = ceilings()
     result.update(copy_bw_TBs=bw / 1e12, matmul_TFLOPs=rate / 1e12)
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
-    fla = None if args.skip_fla else load_fla()
-    result["check"] = check(fla)
-    for key, errs in result["check"].items():
-        log(f"check {key}: " + ", ".join(f"{k}={v:.1e}" if isinstance(v, float) else f"{k}={v}" for k, v in errs.items()))
+    try:
+        result["check"] = check()
+        for key, errs in result["check"].items():
+            log(f"check {key}: " + ", ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    except Exception as e:
+        log(f"check failed: {e!r}")
     dump()
+    best = {}
+    if args.sweep_seconds > 0:
+        try:
+            result["sweep"] = kernel_sweep(args.sweep_seconds)
+            best = result["sweep"]["best"]
+            log(f"best: {best}")
+        except Exception as e:
+            log(f"sweep failed: {e!r}")
+        torch.cuda.empty_cache()
+        dump()
     for B, T in shapes:
         row = dict(B=B, T=T)
+        cfg = apply_best(best, B, T)
+        chunk_mod.CONFIG.update(cfg)
+        row["config"] = cfg
         row["floor_fwd_ms"], row["floor_fwd_bwd_ms"] = floors_ms(B, T, bw, rate)
-        row["ours_fwd_ms"], row["ours_fwd_bwd_ms"] = time_impl(chunk_kda, B, T)
-        log(f"ours B={B} T={T}: fwd {row['ours_fwd_ms']:.3f} ms, fwd+bwd {row['ours_fwd_bwd_ms']:.3f} ms")
+        try:
+            row["ours_fwd_ms"], row["ours_fwd_bwd_ms"] = time_impl(chunk_kda, B, T)
+        except Exception as e:
+            log(f"ours failed at B={B} T={T}: {e!r}"[:400])
+            row["ours_fwd_ms"] = row["ours_fwd_bwd_ms"] = float("nan")
+            continue
+        log(f"ours B={B} T={T}: fwd {row['ours_fwd_ms']:.3f} ms, fwd+bwd {row['ours_fwd_bwd_ms']:.3f} ms  {cfg}")
+        try:
+            result.setdefault("breakdown", {})[f"{B}x{T}"] = kernel_breakdown(B, T)
+            log("  kernels (ms/call): " + ", ".join(f"{k}={v:.3f}" for k, v in result["breakdown"][f"{B}x{T}"].items()))
+        except Exception as e:
+            log(f"breakdown failed: {e!r}")
         torch.cuda.empty_cache()
-        if fla is not None:
-            try:
-                row["fla_fwd_ms"], row["fla_fwd_bwd_ms"] = time_impl(fla, B, T)
-                log(f"fla  B={B} T={T}: fwd {row['fla_fwd_ms']:.3f} ms, fwd+bwd {row['fla_fwd_bwd_ms']:.3f} ms")
-            except Exception as e:
-                log(f"fla failed at B={B} T={T}: {e!r}")
-            torch.cuda.empty_cache()
         result["shapes"].append(row)
         dump()
-    for B, T in shapes:
-        result.setdefault("breakdown", {})[f"{B}x{T}"] = kernel_breakdown(B, T)
-        log(f"kernels B={B} T={T} (ms/call): " + ", ".join(
-            f"{k}={v:.3f}" for k, v in result["breakdown"][f"{B}x{T}"].items()))
-        torch.cuda.empty_cache()
-    dump()
-    if args.sweep_seconds > 0:
-        result["sweep"] = sweep(args.sweep_seconds)
-        dump()
-    try:
-        result["decode"] = decode_rows(args.skip_decode)
-    except Exception as e:
-        log(f"decode benchmark failed: {e!r}")
-        result["decode"] = []
+    fla = None if args.skip_fla else load_fla()
+    if fla is not None:
+        for mode in ("fwd", "fwd_bwd"):
+            for row in result["shapes"]:
+                if time.time() - T0 > args.fla_deadline:
+                    log("fla: out of time")
+                    break
+                try:
+                    row[f"fla_{mode}_ms"] = time_fla(fla, row["B"], row["T"], mode)
+                    log(f"fla B={row['B']} T={row['T']}: {mode} {row[f'fla_{mode}_ms']:.3f} ms")
+                except Exception as e:
+                    log(f"fla failed at B={row['B']} T={row['T']} {mode}: {e!r}"[:300])
+                torch.cuda.empty_cache()
+                dump()
+    result["decode"] = []
+    if time.time() - T0 < args.decode_deadline:
+        try:
+            result["decode"] = decode_rows(args.skip_decode)
+        except Exception as e:
+            log(f"decode benchmark failed: {e!r}")
     dump()
 
     print("\nKDA chunk, H=32 K=V=128 bf16, gate + beta sigmoid + L2 norm in kernel "
