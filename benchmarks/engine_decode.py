@@ -49,7 +49,8 @@ def variant_config(base: dict, variant: str) -> dict:
     d.pop("layer_types", None)
     if variant == "mla":
         L = d["num_hidden_layers"]
-        d["linear_attn_config"] = {**d["linear_attn_config"], "kda_layers": [], "full_attn_layers": list(range(1, L + 1))}
+        d["linear_attn_config"] = {**d["linear_attn_config"], "kda_layers": [],
+                                   "full_attn_layers": list(range(1, L + 1))}
     return d
 
 

@@ -100,7 +100,9 @@ def profile_peak_activation(model, num_tokens: int, max_seq_len: int, num_logit_
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    lens = [max_seq_len] * (num_tokens // max_seq_len) + ([num_tokens % max_seq_len] if num_tokens % max_seq_len else [])
+    lens = [max_seq_len] * (num_tokens // max_seq_len)
+    if num_tokens % max_seq_len:
+        lens.append(num_tokens % max_seq_len)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (num_tokens,), device=device)
     hidden = model.forward_flat(ids, ForwardContext.for_prefill(lens, device))
@@ -132,8 +134,8 @@ def cuda_sizing(model, model_config, dtype, device, config, max_model_len: int, 
         raise ConfigError("gpu_memory_utilization",
                           f"{config.gpu_memory_utilization} of {total / GiB:.1f} GiB requested but only "
                           f"{free_at_start / GiB:.1f} GiB are free; lower gpu_memory_utilization")
-    peak = profile_peak_activation(model, config.max_num_batched_tokens, min(max_model_len, config.max_num_batched_tokens),
-                                   config.max_num_seqs, device)
+    tokens = config.max_num_batched_tokens
+    peak = profile_peak_activation(model, tokens, min(max_model_len, tokens), config.max_num_seqs, device)
     free, total = torch.cuda.mem_get_info(device)
     ours = total - free - others  # this engine's footprint now: weights, buffers, allocator cache, ...
     reserve = config.cuda_graph_reserve_bytes if config.use_cuda_graphs else 0

@@ -50,11 +50,16 @@ class ModelRunner:
         self.block_size = config.block_size
         user_len = config.max_model_len is not None
         max_model_len = config.resolve_max_model_len(model_config)
-        free_at_start = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+        free_at_start = 0
+        if self.device.type == "cuda":
+            if self.device.index is not None:
+                torch.cuda.set_device(self.device)  # graphs and pinned copies follow the current device
+            free_at_start = torch.cuda.mem_get_info(self.device)[0]
 
         self.model = KimiLinearForCausalLM.from_pretrained(
             config.model, device=self.device, dtype=self.dtype, load_format=config.load_format,
             seed=config.seed, progress=False)
+        self.model.requires_grad_(False)  # inference only: the fused kernels have no backward
         table_width = cdiv(max_model_len, self.block_size)
         table_bytes = table_width * 4
         if self.device.type == "cuda":
