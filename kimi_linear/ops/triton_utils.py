@@ -1,8 +1,12 @@
-"""Small helpers shared by the Triton kernels (interpreter support, device queries).
+"""Small helpers shared by the Triton kernels (interpreter support, dispatch).
 
-Triton 3.x's CPU interpreter (TRITON_INTERPRET=1) multiplies bf16 operands of `tl.dot` as their raw
-uint16 bit patterns, giving garbage. `patch_triton_interpreter()` upcasts bf16 dot operands to fp32
-in interpreter mode only; compiled kernels are untouched. CI runs every kernel under the interpreter.
+CI runs every kernel on the CPU under Triton 3.x's interpreter (TRITON_INTERPRET=1), which has bugs
+that compiled kernels do not. `patch_triton_interpreter()` fixes them, in interpreter mode only:
+- `tl.dot` of bf16 operands multiplies their raw uint16 bit patterns: upcast them to fp32 first;
+- fp32 -> bf16 casts truncate (and its round-to-nearest mode drops the carry): round half to even,
+  as the GPU does, so that bf16 errors measured on the CPU are the kernels', not the interpreter's;
+- a kernel scalar is a 1-element numpy array and numpy 2.x refuses `int()` of it, which breaks
+  `range(start, end)` loops whose bounds are computed in the kernel: read the single element.
 """
 
 from __future__ import annotations
@@ -38,6 +42,38 @@ def patch_triton_interpreter() -> None:
 
     create_dot._kimi_linear_patched = True
     builder.create_dot = create_dot
+
+    import numpy as np
+
+    def to_bf16_rne(src, dst_type):
+        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return interpreter.TensorHandle(bits.astype(np.uint16).reshape(np.shape(src.data)), dst_type.scalar)
+
+    cast_impl = builder.cast_impl
+
+    def patched_cast(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return to_bf16_rne(src, dst_type)
+        return cast_impl(self, src, dst_type)
+
+    builder.cast_impl = patched_cast
+    fp_to_fp = builder.create_fp_to_fp
+
+    def patched_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return to_bf16_rne(src, dst_type)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
+    builder.create_fp_to_fp = patched_fp_to_fp  # (create_fp_trunc already goes through cast_impl)
+
+    patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def patched_lang_tensor(tensor, scope):
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched_lang_tensor
 
 
 def use_triton(x) -> bool:

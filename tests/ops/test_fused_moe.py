@@ -2,9 +2,8 @@
 the fused router vs `sigmoid_grouped_topk`, the layer dispatch; on the GPU the real shape, no host
 syncs, and CUDA-graph capture/replay with changing routing.
 
-On CPU the kernels run under the Triton interpreter at tiny shapes. The interpreter truncates
-fp32 -> bf16 casts (the GPU rounds to nearest); `_bf16_round_to_nearest` makes it round like the GPU
-for these tests, so bf16 errors measure the kernels, not the interpreter.
+On CPU the kernels run under the Triton interpreter at tiny shapes (`ops/triton_utils.py` makes its
+fp32 -> bf16 casts round to nearest like the GPU, so bf16 errors measure the kernels).
 """
 
 from __future__ import annotations
@@ -19,28 +18,6 @@ from kimi_linear.ops.moe import fused_moe as fm
 from kimi_linear.ops.moe.fused_moe import MoETiles, fused_moe, moe_align, pick_tiles
 from kimi_linear.ops.moe.routing import fused_sigmoid_grouped_topk
 from kimi_linear.ops.triton_utils import is_interpreter
-
-
-@pytest.fixture(autouse=True)
-def _bf16_round_to_nearest(monkeypatch):
-    if not is_interpreter():
-        yield
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:  # round half to even
-            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            return interpreter.TensorHandle(bits.astype(np.uint16), dst_type.scalar)
-        return original(self, src, dst_type)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
-    yield
 
 
 def make_experts(E, D, I, dtype, device):

@@ -223,30 +223,6 @@ def _mla_decode_reduce_kernel(
 
 
 @functools.cache
-def patch_interpreter_scalar_index() -> None:
-    """Interpreter only: let scalars with a device-side value bound `range` loops.
-
-    The interpreter keeps a kernel scalar as a 1-element numpy array and converts it with int(array),
-    which numpy 2.x refuses for 1-d arrays; loops such as `for off in range(start, end, BLOCK_N)` then
-    fail under TRITON_INTERPRET=1 (compiled kernels are unaffected). This re-sets `__index__` to read the
-    single element. (Belongs next to `patch_triton_interpreter` in ops/triton_utils.py.)
-    """
-    if not is_interpreter():
-        return
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_kimi_linear_patched", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._kimi_linear_patched = True
-    interpreter._patch_lang_tensor = patched
-
-
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -330,7 +306,6 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
     if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1 or cache.stride(-1) != 1 or cache.stride(1) != D:
         raise ValueError("mla_decode_attention: q_lat, q_pe and cache need a unit last stride and dense cache rows")
     patch_triton_interpreter()
-    patch_interpreter_scalar_index()
     cfg = _default_config(H, R, q_lat.dtype)
     block_h = block_h or cfg["block_h"]
     block_n = block_n or cfg["block_n"]
