@@ -112,7 +112,9 @@ def fill_random(engine, req, context: int) -> None:
     g = torch.Generator(device=cache.device).manual_seed(context)
     for t in cache.mla:
         if t is not None:
-            t[blocks] = torch.randn((len(req.block_ids), *t.shape[1:]), generator=g, device=t.device).to(t.dtype)
+            for i in range(0, len(blocks), 2048):  # chunks: a 1M-token context is GBs per layer
+                part = blocks[i:i + 2048]
+                t[part] = torch.randn((len(part), *t.shape[1:]), generator=g, device=t.device).to(t.dtype)
     for t, std in [(t, 0.05) for t in cache.kda_recurrent] + [(t, 1.0) for t in cache.kda_conv]:
         if t is not None:
             t[req.state_slot] = (torch.randn(t.shape[1:], generator=g, device=t.device) * std).to(t.dtype)

@@ -137,3 +137,31 @@ def test_plan_cache():
     with pytest.raises(ConfigError, match="cannot hold one sequence of 1000 tokens") as e:
         plan_cache(10 * MiB, MiB, 4 * MiB, 16, 8, min_tokens=1000)
     assert e.value.key == "gpu_memory_utilization"
+
+
+def test_cuda_sizing_arithmetic_with_faked_device(tiny_checkpoint, monkeypatch):
+    """cuda_sizing's budget: total * utilization - our footprint - peak activations, split by plan_cache."""
+    from kimi_linear.config import ModelConfig
+    from kimi_linear.engine import memory
+    from kimi_linear.engine.config import EngineConfig
+    from kimi_linear.layers.cache import HybridCache
+
+    GiB = 1 << 30
+    total, free_at_start, weights, peak = 80 * GiB, 79 * GiB, 2 * GiB, 3 * GiB
+    monkeypatch.setattr(memory.torch.cuda, "mem_get_info", lambda device=None: (free_at_start - weights, total))
+    monkeypatch.setattr(memory, "profile_peak_activation", lambda *a, **k: peak)
+    mc = ModelConfig.from_pretrained(tiny_checkpoint)
+    cfg = EngineConfig(model=str(tiny_checkpoint), gpu_memory_utilization=0.5, max_num_seqs=8, block_size=16)
+    s = memory.cuda_sizing(None, mc, torch.bfloat16, "cuda", cfg, 1024, free_at_start, 64, 1024)
+    bpb = HybridCache.bytes_per_block(mc, 16, torch.bfloat16)
+    bps = HybridCache.bytes_per_slot(mc, torch.bfloat16) + 64
+    available = 40 * GiB - weights - peak  # 0.5 * 80 GiB minus what the engine holds and its peak
+    assert s.num_slots == 8 and s.bytes_per_slot == bps
+    assert s.num_blocks == (available - 8 * bps) // bpb
+    with pytest.raises(ConfigError, match="only 79.0 GiB are free") as e:
+        memory.cuda_sizing(None, mc, torch.bfloat16, "cuda", cfg.replace(gpu_memory_utilization=0.99), 1024,
+                           free_at_start, 64, 1024)
+    assert e.value.key == "gpu_memory_utilization"
+    fixed = memory.cuda_sizing(None, mc, torch.bfloat16, "cuda",
+                               cfg.replace(num_gpu_blocks_override=7, num_state_slots_override=3), 1024, 0, 64, 16)
+    assert (fixed.num_blocks, fixed.num_slots) == (7, 3)  # both overrides: no profiling at all

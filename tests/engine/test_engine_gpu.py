@@ -58,7 +58,7 @@ def test_graph_replay_equals_eager_padded_path_bf16(tiny_checkpoint, num_seqs):
     eng = llm.llm_engine
     prompts = make_prompts(eng.vocab_size)[-num_seqs:]
     for i, p in enumerate(prompts):
-        eng.add_request(str(i), {"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+        eng.add_request(str(i), {"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     sched, runner = eng.scheduler, eng.runner
     while len([r for r in sched.running if r.num_output_tokens > 0]) < num_seqs:
         eng.step()
