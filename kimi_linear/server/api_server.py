@@ -1,0 +1,151 @@
+"""The FastAPI app: routes, API-key check, and the OpenAI error envelope for every failure.
+
+Routes: /v1/chat/completions, /v1/completions, /v1/models, /health (503 while loading or after the
+engine died), /metrics (Prometheus), /tokenize, /detokenize, /version. Every client mistake is a 4xx
+in the OpenAI envelope (FastAPI's 422s become 400s naming the field); only our own bugs are 500s.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kimi_linear.errors import KimiLinearError, ValidationError
+from kimi_linear.server.engine_client import AsyncEngineClient
+from kimi_linear.server.errors import error_response, exception_response
+from kimi_linear.server.metrics import ServerMetrics
+from kimi_linear.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from kimi_linear.server.serving import now
+from kimi_linear.server.serving_chat import ServingChat
+from kimi_linear.server.serving_completions import ServingCompletions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str]
+    api_key: str | None = None
+
+
+def _param_of(loc: tuple) -> str | None:
+    parts = [str(x) for x in loc if x not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
+    from kimi_linear import __version__
+
+    app = FastAPI(title="kimi_linear", version=__version__)
+    chat = ServingChat(client, settings.served_model_names)
+    completions = ServingCompletions(client, settings.served_model_names)
+    app.state.client = client
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {}
+        param = _param_of(tuple(err.get("loc", ())))
+        msg = err.get("msg", "invalid request")
+        if err.get("type") == "json_invalid":
+            msg, param = "the request body is not valid JSON", None
+        elif param:
+            msg = f"{param}: {msg}"
+        return error_response(msg, 400, param)
+
+    @app.exception_handler(KimiLinearError)
+    async def _ours(request: Request, exc: KimiLinearError):
+        return exception_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(str(exc.detail), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        logger.exception("internal error on %s", request.url.path)
+        return error_response(f"internal server error: {type(exc).__name__}", 500)
+
+    # ------------------------------------------------------------------ auth
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if settings.api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(token.encode(), settings.api_key.encode()):
+                return error_response("invalid or missing API key", 401)
+        return await call_next(request)
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/health")
+    async def health():
+        if client.dead is not None:
+            return error_response(f"the engine died: {client.dead}", 503)
+        if not client.ready.is_set():
+            return error_response("Loading model", 503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        client.check_available()
+        data = [{"id": name, "object": "model", "created": now(), "owned_by": "kimi_linear",
+                 "root": client.engine.config.model, "parent": None,
+                 "max_model_len": client.engine.max_model_len} for name in settings.served_model_names]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+        return await chat.create(req, raw)
+
+    @app.post("/v1/completions")
+    async def create_completion(req: CompletionRequest, raw: Request):
+        return await completions.create(req, raw)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        chat.check_model(req.model)
+        client.check_available()
+        tok = client.engine.tokenizer
+        if tok is None:
+            raise ValidationError("this model has no tokenizer", param="prompt")
+        if (req.prompt is None) == (req.messages is None):
+            raise ValidationError("give exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            from kimi_linear.loader.chat_template import apply_chat_template
+
+            text = apply_chat_template(tok, [m.model_dump(exclude_none=True) for m in req.messages],
+                                       add_generation_prompt=req.add_generation_prompt)
+        else:
+            text = req.prompt
+        ids = tok.encode(text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": client.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        chat.check_model(req.model)
+        client.check_available()
+        tok = client.engine.tokenizer
+        if tok is None:
+            raise ValidationError("this model has no tokenizer", param="tokens")
+        V = tok.vocab_size
+        for i, t in enumerate(req.tokens):
+            if not 0 <= t < V:
+                raise ValidationError(f"tokens[{i}] = {t} is out of the vocabulary (size {V})", param="tokens")
+        return {"prompt": tok.decode(req.tokens)}
+
+    return app
+

@@ -1,0 +1,221 @@
+"""AsyncEngineClient: runs an LLMEngine in its own thread and serves it to asyncio code.
+
+The engine (scheduler, pools, model) is touched only by the engine thread. The event loop talks to
+it through a command queue (add, abort); the thread runs `engine.step()` while there is work and
+hands each request's outputs back to that request's asyncio queue. Loading happens in the thread too,
+so the server answers /health with 503 until the model is ready.
+
+If a step raises, the engine is dead: every pending request gets an EngineDeadError, /health turns
+503, and new requests are refused with 503. A full waiting queue refuses new requests with 503.
+Per-request timestamps (arrival, first token, each token, finish) feed the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from kimi_linear.errors import EngineDeadError, OverloadedError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestTimes:
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    itls: list[float] = field(default_factory=list)
+    tokens_seen: int = 0
+
+
+class _Stream:
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngineClient:
+    def __init__(self, make_engine: Callable[[], object], max_waiting: int = 4096,
+                 on_finished: Callable[[object, RequestTimes], None] | None = None):
+        self._make_engine = make_engine
+        self.engine = None
+        self.max_waiting = max_waiting
+        self._on_finished = on_finished
+        self._commands: queue.Queue = queue.Queue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._times: dict[str, RequestTimes] = {}
+        self._lock = threading.Lock()
+        self.ready = threading.Event()
+        self.dead: str | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="kimi-linear-engine", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        while not self.ready.wait(0.1 if timeout is None else min(0.1, timeout)):
+            if self.dead is not None:
+                return False
+            if timeout is not None:
+                timeout -= 0.1
+                if timeout <= 0:
+                    return False
+        return self.dead is None
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready.is_set() and self.dead is None
+
+    def stats(self) -> dict:
+        eng = self.engine
+        if eng is None or not self.ready.is_set():
+            return {}
+        s = eng.scheduler
+        bp, sp = s.block_pool, s.state_pool
+        return {"num_running": len(s.running), "num_waiting": len(s.waiting),
+                "kv_cache_usage": bp.num_used / max(1, bp.num_used + bp.num_free),
+                "state_slot_usage": sp.num_used / max(1, sp.num_used + sp.num_free)}
+
+    # ------------------------------------------------------------------ requests (event-loop side)
+    def check_available(self) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine died: {self.dead}")
+        if not self.ready.is_set():
+            raise EngineDeadError("the model is still loading")
+        if len(self._streams) >= self.max_waiting + getattr(self.engine.config, "max_num_seqs", 0):
+            raise OverloadedError(f"the server is overloaded ({len(self._streams)} requests in flight); "
+                                  f"retry later")
+
+    async def generate(self, request_id: str, processed, stream: bool = True) -> AsyncIterator:
+        """Yield the request's RequestOutputs as the engine produces them (the last one finished)."""
+        self.check_available()
+        st = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            self._streams[request_id] = st
+            self._times[request_id] = RequestTimes(time.monotonic())
+        self._commands.put(("add", request_id, processed, stream))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await st.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # client went away or the consumer stopped: free the request's cache
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        try:
+            self.engine = self._make_engine()
+        except BaseException as e:  # noqa: BLE001 - report any load failure as a dead engine
+            self.dead = f"failed to load the model: {type(e).__name__}: {e}"
+            logger.error("%s\n%s", self.dead, traceback.format_exc())
+            return
+        self.ready.set()
+        eng = self.engine
+        while not self._stopping:
+            self._drain_commands()
+            if not eng.has_unfinished_requests():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs = eng.step()
+            except BaseException as e:  # noqa: BLE001
+                self._die(e)
+                return
+            now = time.monotonic()
+            for out in outputs:
+                self._deliver(out, now)
+
+    def _drain_commands(self) -> None:
+        eng = self.engine
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, processed, stream = cmd
+                with self._lock:
+                    st = self._streams.get(rid)
+                if st is None:
+                    continue
+                try:
+                    eng.add_processed(rid, processed, stream=stream)
+                except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                    self._finish_stream(rid)
+                    st.put(e)
+            elif cmd[0] == "abort":
+                rid = cmd[1]
+                eng.abort_request(rid)
+
+    def _deliver(self, out, now: float) -> None:
+        rid = out.request_id
+        with self._lock:
+            st = self._streams.get(rid)
+            t = self._times.get(rid)
+        if st is None:
+            return
+        if t is not None:
+            n = sum(len(c.token_ids) for c in out.outputs)
+            if n > t.tokens_seen:
+                if t.first_token is None:
+                    t.first_token = now
+                else:
+                    t.itls.append(now - t.last_token)
+                t.last_token = now
+                t.tokens_seen = n
+        st.put(out)
+        if out.finished:
+            self._finish_stream(rid)
+            if self._on_finished is not None and t is not None:
+                try:
+                    self._on_finished(out, t)
+                except Exception:  # noqa: BLE001 - metrics must never kill the engine
+                    logger.exception("metrics callback failed")
+
+    def _finish_stream(self, rid: str) -> None:
+        with self._lock:
+            self._streams.pop(rid, None)
+            self._times.pop(rid, None)
+
+    def _die(self, exc: BaseException) -> None:
+        self.dead = f"{type(exc).__name__}: {exc}"
+        logger.error("engine step failed; the engine is dead\n%s", traceback.format_exc())
+        with self._lock:
+            streams = list(self._streams.values())
+            self._streams.clear()
+            self._times.clear()
+        for st in streams:
+            st.put(EngineDeadError(f"the engine died: {self.dead}"))

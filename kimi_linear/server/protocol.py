@@ -1,0 +1,216 @@
+"""Request models of the OpenAI-compatible API (pydantic), with vLLM's extra sampling fields.
+
+Each request model validates its own fields and turns itself into `SamplingParams`; every invalid
+field becomes a 400 with the OpenAI error envelope naming the field (`param`). Unknown fields are
+accepted and ignored, as vLLM and the OpenAI SDK's `extra_body` users expect.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kimi_linear.errors import ValidationError
+from kimi_linear.sampling_params import SamplingParams, StructuredOutputsParams
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class StreamOptions(_Base):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class JsonSchemaSpec(_Base):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Base):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class _SamplingFields(_Base):
+    """Sampling fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM extras)."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    prompt_logprobs: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    user: str | None = None
+
+    def _max_tokens(self) -> int | None:
+        raise NotImplementedError
+
+    def _num_logprobs(self) -> int | None:
+        raise NotImplementedError
+
+    def structured(self) -> StructuredOutputsParams | None:
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise ValidationError("give either response_format or structured_outputs, not both",
+                                  param="response_format")
+        if self.structured_outputs is not None:
+            try:
+                so = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise ValidationError(f"invalid structured_outputs: {e}", param="structured_outputs") from None
+            so.kind()
+            return so
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise ValidationError("response_format of type json_schema needs json_schema.schema",
+                                  param="response_format.json_schema")
+        return StructuredOutputsParams(json=rf.json_schema.schema_)
+
+    def to_sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """SamplingParams from the request; fields the client left out come from `defaults`
+        (generation_config.json), then from SamplingParams' own defaults."""
+        fields: dict[str, Any] = {}
+        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            v = getattr(self, name)
+            if v is not None:
+                fields[name] = v
+        for name, v in (defaults or {}).items():
+            fields.setdefault(name, v)
+        if self.logit_bias is not None:
+            try:
+                fields["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise ValidationError("logit_bias keys must be token ids", param="logit_bias") from None
+        stop = self.stop
+        return SamplingParams(
+            n=self.n, seed=self.seed,
+            stop=[stop] if isinstance(stop, str) else list(stop or []),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos, max_tokens=self._max_tokens(), min_tokens=self.min_tokens,
+            logprobs=self._num_logprobs(), prompt_logprobs=self.prompt_logprobs,
+            allowed_token_ids=self.allowed_token_ids, bad_words=list(self.bad_words or []),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            structured_outputs=self.structured(),
+            **fields,
+        )
+
+
+class ChatMessage(_Base):
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    echo: bool = False
+
+    @field_validator("messages")
+    @classmethod
+    def _non_empty(cls, v):
+        if not v:
+            raise ValueError("messages must not be empty")
+        return v
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValidationError("top_logprobs needs logprobs to be true", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise ValidationError("top_logprobs must be in [0, 20]", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt field as a list of prompts (strings or token-id lists)."""
+        p = self.prompt
+        if isinstance(p, str):
+            out: list = [p]
+        elif not p:
+            raise ValidationError("prompt must not be empty", param="prompt")
+        elif all(isinstance(x, int) for x in p):
+            out = [list(p)]
+        elif all(isinstance(x, str) for x in p):
+            out = list(p)
+        elif all(isinstance(x, list) for x in p):
+            out = [list(x) for x in p]
+        else:
+            raise ValidationError("prompt must be a string, a list of strings, a list of token ids or a "
+                                  "list of token-id lists", param="prompt")
+        for x in out:
+            if (isinstance(x, str) and not x) or (isinstance(x, list) and not x):
+                raise ValidationError("prompt must not be empty", param="prompt")
+        return out
+
+
+class TokenizeRequest(_Base):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Base):
+    model: str | None = None
+    tokens: list[int]

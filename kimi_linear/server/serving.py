@@ -1,0 +1,144 @@
+"""What /v1/chat/completions and /v1/completions share: model-name check, prompt validation against
+the context, driving a request through the engine client (aborting it when the client leaves), and
+turning the engine's cumulative outputs into per-choice deltas and OpenAI logprob fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from kimi_linear.errors import NotFoundError, ValidationError
+from kimi_linear.server.engine_client import AsyncEngineClient
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class ServingBase:
+    def __init__(self, client: AsyncEngineClient, served_model_names: list[str]):
+        self.client = client
+        self.served_model_names = served_model_names
+
+    @property
+    def engine(self):
+        return self.client.engine
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def check_model(self, name: str | None) -> str:
+        if name is None or name in self.served_model_names:
+            return self.served_model_names[0]
+        raise NotFoundError(f"The model `{name}` does not exist. Served models: {', '.join(self.served_model_names)}")
+
+    def defaults(self) -> dict:
+        from kimi_linear.engine.config import default_sampling_kwargs
+
+        return default_sampling_kwargs(self.engine.generation_config)
+
+    def process(self, prompt_ids: list[int], prompt_text: str | None, params, what: str):
+        """Validate one prompt + params with the engine; context overflow gets OpenAI's message."""
+        M = self.engine.max_model_len
+        P = len(prompt_ids)
+        mt = params.max_tokens
+        if P >= M or (mt is not None and P + mt > M):
+            total = P + (mt or 0)
+            raise ValidationError(
+                f"This model's maximum context length is {M} tokens. However, you requested {total} tokens "
+                f"({P} in the {what}, {mt or 0} in the completion). Please reduce the length of the {what} or "
+                f"completion.", param="max_tokens" if P < M else what)
+        return self.engine.process_inputs({"prompt_token_ids": prompt_ids, "prompt": prompt_text}, params)
+
+    async def run(self, request_id: str, processed, raw: Request, stream: bool) -> AsyncIterator:
+        """The request's outputs; when the HTTP client disconnects, the request is aborted."""
+        gen = self.client.generate(request_id, processed, stream=stream)
+        if stream:
+            async for out in gen:
+                yield out
+            return
+        # Non-streaming: watch the connection while waiting for the final output.
+        task = asyncio.ensure_future(_last(gen))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    yield task.result()
+                    return
+                if await raw.is_disconnected():
+                    task.cancel()
+                    self.client.abort(request_id)
+                    return
+        finally:
+            if not task.done():
+                task.cancel()
+                self.client.abort(request_id)
+
+    # ---------------------------------------------------------------- token strings
+    def token_str(self, token_id: int) -> str:
+        tok = self.tokenizer
+        if tok is None:
+            return f"token_id:{token_id}"
+        return tok.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        tok = self.tokenizer
+        if tok is None:
+            return list(f"token_id:{token_id}".encode())
+        return list(tok.token_bytes(token_id))
+
+    def chat_logprobs(self, token_ids: list[int], logprobs: list[dict] | None, num_top: int) -> dict | None:
+        if logprobs is None:
+            return None
+        content = []
+        for tid, entry in zip(token_ids, logprobs):
+            lp = entry.get(tid)
+            tops = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:num_top]
+            content.append({
+                "token": self.token_str(tid), "logprob": _finite(lp.logprob if lp else float("-inf")),
+                "bytes": self.token_bytes(tid),
+                "top_logprobs": [{"token": self.token_str(t), "logprob": _finite(v.logprob),
+                                  "bytes": self.token_bytes(t)} for t, v in tops],
+            })
+        return {"content": content}
+
+    def completion_logprobs(self, token_ids: list[int], logprobs: list, num_top: int, text_start: int,
+                            first_is_none: bool = False) -> dict:
+        """OpenAI completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+        tokens, token_lps, tops, offsets = [], [], [], []
+        offset = text_start
+        for i, (tid, entry) in enumerate(zip(token_ids, logprobs)):
+            s = self.token_str(tid)
+            tokens.append(s)
+            offsets.append(offset)
+            offset += len(s)
+            if entry is None or (first_is_none and i == 0):
+                token_lps.append(None)
+                tops.append(None)
+                continue
+            lp = entry.get(tid)
+            token_lps.append(_finite(lp.logprob) if lp else None)
+            best = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:num_top]
+            tops.append({self.token_str(t): _finite(v.logprob) for t, v in best} if num_top else {})
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _finite(x: float) -> float:
+    return max(x, -9999.0)
+
+
+async def _last(gen: AsyncIterator):
+    last = None
+    async for out in gen:
+        last = out
+    return last
+
+
+def now() -> int:
+    return int(time.time())
