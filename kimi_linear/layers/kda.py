@@ -55,8 +55,19 @@ class KimiDeltaAttention(nn.Module):
         self.o_proj = nn.Linear(C, D, bias=False)
 
     def conv_weight(self) -> torch.Tensor:
-        """The three conv weights as one [3C, W] tensor (q | k | v channels)."""
-        return torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], 0).squeeze(1)
+        """The three conv weights as one [3C, W] tensor (q | k | v channels).
+
+        Cached while the weights are unchanged (same storage and version), so a decode step does not
+        re-concatenate them; under autograd the concatenation is redone so gradients flow."""
+        ws = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
+        if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+            return torch.cat(ws, 0).squeeze(1)
+        key = tuple((w.data_ptr(), w._version) for w in ws)
+        cached = getattr(self, "_conv_weight_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.cat([w.detach() for w in ws], 0).squeeze(1))
+            self._conv_weight_cache = cached
+        return cached[1]
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         N = x.shape[0]

@@ -46,7 +46,12 @@ class MultiHeadLatentAttention(nn.Module):
         latent = torch.cat([self.kv_a_layernorm(ckv[:, :R]), ckv[:, R:]], dim=-1)  # [N, R + Dr]
         cache = ctx.cache.mla[self.layer_idx] if ctx.cache is not None else None
         if cache is not None:
-            mla_ops.write_latent(cache, ctx.slot_mapping, latent)
+            if use_triton(latent):
+                from kimi_linear.ops.mla.cache_write import write_latent_cache
+
+                write_latent_cache(cache, ctx.slot_mapping, latent)
+            else:
+                mla_ops.write_latent(cache, ctx.slot_mapping, latent)
 
         if ctx.is_decode and cache is not None:
             o = self._decode(q, cache, ctx)

@@ -50,3 +50,16 @@ def test_paged_write_gather_roundtrip():
     before = cache.clone()
     write_latent(cache, torch.tensor([-1, 0]), torch.randn(2, 6))
     assert torch.equal(cache.view(-1, 6)[1:], before.view(-1, 6)[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_write_latent_matches_naive_and_skips_padding(dtype, device):
+    from kimi_linear.ops.mla.cache_write import write_latent_cache
+
+    cache = torch.randn(6, 4, 40, device=device).to(dtype)
+    ref = cache.clone()
+    latent = torch.randn(5, 40, device=device)
+    slots = torch.tensor([7, -1, 0, 23, -1], device=device)
+    write_latent_cache(cache, slots, latent)
+    write_latent(ref, slots, latent)
+    assert torch.equal(cache, ref)
