@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Every GPU check and timing in one go (the device gives each command at most 10 minutes):
+# the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
+# hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
+# parts: tests kda kda_decode mla moe engine (default: tests kda_decode engine)
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
+export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+parts=${*:-tests kda_decode engine}
+for part in $parts; do
+  echo "=== $part ==="
+  case $part in
+    tests) timeout 240 python3 -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tail -25 ;;
+    kda) timeout 300 python3 benchmarks/kda.py 2>&1 | tail -40 ;;
+    kda_decode) timeout 150 python3 -m benchmarks.kda_decode --json "$OUT/kda_decode.json" 2>&1 | tail -30 ;;
+    mla) timeout 150 python3 benchmarks/mla_decode.py 2>&1 | tail -30 ;;
+    moe) timeout 150 python3 benchmarks/moe.py 2>&1 | tail -30 ;;
+    engine) timeout 330 python3 benchmarks/engine_decode.py --steps 32 --json "$OUT/engine_decode.json" 2>&1 | tail -40 ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
