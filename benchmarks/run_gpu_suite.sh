@@ -11,7 +11,8 @@ parts=${*:-tests kda_decode engine}
 for part in $parts; do
   echo "=== $part ==="
   case $part in
-    tests) timeout 240 python3 -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tail -25 ;;
+    tests) timeout 240 python3 -m pytest tests/ops tests/models tests/engine -m gpu -q -p no:cacheprovider 2>&1 | tail -25 ;;
+    profile) timeout 200 python3 benchmarks/profile_decode.py --context 4096 --json "$OUT/profile_4k.json" 2>&1 | tail -60 ;;
     kda) timeout 300 python3 benchmarks/kda.py 2>&1 | tail -40 ;;
     kda_decode) timeout 150 python3 -m benchmarks.kda_decode --json "$OUT/kda_decode.json" 2>&1 | tail -30 ;;
     mla) timeout 150 python3 benchmarks/mla_decode.py 2>&1 | tail -30 ;;
