@@ -23,15 +23,15 @@ from kimi_linear.ops.kda.chunk_intra import chunk_fwd_intra_launch
 from kimi_linear.ops.kda.chunk_scan import chunk_bwd_scan_launch, chunk_fwd_scan_launch
 from kimi_linear.ops.kda.chunk_utils import BT, prepare_chunks
 
-# Launch settings per kernel (the benchmark may override them to sweep).
+# Launch settings per kernel (the benchmark may override them to sweep); scans: None = by shape
+# (chunk_scan.pick_scan).
 CONFIG = {
-    "intra": dict(num_warps=8, num_stages=1),
-    "scan": dict(num_warps=4, num_stages=2, BV=None),
-    "bwd_scan": dict(num_warps=4, num_stages=2, BV=None),
+    "intra": dict(num_warps=4, num_stages=1),
+    "scan": dict(num_warps=4, num_stages=None, BV=None),
+    "bwd_scan": dict(num_warps=4, num_stages=None, BV=None),
     "bwd_state": dict(num_warps=8, num_stages=1),
-    "bwd_intra": dict(num_warps=8, num_stages=1),
+    "bwd_intra": dict(num_warps=4, num_stages=1),
 }
-
 
 # dtype of the chunk states (and their gradients) kept for the backward: fp32 keeps the decay
 # gradient exp(G_last) * sum_v(S * dS) exact; the matmuls still take them in the compute dtype.
@@ -109,10 +109,11 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_fina
         W=torch.empty(TT, H, K, device=dev, dtype=dt), U=torch.empty(TT, H, V, device=dev, dtype=dt),
         Kd=torch.empty(TT, H, K, device=dev, dtype=dt), Qg=torch.empty(TT, H, K, device=dev, dtype=dt),
         Aqk=torch.empty(TT, H, BT, device=dev, dtype=dt), gam=torch.empty(NS, H, K, device=dev, dtype=torch.float32),
+        G=torch.empty(TT, H, K, device=dev, dtype=torch.float32),
         cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous(),
     )
     if save:
-        bufs.update(M=torch.empty(TT, H, BT, device=dev, dtype=dt), G=torch.empty(TT, H, K, device=dev, dtype=torch.float32),
+        bufs.update(M=torch.empty(TT, H, BT, device=dev, dtype=dt),
                     h=torch.empty(NS, H, K, V, device=dev, dtype=STATE_DTYPE), vn=torch.empty(TT, H, V, device=dev, dtype=dt))
         if use_l2:
             bufs.update(rq=torch.empty(TT, H, device=dev, dtype=torch.float32),

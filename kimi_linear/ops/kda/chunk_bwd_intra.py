@@ -80,18 +80,19 @@ def chunk_kda_bwd_intra_kernel(
     glast = tl.load(gam + (gc * H + i_h) * K + cols, mask=m_c, other=0.0)
 
     # ---- gradient of the chunk decay G_last: through the state (part 1) and through Kd
-    dglast = tl.load(dgx + (gc * H + i_h) * K + cols, mask=m_c, other=0.0)
+    acc = tl.zeros([BC, BK], dtype=tl.float32)
     for J in range(BT // BC):
         rows = t0 + J * BC + o
         m_r = rows < eos
         bqn, bqh, bkn, bG = _load_block(q, k, rq, rk, Gs, rows, m_r, s_q, s_k, i_h, cols, m_c, scale,
                                         H, K, USE_L2)
         b_dKd = load_rows(dKd, rows, m_r, sHK, i_h * K, cols, m_c)
-        dglast += tl.sum(b_dKd * bkn * tl.exp2(tl.minimum(glast[None, :] - bG, 0.0)), 0)
+        acc += b_dKd * bkn * tl.exp2(tl.minimum(glast[None, :] - bG, 0.0))
+    dglast = tl.load(dgx + (gc * H + i_h) * K + cols, mask=m_c, other=0.0) + tl.sum(acc, 0)
 
     carry = tl.zeros([BK], dtype=tl.float32)
-    ddt = tl.zeros([BK], dtype=tl.float32)
-    dA = tl.zeros([BK], dtype=tl.float32)
+    ddt = tl.zeros([BC, BK], dtype=tl.float32)  # reduced over rows once, at the end
+    dA = tl.zeros([BC, BK], dtype=tl.float32)
     for jj in range(BT // BC):
         J = BT // BC - 1 - jj
         rows = t0 + J * BC + o
@@ -119,25 +120,40 @@ def chunk_kda_bwd_intra_kernel(
         Rqk = Rqk * eJ
         Rkk = Rkk * eJ
 
-        # -- diagonal block, exact, column by column (row and column parts)
-        p_a = rows[:, None] * sHA + i_h * BT + J * BC + o[None, :]
-        dA_qk = tl.load(dAqk + p_a, mask=m_r[:, None], other=0.0)
-        dA_kk = tl.load(dAkk + p_a, mask=m_r[:, None], other=0.0)
+        # -- diagonal block, exact. Row part: loop over the columns c, column part: loop over the rows r;
+        #    the single rows / columns are loads, the products are elementwise (no cross-warp reductions)
+        row0 = t0 + J * BC
         Cd = tl.zeros([BC, BK], dtype=tl.float32)
-        bz = bkn * b_b[:, None]
         for c in range(BC):
-            sel = o[:, None] == c  # (row / column extraction inlined: nested jit calls are slow in the interpreter)
-            k_c = tl.sum(tl.where(sel, bkn, 0.0), 0)
-            G_c = tl.sum(tl.where(sel, bG, 0.0), 0)
-            e = tl.where(o[:, None] >= c, tl.exp2(tl.minimum(bG - G_c[None, :], 0.0)), 0.0)
-            selc = o[None, :] == c
-            daq = tl.sum(tl.where(selc, dA_qk, 0.0), 1)
-            dak = tl.sum(tl.where(selc, dA_kk, 0.0), 1)
-            ek = e * k_c[None, :]
+            rc = row0 + c
+            ok = rc < eos
+            k_c = tl.load(k + rc * s_k + i_h * K + cols, mask=m_c & ok, other=0.0).to(tl.float32)
+            if USE_L2:
+                k_c = k_c * tl.load(rk + rc * H + i_h, mask=ok, other=0.0)
+            G_c = tl.load(Gs + rc * sHK + i_h * K + cols, mask=m_c & ok, other=0.0)
+            p_c = rows * sHA + i_h * BT + J * BC + c
+            daq = tl.load(dAqk + p_c, mask=m_r, other=0.0)
+            dak = tl.load(dAkk + p_c, mask=m_r, other=0.0)
+            ek = tl.where(o[:, None] >= c, tl.exp2(tl.minimum(bG - G_c[None, :], 0.0)), 0.0) * k_c[None, :]
             Rqk += daq[:, None] * ek
             Rkk += dak[:, None] * ek
-            cc = tl.sum((daq[:, None] * bqh + dak[:, None] * bz) * e, 0)
-            Cd = tl.where(o[:, None] == c, Cd + cc[None, :], Cd)
+        for r in range(BC):
+            rr = row0 + r
+            ok = rr < eos
+            q_r = tl.load(q + rr * s_q + i_h * K + cols, mask=m_c & ok, other=0.0).to(tl.float32) * scale
+            k_r = tl.load(k + rr * s_k + i_h * K + cols, mask=m_c & ok, other=0.0).to(tl.float32)
+            if USE_L2:
+                q_r = q_r * tl.load(rq + rr * H + i_h, mask=ok, other=0.0)
+                k_r = k_r * tl.load(rk + rr * H + i_h, mask=ok, other=0.0)
+            b_r = tl.load(beta + rr * s_b + i_h, mask=ok, other=0.0).to(tl.float32)
+            if USE_SIGMOID:
+                b_r = tl.sigmoid(b_r)
+            G_r = tl.load(Gs + rr * sHK + i_h * K + cols, mask=m_c & ok, other=0.0)
+            p_r = rr * sHA + i_h * BT + J * BC + o
+            daq = tl.load(dAqk + p_r, mask=ok & (o < BC), other=0.0)
+            dak = tl.load(dAkk + p_r, mask=ok & (o < BC), other=0.0)
+            e = tl.where(o[:, None] <= r, tl.exp2(tl.minimum(G_r[None, :] - bG, 0.0)), 0.0)
+            Cd += (daq[:, None] * q_r[None, :] + dak[:, None] * (b_r * k_r)[None, :]) * e
 
         # -- column part from later blocks, through their anchors
         for I in range(J + 1, BT // BC):
@@ -193,14 +209,14 @@ def chunk_kda_bwd_intra_kernel(
                 x = x + dtb[None, :]
             m_rc = m_r[:, None] & m_c[None, :]
             dx = tl.where(m_rc, dg * neg_a * sigmoid_thr(x), 0.0)
-            ddt += tl.sum(dx, 0)
-            dA += tl.sum(tl.where(m_rc, dg * neg_a * softplus(x), 0.0), 0)
+            ddt += dx
+            dA += tl.where(m_rc, dg * neg_a * softplus(x), 0.0)
             store_rows(df, dx, rows, m_r, s_df, i_h * K, cols, m_c)
         else:
             store_rows(df, dg, rows, m_r, s_df, i_h * K, cols, m_c)
     if USE_GATE:
-        tl.store(dA_part + gc * H + i_h, tl.sum(dA, 0))
-        tl.store(ddt_part + (gc * H + i_h) * K + cols, ddt, mask=m_c)
+        tl.store(dA_part + gc * H + i_h, tl.sum(tl.sum(dA, 0), 0))
+        tl.store(ddt_part + (gc * H + i_h) * K + cols, tl.sum(ddt, 0), mask=m_c)
 
 
 def chunk_bwd_intra_launch(q, k, f, beta, A_log, dt_bias, scale, bufs, grads, outs, idx, T, *, use_gate,

@@ -23,10 +23,11 @@ from kimi_linear.ops.kda.chunk_utils import chunk_of_program, gate_log2, load_be
 
 
 @triton.jit
-def _block_inputs(q, k, f, beta, rows, m_r, s_q, s_k, s_f, s_b, i_h, cols, m_c, dtb, neg_a, scale,
-                  K: tl.constexpr, USE_GATE: tl.constexpr, HAS_DTB: tl.constexpr, USE_L2: tl.constexpr,
-                  USE_SIGMOID: tl.constexpr):
-    """Normalised scaled q, normalised k, per-token log2 decay, beta and the inverse norms of a row block."""
+def _prep_block(q, k, f, beta, Qg, Go, rows, m_r, s_q, s_k, s_f, s_b, i_h, cols, m_c, dtb, neg_a, a, scale,
+                H: tl.constexpr, K: tl.constexpr, USE_GATE: tl.constexpr, HAS_DTB: tl.constexpr,
+                USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr):
+    """Gate, chunk-local cumsum (from the prefix `a`), norms and beta of a row block; stores G and Qg.
+    Returns (G of the last row = next prefix, 1/|q|, 1/|k|, beta)."""
     bq = load_rows(q, rows, m_r, s_q, i_h * K, cols, m_c)
     bk = load_rows(k, rows, m_r, s_k, i_h * K, cols, m_c)
     if USE_L2:
@@ -35,39 +36,52 @@ def _block_inputs(q, k, f, beta, rows, m_r, s_q, s_k, s_f, s_b, i_h, cols, m_c, 
     else:
         rq = tl.full([bq.shape[0]], 1.0, tl.float32)
         rk = tl.full([bq.shape[0]], 1.0, tl.float32)
-    qh = bq * (rq * scale)[:, None]
-    kn = bk * rk[:, None]
     g = gate_log2(f, rows, m_r, s_f, i_h, cols, m_c, dtb, neg_a, K, USE_GATE, HAS_DTB)
+    G = a[None, :] + tl.cumsum(g, 0)
+    store_rows(Go, G, rows, m_r, H * K, i_h * K, cols, m_c)
+    store_rows(Qg, bq * (rq * scale)[:, None] * tl.exp2(G), rows, m_r, H * K, i_h * K, cols, m_c)
     b = load_beta(beta, rows, m_r, s_b, i_h, USE_SIGMOID)
-    return qh, kn, g, b, rq, rk
+    return a + tl.sum(g, 0), rq, rk, b
 
 
 @triton.jit
-def _diag_blocks(qh, kn, G, b, BC: tl.constexpr):
-    """Exact diagonal 16x16 blocks of Aqk (j <= r) and Akk (j < r, times beta_r)."""
+def _kn_G(k, Go, rows, m_r, s_k, rk, i_h, cols, m_c, H: tl.constexpr, K: tl.constexpr):
+    """Normalised k and G of a row block, reloaded (L1/L2) instead of kept in registers."""
+    kn = load_rows(k, rows, m_r, s_k, i_h * K, cols, m_c) * rk[:, None]
+    G = load_rows(Go, rows, m_r, H * K, i_h * K, cols, m_c)
+    return kn, G
+
+
+@triton.jit
+def _a_blocks(q, k, Go, row0, rows, m_r, eos, s_q, s_k, i_h, cols, m_c, rq, rk, b, scale,
+              H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr):
+    """Diagonal blocks of Aqk (j <= r) and Akk (j < r), exact, column by column: the column's k and G
+    rows are loads (no cross-warp reductions), the products reduce along K (inside a warp)."""
     o = tl.arange(0, BC)
+    qh = load_rows(q, rows, m_r, s_q, i_h * K, cols, m_c) * (rq * scale)[:, None]
+    kn, G = _kn_G(k, Go, rows, m_r, s_k, rk, i_h, cols, m_c, H, K)
     Aqk = tl.zeros([BC, BC], dtype=tl.float32)
     Akk = tl.zeros([BC, BC], dtype=tl.float32)
     for c in range(BC):
-        sel = o[:, None] == c  # (inlined row extraction: nested jit calls are slow in the interpreter)
-        k_c = tl.sum(tl.where(sel, kn, 0.0), 0)
-        G_c = tl.sum(tl.where(sel, G, 0.0), 0)
+        rc = row0 + c
+        ok = m_c & (rc < eos)
+        k_c = tl.load(k + rc * s_k + i_h * K + cols, mask=ok, other=0.0).to(tl.float32)
+        G_c = tl.load(Go + rc * (H * K) + i_h * K + cols, mask=ok, other=0.0)
         t = tl.exp2(tl.minimum(G - G_c[None, :], 0.0)) * k_c[None, :]
         aq = tl.sum(qh * t, 1)
         ak = tl.sum(kn * t, 1)
         Aqk = tl.where(o[None, :] == c, aq[:, None], Aqk)
         Akk = tl.where(o[None, :] == c, ak[:, None], Akk)
-    Aqk = tl.where(o[:, None] >= o[None, :], Aqk, 0.0)
-    Akk = tl.where(o[:, None] > o[None, :], Akk * b[:, None], 0.0)
-    return Aqk, Akk
+    Aqk = tl.where(o[:, None] >= o[None, :], Aqk * rk[None, :], 0.0)
+    Akk = tl.where(o[:, None] > o[None, :], Akk * b[:, None] * rk[None, :], 0.0)
+    return qh, kn, G, Aqk, Akk
 
 
 @triton.jit
-def _off_block(qa, ka, b, kn_j, G_j, a):
-    """Off-diagonal blocks (row block after column block) through the anchor `a`.
-
-    qa, ka: the row block's q / k already multiplied by exp2(G - a) (<= 1);
-    the column block's k is multiplied by exp2(a - G_j) (<= 1)."""
+def _off_block(qa, ka, b, k, Go, rows_j, m_j, s_k, rk_j, i_h, cols, m_c, a, H: tl.constexpr, K: tl.constexpr):
+    """Off-diagonal blocks (row block after column block j) through the anchor `a` (G just before the
+    row block): qa, ka are the row block's q / k times exp2(G - a) <= 1; column keys get exp2(a - G_j) <= 1."""
+    kn_j, G_j = _kn_G(k, Go, rows_j, m_j, s_k, rk_j, i_h, cols, m_c, H, K)
     kj = kn_j * tl.exp2(tl.minimum(a[None, :] - G_j, 0.0))
     Aqk = tl.dot(qa, tl.trans(kj))
     Akk = tl.dot(ka, tl.trans(kj)) * b[:, None]
@@ -76,20 +90,50 @@ def _off_block(qa, ka, b, kn_j, G_j, a):
 
 @triton.jit
 def _inv_unit_lower(A, BC: tl.constexpr):
-    """(I + A)^-1 for a strictly lower triangular [BC, BC] A, by forward substitution."""
+    """(I + A)^-1 = (I - A)(I + A^2)(I + A^4)(I + A^8) for a strictly lower triangular 16x16 A (A^16 = 0):
+    six small fp32 matmuls, no row-by-row substitution."""
     o = tl.arange(0, BC)
-    X = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
-    for i in range(1, BC):
-        a = tl.sum(tl.where(o[:, None] == i, A, 0.0), 0)
-        r = -tl.sum(a[:, None] * X, 0)
-        X = tl.where(o[:, None] == i, X + r[None, :], X)
+    Id = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    X = Id - A
+    P = tl.dot(A, A, input_precision="ieee")
+    X = tl.dot(X, Id + P, input_precision="ieee")
+    P = tl.dot(P, P, input_precision="ieee")
+    X = tl.dot(X, Id + P, input_precision="ieee")
+    P = tl.dot(P, P, input_precision="ieee")
+    X = tl.dot(X, Id + P, input_precision="ieee")
     return X
+
+
+@triton.jit
+def _mm(a, b):
+    return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
 def _store_block(ptr, x, rows, m_r, stride, col0, BC: tl.constexpr):
     o = tl.arange(0, BC)
     store_rows(ptr, x, rows, m_r, stride, col0, o, o < BC)
+
+
+@triton.jit
+def _store_arow(ptr, rows, m_r, stride, col0, x0, x1, x2, x3, BC: tl.constexpr):
+    """One 16-row block of a [BT, BT] matrix, four 16x16 column blocks."""
+    _store_block(ptr, x0, rows, m_r, stride, col0, BC)
+    _store_block(ptr, x1, rows, m_r, stride, col0 + BC, BC)
+    _store_block(ptr, x2, rows, m_r, stride, col0 + 2 * BC, BC)
+    _store_block(ptr, x3, rows, m_r, stride, col0 + 3 * BC, BC)
+
+
+@triton.jit
+def _y_block(k, Go, rows, m_r, s_k, rk, b, i_h, cols, m_c, H: tl.constexpr, K: tl.constexpr, dt: tl.constexpr):
+    kn, G = _kn_G(k, Go, rows, m_r, s_k, rk, i_h, cols, m_c, H, K)
+    return (kn * b[:, None] * tl.exp2(G)).to(dt)
+
+
+@triton.jit
+def _kd_block(Kd, k, Go, rows, m_r, s_k, rk, glast, i_h, cols, m_c, H: tl.constexpr, K: tl.constexpr):
+    kn, G = _kn_G(k, Go, rows, m_r, s_k, rk, i_h, cols, m_c, H, K)
+    store_rows(Kd, kn * tl.exp2(tl.minimum(glast[None, :] - G, 0.0)), rows, m_r, H * K, i_h * K, cols, m_c)
 
 
 @triton.jit
@@ -128,10 +172,8 @@ def chunk_kda_fwd_intra_kernel(
     else:
         neg_a = 0.0
         dtb = tl.zeros([BK], dtype=tl.float32)
-    sHK = H * K
     sHA = H * BT
-
-    # ---- row blocks: inputs, cumulative decay, diagonal and off-diagonal blocks of Aqk / Akk
+    dt = Wt.dtype.element_ty
     r0 = t0 + o
     m0 = r0 < eos
     r1 = r0 + BC
@@ -140,74 +182,20 @@ def chunk_kda_fwd_intra_kernel(
     m2 = r2 < eos
     r3 = r2 + BC
     m3 = r3 < eos
-    zero_blk = tl.zeros([BC, BC], dtype=tl.float32)
 
-    qh0, kn0, g0, b0, rq0, rk0 = _block_inputs(q, k, f, beta, r0, m0, s_q, s_k, s_f, s_b, i_h, cols, m_c,
-                                               dtb, neg_a, scale, K, USE_GATE, HAS_DTB, USE_L2, USE_SIGMOID)
+    # ---- gate, cumulative decay G (stored: later loads of single rows replace reductions), norms
     a0 = tl.zeros([BK], dtype=tl.float32)
-    G0 = tl.cumsum(g0, 0)
-    a1 = a0 + tl.sum(g0, 0)
-    Aqk00, Akk00 = _diag_blocks(qh0, kn0, G0, b0, BC)
-    _store_block(Aqk, Aqk00, r0, m0, sHA, i_h * BT, BC)
-    _store_block(Aqk, zero_blk, r0, m0, sHA, i_h * BT + BC, BC)
-    _store_block(Aqk, zero_blk, r0, m0, sHA, i_h * BT + 2 * BC, BC)
-    _store_block(Aqk, zero_blk, r0, m0, sHA, i_h * BT + 3 * BC, BC)
-    store_rows(Qg, qh0 * tl.exp2(G0), r0, m0, sHK, i_h * K, cols, m_c)
-
-    qh1, kn1, g1, b1, rq1, rk1 = _block_inputs(q, k, f, beta, r1, m1, s_q, s_k, s_f, s_b, i_h, cols, m_c,
-                                               dtb, neg_a, scale, K, USE_GATE, HAS_DTB, USE_L2, USE_SIGMOID)
-    G1 = a1[None, :] + tl.cumsum(g1, 0)
-    a2 = a1 + tl.sum(g1, 0)
-    Aqk11, Akk11 = _diag_blocks(qh1, kn1, G1, b1, BC)
-    e1 = tl.exp2(tl.minimum(G1 - a1[None, :], 0.0))
-    Aqk10, Akk10 = _off_block(qh1 * e1, kn1 * e1, b1, kn0, G0, a1)
-    _store_block(Aqk, Aqk10, r1, m1, sHA, i_h * BT, BC)
-    _store_block(Aqk, Aqk11, r1, m1, sHA, i_h * BT + BC, BC)
-    _store_block(Aqk, zero_blk, r1, m1, sHA, i_h * BT + 2 * BC, BC)
-    _store_block(Aqk, zero_blk, r1, m1, sHA, i_h * BT + 3 * BC, BC)
-    store_rows(Qg, qh1 * tl.exp2(G1), r1, m1, sHK, i_h * K, cols, m_c)
-
-    qh2, kn2, g2, b2, rq2, rk2 = _block_inputs(q, k, f, beta, r2, m2, s_q, s_k, s_f, s_b, i_h, cols, m_c,
-                                               dtb, neg_a, scale, K, USE_GATE, HAS_DTB, USE_L2, USE_SIGMOID)
-    G2 = a2[None, :] + tl.cumsum(g2, 0)
-    a3 = a2 + tl.sum(g2, 0)
-    Aqk22, Akk22 = _diag_blocks(qh2, kn2, G2, b2, BC)
-    e2 = tl.exp2(tl.minimum(G2 - a2[None, :], 0.0))
-    qa = qh2 * e2
-    ka = kn2 * e2
-    Aqk20, Akk20 = _off_block(qa, ka, b2, kn0, G0, a2)
-    Aqk21, Akk21 = _off_block(qa, ka, b2, kn1, G1, a2)
-    _store_block(Aqk, Aqk20, r2, m2, sHA, i_h * BT, BC)
-    _store_block(Aqk, Aqk21, r2, m2, sHA, i_h * BT + BC, BC)
-    _store_block(Aqk, Aqk22, r2, m2, sHA, i_h * BT + 2 * BC, BC)
-    _store_block(Aqk, zero_blk, r2, m2, sHA, i_h * BT + 3 * BC, BC)
-    store_rows(Qg, qh2 * tl.exp2(G2), r2, m2, sHK, i_h * K, cols, m_c)
-
-    qh3, kn3, g3, b3, rq3, rk3 = _block_inputs(q, k, f, beta, r3, m3, s_q, s_k, s_f, s_b, i_h, cols, m_c,
-                                               dtb, neg_a, scale, K, USE_GATE, HAS_DTB, USE_L2, USE_SIGMOID)
-    G3 = a3[None, :] + tl.cumsum(g3, 0)
-    glast = a3 + tl.sum(g3, 0)
-    Aqk33, Akk33 = _diag_blocks(qh3, kn3, G3, b3, BC)
-    e3 = tl.exp2(tl.minimum(G3 - a3[None, :], 0.0))
-    qa = qh3 * e3
-    ka = kn3 * e3
-    Aqk30, Akk30 = _off_block(qa, ka, b3, kn0, G0, a3)
-    Aqk31, Akk31 = _off_block(qa, ka, b3, kn1, G1, a3)
-    Aqk32, Akk32 = _off_block(qa, ka, b3, kn2, G2, a3)
-    _store_block(Aqk, Aqk30, r3, m3, sHA, i_h * BT, BC)
-    _store_block(Aqk, Aqk31, r3, m3, sHA, i_h * BT + BC, BC)
-    _store_block(Aqk, Aqk32, r3, m3, sHA, i_h * BT + 2 * BC, BC)
-    _store_block(Aqk, Aqk33, r3, m3, sHA, i_h * BT + 3 * BC, BC)
-    store_rows(Qg, qh3 * tl.exp2(G3), r3, m3, sHK, i_h * K, cols, m_c)
-
-    # per-chunk decay (log2); rows past the end carry g = 0, so this is G of the last valid row
+    a1, rq0, rk0, b0 = _prep_block(q, k, f, beta, Qg, Go, r0, m0, s_q, s_k, s_f, s_b, i_h, cols, m_c, dtb, neg_a,
+                                   a0, scale, H, K, USE_GATE, HAS_DTB, USE_L2, USE_SIGMOID)
+    a2, rq1, rk1, b1 = _prep_block(q, k, f, beta, Qg, Go, r1, m1, s_q, s_k, s_f, s_b, i_h, cols, m_c, dtb, neg_a,
+                                   a1, scale, H, K, USE_GATE, HAS_DTB, USE_L2, USE_SIGMOID)
+    a3, rq2, rk2, b2 = _prep_block(q, k, f, beta, Qg, Go, r2, m2, s_q, s_k, s_f, s_b, i_h, cols, m_c, dtb, neg_a,
+                                   a2, scale, H, K, USE_GATE, HAS_DTB, USE_L2, USE_SIGMOID)
+    glast, rq3, rk3, b3 = _prep_block(q, k, f, beta, Qg, Go, r3, m3, s_q, s_k, s_f, s_b, i_h, cols, m_c, dtb,
+                                      neg_a, a3, scale, H, K, USE_GATE, HAS_DTB, USE_L2, USE_SIGMOID)
+    # rows past the end carry g = 0, so glast is G of the last valid row
     tl.store(gam + (gc * H + i_h).to(tl.int64) * K + cols, glast, mask=m_c)
-
     if SAVE:
-        store_rows(Go, G0, r0, m0, sHK, i_h * K, cols, m_c)
-        store_rows(Go, G1, r1, m1, sHK, i_h * K, cols, m_c)
-        store_rows(Go, G2, r2, m2, sHK, i_h * K, cols, m_c)
-        store_rows(Go, G3, r3, m3, sHK, i_h * K, cols, m_c)
         if USE_L2:
             tl.store(rq_o + r0 * H + i_h, rq0, mask=m0)
             tl.store(rq_o + r1 * H + i_h, rq1, mask=m1)
@@ -217,19 +205,50 @@ def chunk_kda_fwd_intra_kernel(
             tl.store(rk_o + r1 * H + i_h, rk1, mask=m1)
             tl.store(rk_o + r2 * H + i_h, rk2, mask=m2)
             tl.store(rk_o + r3 * H + i_h, rk3, mask=m3)
+    tl.debug_barrier()  # G of every row is visible to every warp of the program
 
-    # ---- M = (I + Akk)^-1 by blocks
+    # ---- Aqk, Akk by 16x16 blocks
+    zb = tl.zeros([BC, BC], dtype=tl.float32)
+    qh, kn, G, Aqk00, Akk00 = _a_blocks(q, k, Go, t0 + 0 * BC, r0, m0, eos, s_q, s_k, i_h, cols, m_c, rq0, rk0, b0, scale,
+                                        H, K, BC)
+    _store_arow(Aqk, r0, m0, sHA, i_h * BT, Aqk00, zb, zb, zb, BC)
+
+    qh, kn, G, Aqk11, Akk11 = _a_blocks(q, k, Go, t0 + 1 * BC, r1, m1, eos, s_q, s_k, i_h, cols, m_c, rq1, rk1, b1, scale,
+                                        H, K, BC)
+    e = tl.exp2(tl.minimum(G - a1[None, :], 0.0))
+    Aqk10, Akk10 = _off_block(qh * e, kn * e, b1, k, Go, r0, m0, s_k, rk0, i_h, cols, m_c, a1, H, K)
+    _store_arow(Aqk, r1, m1, sHA, i_h * BT, Aqk10, Aqk11, zb, zb, BC)
+
+    qh, kn, G, Aqk22, Akk22 = _a_blocks(q, k, Go, t0 + 2 * BC, r2, m2, eos, s_q, s_k, i_h, cols, m_c, rq2, rk2, b2, scale,
+                                        H, K, BC)
+    e = tl.exp2(tl.minimum(G - a2[None, :], 0.0))
+    qa = qh * e
+    ka = kn * e
+    Aqk20, Akk20 = _off_block(qa, ka, b2, k, Go, r0, m0, s_k, rk0, i_h, cols, m_c, a2, H, K)
+    Aqk21, Akk21 = _off_block(qa, ka, b2, k, Go, r1, m1, s_k, rk1, i_h, cols, m_c, a2, H, K)
+    _store_arow(Aqk, r2, m2, sHA, i_h * BT, Aqk20, Aqk21, Aqk22, zb, BC)
+
+    qh, kn, G, Aqk33, Akk33 = _a_blocks(q, k, Go, t0 + 3 * BC, r3, m3, eos, s_q, s_k, i_h, cols, m_c, rq3, rk3, b3, scale,
+                                        H, K, BC)
+    e = tl.exp2(tl.minimum(G - a3[None, :], 0.0))
+    qa = qh * e
+    ka = kn * e
+    Aqk30, Akk30 = _off_block(qa, ka, b3, k, Go, r0, m0, s_k, rk0, i_h, cols, m_c, a3, H, K)
+    Aqk31, Akk31 = _off_block(qa, ka, b3, k, Go, r1, m1, s_k, rk1, i_h, cols, m_c, a3, H, K)
+    Aqk32, Akk32 = _off_block(qa, ka, b3, k, Go, r2, m2, s_k, rk2, i_h, cols, m_c, a3, H, K)
+    _store_arow(Aqk, r3, m3, sHA, i_h * BT, Aqk30, Aqk31, Aqk32, Aqk33, BC)
+
+    # ---- M = (I + Akk)^-1 by blocks (fp32 products)
     M00 = _inv_unit_lower(Akk00, BC)
     M11 = _inv_unit_lower(Akk11, BC)
     M22 = _inv_unit_lower(Akk22, BC)
     M33 = _inv_unit_lower(Akk33, BC)
-    M10 = -tl.dot(tl.dot(M11, Akk10), M00)
-    M21 = -tl.dot(tl.dot(M22, Akk21), M11)
-    M20 = -tl.dot(M22, tl.dot(Akk20, M00) + tl.dot(Akk21, M10))
-    M32 = -tl.dot(tl.dot(M33, Akk32), M22)
-    M31 = -tl.dot(M33, tl.dot(Akk31, M11) + tl.dot(Akk32, M21))
-    M30 = -tl.dot(M33, tl.dot(Akk30, M00) + tl.dot(Akk31, M10) + tl.dot(Akk32, M20))
-    dt = Wt.dtype.element_ty
+    M10 = -_mm(_mm(M11, Akk10), M00)
+    M21 = -_mm(_mm(M22, Akk21), M11)
+    M20 = -_mm(M22, _mm(Akk20, M00) + _mm(Akk21, M10))
+    M32 = -_mm(_mm(M33, Akk32), M22)
+    M31 = -_mm(M33, _mm(Akk31, M11) + _mm(Akk32, M21))
+    M30 = -_mm(M33, _mm(Akk30, M00) + _mm(Akk31, M10) + _mm(Akk32, M20))
     M00 = M00.to(dt)
     M10 = M10.to(dt)
     M11 = M11.to(dt)
@@ -241,39 +260,27 @@ def chunk_kda_fwd_intra_kernel(
     M32 = M32.to(dt)
     M33 = M33.to(dt)
     if SAVE:
-        zb = zero_blk.to(dt)
-        _store_block(Mo, M00, r0, m0, sHA, i_h * BT, BC)
-        _store_block(Mo, zb, r0, m0, sHA, i_h * BT + BC, BC)
-        _store_block(Mo, zb, r0, m0, sHA, i_h * BT + 2 * BC, BC)
-        _store_block(Mo, zb, r0, m0, sHA, i_h * BT + 3 * BC, BC)
-        _store_block(Mo, M10, r1, m1, sHA, i_h * BT, BC)
-        _store_block(Mo, M11, r1, m1, sHA, i_h * BT + BC, BC)
-        _store_block(Mo, zb, r1, m1, sHA, i_h * BT + 2 * BC, BC)
-        _store_block(Mo, zb, r1, m1, sHA, i_h * BT + 3 * BC, BC)
-        _store_block(Mo, M20, r2, m2, sHA, i_h * BT, BC)
-        _store_block(Mo, M21, r2, m2, sHA, i_h * BT + BC, BC)
-        _store_block(Mo, M22, r2, m2, sHA, i_h * BT + 2 * BC, BC)
-        _store_block(Mo, zb, r2, m2, sHA, i_h * BT + 3 * BC, BC)
-        _store_block(Mo, M30, r3, m3, sHA, i_h * BT, BC)
-        _store_block(Mo, M31, r3, m3, sHA, i_h * BT + BC, BC)
-        _store_block(Mo, M32, r3, m3, sHA, i_h * BT + 2 * BC, BC)
-        _store_block(Mo, M33, r3, m3, sHA, i_h * BT + 3 * BC, BC)
+        zd = zb.to(dt)
+        _store_arow(Mo, r0, m0, sHA, i_h * BT, M00, zd, zd, zd, BC)
+        _store_arow(Mo, r1, m1, sHA, i_h * BT, M10, M11, zd, zd, BC)
+        _store_arow(Mo, r2, m2, sHA, i_h * BT, M20, M21, M22, zd, BC)
+        _store_arow(Mo, r3, m3, sHA, i_h * BT, M30, M31, M32, M33, BC)
 
     # ---- W = M (beta exp(G) k), Kd = k exp(G_last - G)
-    Y0 = (kn0 * b0[:, None] * tl.exp2(G0)).to(dt)
-    Y1 = (kn1 * b1[:, None] * tl.exp2(G1)).to(dt)
-    Y2 = (kn2 * b2[:, None] * tl.exp2(G2)).to(dt)
-    Y3 = (kn3 * b3[:, None] * tl.exp2(G3)).to(dt)
+    sHK = H * K
+    Y0 = _y_block(k, Go, r0, m0, s_k, rk0, b0, i_h, cols, m_c, H, K, dt)
+    Y1 = _y_block(k, Go, r1, m1, s_k, rk1, b1, i_h, cols, m_c, H, K, dt)
+    Y2 = _y_block(k, Go, r2, m2, s_k, rk2, b2, i_h, cols, m_c, H, K, dt)
+    Y3 = _y_block(k, Go, r3, m3, s_k, rk3, b3, i_h, cols, m_c, H, K, dt)
     store_rows(Wt, tl.dot(M00, Y0), r0, m0, sHK, i_h * K, cols, m_c)
     store_rows(Wt, tl.dot(M10, Y0) + tl.dot(M11, Y1), r1, m1, sHK, i_h * K, cols, m_c)
     store_rows(Wt, tl.dot(M20, Y0) + tl.dot(M21, Y1) + tl.dot(M22, Y2), r2, m2, sHK, i_h * K, cols, m_c)
     store_rows(Wt, tl.dot(M30, Y0) + tl.dot(M31, Y1) + tl.dot(M32, Y2) + tl.dot(M33, Y3),
                r3, m3, sHK, i_h * K, cols, m_c)
-    gl = glast[None, :]
-    store_rows(Kd, kn0 * tl.exp2(tl.minimum(gl - G0, 0.0)), r0, m0, sHK, i_h * K, cols, m_c)
-    store_rows(Kd, kn1 * tl.exp2(tl.minimum(gl - G1, 0.0)), r1, m1, sHK, i_h * K, cols, m_c)
-    store_rows(Kd, kn2 * tl.exp2(tl.minimum(gl - G2, 0.0)), r2, m2, sHK, i_h * K, cols, m_c)
-    store_rows(Kd, kn3 * tl.exp2(tl.minimum(gl - G3, 0.0)), r3, m3, sHK, i_h * K, cols, m_c)
+    _kd_block(Kd, k, Go, r0, m0, s_k, rk0, glast, i_h, cols, m_c, H, K)
+    _kd_block(Kd, k, Go, r1, m1, s_k, rk1, glast, i_h, cols, m_c, H, K)
+    _kd_block(Kd, k, Go, r2, m2, s_k, rk2, glast, i_h, cols, m_c, H, K)
+    _kd_block(Kd, k, Go, r3, m3, s_k, rk3, glast, i_h, cols, m_c, H, K)
 
     # ---- U = M (beta v)
     cv = tl.arange(0, BV)
@@ -302,7 +309,7 @@ def chunk_fwd_intra_launch(q, k, v, f, beta, A_log, dt_bias, scale, idx, T, bufs
     chunk_kda_fwd_intra_kernel[grid](
         q, k, v, f, beta, A_log, dt_bias,
         bufs["W"], bufs["U"], bufs["Kd"], bufs["Qg"], bufs["Aqk"], bufs["gam"],
-        bufs.get("M"), bufs.get("G"), bufs.get("rq"), bufs.get("rk"),
+        bufs.get("M"), bufs["G"], bufs.get("rq"), bufs.get("rk"),
         bufs.get("cu_seqlens"), idx.chunk_seq, idx.chunk_offsets,
         T, idx.N, idx.NT_seq, q.stride(-3), k.stride(-3), v.stride(-3), f.stride(-3), beta.stride(-2),
         scale,

@@ -155,24 +155,25 @@ def chunk_kda_bwd_scan_kernel(
         tl.store(dh0 + p_s, dS, mask=m_kv)
 
 
-def pick_bv(num_programs_nh: int, V: int) -> int:
-    """V tile of the scans: enough programs to fill the GPU when there are few (sequence, head) pairs."""
+def pick_scan(num_nh: int, V: int, backward: bool) -> tuple[int, int]:
+    """(BV, num_stages) of a scan, from (sequence, head) pairs. Measured on an H100 at H=32, K=V=128:
+    forward BV=64 (1.84 ms at B=1 T=65536 with 3 stages, 1.37 ms at 16x4096 / 4x16384 with 2);
+    backward BV=32 with few pairs (2.99 ms at 1x65536), 64 otherwise (2.28 ms)."""
     BVmax = max(16, triton.next_power_of_2(V))
-    if num_programs_nh >= 512:
-        return min(64, BVmax)
-    if num_programs_nh >= 128:
-        return min(32, BVmax)
-    return min(16, BVmax)
+    if backward:
+        return min(32 if num_nh <= 64 else 64, BVmax), 2
+    return min(64, BVmax), (3 if num_nh <= 64 else 2)
 
 
 def chunk_fwd_scan_launch(bufs, o, h0, ht, idx, T, state_indices, *, save, BV=None, num_warps=4,
-                          num_stages=2):
+                          num_stages=None):
     W = bufs["W"]
     H, K = W.shape[-2], W.shape[-1]
     V = o.shape[-1]
     BK = max(16, triton.next_power_of_2(K))
-    if BV is None:
-        BV = pick_bv(idx.N * H, V)
+    bv, st = pick_scan(idx.N * H, V, backward=False)
+    BV = BV or bv
+    num_stages = num_stages or st
     grid = (triton.cdiv(V, BV), idx.N * H)
     chunk_kda_fwd_scan_kernel[grid](
         W, bufs["U"], bufs["Kd"], bufs["Qg"], bufs["Aqk"], bufs["gam"], o, h0, ht,
@@ -185,13 +186,14 @@ def chunk_fwd_scan_launch(bufs, o, h0, ht, idx, T, state_indices, *, save, BV=No
     )
 
 
-def chunk_bwd_scan_launch(bufs, do, dht, dh, dvn, dh0, idx, T, *, BV=None, num_warps=4, num_stages=2):
+def chunk_bwd_scan_launch(bufs, do, dht, dh, dvn, dh0, idx, T, *, BV=None, num_warps=4, num_stages=None):
     W = bufs["W"]
     H, K = W.shape[-2], W.shape[-1]
     V = do.shape[-1]
     BK = max(16, triton.next_power_of_2(K))
-    if BV is None:
-        BV = pick_bv(idx.N * H, V)
+    bv, st = pick_scan(idx.N * H, V, backward=True)
+    BV = BV or bv
+    num_stages = num_stages or st
     grid = (triton.cdiv(V, BV), idx.N * H)
     chunk_kda_bwd_scan_kernel[grid](
         bufs["Aqk"], do, bufs["Kd"], bufs["Qg"], W, bufs["gam"], dht, dh, dvn, dh0,
