@@ -67,7 +67,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(variant_config(preset_config(args.preset), args.variant), f)
-    llm = LLM(tmp, dtype="bfloat16", load_format="dummy", max_model_len=args.context + 64, max_num_seqs=1,
+    llm = LLM(tmp, dtype="bfloat16", load_format="dummy", max_model_len=args.context + 10 * args.steps + 64, max_num_seqs=1,
               max_num_batched_tokens=2048)
     engine = llm.llm_engine
     prompt = [1] * args.context
