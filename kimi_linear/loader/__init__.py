@@ -1,1 +1,1 @@
-"""Reading and writing checkpoint folders (weights, later tokenizer and chat template)."""
+"""Reading and writing checkpoint folders: weights (safetensors), tokenizer, chat template."""
