@@ -4,10 +4,12 @@
     outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
     outs = llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=8))
     outs[0].outputs[0].token_ids, outs[0].outputs[0].text
+    outs = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32))
 
 `generate` validates every prompt before queueing any, runs the engine until all are finished and
 returns one RequestOutput per prompt in input order. A folder without a tokenizer still works with
-token-id prompts (outputs then carry token ids and empty text).
+token-id prompts (outputs then carry token ids and empty text). `chat` renders conversations with
+the chat template (the request's, else the checkpoint's, else the Kimi default) and generates.
 """
 
 from __future__ import annotations
@@ -80,6 +82,31 @@ class LLM:
             engine.abort_request([i for i in ids if i not in results])
             raise
         return [results[i] for i in ids]
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """messages: one conversation (a list of {"role", "content"} dicts) or a list of conversations.
+        Returns one RequestOutput per conversation (a list of one for a single conversation)."""
+        from kimi_linear.loader.chat_template import apply_chat_template
+
+        tok = self.get_tokenizer()
+        if tok is None:
+            raise ValidationError("chat needs a tokenizer, and this model folder has none (no tiktoken.model); "
+                                  "use generate() with {'prompt_token_ids': [...]}", param="messages")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValidationError("messages must be a non-empty list of messages or of conversations",
+                                  param="messages")
+        conversations = [messages] if all(isinstance(m, dict) for m in messages) else list(messages)
+        prompts = []
+        for conv in conversations:
+            text = apply_chat_template(tok, conv, chat_template=chat_template,
+                                       add_generation_prompt=add_generation_prompt and not continue_final_message,
+                                       continue_final_message=continue_final_message, tools=tools,
+                                       chat_template_kwargs=chat_template_kwargs)
+            prompts.append({"prompt_token_ids": tok.encode(text), "prompt": text})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def shutdown(self) -> None:
         """Free the GPU memory held by the model, caches and CUDA graphs."""

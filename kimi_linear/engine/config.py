@@ -7,6 +7,9 @@ invalid value raises `ConfigError` naming the field, never a bare assert.
 Knobs meant for tests and benchmarks: `block_size` (tokens per MLA cache block),
 `num_gpu_blocks_override` / `num_state_slots_override` (skip memory sizing), and
 `max_cuda_graph_batch_size` (largest captured decode batch; default max_num_seqs).
+`structured_outputs_any_whitespace` (default False): JSON constrained output allows free whitespace
+between tokens; off, JSON comes in one line with ", " / ": " separators, a guard against models that
+loop on whitespace (vLLM's `disable_any_whitespace`, inverted).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class EngineConfig:
     num_state_slots_override: int | None = None  # fixed number of KDA state slots (skips sizing)
     max_cuda_graph_batch_size: int | None = None  # largest captured decode batch (default max_num_seqs)
     cuda_graph_reserve_bytes: int = 512 * 1024 ** 2  # kept free on CUDA for the graphs' private pool
+    structured_outputs_any_whitespace: bool = False  # JSON grammars allow free whitespace between tokens
 
     def __post_init__(self):
         def pos_int(name: str, optional: bool = False):
@@ -70,6 +74,9 @@ class EngineConfig:
             raise ConfigError("gpu_memory_utilization", f"must be in (0, 1], got {u!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError("load_format", f"must be 'auto' or 'dummy', got {self.load_format!r}")
+        if not isinstance(self.structured_outputs_any_whitespace, bool):
+            raise ConfigError("structured_outputs_any_whitespace",
+                              f"must be true or false, got {self.structured_outputs_any_whitespace!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
         if self.dtype is not None and self.dtype != "auto":

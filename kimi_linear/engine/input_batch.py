@@ -4,6 +4,9 @@ Sequence n of the step computes `query_lens[n]` new tokens after `context_lens[n
 tokens sit back to back in `input_ids`. `slot_mapping` gives each new token's flat MLA cache slot
 (block_ids[p // block_size] * block_size + p % block_size). A sequence whose step reaches its last
 token is sampled: `sample_index` holds the flat index of that token and `sample_requests` the request.
+A sequence asking for prompt logprobs lists, in `prompt_logprobs`, the prompt positions of this chunk
+whose logits it still needs (position p predicts prompt token p + 1, so positions 0 .. P - 2; those
+computed before a preemption are skipped): (request, flat index of the first, first position, count).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class BatchInputs:
     sample_index: list[int] = field(default_factory=list)  # flat token index of each sampled row
     sample_requests: list[Request] = field(default_factory=list)
     sample_seq: list[int] = field(default_factory=list)  # sequence index of each sampled row
+    prompt_logprobs: list[tuple[Request, int, int, int]] = field(default_factory=list)
+    prompt_logprob_rows: list = field(default_factory=list)  # the runner's results: (request, rows)
 
     @property
     def num_seqs(self) -> int:
@@ -58,6 +63,10 @@ def build_batch(out: SchedulerOutput, block_size: int) -> BatchInputs:
         if req.state_slot is None:
             raise RuntimeError(f"{req.request_id}: scheduled without a state slot")
         b.requests.append(req)
+        if req.wants_prompt_logprobs:
+            lo, hi = max(start, req.num_prompt_logprobs), min(end, req.num_prompt_tokens - 1)
+            if hi > lo:
+                b.prompt_logprobs.append((req, len(b.input_ids) + lo - start, lo, hi - lo))
         b.input_ids.extend(req.token_slice(start, end))
         b.query_lens.append(n)
         b.context_lens.append(start)

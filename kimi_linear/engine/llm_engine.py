@@ -3,15 +3,21 @@
 A prompt with n > 1 becomes n `Request`s ("{i}_{id}"), each with its own cache and, when seeded,
 its own generator (seed + i); one `RequestState` gathers them into a single RequestOutput.
 Every user mistake (empty prompt, token id out of the vocabulary, prompt + max_tokens beyond
-max_model_len, a text prompt without a tokenizer, invalid sampling fields) raises ValidationError
-naming the field before anything is queued. `step()` returns the RequestOutputs of requests that
-finished (and of streamed requests that progressed); `abort_request` finishes requests with "abort".
+max_model_len, a text prompt without a tokenizer, invalid sampling fields, an invalid structured-output
+constraint) raises ValidationError naming the field before anything is queued (`process_inputs`, see
+`input_processor.py`; safe to call from another thread than `step()`). `step()` returns the
+RequestOutputs of requests that finished (and of streamed requests that progressed); `abort_request`
+finishes requests with "abort".
+
+Per step, after the runner sampled: prompt-logprob rows go to the first sequence's processor; each
+new token is accepted by the sequence's grammar matcher (structured output: a terminated grammar
+finishes the sequence with "stop", a rejected token - constraints that exclude every token - with
+"abort"), then handed to its processor, which may finish it on a stop string.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,29 +25,25 @@ import torch
 from kimi_linear.config import ModelConfig
 from kimi_linear.engine.block_pool import BlockPool
 from kimi_linear.engine.config import EngineConfig, default_sampling_kwargs, eos_token_ids, read_generation_config
+from kimi_linear.engine.input_processor import InputProcessor, ProcessedPrompt
 from kimi_linear.engine.model_runner import ModelRunner
-from kimi_linear.engine.outputs import RequestOutput, RequestState, SequenceProcessor
+from kimi_linear.engine.outputs import RequestOutput, RequestState, SequenceProcessor, TextProcessor
 from kimi_linear.engine.request import Request, RequestStatus
 from kimi_linear.engine.scheduler import Scheduler
 from kimi_linear.engine.state_pool import StatePool
+from kimi_linear.engine.structured_output import StructuredOutputs
 from kimi_linear.errors import ValidationError
 from kimi_linear.loader.tokenizer import load_tokenizer
 from kimi_linear.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class ProcessedPrompt:
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
+__all__ = ["LLMEngine", "ProcessedPrompt"]
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig,
-                 processor_factory: Callable[[Request, object], SequenceProcessor] = SequenceProcessor):
+                 processor_factory: Callable[[Request, object], SequenceProcessor] = TextProcessor):
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.generation_config = read_generation_config(config.model)
@@ -55,6 +57,10 @@ class LLMEngine:
         self.scheduler = Scheduler(BlockPool(self.runner.num_blocks, config.block_size),
                                    StatePool(self.runner.num_slots), self.runner.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len)
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids,
+                                            any_whitespace=config.structured_outputs_any_whitespace)
+        self.input_processor = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len, self.structured,
+                                              config.model)
         self._states: dict[str, RequestState] = {}
         self._streaming: set[str] = set()
         self._dirty: set[str] = set()  # parents with news not yet reported (aborts)
@@ -68,49 +74,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ inputs
     def process_inputs(self, prompt, params: SamplingParams) -> ProcessedPrompt:
-        """Validate one prompt (str, {"prompt_token_ids": [...]} or {"prompt": str}) with its params."""
-        if not isinstance(params, SamplingParams):
-            raise ValidationError(f"sampling_params must be a SamplingParams, got {type(params).__name__}",
-                                  param="sampling_params")
-        text, ids = None, None
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                ids, text = prompt["prompt_token_ids"], prompt.get("prompt")
-            elif "prompt" in prompt:
-                text = prompt["prompt"]
-            else:
-                raise ValidationError("a prompt dict needs 'prompt_token_ids' or 'prompt'", param="prompt")
-        elif isinstance(prompt, str):
-            text = prompt
-        else:
-            raise ValidationError(f"a prompt must be a string or a dict with 'prompt_token_ids', got "
-                                  f"{type(prompt).__name__}", param="prompt")
-        if ids is None:
-            if not isinstance(text, str):
-                raise ValidationError("'prompt' must be a string", param="prompt")
-            if self.tokenizer is None:
-                raise ValidationError(f"text prompts need a tokenizer, and {self.config.model} has none "
-                                      f"(no tiktoken.model); pass {{'prompt_token_ids': [...]}}", param="prompt")
-            ids = self.tokenizer.encode(text)
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValidationError("prompt_token_ids must be a list of integers", param="prompt_token_ids")
-        ids = list(ids)
-        if not ids:
-            raise ValidationError("the prompt is empty", param="prompt")
-        for i, t in enumerate(ids):
-            if not 0 <= t < self.vocab_size:
-                raise ValidationError(f"prompt_token_ids[{i}] = {t} is out of the vocabulary (size "
-                                      f"{self.vocab_size})", param="prompt_token_ids")
-        params.validate(self.vocab_size)
-        P, M = len(ids), self.max_model_len
-        if P >= M:
-            raise ValidationError(f"the prompt has {P} tokens, which leaves no room for output within "
-                                  f"max_model_len {M}", param="prompt")
-        if params.max_tokens is not None and P + params.max_tokens > M:
-            raise ValidationError(f"the prompt ({P} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                                  f"max_model_len ({M})", param="max_tokens")
-        max_tokens = params.max_tokens if params.max_tokens is not None else M - P
-        return ProcessedPrompt(text, ids, params, max_tokens)
+        """Validate one prompt (str, {"prompt_token_ids": [...]} or {"prompt": str}) with its params.
+        Thread-safe; mutates neither the engine nor `params`."""
+        return self.input_processor.process(prompt, params)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     stream: bool = False) -> None:
@@ -131,6 +97,8 @@ class LLMEngine:
             if p.params.seed is not None:
                 req.generator = torch.Generator(device=self.device)
                 req.generator.manual_seed((p.params.seed + i) % (1 << 64))
+            if p.grammar is not None:
+                req.matcher = self.structured.matcher(p.grammar)
             children.append(req)
             state.processors.append(self.processor_factory(req, self.tokenizer))
         for req in children:
@@ -146,9 +114,13 @@ class LLMEngine:
         p = self.process_inputs(prompt, params)
         if p.params.n != 1:
             raise ValidationError("admit_computed takes n = 1", param="n")
+        if p.params.prompt_logprobs is not None:
+            raise ValidationError("admit_computed cannot compute prompt logprobs", param="prompt_logprobs")
         if request_id in self._states:
             raise ValidationError(f"request id {request_id!r} is already in use", param="request_id")
         req = Request(request_id, p.prompt_token_ids, p.params, self.eos_token_ids, p.max_tokens)
+        if p.grammar is not None:
+            req.matcher = self.structured.matcher(p.grammar)
         self.scheduler.admit_computed(req, num_computed_tokens)
         self._states[request_id] = RequestState(request_id, p.prompt, p.prompt_token_ids,
                                                 [self.processor_factory(req, self.tokenizer)])
@@ -176,17 +148,20 @@ class LLMEngine:
             raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting and "
                                f"{len(self.scheduler.running)} running requests")
         if not out.is_empty:
-            sampled = self.runner.execute(out)
+            result = self.runner.execute(out)
+            for req, rows in result.prompt_logprobs:
+                req.num_prompt_logprobs += len(rows)
+                self._states[req.parent_id].processors[req.index].on_prompt_logprobs(rows)
+            sampled = result.sampled
             changed = self.scheduler.update_from_output(out, {k: s.token_id for k, s in sampled.items()})
             for req in changed:
-                state = self._states[req.parent_id]
-                proc = state.processors[req.index]
-                stop = proc.on_token(req.output_token_ids[-1], sampled[req.request_id])
+                token = req.output_token_ids[-1]
+                if req.matcher is not None:
+                    self._advance_grammar(req, token)
+                proc = self._states[req.parent_id].processors[req.index]
+                stop = proc.on_token(token, sampled[req.request_id])
                 if stop is not None:
-                    if req.is_finished:
-                        req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
-                    else:
-                        self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
+                    self._finish(req, RequestStatus.FINISHED_STOPPED, stop)
                 touched.add(req.parent_id)
         outputs = []
         for rid in touched:
@@ -199,6 +174,22 @@ class LLMEngine:
                 del self._states[rid]
                 self._streaming.discard(rid)
         return outputs
+
+    def _finish(self, req: Request, status: RequestStatus, stop_reason: str | int | None = None) -> None:
+        """Finish `req` from the output side; overrides a length finish of the same token (vLLM's order)."""
+        if req.is_finished:
+            if status == RequestStatus.FINISHED_STOPPED:
+                req.status, req.stop_reason = status, stop_reason
+        else:
+            self.scheduler.finish(req, status, stop_reason=stop_reason)
+
+    def _advance_grammar(self, req: Request, token: int) -> None:
+        if not req.matcher.accept(token):
+            logger.warning("request %s: token %d is not allowed by its grammar (the constraints exclude every "
+                           "token); aborting the sequence", req.request_id, token)
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+        elif req.matcher.is_terminated() and not req.is_finished:
+            self._finish(req, RequestStatus.FINISHED_STOPPED)
 
     def shutdown(self) -> None:
         """Abort everything and free the device memory held by the model, caches and graphs."""

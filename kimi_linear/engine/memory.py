@@ -2,7 +2,10 @@
 
 On CUDA (nano-vllm / vLLM style): after the weights are loaded, one profiling forward over
 `max_num_batched_tokens` tokens (no cache) plus the lm_head and the sampler over `max_num_seqs` rows
-measures the peak activation memory (`torch.cuda.max_memory_allocated`). The caches then get
+measures the peak activation memory (`torch.cuda.max_memory_allocated`). The sampler runs with every
+[B, V] buffer it can allocate (`profile_sampler`: penalty counts and prompt mask, allowed-token mask,
+structured-output bitmask, min_p, the top-k / top-p sort, 20 top logprobs), then prompt logprobs over
+one chunk of rows, so the peak covers the worst step. The caches then get
     total * gpu_memory_utilization - weights - peak activations - non-torch memory - graph reserve,
 capped by what is actually free. `plan_cache` splits that: state slots = max_num_seqs (fewer when
 memory is short, keeping room for one max_model_len sequence of blocks), the rest MLA blocks.
@@ -28,6 +31,7 @@ from kimi_linear.layers.context import ForwardContext
 logger = logging.getLogger(__name__)
 GiB = 1024 ** 3
 CPU_DEFAULT_TOKENS = 1 << 18
+PROMPT_LOGPROB_ROWS = 256  # prompt-logprob rows computed at once (model_runner imports it)
 
 
 @dataclass(frozen=True)
@@ -92,9 +96,6 @@ def cpu_sizing(model_config, dtype, block_size: int, max_num_seqs: int, max_mode
 def profile_peak_activation(model, num_tokens: int, max_seq_len: int, num_logit_rows: int, device) -> int:
     """Run one cache-less forward over `num_tokens` tokens (sequences of at most `max_seq_len`), the
     lm_head and the sampler over `num_logit_rows` rows; return the peak memory above the weights."""
-    from kimi_linear.engine.sampler import Sampler, SamplingBatch
-    from kimi_linear.sampling_params import SamplingParams
-
     torch.cuda.synchronize(device)
     gc.collect()
     torch.cuda.empty_cache()
@@ -108,15 +109,37 @@ def profile_peak_activation(model, num_tokens: int, max_seq_len: int, num_logit_
     hidden = model.forward_flat(ids, ForwardContext.for_prefill(lens, device))
     rows = torch.arange(num_logit_rows, device=device) % num_tokens
     logits = model.compute_logits(hidden[rows])
+    plp_rows = torch.arange(min(num_tokens, PROMPT_LOGPROB_ROWS), device=device)
+    plp_logits = model.compute_logits(hidden[plp_rows])
     del hidden
-    params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20)] * num_logit_rows
-    Sampler()(logits, SamplingBatch.build(params, [None] * num_logit_rows, vocab, device))
-    del logits
+    profile_sampler(logits, plp_logits)
+    del logits, plp_logits
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     gc.collect()
     torch.cuda.empty_cache()
     return peak
+
+
+def profile_sampler(logits: torch.Tensor, prompt_logits: torch.Tensor | None = None):
+    """Run the sampler over logits [B, V] with every per-row buffer in use (the worst case of memory), and
+    prompt logprobs (20 top) over prompt_logits [T, V]. Returns the SamplingBatch used. Device-agnostic."""
+    from kimi_linear.engine.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
+    from kimi_linear.sampling_params import SamplingParams
+
+    B, V = logits.shape
+    dev = logits.device
+    params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                             frequency_penalty=0.1, presence_penalty=0.1, logprobs=20, min_tokens=1,
+                             logit_bias={0: 0.5}, allowed_token_ids=list(range(min(V, 64))), max_tokens=None)] * B
+    bitmask = torch.full((B, (V + 31) // 32), -1, dtype=torch.int32)
+    batch = SamplingBatch.build(params, [None] * B, V, dev, prompt_token_ids=[[0, 1]] * B,
+                                output_token_ids=[[]] * B, eos_token_ids=[0], bitmask=bitmask)
+    Sampler()(logits, batch)
+    if prompt_logits is not None and len(prompt_logits):
+        targets = torch.zeros(len(prompt_logits), dtype=torch.int64, device=dev)
+        compute_prompt_logprobs(prompt_logits, targets, 20, PROMPT_LOGPROB_ROWS)
+    return batch
 
 
 def cuda_sizing(model, model_config, dtype, device, config, max_model_len: int, free_at_start: int,

@@ -7,6 +7,12 @@ zero the state slots handed out this step, copy new block ids into the block tab
 the decode path (`DecodeRunner`: static padded buffers, graph replay) when every sequence computes
 one token, or an eager flat forward (prefill chunks, mixed batches), and finally sample the rows
 whose step reached their last token (`engine/sampler.py`).
+
+Sampling gets every row's prompt / output token ids and the EOS ids (penalties, bad_words,
+min_tokens) and, when a row has a structured-output matcher, a token bitmask filled by the matchers
+(a cached CPU buffer; rows without a matcher allow everything). Prompt logprobs are computed from the
+logits of the prompt positions of each chunk (`BatchInputs.prompt_logprobs`), `PROMPT_LOGPROB_ROWS`
+rows at a time, so a long chunk never holds [T, vocab] logits.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from kimi_linear.engine.block_table import BlockTable
 from kimi_linear.engine.config import EngineConfig
 from kimi_linear.engine.cuda_graph import DecodeRunner
 from kimi_linear.engine.input_batch import BatchInputs, build_batch
-from kimi_linear.engine.memory import CacheSizing, cpu_sizing, cuda_sizing
-from kimi_linear.engine.sampler import Sampler, SamplingBatch
+from kimi_linear.engine.memory import PROMPT_LOGPROB_ROWS, CacheSizing, cpu_sizing, cuda_sizing
+from kimi_linear.engine.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 from kimi_linear.engine.scheduler import SchedulerOutput
 from kimi_linear.errors import ConfigError
 from kimi_linear.layers.cache import HybridCache
@@ -39,6 +45,20 @@ class SampleResult:
     logprob: float  # raw logprob of the sampled token
     top: list[tuple[int, float]] | None = None  # (token id, logprob) of the top `logprobs`, best first
     rank: int | None = None  # rank of the sampled token in the raw distribution (1 = top), if logprobs
+
+
+@dataclass
+class PromptLogprobRow:
+    token_id: int  # the prompt token this position predicts
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]  # (token id, logprob) of the top `prompt_logprobs`, best first
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, SampleResult]  # request id -> its new token (requests whose step reached their end)
+    prompt_logprobs: list[tuple[object, list[PromptLogprobRow]]]  # (request, rows from its first new position)
 
 
 class ModelRunner:
@@ -83,6 +103,7 @@ class ModelRunner:
             with torch.no_grad():
                 self.decode.capture(max_graph)  # larger batches run eagerly on the static buffers
         self.sampler = Sampler()
+        self._bitmask: torch.Tensor | None = None  # [max_num_seqs, ceil(V / 32)] int32 (structured output)
 
     @staticmethod
     def _fit_max_model_len(max_model_len: int, sizing: CacheSizing, user_len: bool) -> int:
@@ -114,6 +135,7 @@ class ModelRunner:
         if batch.is_decode:
             logits = self.decode.run(batch.input_ids, batch.state_indices, batch.slot_mapping, batch.seq_lens,
                                      use_graph=use_graph)
+            batch.prompt_logprob_rows = self._prompt_logprobs(batch, lambda idx: logits[idx])
             if len(batch.sample_seq) != batch.num_seqs:  # 1-token prefill chunks that do not sample
                 logits = logits[batch.sample_seq]
             return logits, batch
@@ -134,9 +156,44 @@ class ModelRunner:
             block_tables=self.block_table.rows(state_indices, cdiv(max_seq_len, self.block_size)),
             seq_lens=t(batch.seq_lens, torch.int32), max_seq_len=max_seq_len)
         hidden = self.model.forward_flat(t(batch.input_ids, torch.int64), ctx)
+        batch.prompt_logprob_rows = self._prompt_logprobs(batch, lambda idx: self.model.compute_logits(hidden[idx]))
         if not batch.sample_index:
             return hidden.new_empty(0, self.model_config.vocab_size)
         return self.model.compute_logits(hidden[t(batch.sample_index, torch.int64)])
+
+    def _prompt_logprobs(self, batch: BatchInputs, logits_of) -> list:
+        """Prompt logprob rows of the batch's prompt positions; `logits_of(flat_index [n]) -> logits [n, V]`."""
+        out = []
+        for req, flat, pos, count in batch.prompt_logprobs:
+            k = req.sampling_params.prompt_logprobs
+            rows: list[PromptLogprobRow] = []
+            for s in range(0, count, PROMPT_LOGPROB_ROWS):
+                e = min(count, s + PROMPT_LOGPROB_ROWS)
+                idx = torch.arange(flat + s, flat + e, device=self.device)
+                targets = req.prompt_token_ids[pos + s + 1:pos + e + 1]
+                res = compute_prompt_logprobs(logits_of(idx), torch.tensor(targets), k, PROMPT_LOGPROB_ROWS)
+                lps, ranks = res.logprobs.tolist(), res.ranks.tolist()
+                tids = res.top_ids.tolist() if res.top_ids is not None else [[]] * len(targets)
+                tlps = res.top_logprobs.tolist() if res.top_logprobs is not None else [[]] * len(targets)
+                rows.extend(PromptLogprobRow(t, lp, r, list(zip(ti, tl)))
+                            for t, lp, r, ti, tl in zip(targets, lps, ranks, tids, tlps))
+            out.append((req, rows))
+        return out
+
+    def _fill_bitmask(self, requests: list) -> torch.Tensor | None:
+        """Token bitmask [R, ceil(V / 32)] int32 of the sampled rows, or None when no row has a grammar."""
+        if all(r.matcher is None for r in requests):
+            return None
+        if self._bitmask is None:
+            V = self.model_config.vocab_size
+            self._bitmask = torch.empty(self.max_num_seqs, (V + 31) // 32, dtype=torch.int32,
+                                        pin_memory=self.device.type == "cuda")
+        bitmask = self._bitmask[:len(requests)]
+        bitmask.fill_(-1)
+        for i, r in enumerate(requests):
+            if r.matcher is not None:
+                r.matcher.fill_bitmask(bitmask, i)
+        return bitmask
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, requests: list) -> dict[str, SampleResult]:
@@ -147,7 +204,7 @@ class ModelRunner:
             params, [r.generator for r in requests], self.model_config.vocab_size, self.device,
             prompt_token_ids=[r.prompt_token_ids for r in requests],
             output_token_ids=[r.output_token_ids for r in requests],
-            eos_token_ids=sorted(requests[0].eos_token_ids))
+            eos_token_ids=sorted(requests[0].eos_token_ids), bitmask=self._fill_bitmask(requests))
         so = self.sampler(logits, batch)
         tokens = so.token_ids.tolist()
         lps = so.logprobs.tolist()
@@ -161,10 +218,10 @@ class ModelRunner:
             results[r.request_id] = SampleResult(tokens[i], lps[i], top, ranks[i] if ranks is not None else None)
         return results
 
-    def execute(self, out: SchedulerOutput) -> dict[str, SampleResult]:
-        """Forward + sample: request id -> its new token, for the requests whose step reached their end."""
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Forward + sample: the new token of each request whose step reached its end, and prompt logprobs."""
         logits, batch = self.forward(out)
-        return self.sample(logits, batch.sample_requests)
+        return StepResult(self.sample(logits, batch.sample_requests), batch.prompt_logprob_rows)
 
     def release(self) -> None:
         """Drop the graphs, cache and model so that their device memory can be freed."""

@@ -4,12 +4,19 @@
 with vLLM's fields. Logprobs follow vLLM: per output token a dict token id -> `Logprob`, holding
 the sampled token and the top `logprobs` tokens (raw model distribution).
 
+Prompt logprobs follow vLLM too: `RequestOutput.prompt_logprobs` is None unless asked for, else a
+list with None for the first prompt token, then per prompt token a dict holding that token and the
+top `prompt_logprobs` tokens.
+
 The seam: the engine makes one `SequenceProcessor` per sequence through a factory
 `(request, tokenizer) -> SequenceProcessor` (`LLMEngine(processor_factory=...)`). After every new
 token the engine calls `on_token(token_id, sample)`; a processor that returns a stop reason (e.g.
 the matched stop string) finishes the sequence at once with finish_reason "stop". `completion()`
-builds the CompletionOutput. Stop strings, incremental detokenization and the like plug in by
-subclassing; the default processor records logprobs and detokenizes the whole output at the end.
+builds the CompletionOutput. `SequenceProcessor` records logprobs and detokenizes the whole output
+each time; `TextProcessor` (the engine's default) streams text through `stop_checker.SequenceOutput`:
+incremental detokenization, stop strings held back until resolved, EOS / stop-id text left out.
+Invariant of every processor: `text()` only ever grows while the sequence runs (streaming clients
+send `text[len(sent):]`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kimi_linear.engine.request import Request
+from kimi_linear.engine.stop_checker import SequenceOutput
 
 
 @dataclass
@@ -59,6 +67,8 @@ class SequenceProcessor:
         self.tokenizer = tokenizer
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, Logprob]] | None = [] if request.sampling_params.logprobs is not None else None
+        # entries for prompt tokens 1.. (token 0 has none), filled while the prompt is prefilled
+        self.prompt_logprobs: list[dict[int, Logprob]] | None = [] if request.wants_prompt_logprobs else None
 
     def on_token(self, token_id: int, sample) -> str | None:
         """Record token `token_id` (sample: the runner's SampleResult). Return a stop reason to finish now."""
@@ -71,6 +81,17 @@ class SequenceProcessor:
                 entry = {token_id: Logprob(sample.logprob, sample.rank, self._decode_one(token_id)), **entry}
             self.logprobs.append(entry)
         return None
+
+    def on_prompt_logprobs(self, rows) -> None:
+        """Append prompt-logprob rows (runner `PromptLogprobRow`s, in prompt order) as vLLM-style dicts."""
+        for r in rows:
+            entry = {tid: Logprob(lp, rank, self._decode_one(tid)) for rank, (tid, lp) in enumerate(r.top, 1)}
+            if r.token_id not in entry:
+                entry = {r.token_id: Logprob(r.logprob, r.rank, self._decode_one(r.token_id)), **entry}
+            self.prompt_logprobs.append(entry)
+
+    def prompt_logprobs_output(self) -> list | None:
+        return None if self.prompt_logprobs is None else [None, *self.prompt_logprobs]
 
     def _decode_one(self, token_id: int) -> str | None:
         if self.tokenizer is None or not self.request.sampling_params.detokenize:
@@ -86,8 +107,38 @@ class SequenceProcessor:
     def completion(self) -> CompletionOutput:
         r = self.request
         return CompletionOutput(index=r.index, text=self.text(), token_ids=list(r.output_token_ids),
-                                cumulative_logprob=self.cumulative_logprob, logprobs=self.logprobs,
+                                cumulative_logprob=self.cumulative_logprob,
+                                logprobs=list(self.logprobs) if self.logprobs is not None else None,
                                 finish_reason=r.finish_reason, stop_reason=r.stop_reason)
+
+
+class TextProcessor(SequenceProcessor):
+    """Streamed text with stop strings: one `SequenceOutput` per sequence, fed token by token.
+
+    The scheduler (`Request.check_stop`) and `SequenceOutput` apply the same rules to EOS, stop ids,
+    min_tokens and the length cap, so they finish on the same token; a stop string, which only the
+    text reveals, is returned to the engine as the stop reason. When the engine ends the sequence
+    itself (abort, the cache's capacity), the held-back text is flushed on the next `completion()`."""
+
+    def __init__(self, request: Request, tokenizer=None):
+        super().__init__(request, tokenizer)
+        self.seq = SequenceOutput(request.sampling_params, tokenizer, request.eos_token_ids,
+                                  max_tokens=request.max_tokens)
+
+    def on_token(self, token_id: int, sample) -> str | None:
+        super().on_token(token_id, sample)
+        if self.seq.finished:
+            return None
+        delta = self.seq.append([token_id])
+        if delta.finished and isinstance(delta.stop_reason, str):
+            return delta.stop_reason
+        return None
+
+    def text(self) -> str:
+        r = self.request
+        if r.is_finished and not self.seq.finished:
+            self.seq.finish(r.finish_reason)  # flush what was held back (a partial stop string, a partial char)
+        return self.seq.text
 
 
 @dataclass
@@ -105,5 +156,7 @@ class RequestState:
 
     def output(self) -> RequestOutput:
         outs = sorted((p.completion() for p in self.processors), key=lambda c: c.index)
+        plp = self.processors[0].prompt_logprobs_output() if self.processors else None
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outs, self.finished,
+                             prompt_logprobs=plp,
                              num_preemptions=sum(p.request.num_preemptions for p in self.processors))

@@ -8,7 +8,11 @@ Invariants the scheduler and runner rely on:
   and `state_slot` (its KDA states). WAITING requests own neither. Preemption frees both and sets
   `num_computed_tokens` back to 0; generated tokens are kept and recomputed with the prompt.
 - `check_stop` decides finishing from token ids only (eos, stop_token_ids, max_tokens, max_model_len),
-  as vLLM's engine core does; stop strings live in the output processor.
+  as vLLM's engine core does; stop strings live in the output processor. EOS / stop ids are checked
+  before the length cap, in the same order as `stop_checker.SequenceOutput`, so both agree on every token.
+- `matcher` (structured output) has accepted exactly `output_token_ids`; preemption keeps it (the
+  recompute samples no old token again). `num_prompt_logprobs` counts the prompt positions whose
+  logprobs were computed (kept across preemption so none is computed twice).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.generator: Any = None  # torch.Generator of a seeded request (set by the engine)
+        self.matcher: Any = None  # structured-output GrammarMatcher of this sequence (set by the engine)
+        self.num_prompt_logprobs = 0  # prompt positions whose logprobs are computed (see wants_prompt_logprobs)
 
     # ------------------------------------------------------------------ token views
     @property
@@ -86,6 +92,11 @@ class Request:
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - P]
 
     @property
+    def wants_prompt_logprobs(self) -> bool:
+        """This sequence computes the prompt logprobs (the first of the n sequences of a request asking for them)."""
+        return self.sampling_params.prompt_logprobs is not None and self.index == 0
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
@@ -104,19 +115,18 @@ class Request:
     def check_stop(self, max_model_len: int) -> bool:
         """After a token was appended: set a FINISHED status and return True if the request is done."""
         p = self.sampling_params
+        if self.num_output_tokens >= p.min_tokens:
+            last = self.output_token_ids[-1]
+            if not p.ignore_eos and last in self.eos_token_ids:
+                self.status = RequestStatus.FINISHED_STOPPED
+                return True
+            if last in p.stop_token_ids:
+                self.status = RequestStatus.FINISHED_STOPPED
+                self.stop_reason = last
+                return True
         if self.num_tokens >= max_model_len or (self.max_tokens is not None
                                                  and self.num_output_tokens >= self.max_tokens):
             self.status = RequestStatus.FINISHED_LENGTH
-            return True
-        if self.num_output_tokens < p.min_tokens:
-            return False
-        last = self.output_token_ids[-1]
-        if not p.ignore_eos and last in self.eos_token_ids:
-            self.status = RequestStatus.FINISHED_STOPPED
-            return True
-        if last in p.stop_token_ids:
-            self.status = RequestStatus.FINISHED_STOPPED
-            self.stop_reason = last
             return True
         return False
 
