@@ -10,20 +10,35 @@ Design and invariants:
 - MQA: a program owns BLOCK_H heads of one sequence and one context split, and reads each cached token
   once for all of its heads (the [BLOCK_N, R] latent tile is both the key and the value operand).
   With H <= 32 (the real shape) one program holds every head, so the cache is streamed exactly once.
+- Token-major tiles: the program computes S^T = [c, k_pe] @ [q_lat, q_pe]^T ([BLOCK_N, H]) and
+  O^T += c^T @ P^T ([R, H]), so the MMA M dimension is the tile's tokens (64) and the latent width
+  (512), which Hopper's warpgroup MMA needs (M >= 64 per warpgroup); the query sits in shared memory
+  once per program, the tile is staged in shared memory and read by both products (the second one
+  through a transposed view). With 32 heads as M (the first version), Triton fell back to mma.sync with
+  the query re-read from shared memory every tile and spilled registers at 4 warps.
+- Register double buffering (`REG_PREFETCH`, the default on GPUs): the loads of tile i+1 are issued
+  before the products of tile i and the block ids run two tiles ahead, so a tile's DRAM latency hides
+  behind the previous tile's math. Triton's own pipeliner (num_stages) cannot do this here: two
+  [64, 576] bf16 stages plus the query fill shared memory and it issues the next copy after the math
+  (measured offline in the TTGIR: one in-flight copy, waited at the top of the next iteration).
+  With 8 warps the kernel holds one tile (144 registers per thread) + O^T (64) without spilling, one
+  program per SM: ~74 KB in flight per SM, about 3 us of that SM's share of DRAM bandwidth.
 - Split-KV: the grid is (head groups, NUM_SPLITS, N), fixed by shapes. Each program derives its token
   range from seq_lens on the device: chunk = max(cdiv(L, NUM_SPLITS), MIN_CHUNK) rounded up to BLOCK_N,
   split s covers [s * chunk, min((s + 1) * chunk, L)); a split past L does nothing. So short contexts
-  use few splits (little partial traffic) and long contexts all of them (the whole GPU streams).
+  use few splits (little partial traffic) and long contexts all of them. `decode_num_splits` picks the
+  count from shapes only so that the programs fill whole waves of SMs (one program per SM).
 - Online softmax in fp32 (exp2, scale folded with log2(e)); each split writes its normalised partial
-  output and log2-sum-exp; the reduction kernel merges the active splits of each (sequence, head) and
-  writes o_lat in the model dtype, or zeros for a padding row (seq_len 0: nothing is read).
+  output and log2-sum-exp; the reduction kernel merges the active splits of each (sequence, head) in
+  [BLOCK_SC, BLOCK_RR] tiles (independent loads, one latency per BLOCK_SC splits) and writes o_lat in
+  the model dtype, or zeros for a padding row (seq_len 0: nothing is read).
 - CUDA-graph safe: no host sync; the grid depends on shapes only; the split scratch lives in `extras`
   (reused across layers and steps while the shapes match) or is allocated by shape.
-- Any power-of-two block size; any seq_len from 0 up (int64 cache offsets, int32 positions).
-- Measured (H100, bf16, batch 1, 1M tokens, benchmarks/mla_decode.py): 0.64 ms per layer with the default
-  launch, 1.6x the copy-bandwidth floor (0.40 ms): the pointer-gather tile loads are latency-bound. The
-  opt-in `use_tma=True` variant (tensor-descriptor tile loads, one block per tile) is tested for
-  correctness but not yet timed on a GPU.
+- Any power-of-two block size (a tile may span several blocks: rows are gathered per token); any
+  seq_len from 0 up (int64 cache offsets, int32 positions). Table entries past a sequence's length are
+  never read.
+- `legacy=True` runs the previous kernel pair (head-major split kernel, split-serial reduction) for the
+  same-run before/after in benchmarks/mla_decode.py; it is slated for removal.
 """
 
 from __future__ import annotations
@@ -35,15 +50,145 @@ import triton
 import triton.language as tl
 
 from kimi_linear.errors import ConfigError
-from kimi_linear.ops.triton_utils import is_interpreter, patch_triton_interpreter
+from kimi_linear.ops.triton_utils import patch_triton_interpreter
 
 _LOG2E = 1.4426950408889634
-MIN_CHUNK = 64  # fewest tokens a split takes before another split is used (64 beat 128..1024 at 4K)
+MIN_CHUNK = 64  # fewest tokens a split takes before another split is used
 MAX_SPLITS = 512
 
 
 @triton.jit
+def _load_rows(cache, blk, pos, end, s_c_blk, s_c_tok, o_r, o_p, m_r, m_p, R: tl.constexpr, BS: tl.constexpr):
+    """The [BLOCK_N, R] latent and [BLOCK_N, DR] key-part rows of tokens `pos` (block ids `blk`); 0 past `end`."""
+    m_n = pos < end
+    row = cache + blk.to(tl.int64) * s_c_blk + (pos % BS).to(tl.int64) * s_c_tok
+    c = tl.load(row[:, None] + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
+    kp = tl.load(row[:, None] + R + o_p[None, :], mask=m_n[:, None] & m_p[None, :], other=0.0)
+    return c, kp
+
+
+@triton.jit
 def _mla_decode_split_kernel(
+    q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse,
+    scale_log2,
+    s_ql_h, s_ql_n, s_qp_n, s_qp_h, s_c_blk, s_c_tok, s_bt_n,
+    s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s,
+    NUM_SPLITS,
+    H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
+    PREC: tl.constexpr, REG_PREFETCH: tl.constexpr,
+):
+    i_hg = tl.program_id(0)
+    i_s = tl.program_id(1)
+    i_n = tl.program_id(2)
+
+    L = tl.load(seq_lens + i_n)
+    chunk = tl.maximum((L + NUM_SPLITS - 1) // NUM_SPLITS, MIN_CHUNK)
+    chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = i_s * chunk
+    end = tl.minimum(start + chunk, L)
+
+    o_h = i_hg * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_r = tl.arange(0, BLOCK_R)
+    o_p = tl.arange(0, BLOCK_DR)
+    o_t = tl.arange(0, BLOCK_N)
+    m_h = o_h < H
+    m_r = o_r < R
+    m_p = o_p < DR
+    table = block_tables + i_n.to(tl.int64) * s_bt_n
+    if REG_PREFETCH:  # tile `start` in registers, the block ids of the next tile (issued before the query)
+        pos = start + o_t
+        blk = tl.load(table + pos // BS, mask=pos < end, other=0)
+        c_nx, kp_nx = _load_rows(cache, blk, pos, end, s_c_blk, s_c_tok, o_r, o_p, m_r, m_p, R, BS)
+        pos = pos + BLOCK_N
+        blk_nx = tl.load(table + pos // BS, mask=pos < end, other=0)
+    # the query, transposed: [R, H] and [DR, H] (the B operands of S^T = K @ Q^T)
+    qt_l = tl.load(q_lat + o_h[None, :] * s_ql_h + i_n * s_ql_n + o_r[:, None],
+                   mask=m_h[None, :] & m_r[:, None], other=0.0)
+    qt_p = tl.load(q_pe + i_n * s_qp_n + o_h[None, :] * s_qp_h + o_p[:, None],
+                   mask=m_h[None, :] & m_p[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)  # O^T
+    for off in range(start, end, BLOCK_N):
+        if REG_PREFETCH:
+            c = c_nx
+            kp = kp_nx
+            pos = off + BLOCK_N + o_t  # issue the next tile's loads before this tile's math
+            c_nx, kp_nx = _load_rows(cache, blk_nx, pos, end, s_c_blk, s_c_tok, o_r, o_p, m_r, m_p, R, BS)
+            pos = pos + BLOCK_N
+            blk_nx = tl.load(table + pos // BS, mask=pos < end, other=0)
+        else:
+            pos = off + o_t
+            blk = tl.load(table + pos // BS, mask=pos < end, other=0)
+            c, kp = _load_rows(cache, blk, pos, end, s_c_blk, s_c_tok, o_r, o_p, m_r, m_p, R, BS)
+        m_n = (off + o_t) < end
+        s = tl.dot(c, qt_l, input_precision=PREC)
+        s = tl.dot(kp, qt_p, s, input_precision=PREC)  # S^T [BLOCK_N, BLOCK_H]
+        s = tl.where(m_n[:, None], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha[None, :]
+        acc = tl.dot(tl.trans(c), p.to(c.dtype), acc, input_precision=PREC)  # O^T += C^T P^T
+        m_i = m_new
+
+    active = start < L
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o_base = part_o + i_n.to(tl.int64) * s_po_n + i_s.to(tl.int64) * s_po_s
+    tl.store(o_base + o_h[None, :] * s_po_h + o_r[:, None], acc / l_safe[None, :],
+             mask=(m_h[None, :] & m_r[:, None]) & active)
+    tl.store(part_lse + i_n.to(tl.int64) * s_pl_n + i_s * s_pl_s + o_h, m_i + tl.log2(l_safe),
+             mask=m_h & active)
+
+
+@triton.jit
+def _mla_decode_reduce_kernel(
+    part_o, part_lse, seq_lens, o_lat,
+    s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s, s_ol_h, s_ol_n,
+    R, NUM_SPLITS,
+    MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, BLOCK_RR: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_r = tl.program_id(2)
+
+    L = tl.load(seq_lens + i_n)
+    chunk = tl.maximum((L + NUM_SPLITS - 1) // NUM_SPLITS, MIN_CHUNK)
+    chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    num_active = (L + chunk - 1) // chunk  # 0 for a padding row
+
+    o_s = tl.arange(0, BLOCK_S)
+    lse_base = part_lse + i_n.to(tl.int64) * s_pl_n + i_h
+    lse = tl.load(lse_base + o_s * s_pl_s, mask=o_s < num_active, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(num_active > 0, m, 0.0)
+    den = tl.sum(tl.exp2(lse - m), 0)  # masked splits contribute exp2(-inf) = 0
+    den = tl.where(den > 0, den, 1.0)
+
+    o_r = i_r * BLOCK_RR + tl.arange(0, BLOCK_RR)
+    m_r = o_r < R
+    o_c = tl.arange(0, BLOCK_SC)
+    acc = tl.zeros([BLOCK_RR], dtype=tl.float32)
+    o_base = part_o + i_n.to(tl.int64) * s_po_n + i_h * s_po_h
+    for s0 in range(0, num_active, BLOCK_SC):  # BLOCK_SC splits per step, all loads independent
+        m_c = (s0 + o_c) < num_active
+        w = tl.exp2(tl.load(lse_base + (s0 + o_c) * s_pl_s, mask=m_c, other=float("-inf")) - m)
+        x = tl.load(o_base + (s0 + o_c)[:, None].to(tl.int64) * s_po_s + o_r[None, :],
+                    mask=m_c[:, None] & m_r[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * x, 0)
+    tl.store(o_lat + i_h * s_ol_h + i_n.to(tl.int64) * s_ol_n + o_r, (acc / den).to(o_lat.dtype.element_ty),
+             mask=m_r)
+
+
+# --------------------------------------------------------------------- legacy (previous version, for the benchmark)
+
+
+@triton.jit
+def _legacy_split_kernel(
     q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse,
     scale_log2,
     s_ql_h, s_ql_n, s_qp_n, s_qp_h, s_c_blk, s_c_tok, s_bt_n,
@@ -114,77 +259,7 @@ def _mla_decode_split_kernel(
 
 
 @triton.jit
-def _mla_decode_split_tma_kernel(
-    q_lat, q_pe, c_desc, kp_desc, block_tables, seq_lens, part_o, part_lse,
-    scale_log2,
-    s_ql_h, s_ql_n, s_qp_n, s_qp_h, s_bt_n, s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s,
-    NUM_SPLITS,
-    H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BS: tl.constexpr, MIN_CHUNK: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-):
-    """The split kernel with tensor-descriptor (TMA) tile loads: a tile is BLOCK_N <= BS consecutive
-    slots of one block, read as two [BLOCK_N, R / 2] latent halves (a TMA box is at most 256 wide) and
-    the [BLOCK_N, DR] key part. Slots past the sequence end inside the tile are read (they must hold
-    finite values: the pool is zero-initialised) and get probability 0."""
-    RH: tl.constexpr = R // 2
-    i_hg = tl.program_id(0)
-    i_s = tl.program_id(1)
-    i_n = tl.program_id(2)
-
-    L = tl.load(seq_lens + i_n)
-    chunk = tl.maximum((L + NUM_SPLITS - 1) // NUM_SPLITS, MIN_CHUNK)
-    chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    start = i_s * chunk
-    end = tl.minimum(start + chunk, L)
-
-    o_h = i_hg * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_a = tl.arange(0, RH)
-    o_p = tl.arange(0, DR)
-    m_h = o_h < H
-    q_base = q_lat + o_h[:, None] * s_ql_h + i_n * s_ql_n
-    q_l0 = tl.load(q_base + o_a[None, :], mask=m_h[:, None], other=0.0)
-    q_l1 = tl.load(q_base + RH + o_a[None, :], mask=m_h[:, None], other=0.0)
-    q_p = tl.load(q_pe + i_n * s_qp_n + o_h[:, None] * s_qp_h + o_p[None, :], mask=m_h[:, None], other=0.0)
-
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_H, RH], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_H, RH], dtype=tl.float32)
-    table = block_tables + i_n.to(tl.int64) * s_bt_n
-    blk_next = tl.load(table + start // BS, mask=start < end, other=0)  # block ids run one tile ahead
-    for off in range(start, end, BLOCK_N):
-        row0 = blk_next * BS + off % BS
-        nxt = off + BLOCK_N
-        blk_next = tl.load(table + nxt // BS, mask=nxt < end, other=0)
-        c0 = c_desc.load([row0, 0])
-        c1 = c_desc.load([row0, RH])
-        kp = kp_desc.load([row0, R])
-        m_n = (off + tl.arange(0, BLOCK_N)) < end
-        s = tl.dot(q_l0, tl.trans(c0), input_precision=PREC)
-        s = tl.dot(q_l1, tl.trans(c1), s, input_precision=PREC)
-        s = tl.dot(q_p, tl.trans(kp), s, input_precision=PREC)
-        s = tl.where(m_n[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(c0.dtype)
-        acc0 = tl.dot(p, c0, acc0 * alpha[:, None], input_precision=PREC)
-        acc1 = tl.dot(p, c1, acc1 * alpha[:, None], input_precision=PREC)
-        m_i = m_new
-
-    active = start < L
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o_base = part_o + i_n.to(tl.int64) * s_po_n + i_s.to(tl.int64) * s_po_s + o_h[:, None] * s_po_h
-    m_o = m_h[:, None] & active
-    tl.store(o_base + o_a[None, :], acc0 / l_safe[:, None], mask=m_o)
-    tl.store(o_base + RH + o_a[None, :], acc1 / l_safe[:, None], mask=m_o)
-    tl.store(part_lse + i_n.to(tl.int64) * s_pl_n + i_s * s_pl_s + o_h, m_i + tl.log2(l_safe),
-             mask=m_h & active)
-
-
-@triton.jit
-def _mla_decode_reduce_kernel(
+def _legacy_reduce_kernel(
     part_o, part_lse, seq_lens, o_lat,
     s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s, s_ol_h, s_ol_n,
     R, NUM_SPLITS,
@@ -223,17 +298,39 @@ def _mla_decode_reduce_kernel(
 
 
 @functools.cache
-@functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def decode_num_splits(num_seqs: int, num_heads: int, device: torch.device, block_h: int = 32) -> int:
-    """Splits per sequence for a batch of `num_seqs`: about two programs per SM, at least 4, a shape-only rule."""
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
+    """Splits per sequence for a batch of `num_seqs`, from shapes only.
+
+    The split kernel runs one program per SM, so the grid should fill whole waves: among 1 ..
+    cdiv(2 * SMs, programs per split) splits, the fewest that reach the best wave occupancy
+    (e.g. 132 SMs: batch 1 -> 132, 8 -> 33, 32 -> 4, 64 -> 2, 256 -> 1)."""
+    return _wave_splits(max(1, num_seqs) * triton.cdiv(num_heads, block_h), _sms(device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _wave_splits(units: int, sms: int) -> int:
+    best, best_eff = 1, 0.0
+    for s in range(1, min(MAX_SPLITS, triton.cdiv(2 * sms, units)) + 1):
+        t = units * s
+        eff = t / (triton.cdiv(t, sms) * sms)
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
+
+
+def _legacy_num_splits(num_seqs: int, num_heads: int, device: torch.device, block_h: int) -> int:
     groups = triton.cdiv(num_heads, block_h)
-    return max(4, min(MAX_SPLITS, triton.cdiv(2 * sms, max(1, num_seqs) * groups)))
+    return max(4, min(MAX_SPLITS, triton.cdiv(2 * _sms(device), max(1, num_seqs) * groups)))
 
 
 def _workspace(extras: dict | None, N: int, S: int, H: int, R: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,39 +345,15 @@ def _workspace(extras: dict | None, N: int, S: int, H: int, R: int, device) -> t
     return ws[1], ws[2]
 
 
-def _default_config(H: int, R: int, dtype: torch.dtype) -> dict:
+def _default_config(H: int, dtype: torch.dtype, legacy: bool) -> dict:
     block_h = min(32, max(16, triton.next_power_of_2(H)))
-    if dtype == torch.float32:
-        return dict(block_h=block_h, block_n=16, num_warps=4, num_stages=2, prefetch=False)
-    # measured on an H100 at batch 1 / 1M tokens (benchmarks/mla_decode.py sweep): 4 warps, 32-token tiles,
-    # all 32 heads in one program beat 8 warps (1.5x), 64-token tiles and 16-head groups
-    return dict(block_h=block_h, block_n=32, num_warps=4, num_stages=2, prefetch=False)
-
-
-def _launch_tma(grid, q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse, scale, S, min_chunk,
-                block_h, block_n, prec, num_warps, num_stages) -> None:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    H, N, R = q_lat.shape
-    NB, BS, D = cache.shape
-    Dr = D - R
-    pow2 = lambda x: x >= 16 and x & (x - 1) == 0  # noqa: E731
-    if not (pow2(R // 2) and R // 2 <= 256 and pow2(Dr) and Dr <= 256 and block_n <= min(BS, 256)
-            and cache.is_contiguous()):
-        raise ValueError(f"mla_decode_attention(use_tma=True) needs R/2 and Dr powers of two in [16, 256], "
-                         f"block_n <= block size and a contiguous cache (R={R}, Dr={Dr}, block_n={block_n}, BS={BS})")
-    flat = cache.view(NB * BS, D)
-    c_desc = TensorDescriptor.from_tensor(flat, [block_n, R // 2])
-    kp_desc = TensorDescriptor.from_tensor(flat, [block_n, Dr])
-    _mla_decode_split_tma_kernel[grid](
-        q_lat, q_pe, c_desc, kp_desc, block_tables, seq_lens, part_o, part_lse,
-        scale * _LOG2E,
-        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), block_tables.stride(0),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        S,
-        H=H, R=R, DR=Dr, BS=BS, MIN_CHUNK=min_chunk, BLOCK_H=block_h, BLOCK_N=block_n, PREC=prec,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    if legacy:  # the previous default: head-major, 4 warps, 32-token tiles, Triton's pipeliner
+        return dict(block_h=block_h, block_n=16 if dtype == torch.float32 else 32, num_warps=4, num_stages=2,
+                    prefetch=False)
+    # 64-token tiles are the smallest M of Hopper's warpgroup MMA; 8 warps hold a prefetched tile and O^T
+    # without spilling (ptxas: 252 registers, 110 KB shared memory at the real shape)
+    return dict(block_h=block_h, block_n=16 if dtype == torch.float32 else 64, num_warps=8, num_stages=1,
+                prefetch=True)
 
 
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
@@ -288,13 +361,14 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
                          num_splits: int | None = None, min_chunk: int = MIN_CHUNK, block_h: int | None = None,
                          block_n: int | None = None, num_warps: int | None = None,
                          num_stages: int | None = None, prefetch: bool | None = None,
-                         use_tma: bool = False) -> torch.Tensor:
+                         legacy: bool = False) -> torch.Tensor:
     """Attention over the paged latent cache (MQA form). Returns o_lat [H, N, R] in q_lat's dtype.
 
     q_lat [H, N, R] (the absorbed query, any strides with a unit last stride); q_pe [N, H, Dr] (unit last
     stride); cache [NB, BS, R + Dr]; block_tables int32 [N, max_blocks]; seq_lens int32 [N] (0 = padding
-    row: its output is zeros). The keyword arguments override the launch configuration (tests, sweeps);
-    `use_tma` selects the tensor-descriptor tile loads (Hopper TMA; opt-in, see the kernel's docstring).
+    row: its output is zeros). The keyword arguments override the launch configuration (tests, sweeps):
+    `prefetch` is the register double buffering of the tiles (`legacy`: of the block ids only);
+    `legacy` runs the previous kernel pair (benchmark before/after).
     """
     H, N, R = q_lat.shape
     Dr = q_pe.shape[-1]
@@ -306,10 +380,10 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
     if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1 or cache.stride(-1) != 1 or cache.stride(1) != D:
         raise ValueError("mla_decode_attention: q_lat, q_pe and cache need a unit last stride and dense cache rows")
     patch_triton_interpreter()
-    cfg = _default_config(H, R, q_lat.dtype)
+    cfg = _default_config(H, q_lat.dtype, legacy)
     block_h = block_h or cfg["block_h"]
     block_n = block_n or cfg["block_n"]
-    S = num_splits or decode_num_splits(N, H, q_lat.device, block_h)
+    S = num_splits or (_legacy_num_splits if legacy else decode_num_splits)(N, H, q_lat.device, block_h)
     part_o, part_lse = _workspace(extras, N, S, H, R, q_lat.device)
     o_lat = torch.empty(H, N, R, dtype=q_lat.dtype, device=q_lat.device)
     if N == 0:
@@ -317,12 +391,9 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
     prec = "ieee" if q_lat.dtype == torch.float32 else "tf32"
     block_tables = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
     seq_lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
-    grid = (triton.cdiv(H, block_h), S, N)
-    if use_tma:
-        _launch_tma(grid, q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse, scale, S, min_chunk,
-                    block_h, block_n, prec, num_warps or cfg["num_warps"], num_stages or cfg["num_stages"])
-    else:
-        _mla_decode_split_kernel[grid](
+    split_kernel = _legacy_split_kernel if legacy else _mla_decode_split_kernel
+    pre = cfg["prefetch"] if prefetch is None else prefetch
+    split_kernel[(triton.cdiv(H, block_h), S, N)](
         q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse,
         scale * _LOG2E,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0), cache.stride(1),
@@ -331,16 +402,22 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
         S,
         H=H, R=R, DR=Dr, BS=BS, MIN_CHUNK=min_chunk, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_DR=max(16, triton.next_power_of_2(Dr)), PREC=prec,
-        PREFETCH=cfg["prefetch"] if prefetch is None else prefetch,
+        **(dict(PREFETCH=pre) if legacy else dict(REG_PREFETCH=pre)),
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
-        )
-    block_rr = min(128, triton.next_power_of_2(R))
+    )
+    strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+               o_lat.stride(0), o_lat.stride(1))
+    if legacy:
+        block_rr = min(128, triton.next_power_of_2(R))
+        _legacy_reduce_kernel[(N, H, triton.cdiv(R, block_rr))](
+            part_o, part_lse, seq_lens, o_lat, *strides, R, S,
+            MIN_CHUNK=min_chunk, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(S), BLOCK_RR=block_rr, num_warps=4)
+        return o_lat
+    block_rr = min(64, triton.next_power_of_2(R))
+    block_s = triton.next_power_of_2(S)
     _mla_decode_reduce_kernel[(N, H, triton.cdiv(R, block_rr))](
-        part_o, part_lse, seq_lens, o_lat,
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        o_lat.stride(0), o_lat.stride(1),
-        R, S,
-        MIN_CHUNK=min_chunk, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(S), BLOCK_RR=block_rr,
+        part_o, part_lse, seq_lens, o_lat, *strides, R, S,
+        MIN_CHUNK=min_chunk, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_SC=min(64, block_s), BLOCK_RR=block_rr,
         num_warps=4,
     )
     return o_lat
