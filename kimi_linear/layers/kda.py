@@ -7,15 +7,20 @@ the cache slot) -> gated RMSNorm with sigmoid(g_b(g_a(x))) -> o_proj.
 
 Parameter names equal the checkpoint's (`self_attn.q_proj.weight`, `self_attn.A_log`, ...).
 On CUDA the Triton kernels run; on the CPU the naive ops with the same call signatures.
+For inference (no autograd) the projections of x run as one GEMM over their tied rows and f_b / g_b as
+one batched GEMM (`layers/fused.py`); q|k|v, f, beta and the gate are views of those outputs (no copies);
+a decode step's conv is one launch (`decode=True`) and the gated norm one kernel.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kimi_linear.config import ModelConfig
 from kimi_linear.layers.context import ForwardContext
+from kimi_linear.layers.fused import fused_weight, needs_grad
 from kimi_linear.ops import kda as kda_ops
 from kimi_linear.ops.conv import naive_causal_conv1d
 from kimi_linear.ops.norm import gated_rms_norm
@@ -69,6 +74,35 @@ class KimiDeltaAttention(nn.Module):
             self._conv_weight_cache = cached
         return cached[1]
 
+    def fused_groups(self) -> dict[str, list[torch.Tensor]]:
+        """Parameter groups tied for inference (`layers/fused.py`): the six projections of x, the two
+        low-rank up-projections (one batched GEMM), the three conv weights."""
+        return {"in": [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.f_a_proj.weight,
+                       self.g_a_proj.weight, self.b_proj.weight],
+                "fg": [self.f_b_proj.weight, self.g_b_proj.weight],
+                "conv": [self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]}
+
+    def _projections(self, x: torch.Tensor):
+        """x [N, D] -> (qkv [N, 3C] pre-conv, f [N, C] gate input, beta logits [N, H], gate [N, C], conv weight [3C, W]).
+
+        Inference: one GEMM over the tied [q; k; v; f_a; g_a; b] rows, one batched GEMM for f_b and g_b,
+        the outputs used as views (no copies). Under autograd: the separate projections."""
+        N = x.shape[0]
+        H, K = self.num_heads, self.head_dim
+        C = H * K
+        groups = self.fused_groups()
+        w_in = fused_weight(self, "in", groups["in"])
+        w_fg = fused_weight(self, "fg", groups["fg"]) if w_in is not None else None
+        w_conv = fused_weight(self, "conv", groups["conv"]) if w_fg is not None else None
+        if w_in is None or w_fg is None or w_conv is None or needs_grad(x):
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+            return (qkv, self.f_b_proj(self.f_a_proj(x)), self.b_proj(x), self.g_b_proj(self.g_a_proj(x)),
+                    self.conv_weight())
+        proj = F.linear(x, w_in)  # [N, 3C + 2K + H]
+        qkv, fg_in, b = proj.split([3 * C, 2 * K, H], dim=-1)
+        fg = torch.bmm(fg_in.view(N, 2, K).transpose(0, 1), w_fg.view(2, C, K).transpose(1, 2))  # [2, N, C]
+        return qkv, fg[0], b, fg[1], w_conv
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         N = x.shape[0]
         H, K = self.num_heads, self.head_dim
@@ -78,27 +112,34 @@ class KimiDeltaAttention(nn.Module):
         recurrent = cache.kda_recurrent[self.layer_idx] if cache is not None else None
         state_indices = ctx.state_indices if cache is not None else None
         triton = use_triton(x)
+        decode = ctx.is_decode and recurrent is not None
 
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        conv = naive_causal_conv1d
+        qkv, f, b, gate, w_conv = self._projections(x)
         if triton:
-            from kimi_linear.ops.conv import causal_conv1d as conv
-        qkv = conv(qkv, self.conv_weight(), conv_state, ctx.cu_seqlens, state_indices, activation="silu")
+            from kimi_linear.ops.conv import causal_conv1d
+
+            qkv = causal_conv1d(qkv, w_conv, conv_state, ctx.cu_seqlens, state_indices, activation="silu",
+                                decode=decode and conv_state is not None)
+        else:
+            qkv = naive_causal_conv1d(qkv, w_conv, conv_state, ctx.cu_seqlens, state_indices, activation="silu")
         q, k, v = (t.reshape(1, N, H, K) for t in qkv.split(C, dim=-1))
-        f = self.f_b_proj(self.f_a_proj(x)).view(1, N, H, K)
-        b = self.b_proj(x).view(1, N, H)
 
         kwargs = dict(initial_state=recurrent, output_final_state=False, cu_seqlens=ctx.cu_seqlens,
                       use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log,
                       dt_bias=self.dt_bias, use_beta_sigmoid_in_kernel=True, state_indices=state_indices)
-        if ctx.is_decode and recurrent is not None:
+        if decode:
             fn = kda_ops.fused_recurrent_kda if triton else kda_ops.naive_recurrent_kda
         else:
             fn = kda_ops.chunk_kda if triton else kda_ops.naive_chunk_kda
-        o, _ = fn(q, k, v, f, b, **kwargs)
+        o, _ = fn(q, k, v, f.reshape(1, N, H, K), b.reshape(1, N, H), **kwargs)
 
-        gate = self.g_b_proj(self.g_a_proj(x)).view(N, H, K)
-        o = gated_rms_norm(o.view(N, H, K), gate, self.o_norm.weight, self.eps)
+        o, gate = o.view(N, H, K), gate.view(N, H, K)
+        if triton and not needs_grad(o, gate, self.o_norm.weight):
+            from kimi_linear.ops.norm import fused_gated_rms_norm
+
+            o = fused_gated_rms_norm(o, gate, self.o_norm.weight, self.eps)
+        else:
+            o = gated_rms_norm(o, gate, self.o_norm.weight, self.eps)
         return self.o_proj(o.reshape(N, C))
 
 

@@ -3,6 +3,8 @@
 Per token the layer caches [kv_a_layernorm(c) (R) ; k_pe (Dr)] into the paged latent cache. Prefill
 and mixed batches use the MHA form (latents expanded through kv_b_proj); pure decode batches use the
 absorbed MQA form over the latent cache. Both are exact rewrites of the same attention.
+For inference q_proj and kv_a_proj_with_mqa run as one GEMM over their tied rows (`layers/fused.py`),
+and the latent norm + k_pe copy is one kernel (`RMSNorm.with_tail`).
 On CUDA (`use_triton`): decode -> `ops/mla/decode.py` (split-KV over the paged cache, CUDA-graph safe),
 prefill / mixed -> `ops/mla/prefill.py` (chunked flash MHA; its decode-like rows go to the decode kernel).
 On CPU: the naive per-sequence ops.
@@ -11,10 +13,12 @@ On CPU: the naive per-sequence ops.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kimi_linear.config import ModelConfig
 from kimi_linear.layers.context import ForwardContext
+from kimi_linear.layers.fused import fused_weight, needs_grad
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.ops import mla as mla_ops
 from kimi_linear.ops.triton_utils import use_triton
@@ -38,12 +42,21 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
 
+    def fused_groups(self) -> dict[str, list[torch.Tensor]]:
+        """Parameter groups tied for inference (`layers/fused.py`): the two projections of x."""
+        return {"in": [self.q_proj.weight, self.kv_a_proj_with_mqa.weight]}
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         N = x.shape[0]
-        H, R = self.num_heads, self.kv_lora_rank
-        q = self.q_proj(x).view(N, H, self.qk_head_dim)
-        ckv = self.kv_a_proj_with_mqa(x)
-        latent = torch.cat([self.kv_a_layernorm(ckv[:, :R]), ckv[:, R:]], dim=-1)  # [N, R + Dr]
+        H = self.num_heads
+        w = fused_weight(self, "in", self.fused_groups()["in"])
+        if w is not None and not needs_grad(x):
+            out = F.linear(x, w)  # [N, H * (Dn + Dr) + R + Dr], one GEMM; q and ckv are views
+            q, ckv = out[:, :H * self.qk_head_dim], out[:, H * self.qk_head_dim:]
+        else:
+            q, ckv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
+        q = q.view(N, H, self.qk_head_dim)
+        latent = self.kv_a_layernorm.with_tail(ckv, self.qk_rope_head_dim)  # [N, R + Dr]
         cache = ctx.cache.mla[self.layer_idx] if ctx.cache is not None else None
         if cache is not None:
             if use_triton(latent):

@@ -9,6 +9,14 @@ Dispatch (`use_triton`): CUDA tensors run the fused Triton router (`ops/moe/rout
 (`ops/moe/fused_moe.py`), which never sync with the host (CUDA-graph capturable); CPU tensors, and any
 call that needs autograd (the kernels have no backward), run the naive ops. Inputs are token batches
 [..., D], flattened to [N, D].
+
+Shared expert folded in (one shared expert, the real config): the routed experts and the shared expert
+are tied (`layers/fused.py`) into [E + 1]-expert tensors (`w13_weight` is rows [:E] of one tensor and the
+shared gate/up its last expert; likewise `w2_weight` and the shared down_proj), the router appends
+expert E with weight 1.0 to every token, and one fused MoE call computes both: no separate GEMVs. The
+sum then rounds once (routed + shared in fp32) where the reference rounds the routed sum and the shared
+output to the model dtype first: a one-ulp difference at most. `forward(x, reduce=False)` may return the
+unreduced `(y [N, k, D], weights [N, k])` pair for the next norm kernel to sum (`RMSNorm.add`).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch
 from torch import nn
 
 from kimi_linear.config import ModelConfig
+from kimi_linear.layers.fused import fused_weight, needs_grad
 from kimi_linear.layers.mlp import SwiGLUMLP
 from kimi_linear.ops.moe import naive_moe_experts, sigmoid_grouped_topk
 from kimi_linear.ops.triton_utils import use_triton
@@ -24,7 +33,7 @@ from kimi_linear.ops.triton_utils import use_triton
 
 def _fused(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """The Triton path: on CUDA (see `use_triton`), and only without autograd (the kernels have no backward)."""
-    return use_triton(x) and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
+    return use_triton(x) and not needs_grad(x, *params)
 
 
 class Router(nn.Module):
@@ -34,13 +43,18 @@ class Router(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts), requires_grad=False)
         self.config = config
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (weights [N, k (+ num_shared)] fp32, ids int64); shared slots only on the fused path."""
         c = self.config
-        route = sigmoid_grouped_topk
+        args = (x, self.weight, self.e_score_correction_bias, c.num_experts_per_token, c.num_expert_group,
+                c.topk_group, c.moe_renormalize, c.routed_scaling_factor, c.moe_biased_weights)
         if _fused(x, self.weight):
-            from kimi_linear.ops.moe.routing import fused_sigmoid_grouped_topk as route
-        return route(x, self.weight, self.e_score_correction_bias, c.num_experts_per_token, c.num_expert_group,
-                     c.topk_group, c.moe_renormalize, c.routed_scaling_factor, c.moe_biased_weights)
+            from kimi_linear.ops.moe.routing import fused_sigmoid_grouped_topk
+
+            return fused_sigmoid_grouped_topk(*args, num_shared=num_shared)
+        if num_shared:
+            raise ValueError("Router: shared-expert slots exist only on the fused (CUDA, no-grad) path")
+        return sigmoid_grouped_topk(*args)
 
 
 class Experts(nn.Module):
@@ -61,14 +75,50 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.config = config
         self.gate = Router(config)
         self.experts = Experts(config)
         self.shared_experts = (SwiGLUMLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
                                if config.num_shared_experts > 0 else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_groups(self) -> dict[str, list[torch.Tensor]]:
+        """Parameter groups tied for inference: [E routed ; 1 shared] expert stacks (one shared expert only)."""
+        se = self.shared_experts
+        if se is None or self.config.num_shared_experts != 1:
+            return {}
+        return {"w13": [self.experts.w13_weight, se.gate_proj.weight, se.up_proj.weight],
+                "w2": [self.experts.w2_weight, se.down_proj.weight]}
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(w13 [E + S, 2I, D], w2 [E + S, D, I], S): with the shared expert folded in when tied, else S = 0."""
+        groups = self.fused_groups()
+        w13 = fused_weight(self, "w13", groups["w13"]) if groups else None
+        w2 = fused_weight(self, "w2", groups["w2"]) if w13 is not None else None
+        if w13 is None or w2 is None:
+            return self.experts.w13_weight, self.experts.w2_weight, 0
+        E, I2, D = self.experts.w13_weight.shape
+        return w13.view(E + 1, I2, D), w2.view(E + 1, D, I2 // 2), 1
+
+    def forward(self, x: torch.Tensor, reduce: bool = True):
+        """x [..., D] -> y [..., D]; with reduce=False (x [N, D]) possibly the pair (y [N, k, D], weights [N, k])."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        params = [self.gate.weight, self.experts.w13_weight, self.experts.w2_weight]
+        if self.shared_experts is not None:
+            params += list(self.shared_experts.parameters())
+        if _fused(x, *params):
+            from kimi_linear.ops.moe.fused_moe import fused_moe
+
+            w13, w2, num_shared = self._stacked()
+            topk_weights, topk_ids = self.gate(x, num_shared=num_shared)
+            separate_shared = num_shared == 0 and self.shared_experts is not None
+            need_sum = reduce or separate_shared
+            y = fused_moe(x, w13, w2, topk_weights, topk_ids, reduce=need_sum)
+            if not need_sum:
+                return y
+            if separate_shared:
+                y = y + self.shared_experts(x)
+            return y.view(shape)
         topk_weights, topk_ids = self.gate(x)
         y = self.experts(x, topk_weights, topk_ids)
         if self.shared_experts is not None:

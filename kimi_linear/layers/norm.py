@@ -1,11 +1,34 @@
-"""RMSNorm module (decoder norms, final norm, MLA kv_a_layernorm)."""
+"""RMSNorm module (decoder norms, final norm, MLA kv_a_layernorm) and its fused entry points.
+
+- `norm(x)`: plain RMSNorm.
+- `norm.add(branch, residual)`: the pre-norm decoder's "residual += branch; h = norm(residual)" in one
+  kernel, returning (h, residual). `residual` None means `branch` is the stream itself (the first layer).
+  `branch` may be a `(y [N, k, D], weights [N, k])` pair, the MoE's unreduced expert outputs: the
+  weighted sum is folded into the same kernel.
+- `norm.with_tail(x, tail)`: normalise the first D columns and copy the last `tail` unchanged (MLA latent).
+
+CUDA tensors (`use_triton`) without autograd run `ops/norm/rmsnorm.py`; otherwise the naive ops, in the
+reference order (the add rounds to the model dtype, then the norm).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from kimi_linear.layers.fused import needs_grad
 from kimi_linear.ops.norm import rms_norm
+from kimi_linear.ops.triton_utils import use_triton
+
+Branch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def reduce_branch(branch: Branch) -> torch.Tensor:
+    """A `(y [N, k, D], weights [N, k])` pair -> (sum_j w_j y_j in fp32).to(y.dtype); a tensor as is."""
+    if isinstance(branch, tuple):
+        y, w = branch
+        return (y.float() * w.float()[..., None]).sum(1).to(y.dtype)
+    return branch
 
 
 class RMSNorm(nn.Module):
@@ -14,8 +37,39 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
+    def _kernel(self, x: torch.Tensor) -> bool:
+        return use_triton(x) and not needs_grad(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel(x):
+            from kimi_linear.ops.norm.rmsnorm import fused_rms_norm
+
+            return fused_rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
+
+    def add(self, branch: Branch, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + branch), residual + branch); residual None: (norm(branch), branch)."""
+        if residual is None:
+            stream = reduce_branch(branch)
+            return self(stream), stream
+        lead = branch[0] if isinstance(branch, tuple) else branch
+        if self._kernel(lead) and not needs_grad(residual):
+            from kimi_linear.ops.norm.rmsnorm import fused_rms_norm
+
+            if isinstance(branch, tuple):
+                return fused_rms_norm(branch[0], self.weight, self.eps, residual=residual, branch_weights=branch[1])
+            return fused_rms_norm(branch, self.weight, self.eps, residual=residual)
+        stream = residual + reduce_branch(branch)
+        return rms_norm(stream, self.weight, self.eps), stream
+
+    def with_tail(self, x: torch.Tensor, tail: int) -> torch.Tensor:
+        """[N, D + tail] -> [norm(x[:, :D]) ; x[:, D:]] (one kernel on CUDA)."""
+        if self._kernel(x):
+            from kimi_linear.ops.norm.rmsnorm import fused_rms_norm
+
+            return fused_rms_norm(x, self.weight, self.eps, tail=tail)
+        D = self.weight.shape[0]
+        return torch.cat([rms_norm(x[..., :D], self.weight, self.eps), x[..., D:]], dim=-1)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

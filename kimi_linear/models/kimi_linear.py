@@ -7,6 +7,8 @@
 
 Parameter names equal the checkpoint's, except the routed experts, which are stacked per layer
 (`experts.w13_weight`, `experts.w2_weight`); `checkpoint_layout()` gives the mapping both ways.
+Projections that read the same input are stored as rows of one tensor (`tie_fused_weights`) so that
+inference runs them as one GEMM; the decoder's residual adds are folded into the next norm's kernel.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from torch import nn
 
 from kimi_linear.config import ModelConfig, parse_dtype
 from kimi_linear.layers.context import ForwardContext
+from kimi_linear.layers.fused import tie_all
 from kimi_linear.layers.kda import KimiDeltaAttention
 from kimi_linear.layers.mla import MultiHeadLatentAttention
 from kimi_linear.layers.mlp import SwiGLUMLP
 from kimi_linear.layers.moe import MoE
-from kimi_linear.layers.norm import RMSNorm
+from kimi_linear.layers.norm import Branch, RMSNorm
 
 # Parameters that stay fp32 whatever the model dtype (spec section 3.2 / 8.13).
 FP32_PARAMS = re.compile(r"(\.A_log|\.dt_bias|\.e_score_correction_bias)$")
@@ -44,10 +47,15 @@ class KimiLinearDecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        h = self.post_attention_layernorm(x)
-        return x + (self.block_sparse_moe(h) if self.is_moe else self.mlp(h))
+    def forward(self, x: Branch, ctx: ForwardContext, residual: torch.Tensor | None = None):
+        """One pre-norm layer, the residual add deferred into the next norm (one kernel each, `RMSNorm.add`).
+
+        x: the residual stream when `residual` is None (the first layer), else the previous layer's output
+        branch (a tensor, or an MoE's unreduced `(y, weights)` pair) still to be added to `residual`.
+        Returns (branch, residual): this layer's output stream is residual + branch."""
+        h, residual = self.input_layernorm.add(x, residual)
+        h, residual = self.post_attention_layernorm.add(self.self_attn(h, ctx), residual)
+        return (self.block_sparse_moe(h, reduce=False) if self.is_moe else self.mlp(h)), residual
 
 
 class KimiLinearModel(nn.Module):
@@ -58,10 +66,10 @@ class KimiLinearModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, ctx)
-        return self.norm(x)
+            x, residual = layer(x, ctx, residual)
+        return self.norm.add(x, residual)[0]
 
 
 class KimiLinearForCausalLM(nn.Module):
@@ -88,8 +96,16 @@ class KimiLinearForCausalLM(nn.Module):
         model = model.to_empty(device=device)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
+        model.tie_fused_weights()
         model.dtype = dtype
         return model.eval()
+
+    def tie_fused_weights(self) -> int:
+        """Store each group of projections that read the same input as consecutive rows of one tensor
+        (`layers/fused.py`), so inference runs each group as one GEMM; names, shapes and memory unchanged.
+        `from_config` does it at build time; a forward without autograd re-ties a group whose storage
+        was split since (e.g. by `model.to(...)`). Returns the number of groups tied now."""
+        return tie_all(self)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str | None = None,

@@ -14,6 +14,9 @@ Two launches, both with grids that depend on shapes only (CUDA-graph safe, no ho
 2. `_conv_state_kernel`, grid (sequences, channel blocks): writes each window's new W - 1 inputs (the
    last W - 1 of old window ++ new tokens, so sequences shorter than W - 1 keep part of the old window).
    It runs after (1) on the same stream, so (1) always reads the old window.
+Decode (`decode=True`: every sequence has exactly one token, token n is sequence n's) takes one launch
+instead: `_conv_decode_kernel`, grid (sequences, channel blocks), reads the window and the new input,
+writes the output and the shifted window; the same fp32 tap order as (1).
 """
 
 from __future__ import annotations
@@ -117,6 +120,41 @@ def _conv_state_kernel(x, state, cu_seqlens, state_indices, T, sx_t, ss_n, ss_r,
                  mask=m_r[:, None] & m_c[None, :])
 
 
+@triton.jit
+def _conv_decode_kernel(x, w, y, state, state_indices, sx_t, sy_t, sw_c, sw_j, ss_n, ss_r,
+                        C: tl.constexpr, W: tl.constexpr, BC: tl.constexpr, HAS_IDX: tl.constexpr,
+                        SILU: tl.constexpr):
+    i_n = tl.program_id(0)
+    o_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m_c = o_c < C
+    if HAS_IDX:
+        slot = tl.load(state_indices + i_n).to(tl.int64)
+    else:
+        slot = i_n.to(tl.int64)
+    live = slot >= 0
+    slot = tl.maximum(slot, 0)
+    m = m_c & live
+    p_s = state + slot * ss_n
+    acc = tl.zeros([BC], dtype=tl.float32)
+    for j in tl.static_range(W - 1):  # taps 0 .. W - 2 read the window, oldest first (the prefill order)
+        wj = tl.load(w + o_c * sw_c + j * sw_j, mask=m_c, other=0.0).to(tl.float32)
+        acc += wj * tl.load(p_s + j * ss_r + o_c, mask=m, other=0.0).to(tl.float32)
+    xv = tl.load(x + i_n.to(tl.int64) * sx_t + o_c, mask=m, other=0.0)
+    acc += tl.load(w + o_c * sw_c + (W - 1) * sw_j, mask=m_c, other=0.0).to(tl.float32) * xv.to(tl.float32)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    acc = tl.where(live, acc, 0.0)
+    tl.store(y + i_n.to(tl.int64) * sy_t + o_c, acc.to(y.dtype.element_ty), mask=m_c)
+    # shift the window: row j <- row j + 1, the last row <- x. A thread reads and writes the same channels,
+    # and reads row j + 1 before it overwrites it (program order on possibly aliasing pointers).
+    for j in tl.static_range(W - 1):
+        if j < W - 2:
+            v = tl.load(p_s + (j + 1) * ss_r + o_c, mask=m, other=0.0)
+        else:
+            v = xv
+        tl.store(p_s + j * ss_r + o_c, v.to(state.dtype.element_ty), mask=m)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(f"causal_conv1d: {msg}")
@@ -124,7 +162,7 @@ def _check(cond: bool, msg: str) -> None:
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor | None = None,
                   cu_seqlens: torch.Tensor | None = None, state_indices: torch.Tensor | None = None,
-                  activation: str | None = "silu") -> torch.Tensor:
+                  activation: str | None = "silu", decode: bool = False) -> torch.Tensor:
     """Causal depthwise conv1d (+ SiLU) over a varlen token batch, updating the conv-state pool in place.
 
     Args:
@@ -133,6 +171,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tenso
         conv_state: [S, W - 1, C] pool (channels contiguous) or None (zero history, nothing stored).
         cu_seqlens: int [N + 1] or None (one sequence); state_indices: int [N] or None (slot n).
         activation: "silu" or None.
+        decode: every sequence has exactly one token (token n belongs to sequence n, T == N) and a
+            conv_state: one fused launch (output + window update).
     Returns:
         y [T, C] in x's dtype.
     """
@@ -155,6 +195,17 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tenso
         _check(conv_state.dim() == 3 and conv_state.shape[1:] == (W - 1, C) and conv_state.stride(2) == 1,
                f"conv_state must be [S, {W - 1}, {C}] with contiguous channels, got {tuple(conv_state.shape)}")
     y = torch.empty(T, C, dtype=x.dtype, device=x.device)
+    if decode:
+        _check(conv_state is not None and T == N, f"decode needs a conv_state and one token per sequence "
+                                                  f"(T={T}, N={N})")
+        if T > 0:
+            BC = min(256, triton.next_power_of_2(C))
+            _conv_decode_kernel[(N, triton.cdiv(C, BC))](
+                x, weight, y, conv_state, state_indices if state_indices is not None else y,
+                x.stride(0), y.stride(0), *weight.stride(), *conv_state.stride()[:2],
+                C=C, W=W, BC=BC, HAS_IDX=state_indices is not None,
+                SILU=activation == "silu", num_warps=4)
+        return y
     dummy = y
     is_varlen = cu_seqlens is not None
     has_idx = state_indices is not None

@@ -18,6 +18,9 @@ Pairs: the P = N * k (token, slot) pairs, pair p = token p // k, slot p % k, exp
    position [P, D], unweighted (the reference also rounds each expert's output to x's dtype).
 4. sum (`_moe_sum_kernel`): out[t] = sum_j topk_weights[t, j] * y[t * k + j] in fp32, cast to x's dtype.
 Row tiles past expert_start[E] exit at once. Expert ids must lie in [0, E) (not checked: that needs a sync).
+Direct mode (P <= DIRECT_MAX_PAIRS, the decode case): no align launch; row tile p is pair p alone, its
+expert read from topk_ids[p], h and y indexed by pair (duplicate experts are read once per pair).
+`reduce=False` returns the unweighted [N, k, D] pair outputs instead of launching the sum.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import triton.language as tl
 
 SINGLE_PROGRAM_MAX_PAIRS = 4096
 _ALIGN_BLOCK = 1024
+DIRECT_MAX_PAIRS = 16
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,11 @@ def pick_tiles(num_pairs: int, num_experts: int) -> MoETiles:
     if rows <= 192:
         return MoETiles(64, (64, 128, 4, 3), (128, 64, 4, 4), 8)
     return MoETiles(128, (128, 64, 8, 3), (128, 64, 8, 4), 8)
+
+
+# Direct mode (decode): one row tile per pair. Narrow up tiles and 3 stages keep every program resident
+# at once (9 pairs x 32 tiles = 288 programs, 3 per SM), so no second wave of heavy programs trails.
+DIRECT_TILES = MoETiles(16, (32, 128, 4, 3), (64, 128, 4, 3), 1)
 
 
 # ---------------------------------------------------------------------------------------------- align
@@ -167,16 +176,25 @@ def _tile_rows(start_ptr, count_ptr, row0, E, BLOCK_M: tl.constexpr, E_P: tl.con
 
 
 @triton.jit
-def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, start_ptr, count_ptr, num_m, E, D: tl.constexpr, I: tl.constexpr,
-                   TOPK: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, start_ptr, count_ptr, ids_ptr, num_m, E, D: tl.constexpr,
+                   I: tl.constexpr, TOPK: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   E_P: tl.constexpr):
-    pid_m, pid_n = _tile_coords(num_m, tl.cdiv(I, BLOCK_N), GROUP_M)
-    row0 = pid_m * BLOCK_M
-    if row0 >= tl.load(start_ptr + E):
-        return
-    e, rows, rmask = _tile_rows(start_ptr, count_ptr, row0, E, BLOCK_M, E_P)
-    pair = tl.load(sorted_ptr + rows, mask=rmask, other=0)
+                   E_P: tl.constexpr, DIRECT: tl.constexpr):
+    if DIRECT:
+        num_n = tl.cdiv(I, BLOCK_N)
+        pid_m = tl.program_id(0) // num_n
+        pid_n = tl.program_id(0) % num_n
+        e = tl.load(ids_ptr + pid_m).to(tl.int32)
+        rows = pid_m + tl.arange(0, BLOCK_M)
+        rmask = tl.arange(0, BLOCK_M) == 0
+        pair = rows
+    else:
+        pid_m, pid_n = _tile_coords(num_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+        row0 = pid_m * BLOCK_M
+        if row0 >= tl.load(start_ptr + E):
+            return
+        e, rows, rmask = _tile_rows(start_ptr, count_ptr, row0, E, BLOCK_M, E_P)
+        pair = tl.load(sorted_ptr + rows, mask=rmask, other=0)
     tok = (pair // TOPK).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -211,16 +229,25 @@ def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, start_ptr, count_ptr, num_
 
 
 @triton.jit
-def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, start_ptr, count_ptr, num_m, E, D: tl.constexpr, I: tl.constexpr,
-                     PREC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, start_ptr, count_ptr, ids_ptr, num_m, E, D: tl.constexpr,
+                     I: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     E_P: tl.constexpr):
-    pid_m, pid_n = _tile_coords(num_m, tl.cdiv(D, BLOCK_N), GROUP_M)
-    row0 = pid_m * BLOCK_M
-    if row0 >= tl.load(start_ptr + E):
-        return
-    e, rows, rmask = _tile_rows(start_ptr, count_ptr, row0, E, BLOCK_M, E_P)
-    pair = tl.load(sorted_ptr + rows, mask=rmask, other=0).to(tl.int64)
+                     E_P: tl.constexpr, DIRECT: tl.constexpr):
+    if DIRECT:
+        num_n = tl.cdiv(D, BLOCK_N)
+        pid_m = tl.program_id(0) // num_n
+        pid_n = tl.program_id(0) % num_n
+        e = tl.load(ids_ptr + pid_m).to(tl.int32)
+        rows = pid_m + tl.arange(0, BLOCK_M)
+        rmask = tl.arange(0, BLOCK_M) == 0
+        pair = rows.to(tl.int64)
+    else:
+        pid_m, pid_n = _tile_coords(num_m, tl.cdiv(D, BLOCK_N), GROUP_M)
+        row0 = pid_m * BLOCK_M
+        if row0 >= tl.load(start_ptr + E):
+            return
+        e, rows, rmask = _tile_rows(start_ptr, count_ptr, row0, E, BLOCK_M, E_P)
+        pair = tl.load(sorted_ptr + rows, mask=rmask, other=0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < D
@@ -279,43 +306,57 @@ def _check(x, w13, w2, topk_weights, topk_ids):
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, tiles: MoETiles | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, tiles: MoETiles | None = None, reduce: bool = True):
     """Routed SwiGLU experts.
 
     x [N, D]; w13 [E, 2I, D] (rows: gate w1, then up w3); w2 [E, D, I]; topk_weights [N, k] (fp32);
     topk_ids [N, k] int32/int64 in [0, E) -> y [N, D] in x's dtype. `tiles` overrides `pick_tiles`.
+    reduce=False skips the weighted k-way sum and returns (y_pairs [N, k, D] unweighted, topk_weights), for a
+    consumer that folds the sum into its own kernel (`ops/norm/rmsnorm.py`'s branch_weights).
     """
     _check(x, w13, w2, topk_weights, topk_ids)
     N, D = x.shape
     E, I = w13.shape[0], w2.shape[2]
     k = topk_ids.shape[1]
-    out = torch.empty(N, D, dtype=x.dtype, device=x.device)
     if N == 0 or k == 0:
-        return out.zero_()
+        if not reduce:
+            return torch.zeros(N, k, D, dtype=x.dtype, device=x.device), topk_weights
+        return torch.zeros(N, D, dtype=x.dtype, device=x.device)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     topk_weights = topk_weights.contiguous()
+    topk_ids = topk_ids.contiguous()
     P = N * k
-    t = tiles or pick_tiles(P, E)
+    direct = tiles is None and P <= DIRECT_MAX_PAIRS
+    t = tiles or (DIRECT_TILES if direct else pick_tiles(P, E))
     BM = t.block_m
     E_P = triton.next_power_of_2(E)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    sorted_pairs, start, count = moe_align(topk_ids.contiguous(), E, BM)
-    num_m = triton.cdiv(sorted_pairs.numel(), BM)
+    if direct:
+        sorted_pairs = start = count = topk_ids  # unused in direct mode
+        num_m = P
+        R = P
+    else:
+        sorted_pairs, start, count = moe_align(topk_ids, E, BM)
+        R = sorted_pairs.numel()
+        num_m = triton.cdiv(R, BM)
 
-    h = torch.empty(sorted_pairs.numel(), I, dtype=x.dtype, device=x.device)
+    h = torch.empty(R, I, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = t.up
     _moe_up_kernel[(num_m * triton.cdiv(I, bn),)](
-        x, w13, h, sorted_pairs, start, count, num_m, E, D, I, TOPK=k, PREC=prec,
+        x, w13, h, sorted_pairs, start, count, topk_ids, num_m, E, D, I, TOPK=k, PREC=prec,
         EVEN_K=D % bk == 0, EVEN_N=I % bn == 0, BLOCK_M=BM, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t.group_m, E_P=E_P,
-        num_warps=warps, num_stages=stages)
+        DIRECT=direct, num_warps=warps, num_stages=stages)
 
     y = torch.empty(P, D, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = t.down
     _moe_down_kernel[(num_m * triton.cdiv(D, bn),)](
-        h, w2, y, sorted_pairs, start, count, num_m, E, D, I, PREC=prec,
+        h, w2, y, sorted_pairs, start, count, topk_ids, num_m, E, D, I, PREC=prec,
         EVEN_K=I % bk == 0, EVEN_N=D % bn == 0, BLOCK_M=BM, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t.group_m, E_P=E_P,
-        num_warps=warps, num_stages=stages)
+        DIRECT=direct, num_warps=warps, num_stages=stages)
+    if not reduce:
+        return y.view(N, k, D), topk_weights
 
+    out = torch.empty(N, D, dtype=x.dtype, device=x.device)
     block_d = min(1024, triton.next_power_of_2(D))
     _moe_sum_kernel[(N, triton.cdiv(D, block_d))](y, topk_weights, out, D, TOPK=k, BLOCK_D=block_d, num_warps=4)
     return out

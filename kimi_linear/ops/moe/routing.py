@@ -3,14 +3,19 @@ and with no host synchronisation (CUDA-graph capturable).
 
 1. `_router_logits_kernel`: logits [N, E] fp32 = x [N, D] @ gate_weight [E, D]^T. bf16 operands are
    multiplied exactly and accumulated in fp32, which equals the reference's fp32 upcast-then-matmul up
-   to summation order; fp32 operands use IEEE fp32 dot products (no TF32).
+   to summation order; fp32 operands use IEEE fp32 dot products (no TF32). Decode-sized batches
+   (N <= GEMV_MAX_TOKENS) use `_router_logits_gemv_kernel` instead: each of many programs holds a few
+   whole weight rows in registers (one load) and does exact fp32 multiply-adds for every token.
 2. `_router_topk_kernel`: one program per token. scores = sigmoid(logits), choice = scores + bias; the
    experts are laid out as [groups, experts per group]; groups are ranked by the sum of their two best
    choices, the best `topk_group` are kept, the others masked to -inf; then top-k on choice by repeated
    first-argmax (ties go to the lower expert id); weights gathered from scores (or from choice with
    `biased_weights`), optionally renormalised (+1e-20), scaled.
 
-Outputs: topk_weights [N, k] fp32 (best expert first), topk_ids [N, k] int64.
+Outputs: topk_weights [N, k] fp32 (best expert first), topk_ids [N, k] int64. With `num_shared` = S > 0
+they are [N, k + S]: slots k .. k + S - 1 hold the shared experts as ids E .. E + S - 1 with weight 1.0
+(not renormalised nor scaled), so that `fused_moe` over [E + S] stacked experts adds the shared experts.
+The top-k kernel runs one warp per token (its reductions are then warp shuffles only).
 """
 
 from __future__ import annotations
@@ -18,6 +23,24 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+GEMV_MAX_TOKENS = 4
+
+
+@triton.jit
+def _router_logits_gemv_kernel(x_ptr, w_ptr, out_ptr, N, E, sx_n, D: tl.constexpr, BLOCK_E: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    d = tl.arange(0, BLOCK_D)
+    cmask = cols < E
+    dmask = d < D
+    w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * D + d[None, :], mask=cmask[:, None] & dmask[None, :],
+                other=0.0).to(tl.float32)
+    n = 0
+    while n < N:
+        xv = tl.load(x_ptr + n * sx_n + d, mask=dmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * E + cols, tl.sum(w * xv[None, :], 1), mask=cmask)
+        n += 1
 
 
 @triton.jit
@@ -48,7 +71,8 @@ def _router_logits_kernel(x_ptr, w_ptr, out_ptr, N, E, D: tl.constexpr, BF16_DOT
 
 @triton.jit
 def _router_topk_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E, PER, scaling,
-                        G: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr, K_P: tl.constexpr,
+                        G: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr, NUM_SHARED: tl.constexpr,
+                        K_P: tl.constexpr,
                         G_P: tl.constexpr, PER_P: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BIASED_WEIGHTS: tl.constexpr, RENORMALIZE: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
@@ -94,16 +118,22 @@ def _router_topk_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E, PER, scal
     if RENORMALIZE:
         out_w = out_w / (tl.sum(out_w, axis=0) + 1e-20)
     out_w = out_w * scaling
-    tl.store(weights_ptr + n * TOPK + slots, out_w, mask=slots < TOPK)
-    tl.store(ids_ptr + n * TOPK + slots, out_id, mask=slots < TOPK)
+    KT: tl.constexpr = TOPK + NUM_SHARED
+    if NUM_SHARED > 0:
+        shared = (slots >= TOPK) & (slots < KT)
+        out_w = tl.where(shared, 1.0, out_w)
+        out_id = tl.where(shared, (E + slots - TOPK).to(tl.int64), out_id)
+    tl.store(weights_ptr + n * KT + slots, out_w, mask=slots < KT)
+    tl.store(ids_ptr + n * KT + slots, out_id, mask=slots < KT)
 
 
 def fused_sigmoid_grouped_topk(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
                                num_expert_group: int = 1, topk_group: int = 1, renormalize: bool = True,
-                               scaling: float = 1.0, biased_weights: bool = False):
+                               scaling: float = 1.0, biased_weights: bool = False, num_shared: int = 0):
     """x [N, D], gate_weight [E, D], bias [E] or None -> (topk_weights [N, k] fp32, topk_ids [N, k] int64).
 
     Same contract as `naive.sigmoid_grouped_topk`; ids come best first (the reference leaves them unsorted).
+    num_shared = S > 0 appends S shared-expert slots (ids E .. E + S - 1, weight 1.0): [N, k + S].
     """
     if x.dim() != 2 or gate_weight.dim() != 2 or x.shape[1] != gate_weight.shape[1]:
         raise ValueError(f"router: x {tuple(x.shape)} and gate weight {tuple(gate_weight.shape)} do not match "
@@ -118,23 +148,32 @@ def fused_sigmoid_grouped_topk(x: torch.Tensor, gate_weight: torch.Tensor, bias:
         raise ValueError(f"router: correction bias shape {tuple(bias.shape)} != ({E},)")
     x = x.contiguous()
     gate_weight = gate_weight.contiguous()
-    weights = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
-    ids = torch.empty(N, top_k, dtype=torch.int64, device=x.device)
+    if num_shared < 0:
+        raise ValueError(f"router: num_shared={num_shared} must be >= 0")
+    kt = top_k + num_shared
+    weights = torch.empty(N, kt, dtype=torch.float32, device=x.device)
+    ids = torch.empty(N, kt, dtype=torch.int64, device=x.device)
     if N == 0:
         return weights, ids
     logits = torch.empty(N, E, dtype=torch.float32, device=x.device)
-    bf16 = x.dtype == torch.bfloat16 and gate_weight.dtype == torch.bfloat16
-    block_m = 16 if N <= 16 else 64
-    block_e = 16 if N <= 16 else 64
-    block_k = (256 if N <= 16 else 64) if bf16 else 32
-    grid = (triton.cdiv(N, block_m), triton.cdiv(E, block_e))
-    _router_logits_kernel[grid](x, gate_weight, logits, N, E, D, BF16_DOT=bf16, BLOCK_M=block_m, BLOCK_E=block_e,
-                                BLOCK_K=block_k, num_warps=4, num_stages=3)
+    if N <= GEMV_MAX_TOKENS:
+        block_d = triton.next_power_of_2(D)
+        block_e = max(1, min(16, 8192 // block_d))  # <= 8K weight values (64 registers a thread) per program
+        _router_logits_gemv_kernel[(triton.cdiv(E, block_e),)](x, gate_weight, logits, N, E, x.stride(0), D,
+                                                               BLOCK_E=block_e, BLOCK_D=block_d, num_warps=4)
+    else:
+        bf16 = x.dtype == torch.bfloat16 and gate_weight.dtype == torch.bfloat16
+        block_m = 16 if N <= 16 else 64
+        block_e = 16 if N <= 16 else 64
+        block_k = (256 if N <= 16 else 64) if bf16 else 32
+        grid = (triton.cdiv(N, block_m), triton.cdiv(E, block_e))
+        _router_logits_kernel[grid](x, gate_weight, logits, N, E, D, BF16_DOT=bf16, BLOCK_M=block_m,
+                                    BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4, num_stages=3)
     per = E // num_expert_group
     b = bias.contiguous() if bias is not None else logits
     _router_topk_kernel[(N,)](logits, b, weights, ids, E, per, float(scaling),
-                              G=num_expert_group, TOPK_GROUP=topk_group, TOPK=top_k,
-                              K_P=triton.next_power_of_2(top_k), G_P=max(2, triton.next_power_of_2(num_expert_group)),
+                              G=num_expert_group, TOPK_GROUP=topk_group, TOPK=top_k, NUM_SHARED=num_shared,
+                              K_P=triton.next_power_of_2(kt), G_P=max(2, triton.next_power_of_2(num_expert_group)),
                               PER_P=max(2, triton.next_power_of_2(per)), HAS_BIAS=bias is not None,
-                              BIASED_WEIGHTS=biased_weights, RENORMALIZE=renormalize, num_warps=4)
+                              BIASED_WEIGHTS=biased_weights, RENORMALIZE=renormalize, num_warps=1)
     return weights, ids

@@ -1,0 +1,100 @@
+"""Fused weights for inference: a group of parameters stored as consecutive rows of one tensor.
+
+Several projections read the same input (KDA's q | k | v | f_a | g_a | b, MLA's q | kv_a, a SwiGLU's
+gate | up; the MoE's routed experts and its shared expert). A group is *tied* when its parameters are
+views of consecutive rows of one contiguous tensor: the group then runs as one GEMM (one launch, one pass
+over x) while parameter names, shapes, the checkpoint layout and the weight memory stay as they are (the
+loader and `init_weights` copy into the views in place; nothing is stored twice).
+
+- `tie(params)`: re-point the parameters at views of one new tensor, values kept (the old storage is
+  freed once nothing else holds it). `KimiLinearForCausalLM.from_config` ties every group at build time.
+- `spanning(params)`: the [rows, cols] tensor a tied group spans, or None when it is not tied (e.g. after
+  `model.to(...)` gave every parameter its own storage).
+- `fused_weight(owner, key, params)`: for inference (None while autograd needs the separate parameters):
+  the spanning tensor, tying the group first if it is not tied; cached on `owner` by data pointers.
+
+Rows run along the last dim: [E, 2I, D] stacked experts and an [I, D] projection tie into
+[E * 2I + I, D]; [C, 1, W] conv weights into [3C, W].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd must see these tensors (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _rows(p: torch.Tensor) -> int:
+    return p.numel() // p.shape[-1] if p.shape[-1] else 0
+
+
+def spanning(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The [sum rows, cols] view spanning the tied group `params`, or None if they are not tied."""
+    p0 = params[0]
+    if p0.device.type == "meta" or p0.numel() == 0:
+        return None
+    cols = p0.shape[-1]
+    storage_ptr = p0.untyped_storage().data_ptr()
+    expect = p0.data_ptr()
+    rows = 0
+    for p in params:
+        if (p.dtype != p0.dtype or p.device != p0.device or not p.is_contiguous() or p.shape[-1] != cols
+                or p.data_ptr() != expect or p.untyped_storage().data_ptr() != storage_ptr):
+            return None
+        expect += p.numel() * p.element_size()
+        rows += _rows(p)
+    return p0.detach().as_strided((rows, cols), (cols, 1), p0.storage_offset())
+
+
+@torch.no_grad()
+def tie(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """Make `params` views of consecutive rows of one new tensor (values kept); return it [rows, cols].
+    None (nothing changed) when they cannot share one tensor (dtypes, devices or row sizes differ)."""
+    p0 = params[0]
+    cols = p0.shape[-1]
+    if any(p.dtype != p0.dtype or p.device != p0.device or p.shape[-1] != cols or p.numel() == 0 for p in params):
+        return None
+    with torch.inference_mode(False):
+        flat = torch.cat([p.detach().reshape(-1, cols) for p in params], 0)
+    off = 0
+    for p in params:
+        n = _rows(p)
+        p.data = flat[off:off + n].view(p.shape)
+        off += n
+    return flat
+
+
+def fused_weight(owner: object, key: str, params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The spanning tensor of the group for an inference forward (see the module docstring), else None."""
+    if needs_grad(*params):
+        return None
+    ptrs = tuple(p.data_ptr() for p in params)
+    cache = owner.__dict__.setdefault("_fused_weights", {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] == ptrs and hit[1].dtype == params[0].dtype:
+        return hit[1]
+    t = spanning(params)
+    if t is None and params[0].device.type != "meta":
+        t = tie(params)
+        ptrs = tuple(p.data_ptr() for p in params)
+    if t is not None:
+        cache[key] = (ptrs, t)
+    return t
+
+
+def tie_all(model: torch.nn.Module) -> int:
+    """Tie every group that the model's modules declare (`fused_groups()`), parents before children (the
+    MoE's [experts ; shared] stack before the shared SwiGLU's gate|up, which it keeps adjacent). Returns
+    the number of groups tied now."""
+    n = 0
+    for module in model.modules():
+        groups = getattr(module, "fused_groups", None)
+        if groups is None:
+            continue
+        for params in groups().values():
+            if params[0].device.type != "meta" and spanning(params) is None and tie(params) is not None:
+                n += 1
+    return n

@@ -1,0 +1,116 @@
+"""Fused RMSNorm (Triton): the residual add, or a weighted k-way branch sum, folded into the norm.
+
+Same arithmetic, in the same order, as the reference (`naive.rms_norm`, spec section 2):
+
+    s = branch + residual                      rounded to x's dtype (the decoder's residual stream)
+    y = weight * (float(s) * rsqrt(mean(float(s)^2) + eps)).to(x.dtype)   the product in promote(weight, x)
+
+- `residual` None: s = x (a plain RMSNorm).
+- `branch_weights` [N, k]: x is [N, k, D] and the branch is (sum_j w[:, j] * float(x[:, j])).to(x.dtype),
+  the MoE's weighted expert sum (as `fused_moe`'s sum kernel computes it), so that sum costs no launch.
+- `tail` > 0: the last `tail` columns of each x row are copied to y unchanged (the MLA latent
+  [kv_a_layernorm(c) ; k_pe] in one launch).
+
+One program per row; the row stays in registers (D up to 16K). Only the reduction order (and the
+hardware rsqrt) differ from torch, so bf16 results match up to rare one-ulp flips. No autograd: callers
+use the naive ops when gradients are needed. CUDA-graph safe (no host sync, shape-only grid).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kimi_linear.ops.triton_utils import patch_triton_interpreter
+
+
+@triton.jit
+def _rms_norm_kernel(x, r, bw, w, y, r_out, sx_n, sx_k, sr_n, sy_n, sro_n, eps,
+                     D: tl.constexpr, TAIL: tl.constexpr, TOPK: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_T: tl.constexpr, HAS_RES: tl.constexpr, HAS_BW: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, BLOCK_D)
+    m = o < D
+    if HAS_BW:
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(TOPK):
+            wj = tl.load(bw + n * TOPK + j).to(tl.float32)
+            acc += wj * tl.load(x + n * sx_n + j * sx_k + o, mask=m, other=0.0).to(tl.float32)
+        v = acc.to(x.dtype.element_ty)
+    else:
+        v = tl.load(x + n * sx_n + o, mask=m, other=0.0)
+    if HAS_RES:
+        s = (v.to(tl.float32) + tl.load(r + n * sr_n + o, mask=m, other=0.0).to(tl.float32)).to(x.dtype.element_ty)
+        tl.store(r_out + n * sro_n + o, s, mask=m)
+        v = s
+    xf = v.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, 0) / D + eps)
+    yn = (xf * rstd).to(x.dtype.element_ty).to(tl.float32)
+    out = yn * tl.load(w + o, mask=m, other=0.0).to(tl.float32)
+    tl.store(y + n * sy_n + o, out.to(y.dtype.element_ty), mask=m)
+    if TAIL > 0:
+        ot = tl.arange(0, BLOCK_T)
+        mt = ot < TAIL
+        t = tl.load(x + n * sx_n + D + ot, mask=mt, other=0.0)
+        tl.store(y + n * sy_n + D + ot, t.to(y.dtype.element_ty), mask=mt)
+
+
+def _num_warps(block: int) -> int:
+    return max(1, min(8, block // 512))
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                   branch_weights: torch.Tensor | None = None, tail: int = 0):
+    """RMSNorm of (x + residual) over the last dim, with the options of the module docstring.
+
+    Args:
+        x: [..., D + tail] (unit last stride, any row stride); with `branch_weights`, [N, k, D].
+        weight: [D].
+        residual: [N, D] in x's dtype, or None.
+        branch_weights: [N, k] (any float dtype, read as fp32), or None.
+        tail: trailing columns of x copied unchanged (not with residual / branch_weights).
+    Returns:
+        y [..., D + tail] in promote(weight, x) dtype; with `residual` the pair (y, s) where s [N, D] is
+        the new residual stream (x's dtype).
+    """
+    patch_triton_interpreter()
+    D = weight.shape[-1]
+    if weight.dim() != 1:
+        raise ValueError(f"fused_rms_norm: weight must be [D], got {tuple(weight.shape)}")
+    if tail < 0 or (tail and (residual is not None or branch_weights is not None)):
+        raise ValueError("fused_rms_norm: tail must be >= 0 and cannot be combined with residual / branch_weights")
+    if branch_weights is not None:
+        if x.dim() != 3 or x.shape[-1] != D or branch_weights.shape != x.shape[:2]:
+            raise ValueError(f"fused_rms_norm: with branch_weights x must be [N, k, D={D}] and the weights [N, k]; "
+                             f"got x {tuple(x.shape)}, weights {tuple(branch_weights.shape)}")
+        lead = x.shape[:1]
+        x2 = x if x.stride(-1) == 1 else x.contiguous()
+        topk, sx_k = x.shape[1], x2.stride(1)
+        branch_weights = branch_weights.contiguous()
+    else:
+        if x.shape[-1] != D + tail:
+            raise ValueError(f"fused_rms_norm: x has {x.shape[-1]} columns, expected D + tail = {D} + {tail}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, D + tail)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        topk, sx_k = 1, 0
+    N = x2.shape[0]
+    y = torch.empty(*lead, D + tail, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    r_out = None
+    if residual is not None:
+        if residual.shape != (N, D) or residual.dtype != x.dtype or residual.stride(-1) != 1:
+            raise ValueError(f"fused_rms_norm: residual must be [N={N}, D={D}] in {x.dtype} with a unit last "
+                             f"stride, got {tuple(residual.shape)} {residual.dtype}")
+        r_out = torch.empty(N, D, dtype=x.dtype, device=x.device)
+    if N:
+        block_d = triton.next_power_of_2(D)
+        _rms_norm_kernel[(N,)](
+            x2, residual if residual is not None else x2, branch_weights if branch_weights is not None else x2,
+            weight, y, r_out if r_out is not None else y,
+            x2.stride(0), sx_k, residual.stride(0) if residual is not None else 0, D + tail,
+            D if r_out is not None else 0, float(eps),
+            D=D, TAIL=tail, TOPK=topk, BLOCK_D=block_d, BLOCK_T=triton.next_power_of_2(max(tail, 1)),
+            HAS_RES=residual is not None, HAS_BW=branch_weights is not None, num_warps=_num_warps(block_d))
+    return y if residual is None else (y, r_out)

@@ -1,0 +1,71 @@
+"""The whole model's kernel path (fused norms and residual adds, tied projections, the one-launch decode
+conv, the shared expert folded into the fused MoE, its sum folded into the next norm) equals the naive
+path: prefill then decode through a SequenceCache, the kernels run under the Triton interpreter on the
+CPU (KIMI_LINEAR_TRITON_ON_CPU=1), the same code as on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+
+from kimi_linear import KimiLinearForCausalLM, SequenceCache
+from kimi_linear.layers.fused import spanning
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return KimiLinearForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32, progress=False)
+
+
+def _run(model, ids, prefill: int):
+    cache = SequenceCache(model.config, ids.shape[0], block_size=4, initial_blocks=8)
+    outs = [model(ids[:, :prefill], cache)]
+    for t in range(prefill, ids.shape[1]):
+        outs.append(model(ids[:, t:t + 1], cache))
+    return torch.cat(outs, 1), cache
+
+
+@torch.no_grad()
+def test_kernel_path_matches_naive_prefill_and_decode(model, monkeypatch):
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    monkeypatch.setenv("KIMI_LINEAR_TRITON_ON_CPU", "0")
+    ref, ref_cache = _run(model, ids, 5)
+    monkeypatch.setenv("KIMI_LINEAR_TRITON_ON_CPU", "1")
+    got, cache = _run(model, ids, 5)
+    assert_close("kernel path vs naive (fp32 logits)", ref, got, 1e-4)
+    for a, b in zip(ref_cache.storage.kda_conv + ref_cache.storage.kda_recurrent,
+                    cache.storage.kda_conv + cache.storage.kda_recurrent):
+        if a is not None:
+            assert_close("KDA states", a, b, 1e-4)
+
+
+def test_groups_are_tied_at_build_and_retied_after_a_split(model):
+    layers = model.model.layers
+    kda = next(layer.self_attn for layer in layers if layer.is_kda)
+    moe = next(layer.block_sparse_moe for layer in layers if layer.is_moe)
+    for module in (kda, moe, moe.shared_experts):
+        for name, params in module.fused_groups().items():
+            assert spanning(params) is not None, f"{type(module).__name__}.{name} is not tied after loading"
+    # a parameter given its own storage (as model.to(...) does) un-ties its group; a no-grad forward re-ties it
+    before = kda.q_proj.weight.detach().clone()
+    kda.q_proj.weight.data = kda.q_proj.weight.data.clone()
+    assert spanning(kda.fused_groups()["in"]) is None
+    ids = torch.randint(0, model.config.vocab_size, (1, 3))
+    with torch.no_grad():
+        model(ids)
+    assert spanning(kda.fused_groups()["in"]) is not None
+    assert torch.equal(kda.q_proj.weight, before)
+
+
+def test_autograd_uses_the_separate_parameters(model):
+    ids = torch.randint(0, model.config.vocab_size, (1, 4))
+    model.requires_grad_(True)
+    try:
+        model(ids).float().square().mean().backward()
+        kda = next(layer.self_attn for layer in model.model.layers if layer.is_kda)
+        for p in kda.fused_groups()["in"] + kda.fused_groups()["fg"]:
+            assert p.grad is not None and p.grad.abs().sum() > 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
