@@ -32,8 +32,9 @@ class ProcessedPrompt:
 
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, structured: StructuredOutputs,
-                 model_name: str = "the model folder"):
+                 model_name: str = "the model folder", eos_token_ids=frozenset()):
         self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.structured = structured
@@ -54,6 +55,11 @@ class InputProcessor:
             raise ValidationError(f"the prompt ({P} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                                   f"max_model_len ({M})", param="max_tokens")
         max_tokens = params.max_tokens if params.max_tokens is not None else M - P
+        if params.min_tokens and params.allowed_token_ids is not None:
+            stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+            if set(params.allowed_token_ids) <= stops:
+                raise ValidationError("allowed_token_ids holds only stop / EOS tokens, which min_tokens bans: no "
+                                      "token could be sampled", param="allowed_token_ids")
         params = self._derived(params)
         grammar = None
         if params.structured_outputs is not None:

@@ -60,7 +60,7 @@ class LLMEngine:
         self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids,
                                             any_whitespace=config.structured_outputs_any_whitespace)
         self.input_processor = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len, self.structured,
-                                              config.model)
+                                              config.model, self.eos_token_ids)
         self._states: dict[str, RequestState] = {}
         self._streaming: set[str] = set()
         self._dirty: set[str] = set()  # parents with news not yet reported (aborts)

@@ -60,7 +60,7 @@ class RequestOutput:
 
 
 class SequenceProcessor:
-    """Default per-sequence processor: logprob bookkeeping and a full detokenization at the end."""
+    """Base per-sequence processor: logprob bookkeeping and a full detokenization of the output each time."""
 
     def __init__(self, request: Request, tokenizer=None):
         self.request = request

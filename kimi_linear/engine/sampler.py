@@ -5,12 +5,10 @@ and the EOS ids, when a parameter needs them) into tensors once per step; `Sampl
 the logits, vectorised over the batch, in vLLM's order:
 
 1. raw logprobs: log_softmax of the unprocessed logits (fp32), as vLLM reports them by default;
-2. masks to -inf: the structured-output token bitmask, `allowed_token_ids`, `bad_words` (a word's
-   last token when the output ends with the rest of it), and EOS / `stop_token_ids` before
-   `min_tokens` output tokens;
-3. `logit_bias` (added), then the penalties: repetition (prompt and output tokens; logits > 0
-   divided, others multiplied), frequency (minus penalty x output count), presence (minus penalty
-   if in the output);
+2. masks to -inf: the structured-output token bitmask, `allowed_token_ids`, `bad_words` (a word's last
+   token when the output ends with the rest of it), and EOS / `stop_token_ids` before `min_tokens`;
+3. `logit_bias` (added), then the penalties: repetition (prompt and output tokens; logits > 0 divided,
+   others multiplied), frequency (minus penalty x output count), presence (minus penalty if in the output);
 4. greedy rows take the argmax of those logits; random rows divide by temperature, apply min_p
    (drop tokens below min_p x the top probability), top-k, top-p, and draw with the exponential
    race (argmax of p / E, E ~ Exp(1)). A seeded request draws E from its own torch.Generator, so

@@ -13,6 +13,7 @@ import torch
 from test_llm_reference import assert_pools_empty
 
 from kimi_linear import LLM, SamplingParams
+from kimi_linear.errors import ValidationError
 
 KW = dict(device="cpu", dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, block_size=8,
           num_gpu_blocks_override=10)
@@ -93,6 +94,10 @@ def test_masks_bias_and_min_tokens(llm):
                                           stop_token_ids=[99]), use_tqdm=False)[0].outputs[0]
     assert len(late.token_ids) == 6 and late.token_ids[-1] == EOS and EOS not in late.token_ids[:5]
     assert late.finish_reason == "stop" and 99 not in late.token_ids[:5]
+    with pytest.raises(ValidationError) as e:  # nothing left to sample before min_tokens
+        llm.generate(p, SamplingParams(min_tokens=2, allowed_token_ids=[EOS, 99], stop_token_ids=[99]),
+                     use_tqdm=False)
+    assert e.value.param == "allowed_token_ids"
 
 
 def test_bad_words_ban_the_word(llm):
