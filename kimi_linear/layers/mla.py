@@ -56,9 +56,10 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             q, ckv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         q = q.view(N, H, self.qk_head_dim)
-        latent = self.kv_a_layernorm.with_tail(ckv, self.qk_rope_head_dim)  # [N, R + Dr]
         cache = ctx.cache.mla[self.layer_idx] if ctx.cache is not None else None
-        if cache is not None:
+        scatter = (cache, ctx.slot_mapping) if cache is not None and use_triton(ckv) else None
+        latent, stored = self.kv_a_layernorm.with_tail(ckv, self.qk_rope_head_dim, scatter)  # [N, R + Dr]
+        if cache is not None and not stored:
             if use_triton(latent):
                 from kimi_linear.ops.mla.cache_write import write_latent_cache
 

@@ -5,7 +5,8 @@
   kernel, returning (h, residual). `residual` None means `branch` is the stream itself (the first layer).
   `branch` may be a `(y [N, k, D], weights [N, k])` pair, the MoE's unreduced expert outputs: the
   weighted sum is folded into the same kernel.
-- `norm.with_tail(x, tail)`: normalise the first D columns and copy the last `tail` unchanged (MLA latent).
+- `norm.with_tail(x, tail, scatter)`: normalise the first D columns and copy the last `tail` unchanged (MLA
+  latent), optionally storing the rows straight into the paged latent cache.
 
 CUDA tensors (`use_triton`) without autograd run `ops/norm/rmsnorm.py`; otherwise the naive ops, in the
 reference order (the add rounds to the model dtype, then the norm).
@@ -62,14 +63,16 @@ class RMSNorm(nn.Module):
         stream = residual + reduce_branch(branch)
         return rms_norm(stream, self.weight, self.eps), stream
 
-    def with_tail(self, x: torch.Tensor, tail: int) -> torch.Tensor:
-        """[N, D + tail] -> [norm(x[:, :D]) ; x[:, D:]] (one kernel on CUDA)."""
+    def with_tail(self, x: torch.Tensor, tail: int, scatter: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x [N, D + tail] -> (y = [norm(x[:, :D]) ; x[:, D:]], stored). With `scatter=(dst, slots)` the kernel
+        path also stores row n of y at flat row slots[n] of dst (negative = skip) and returns stored=True;
+        the naive path stores nothing (stored=False): the caller writes y itself."""
         if self._kernel(x):
             from kimi_linear.ops.norm.rmsnorm import fused_rms_norm
 
-            return fused_rms_norm(x, self.weight, self.eps, tail=tail)
+            return fused_rms_norm(x, self.weight, self.eps, tail=tail, scatter=scatter), scatter is not None
         D = self.weight.shape[0]
-        return torch.cat([rms_norm(x[..., :D], self.weight, self.eps), x[..., D:]], dim=-1)
+        return torch.cat([rms_norm(x[..., :D], self.weight, self.eps), x[..., D:]], dim=-1), False
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -68,6 +68,19 @@ def test_rms_norm_tail_passthrough_from_strided_rows(device, poison_empty, dtype
     assert_close("norm + tail", ref.float(), got.float(), _tol(dtype))
 
 
+def test_rms_norm_scatter_into_paged_cache(device, poison_empty):
+    R, Dr, NB, BS = 16, 8, 3, 4
+    x = torch.randn(3, R + Dr, device=device)
+    w = torch.rand(R, device=device) + 0.5
+    cache = torch.randn(NB, BS, R + Dr, device=device)
+    before = cache.clone()
+    slots = torch.tensor([9, -1, 2], dtype=torch.int64, device=device)
+    y = fused_rms_norm(x, w, 1e-6, tail=Dr, scatter=(cache, slots))
+    flat, ref = cache.view(-1, R + Dr), before.view(-1, R + Dr).clone()
+    ref[9], ref[2] = y[0], y[2]
+    assert torch.equal(flat, ref), "rows must land at their slots (negative skipped), nothing else changes"
+
+
 def test_rms_norm_mixed_weight_dtype_promotes(device):
     x = torch.randn(3, 16, device=device).bfloat16()
     w = torch.rand(16, device=device) + 0.5

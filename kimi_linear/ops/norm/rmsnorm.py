@@ -10,6 +10,8 @@ Same arithmetic, in the same order, as the reference (`naive.rms_norm`, spec sec
   the MoE's weighted expert sum (as `fused_moe`'s sum kernel computes it), so that sum costs no launch.
 - `tail` > 0: the last `tail` columns of each x row are copied to y unchanged (the MLA latent
   [kv_a_layernorm(c) ; k_pe] in one launch).
+- `scatter=(dst, slots)`: each output row n is also stored at row slots[n] of dst (skipped when the slot
+  is negative): the MLA latent goes straight into the paged cache, with no separate write launch.
 
 One program per row; the row stays in registers (D up to 16K). Only the reduction order (and the
 hardware rsqrt) differ from torch, so bf16 results match up to rare one-ulp flips. No autograd: callers
@@ -26,10 +28,13 @@ from kimi_linear.ops.triton_utils import patch_triton_interpreter
 
 
 @triton.jit
-def _rms_norm_kernel(x, r, bw, w, y, r_out, sx_n, sx_k, sr_n, sy_n, sro_n, eps,
+def _rms_norm_kernel(x, r, bw, w, y, r_out, dst, slots, sx_n, sx_k, sr_n, sy_n, sro_n, eps,
                      D: tl.constexpr, TAIL: tl.constexpr, TOPK: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_T: tl.constexpr, HAS_RES: tl.constexpr, HAS_BW: tl.constexpr):
+                     BLOCK_T: tl.constexpr, HAS_RES: tl.constexpr, HAS_BW: tl.constexpr, SCATTER: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
+    if SCATTER:
+        slot = tl.load(slots + n).to(tl.int64)
+        p_dst = dst + tl.maximum(slot, 0) * (D + TAIL)
     o = tl.arange(0, BLOCK_D)
     m = o < D
     if HAS_BW:
@@ -48,12 +53,17 @@ def _rms_norm_kernel(x, r, bw, w, y, r_out, sx_n, sx_k, sr_n, sy_n, sro_n, eps,
     rstd = tl.math.rsqrt(tl.sum(xf * xf, 0) / D + eps)
     yn = (xf * rstd).to(x.dtype.element_ty).to(tl.float32)
     out = yn * tl.load(w + o, mask=m, other=0.0).to(tl.float32)
-    tl.store(y + n * sy_n + o, out.to(y.dtype.element_ty), mask=m)
+    out = out.to(y.dtype.element_ty)
+    tl.store(y + n * sy_n + o, out, mask=m)
+    if SCATTER:
+        tl.store(p_dst + o, out.to(dst.dtype.element_ty), mask=m & (slot >= 0))
     if TAIL > 0:
         ot = tl.arange(0, BLOCK_T)
         mt = ot < TAIL
-        t = tl.load(x + n * sx_n + D + ot, mask=mt, other=0.0)
-        tl.store(y + n * sy_n + D + ot, t.to(y.dtype.element_ty), mask=mt)
+        t = tl.load(x + n * sx_n + D + ot, mask=mt, other=0.0).to(y.dtype.element_ty)
+        tl.store(y + n * sy_n + D + ot, t, mask=mt)
+        if SCATTER:
+            tl.store(p_dst + D + ot, t.to(dst.dtype.element_ty), mask=mt & (slot >= 0))
 
 
 def _num_warps(block: int) -> int:
@@ -61,7 +71,8 @@ def _num_warps(block: int) -> int:
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-                   branch_weights: torch.Tensor | None = None, tail: int = 0):
+                   branch_weights: torch.Tensor | None = None, tail: int = 0,
+                   scatter: tuple[torch.Tensor, torch.Tensor] | None = None):
     """RMSNorm of (x + residual) over the last dim, with the options of the module docstring.
 
     Args:
@@ -70,6 +81,8 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
         residual: [N, D] in x's dtype, or None.
         branch_weights: [N, k] (any float dtype, read as fp32), or None.
         tail: trailing columns of x copied unchanged (not with residual / branch_weights).
+        scatter: (dst [..., D + tail] with contiguous rows, e.g. the paged latent cache [NB, BS, D + tail];
+            slots int [N] flat row indices, negative = skip): y rows are stored there too.
     Returns:
         y [..., D + tail] in promote(weight, x) dtype; with `residual` the pair (y, s) where s [N, D] is
         the new residual stream (x's dtype).
@@ -104,13 +117,20 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
             raise ValueError(f"fused_rms_norm: residual must be [N={N}, D={D}] in {x.dtype} with a unit last "
                              f"stride, got {tuple(residual.shape)} {residual.dtype}")
         r_out = torch.empty(N, D, dtype=x.dtype, device=x.device)
+    dst = slots = y
+    if scatter is not None:
+        dst, slots = scatter
+        if dst.shape[-1] != D + tail or not dst.is_contiguous() or slots.shape != (N,):
+            raise ValueError(f"fused_rms_norm: scatter needs a contiguous [..., {D + tail}] destination and "
+                             f"[N={N}] slots; got {tuple(dst.shape)} and {tuple(slots.shape)}")
     if N:
         block_d = triton.next_power_of_2(D)
         _rms_norm_kernel[(N,)](
             x2, residual if residual is not None else x2, branch_weights if branch_weights is not None else x2,
-            weight, y, r_out if r_out is not None else y,
+            weight, y, r_out if r_out is not None else y, dst, slots,
             x2.stride(0), sx_k, residual.stride(0) if residual is not None else 0, D + tail,
             D if r_out is not None else 0, float(eps),
             D=D, TAIL=tail, TOPK=topk, BLOCK_D=block_d, BLOCK_T=triton.next_power_of_2(max(tail, 1)),
-            HAS_RES=residual is not None, HAS_BW=branch_weights is not None, num_warps=_num_warps(block_d))
+            HAS_RES=residual is not None, HAS_BW=branch_weights is not None, SCATTER=scatter is not None,
+            num_warps=_num_warps(block_d))
     return y if residual is None else (y, r_out)
