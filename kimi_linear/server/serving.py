@@ -43,8 +43,9 @@ class ServingBase:
 
         return default_sampling_kwargs(self.engine.generation_config)
 
-    def process(self, prompt_ids: list[int], prompt_text: str | None, params, what: str):
-        """Validate one prompt + params with the engine; context overflow gets OpenAI's message."""
+    async def process(self, prompt_ids: list[int], prompt_text: str | None, params, what: str):
+        """Validate one prompt + params with the engine; context overflow gets OpenAI's message.
+        Runs in a worker thread: compiling a grammar must not block the event loop."""
         M = self.engine.max_model_len
         P = len(prompt_ids)
         mt = params.max_tokens
@@ -54,7 +55,8 @@ class ServingBase:
                 f"This model's maximum context length is {M} tokens. However, you requested {total} tokens "
                 f"({P} in the {what}, {mt or 0} in the completion). Please reduce the length of the {what} or "
                 f"completion.", param="max_tokens" if P < M else what)
-        return self.engine.process_inputs({"prompt_token_ids": prompt_ids, "prompt": prompt_text}, params)
+        return await asyncio.to_thread(self.engine.process_inputs,
+                                       {"prompt_token_ids": prompt_ids, "prompt": prompt_text}, params)
 
     async def run(self, request_id: str, processed, raw: Request, stream: bool) -> AsyncIterator:
         """The request's outputs; when the HTTP client disconnects, the request is aborted."""

@@ -36,7 +36,7 @@ class ServingChat(ServingBase):
                                    continue_final_message=req.continue_final_message, tools=req.tools,
                                    chat_template_kwargs=req.chat_template_kwargs)
         ids = self.tokenizer.encode(text)
-        processed = self.process(ids, text, params, "messages")
+        processed = await self.process(ids, text, params, "messages")
         rid = random_id("chatcmpl")
         num_top = req.top_logprobs or 0
         if req.stream:

@@ -43,7 +43,7 @@ class ServingCompletions(ServingBase):
             else:
                 ids = p
                 text = self.tokenizer.decode(ids) if self.tokenizer is not None and req.echo else None
-            processed.append(self.process(ids, text, params, "prompt"))
+            processed.append(await self.process(ids, text, params, "prompt"))
         rid = random_id("cmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
