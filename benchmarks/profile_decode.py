@@ -53,6 +53,28 @@ def profile_steps(engine, steps: int, use_graph: bool) -> tuple[list[tuple[str, 
     return rows, total / steps
 
 
+CATEGORIES = [  # (category, substrings of kernel names), first match wins
+    ("cuBLAS GEMM/GEMV", ("nvjet", "cublas", "gemv", "gemm", "splitKreduce")),
+    ("MoE experts", ("_moe_",)),
+    ("MoE router/align", ("_router_", "_align_")),
+    ("norms (Triton)", ("_rms_norm", "_gated_rms_norm")),
+    ("KDA conv + recurrent", ("_conv_", "_kda_")),
+    ("MLA attention", ("_mla_", "_write_latent")),
+    ("torch copies/casts", ("copy", "Cat", "cat_")),
+    ("torch elementwise/reduce", ("elementwise", "reduce_kernel", "index")),
+]
+
+
+def categorize(rows: list[tuple[str, float, int]]) -> list[tuple[str, float, int]]:
+    """(category, us/step, launches/step), largest first."""
+    acc = collections.defaultdict(lambda: [0.0, 0])
+    for name, us, calls in rows:
+        cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        acc[cat][0] += us
+        acc[cat][1] += calls
+    return sorted(((c, v[0], v[1]) for c, v in acc.items()), key=lambda r: -r[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="48b-a3b-e64")
@@ -83,6 +105,12 @@ def main() -> None:
         print(f"{'us/step':>9} {'calls':>6} {'share':>6}  kernel")
         for name, us, calls in rows[:args.top]:
             print(f"{us:9.1f} {calls:6d} {us / total:6.1%}  {name}")
+        cats = categorize(rows)
+        result[mode]["categories"] = cats
+        result[mode]["launches"] = sum(calls for _, _, calls in rows)
+        print(f"--- by category ({result[mode]['launches']} launches/step)")
+        for cat, us, calls in cats:
+            print(f"{us:9.1f} {calls:6d} {us / total:6.1%}  {cat}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
