@@ -1,4 +1,4 @@
-"""MLA decode in the absorbed (MQA) form over the paged latent cache: a split-KV Triton kernel.
+"""MLA decode in the absorbed (MQA) form over the paged latent cache: split-KV Triton kernels.
 
 One query token per sequence (spec section 5.2). W_UK is folded into the query and W_UV applied after
 the attention (two batched matmuls, cuBLAS); the kernels do the attention of the H query heads over the
@@ -6,39 +6,35 @@ shared latent keys/values [c (R) ; k_pe (Dr)] of every cached token:
 
     score[h, s] = scale * (q_lat[h] . c[s] + q_pe[h] . k_pe[s]),   o_lat[h] = sum_s softmax(score)[h, s] c[s]
 
-Design and invariants:
+Design and invariants (all variants):
 - MQA: a program owns BLOCK_H heads of one sequence and one context split, and reads each cached token
   once for all of its heads (the [BLOCK_N, R] latent tile is both the key and the value operand).
-  With H <= 32 (the real shape) one program holds every head, so the cache is streamed exactly once.
-- Token-major tiles: the program computes S^T = [c, k_pe] @ [q_lat, q_pe]^T ([BLOCK_N, H]) and
-  O^T += c^T @ P^T ([R, H]), so the MMA M dimension is the tile's tokens (64) and the latent width
-  (512), which Hopper's warpgroup MMA needs (M >= 64 per warpgroup); the query sits in shared memory
-  once per program, the tile is staged in shared memory and read by both products (the second one
-  through a transposed view). With 32 heads as M (the first version), Triton fell back to mma.sync with
-  the query re-read from shared memory every tile and spilled registers at 4 warps.
-- Register double buffering (`REG_PREFETCH`, the default on GPUs): the loads of tile i+1 are issued
-  before the products of tile i and the block ids run two tiles ahead, so a tile's DRAM latency hides
-  behind the previous tile's math. Triton's own pipeliner (num_stages) cannot do this here: two
-  [64, 576] bf16 stages plus the query fill shared memory and it issues the next copy after the math
-  (measured offline in the TTGIR: one in-flight copy, waited at the top of the next iteration).
-  With 8 warps the kernel holds one tile (144 registers per thread) + O^T (64) without spilling, one
-  program per SM: ~74 KB in flight per SM, about 3 us of that SM's share of DRAM bandwidth.
 - Split-KV: the grid is (head groups, NUM_SPLITS, N), fixed by shapes. Each program derives its token
   range from seq_lens on the device: chunk = max(cdiv(L, NUM_SPLITS), MIN_CHUNK) rounded up to BLOCK_N,
-  split s covers [s * chunk, min((s + 1) * chunk, L)); a split past L does nothing. So short contexts
-  use few splits (little partial traffic) and long contexts all of them. `decode_num_splits` picks the
-  count from shapes only so that the programs fill whole waves of SMs (one program per SM).
+  split s covers [s * chunk, min((s + 1) * chunk, L)); a split past L does nothing.
 - Online softmax in fp32 (exp2, scale folded with log2(e)); each split writes its normalised partial
-  output and log2-sum-exp; the reduction kernel merges the active splits of each (sequence, head) in
-  [BLOCK_SC, BLOCK_RR] tiles (independent loads, one latency per BLOCK_SC splits) and writes o_lat in
-  the model dtype, or zeros for a padding row (seq_len 0: nothing is read).
+  output and log2-sum-exp; a reduction kernel merges the active splits of each (sequence, head) and
+  writes o_lat in the model dtype, or zeros for a padding row (seq_len 0: nothing is read).
 - CUDA-graph safe: no host sync; the grid depends on shapes only; the split scratch lives in `extras`
   (reused across layers and steps while the shapes match) or is allocated by shape.
-- Any power-of-two block size (a tile may span several blocks: rows are gathered per token); any
-  seq_len from 0 up (int64 cache offsets, int32 positions). Table entries past a sequence's length are
-  never read.
-- `legacy=True` runs the previous kernel pair (head-major split kernel, split-serial reduction) for the
-  same-run before/after in benchmarks/mla_decode.py; it is slated for removal.
+- Any power-of-two block size (tile rows are gathered per token, a tile may span several blocks); any
+  seq_len from 0 up (int64 cache offsets, int32 positions); table entries past a length are never read.
+
+Variants (`variant=`, `reduce=`; the defaults are the ones verified on an H100):
+- "heads" (default): S = Q K^T with the 32 heads as the MMA M dimension (mma.sync), 4 warps, 32-token
+  tiles, Triton's pipeliner. Measured 0.64 ms per layer at batch 1 / 1M tokens (1.6x the 0.40 ms floor):
+  latency-bound (ptxas: 255 registers + spills at 4 warps; one tile buffer, the next copy waited at the
+  top of each iteration; the block-id load precedes the tile load in every iteration).
+- "heads-prefetch" (experimental, not yet run on a GPU): the same products with 8 warps (no spills) and
+  register double buffering: tile i+1 is loaded into registers before tile i's products, the block ids
+  two tiles ahead. Only mma.sync, like the verified kernel.
+- "tokens" (experimental, FAILS on H100 + Triton 3.6 with an illegal memory access, cause not found):
+  token-major S^T = [c, k_pe] @ [q_lat, q_pe]^T and O^T += c^T P^T so that warpgroup MMA applies
+  (M = 64 tokens, 512 latent), 8 warps, 64-token tiles, register double buffering. Offline (ptxas): 249
+  registers, no spills, 110 KB shared memory; the static wgmma descriptor ranges are in bounds.
+- reduce="serial" (default): one program per (sequence, head, 128 values) loops over the splits one at a
+  time (one dependent L2 round trip per split). reduce="chunked" (not yet run on a GPU): [64 splits,
+  64 values] tiles, one round trip per 64 splits.
 """
 
 from __future__ import annotations
@@ -53,8 +49,10 @@ from kimi_linear.errors import ConfigError
 from kimi_linear.ops.triton_utils import patch_triton_interpreter
 
 _LOG2E = 1.4426950408889634
-MIN_CHUNK = 64  # fewest tokens a split takes before another split is used
+MIN_CHUNK = 64  # fewest tokens a split takes before another split is used (64 beat 128..1024 at 4K, "heads")
 MAX_SPLITS = 512
+VARIANTS = ("heads", "heads-prefetch", "tokens")
+REDUCES = ("serial", "chunked")
 
 
 @triton.jit
@@ -69,6 +67,130 @@ def _load_rows(cache, blk, pos, end, s_c_blk, s_c_tok, o_r, o_p, m_r, m_p, R: tl
 
 @triton.jit
 def _mla_decode_split_kernel(
+    q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse,
+    scale_log2,
+    s_ql_h, s_ql_n, s_qp_n, s_qp_h, s_c_blk, s_c_tok, s_bt_n,
+    s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s,
+    NUM_SPLITS,
+    H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
+    PREC: tl.constexpr, PREFETCH: tl.constexpr, REG_PREFETCH: tl.constexpr,
+):
+    i_hg = tl.program_id(0)
+    i_s = tl.program_id(1)
+    i_n = tl.program_id(2)
+
+    L = tl.load(seq_lens + i_n)
+    chunk = tl.maximum((L + NUM_SPLITS - 1) // NUM_SPLITS, MIN_CHUNK)
+    chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = i_s * chunk
+    end = tl.minimum(start + chunk, L)
+
+    o_h = i_hg * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_r = tl.arange(0, BLOCK_R)
+    o_p = tl.arange(0, BLOCK_DR)
+    m_h = o_h < H
+    m_r = o_r < R
+    m_p = o_p < DR
+    q_l = tl.load(q_lat + o_h[:, None] * s_ql_h + i_n * s_ql_n + o_r[None, :],
+                  mask=m_h[:, None] & m_r[None, :], other=0.0)
+    q_p = tl.load(q_pe + i_n * s_qp_n + o_h[:, None] * s_qp_h + o_p[None, :],
+                  mask=m_h[:, None] & m_p[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+    table = block_tables + i_n.to(tl.int64) * s_bt_n
+    if REG_PREFETCH:  # tile `start` in registers, the block ids of the next tile
+        nxt = start + tl.arange(0, BLOCK_N)
+        blk = tl.load(table + nxt // BS, mask=nxt < end, other=0)
+        c_nx, kp_nx = _load_rows(cache, blk, nxt, end, s_c_blk, s_c_tok, o_r, o_p, m_r, m_p, R, BS)
+        nxt = nxt + BLOCK_N
+        blk_next = tl.load(table + nxt // BS, mask=nxt < end, other=0)
+    elif PREFETCH:  # read the block ids of the next tile one iteration ahead
+        nxt = start + tl.arange(0, BLOCK_N)
+        blk_next = tl.load(table + nxt // BS, mask=nxt < end, other=0)
+    for off in range(start, end, BLOCK_N):
+        pos = off + tl.arange(0, BLOCK_N)
+        m_n = pos < end
+        if REG_PREFETCH:  # issue the next tile's loads before this tile's math
+            c = c_nx
+            kp = kp_nx
+            nxt = pos + BLOCK_N
+            c_nx, kp_nx = _load_rows(cache, blk_next, nxt, end, s_c_blk, s_c_tok, o_r, o_p, m_r, m_p, R, BS)
+            nxt = nxt + BLOCK_N
+            blk_next = tl.load(table + nxt // BS, mask=nxt < end, other=0)
+        else:
+            if PREFETCH:
+                blk = blk_next.to(tl.int64)
+                nxt = pos + BLOCK_N
+                blk_next = tl.load(table + nxt // BS, mask=nxt < end, other=0)
+            else:
+                blk = tl.load(table + pos // BS, mask=m_n, other=0).to(tl.int64)
+            row = cache + blk * s_c_blk + (pos % BS).to(tl.int64) * s_c_tok
+            c = tl.load(row[:, None] + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
+            kp = tl.load(row[:, None] + R + o_p[None, :], mask=m_n[:, None] & m_p[None, :], other=0.0)
+        s = tl.dot(q_l, tl.trans(c), input_precision=PREC)
+        s = tl.dot(q_p, tl.trans(kp), s, input_precision=PREC)
+        s = tl.where(m_n[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(c.dtype), c, acc, input_precision=PREC)
+        m_i = m_new
+
+    active = start < L
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o_base = part_o + i_n.to(tl.int64) * s_po_n + i_s.to(tl.int64) * s_po_s
+    tl.store(o_base + o_h[:, None] * s_po_h + o_r[None, :], acc / l_safe[:, None],
+             mask=(m_h[:, None] & m_r[None, :]) & active)
+    tl.store(part_lse + i_n.to(tl.int64) * s_pl_n + i_s * s_pl_s + o_h, m_i + tl.log2(l_safe),
+             mask=m_h & active)
+
+
+@triton.jit
+def _mla_decode_reduce_kernel(
+    part_o, part_lse, seq_lens, o_lat,
+    s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s, s_ol_h, s_ol_n,
+    R, NUM_SPLITS,
+    MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_RR: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_r = tl.program_id(2)
+
+    L = tl.load(seq_lens + i_n)
+    chunk = tl.maximum((L + NUM_SPLITS - 1) // NUM_SPLITS, MIN_CHUNK)
+    chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    num_active = (L + chunk - 1) // chunk  # 0 for a padding row
+
+    o_s = tl.arange(0, BLOCK_S)
+    lse_base = part_lse + i_n.to(tl.int64) * s_pl_n + i_h
+    lse = tl.load(lse_base + o_s * s_pl_s, mask=o_s < num_active, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(num_active > 0, m, 0.0)
+
+    o_r = i_r * BLOCK_RR + tl.arange(0, BLOCK_RR)
+    m_r = o_r < R
+    den = tl.sum(tl.exp2(lse - m), 0)  # masked splits contribute exp2(-inf) = 0
+    den = tl.where(den > 0, den, 1.0)
+    acc = tl.zeros([BLOCK_RR], dtype=tl.float32)
+    o_base = part_o + i_n.to(tl.int64) * s_po_n + i_h * s_po_h
+    for s in range(0, num_active):
+        w = tl.exp2(tl.load(lse_base + s * s_pl_s) - m)
+        acc += w * tl.load(o_base + s * s_po_s + o_r, mask=m_r, other=0.0)
+    tl.store(o_lat + i_h * s_ol_h + i_n.to(tl.int64) * s_ol_n + o_r, (acc / den).to(o_lat.dtype.element_ty),
+             mask=m_r)
+
+
+# --------------------------------------------------------------------- experimental variants
+
+
+@triton.jit
+def _mla_decode_split_tokens_kernel(
     q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse,
     scale_log2,
     s_ql_h, s_ql_n, s_qp_n, s_qp_h, s_c_blk, s_c_tok, s_bt_n,
@@ -145,7 +267,7 @@ def _mla_decode_split_kernel(
 
 
 @triton.jit
-def _mla_decode_reduce_kernel(
+def _mla_decode_reduce_chunked_kernel(
     part_o, part_lse, seq_lens, o_lat,
     s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s, s_ol_h, s_ol_n,
     R, NUM_SPLITS,
@@ -184,116 +306,6 @@ def _mla_decode_reduce_kernel(
              mask=m_r)
 
 
-# --------------------------------------------------------------------- legacy (previous version, for the benchmark)
-
-
-@triton.jit
-def _legacy_split_kernel(
-    q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse,
-    scale_log2,
-    s_ql_h, s_ql_n, s_qp_n, s_qp_h, s_c_blk, s_c_tok, s_bt_n,
-    s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s,
-    NUM_SPLITS,
-    H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BS: tl.constexpr, MIN_CHUNK: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
-    PREC: tl.constexpr, PREFETCH: tl.constexpr,
-):
-    i_hg = tl.program_id(0)
-    i_s = tl.program_id(1)
-    i_n = tl.program_id(2)
-
-    L = tl.load(seq_lens + i_n)
-    chunk = tl.maximum((L + NUM_SPLITS - 1) // NUM_SPLITS, MIN_CHUNK)
-    chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    start = i_s * chunk
-    end = tl.minimum(start + chunk, L)
-
-    o_h = i_hg * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_r = tl.arange(0, BLOCK_R)
-    o_p = tl.arange(0, BLOCK_DR)
-    m_h = o_h < H
-    m_r = o_r < R
-    m_p = o_p < DR
-    q_l = tl.load(q_lat + o_h[:, None] * s_ql_h + i_n * s_ql_n + o_r[None, :],
-                  mask=m_h[:, None] & m_r[None, :], other=0.0)
-    q_p = tl.load(q_pe + i_n * s_qp_n + o_h[:, None] * s_qp_h + o_p[None, :],
-                  mask=m_h[:, None] & m_p[None, :], other=0.0)
-
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
-    table = block_tables + i_n.to(tl.int64) * s_bt_n
-    if PREFETCH:  # read the block ids of the next tile one iteration ahead
-        nxt = start + tl.arange(0, BLOCK_N)
-        blk_next = tl.load(table + nxt // BS, mask=nxt < end, other=0)
-    for off in range(start, end, BLOCK_N):
-        pos = off + tl.arange(0, BLOCK_N)
-        m_n = pos < end
-        if PREFETCH:
-            blk = blk_next.to(tl.int64)
-            nxt = pos + BLOCK_N
-            blk_next = tl.load(table + nxt // BS, mask=nxt < end, other=0)
-        else:
-            blk = tl.load(table + pos // BS, mask=m_n, other=0).to(tl.int64)
-        row = cache + blk * s_c_blk + (pos % BS).to(tl.int64) * s_c_tok
-        c = tl.load(row[:, None] + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
-        kp = tl.load(row[:, None] + R + o_p[None, :], mask=m_n[:, None] & m_p[None, :], other=0.0)
-        s = tl.dot(q_l, tl.trans(c), input_precision=PREC)
-        s = tl.dot(q_p, tl.trans(kp), s, input_precision=PREC)
-        s = tl.where(m_n[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(c.dtype), c, acc, input_precision=PREC)
-        m_i = m_new
-
-    active = start < L
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o_base = part_o + i_n.to(tl.int64) * s_po_n + i_s.to(tl.int64) * s_po_s
-    tl.store(o_base + o_h[:, None] * s_po_h + o_r[None, :], acc / l_safe[:, None],
-             mask=(m_h[:, None] & m_r[None, :]) & active)
-    tl.store(part_lse + i_n.to(tl.int64) * s_pl_n + i_s * s_pl_s + o_h, m_i + tl.log2(l_safe),
-             mask=m_h & active)
-
-
-@triton.jit
-def _legacy_reduce_kernel(
-    part_o, part_lse, seq_lens, o_lat,
-    s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s, s_ol_h, s_ol_n,
-    R, NUM_SPLITS,
-    MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_RR: tl.constexpr,
-):
-    i_n = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_r = tl.program_id(2)
-
-    L = tl.load(seq_lens + i_n)
-    chunk = tl.maximum((L + NUM_SPLITS - 1) // NUM_SPLITS, MIN_CHUNK)
-    chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    num_active = (L + chunk - 1) // chunk  # 0 for a padding row
-
-    o_s = tl.arange(0, BLOCK_S)
-    lse_base = part_lse + i_n.to(tl.int64) * s_pl_n + i_h
-    lse = tl.load(lse_base + o_s * s_pl_s, mask=o_s < num_active, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(num_active > 0, m, 0.0)
-
-    o_r = i_r * BLOCK_RR + tl.arange(0, BLOCK_RR)
-    m_r = o_r < R
-    den = tl.sum(tl.exp2(lse - m), 0)  # masked splits contribute exp2(-inf) = 0
-    den = tl.where(den > 0, den, 1.0)
-    acc = tl.zeros([BLOCK_RR], dtype=tl.float32)
-    o_base = part_o + i_n.to(tl.int64) * s_po_n + i_h * s_po_h
-    for s in range(0, num_active):
-        w = tl.exp2(tl.load(lse_base + s * s_pl_s) - m)
-        acc += w * tl.load(o_base + s * s_po_s + o_r, mask=m_r, other=0.0)
-    tl.store(o_lat + i_h * s_ol_h + i_n.to(tl.int64) * s_ol_n + o_r, (acc / den).to(o_lat.dtype.element_ty),
-             mask=m_r)
-
-
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -308,13 +320,17 @@ def _sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def decode_num_splits(num_seqs: int, num_heads: int, device: torch.device, block_h: int = 32) -> int:
-    """Splits per sequence for a batch of `num_seqs`, from shapes only.
+def decode_num_splits(num_seqs: int, num_heads: int, device: torch.device, block_h: int = 32,
+                      variant: str = "heads") -> int:
+    """Splits per sequence for a batch of `num_seqs`, a shape-only rule.
 
-    The split kernel runs one program per SM, so the grid should fill whole waves: among 1 ..
-    cdiv(2 * SMs, programs per split) splits, the fewest that reach the best wave occupancy
-    (e.g. 132 SMs: batch 1 -> 132, 8 -> 33, 32 -> 4, 64 -> 2, 256 -> 1)."""
-    return _wave_splits(max(1, num_seqs) * triton.cdiv(num_heads, block_h), _sms(device))
+    "heads" (two programs per SM): about two programs per SM, at least 4. The one-program-per-SM variants
+    fill whole waves of SMs: among 1 .. cdiv(2 * SMs, programs per split) splits, the fewest that reach
+    the best wave occupancy (132 SMs: batch 1 -> 132, 8 -> 33, 32 -> 4, 64 -> 2, 256 -> 1)."""
+    units = max(1, num_seqs) * triton.cdiv(num_heads, block_h)
+    if variant == "heads":
+        return max(4, min(MAX_SPLITS, triton.cdiv(2 * _sms(device), units)))
+    return _wave_splits(units, _sms(device))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -326,11 +342,6 @@ def _wave_splits(units: int, sms: int) -> int:
         if eff > best_eff + 1e-9:
             best, best_eff = s, eff
     return best
-
-
-def _legacy_num_splits(num_seqs: int, num_heads: int, device: torch.device, block_h: int) -> int:
-    groups = triton.cdiv(num_heads, block_h)
-    return max(4, min(MAX_SPLITS, triton.cdiv(2 * _sms(device), max(1, num_seqs) * groups)))
 
 
 def _workspace(extras: dict | None, N: int, S: int, H: int, R: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,15 +356,17 @@ def _workspace(extras: dict | None, N: int, S: int, H: int, R: int, device) -> t
     return ws[1], ws[2]
 
 
-def _default_config(H: int, dtype: torch.dtype, legacy: bool) -> dict:
+def _default_config(H: int, dtype: torch.dtype, variant: str) -> dict:
     block_h = min(32, max(16, triton.next_power_of_2(H)))
-    if legacy:  # the previous default: head-major, 4 warps, 32-token tiles, Triton's pipeliner
-        return dict(block_h=block_h, block_n=16 if dtype == torch.float32 else 32, num_warps=4, num_stages=2,
-                    prefetch=False)
-    # 64-token tiles are the smallest M of Hopper's warpgroup MMA; 8 warps hold a prefetched tile and O^T
-    # without spilling (ptxas: 252 registers, 110 KB shared memory at the real shape)
-    return dict(block_h=block_h, block_n=16 if dtype == torch.float32 else 64, num_warps=8, num_stages=1,
-                prefetch=True)
+    fp32 = dtype == torch.float32
+    if variant == "heads":
+        # measured on an H100 at batch 1 / 1M tokens: 4 warps, 32-token tiles, all 32 heads in one program
+        # beat 8 warps (1.5x), 64-token tiles and 16-head groups
+        return dict(block_h=block_h, block_n=16 if fp32 else 32, num_warps=4, num_stages=2, prefetch=False)
+    if variant == "heads-prefetch":  # ptxas (offline): 8 warps, 32-token tiles: no spills
+        return dict(block_h=block_h, block_n=16 if fp32 else 32, num_warps=8, num_stages=1, prefetch=True)
+    # "tokens": 64-token tiles are the smallest M of a warpgroup MMA; 8 warps hold a prefetched tile and O^T
+    return dict(block_h=block_h, block_n=16 if fp32 else 64, num_warps=8, num_stages=1, prefetch=True)
 
 
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
@@ -361,14 +374,14 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
                          num_splits: int | None = None, min_chunk: int = MIN_CHUNK, block_h: int | None = None,
                          block_n: int | None = None, num_warps: int | None = None,
                          num_stages: int | None = None, prefetch: bool | None = None,
-                         legacy: bool = False) -> torch.Tensor:
+                         variant: str = "heads", reduce: str = "serial") -> torch.Tensor:
     """Attention over the paged latent cache (MQA form). Returns o_lat [H, N, R] in q_lat's dtype.
 
     q_lat [H, N, R] (the absorbed query, any strides with a unit last stride); q_pe [N, H, Dr] (unit last
     stride); cache [NB, BS, R + Dr]; block_tables int32 [N, max_blocks]; seq_lens int32 [N] (0 = padding
-    row: its output is zeros). The keyword arguments override the launch configuration (tests, sweeps):
-    `prefetch` is the register double buffering of the tiles (`legacy`: of the block ids only);
-    `legacy` runs the previous kernel pair (benchmark before/after).
+    row: its output is zeros). `variant` / `reduce` pick the kernels (module docstring); the other
+    keyword arguments override the launch configuration (tests, sweeps): `prefetch` is the block-id
+    prefetch for "heads" and the register double buffering of the tiles for the other variants.
     """
     H, N, R = q_lat.shape
     Dr = q_pe.shape[-1]
@@ -377,13 +390,16 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
         raise ConfigError("kv_cache_dim", f"latent cache rows hold {D} values, expected R + Dr = {R} + {Dr}")
     if BS & (BS - 1):
         raise ConfigError("block_size", f"the MLA decode kernel needs a power-of-two block size, got {BS}")
+    if variant not in VARIANTS or reduce not in REDUCES:
+        raise ValueError(f"mla_decode_attention: variant must be one of {VARIANTS} and reduce one of {REDUCES}, "
+                         f"got {variant!r}, {reduce!r}")
     if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1 or cache.stride(-1) != 1 or cache.stride(1) != D:
         raise ValueError("mla_decode_attention: q_lat, q_pe and cache need a unit last stride and dense cache rows")
     patch_triton_interpreter()
-    cfg = _default_config(H, q_lat.dtype, legacy)
+    cfg = _default_config(H, q_lat.dtype, variant)
     block_h = block_h or cfg["block_h"]
     block_n = block_n or cfg["block_n"]
-    S = num_splits or (_legacy_num_splits if legacy else decode_num_splits)(N, H, q_lat.device, block_h)
+    S = num_splits or decode_num_splits(N, H, q_lat.device, block_h, variant)
     part_o, part_lse = _workspace(extras, N, S, H, R, q_lat.device)
     o_lat = torch.empty(H, N, R, dtype=q_lat.dtype, device=q_lat.device)
     if N == 0:
@@ -391,9 +407,14 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
     prec = "ieee" if q_lat.dtype == torch.float32 else "tf32"
     block_tables = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
     seq_lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
-    split_kernel = _legacy_split_kernel if legacy else _mla_decode_split_kernel
     pre = cfg["prefetch"] if prefetch is None else prefetch
-    split_kernel[(triton.cdiv(H, block_h), S, N)](
+    if variant == "tokens":
+        kernel, flags = _mla_decode_split_tokens_kernel, dict(REG_PREFETCH=pre)
+    elif variant == "heads-prefetch":
+        kernel, flags = _mla_decode_split_kernel, dict(PREFETCH=False, REG_PREFETCH=pre)
+    else:
+        kernel, flags = _mla_decode_split_kernel, dict(PREFETCH=pre, REG_PREFETCH=False)
+    kernel[(triton.cdiv(H, block_h), S, N)](
         q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse,
         scale * _LOG2E,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0), cache.stride(1),
@@ -402,24 +423,20 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
         S,
         H=H, R=R, DR=Dr, BS=BS, MIN_CHUNK=min_chunk, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_DR=max(16, triton.next_power_of_2(Dr)), PREC=prec,
-        **(dict(PREFETCH=pre) if legacy else dict(REG_PREFETCH=pre)),
-        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+        **flags, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
-    strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-               o_lat.stride(0), o_lat.stride(1))
-    if legacy:
-        block_rr = min(128, triton.next_power_of_2(R))
-        _legacy_reduce_kernel[(N, H, triton.cdiv(R, block_rr))](
-            part_o, part_lse, seq_lens, o_lat, *strides, R, S,
-            MIN_CHUNK=min_chunk, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(S), BLOCK_RR=block_rr, num_warps=4)
-        return o_lat
-    block_rr = min(64, triton.next_power_of_2(R))
+    args = (part_o, part_lse, seq_lens, o_lat, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_lse.stride(0), part_lse.stride(1), o_lat.stride(0), o_lat.stride(1), R, S)
     block_s = triton.next_power_of_2(S)
-    _mla_decode_reduce_kernel[(N, H, triton.cdiv(R, block_rr))](
-        part_o, part_lse, seq_lens, o_lat, *strides, R, S,
-        MIN_CHUNK=min_chunk, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_SC=min(64, block_s), BLOCK_RR=block_rr,
-        num_warps=4,
-    )
+    if reduce == "chunked":
+        block_rr = min(64, triton.next_power_of_2(R))
+        _mla_decode_reduce_chunked_kernel[(N, H, triton.cdiv(R, block_rr))](
+            *args, MIN_CHUNK=min_chunk, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_SC=min(64, block_s),
+            BLOCK_RR=block_rr, num_warps=4)
+    else:
+        block_rr = min(128, triton.next_power_of_2(R))
+        _mla_decode_reduce_kernel[(N, H, triton.cdiv(R, block_rr))](
+            *args, MIN_CHUNK=min_chunk, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_RR=block_rr, num_warps=4)
     return o_lat
 
 
