@@ -48,12 +48,13 @@ CHECK_LONG = (200_000, 1_048_576)
 
 def parse_spec(spec: str) -> dict:
     """'variant[+reduce][/option...]' -> keyword arguments of `mla_decode_attention`; options: bnN (tile
-    tokens), wN (warps), sN (stages), mcN (min_chunk), spN (splits), nopre (no prefetch).
+    tokens), wN (warps), sN (stages), mcN (min_chunk), spN (splits), bhN (heads per program), nopre
+    (no prefetch).
     E.g. 'heads-prefetch+chunked/bn16' -> dict(variant='heads-prefetch', reduce='chunked', block_n=16)."""
     spec, *opts = spec.split("/")
     variant, _, reduce = spec.partition("+")
     kw: dict = dict(variant=variant, reduce=reduce or "serial")
-    names = dict(bn="block_n", w="num_warps", s="num_stages", mc="min_chunk", sp="num_splits")
+    names = dict(bn="block_n", w="num_warps", s="num_stages", mc="min_chunk", sp="num_splits", bh="block_h")
     for opt in opts:
         if opt == "nopre":
             kw["prefetch"] = False
@@ -173,6 +174,7 @@ def run_one(spec: str, shapes, bw: float) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small contexts only")
+    ap.add_argument("--shapes", default=None, help="batch x context list, e.g. 1x4096,1x1048576 (default: all)")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     ap.add_argument("--one", default=None, help="(internal) run one variant in this process")
     ap.add_argument("--bw", type=float, default=0.0, help="(internal) copy bandwidth, bytes/s")
@@ -180,6 +182,8 @@ def main():
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "mla_decode.json"))
     args = ap.parse_args()
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(x) for x in item.split("x")) for item in args.shapes.split(",")]
     if args.one:
         run_one(args.one, shapes, args.bw)
         return
@@ -190,7 +194,8 @@ def main():
     results = []
     for spec in args.variants.split(","):
         print(f"variant {spec}:", flush=True)
-        cmd = [sys.executable, __file__, "--one", spec, "--bw", str(bw)] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--one", spec, "--bw", str(bw)] + (["--quick"] if args.quick else []) \
+            + (["--shapes", args.shapes] if args.shapes else [])
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             out = p.stdout + p.stderr
