@@ -6,8 +6,10 @@ views of consecutive rows of one contiguous tensor: the group then runs as one G
 over x) while parameter names, shapes, the checkpoint layout and the weight memory stay as they are (the
 loader and `init_weights` copy into the views in place; nothing is stored twice).
 
+- `materialize(model, device)`: `to_empty` for a meta-device model that allocates each declared group
+  (`fused_groups()`) as one tensor from the start; `KimiLinearForCausalLM.from_config` builds this way.
 - `tie(params)`: re-point the parameters at views of one new tensor, values kept (the old storage is
-  freed once nothing else holds it). `KimiLinearForCausalLM.from_config` ties every group at build time.
+  freed once nothing else holds it).
 - `spanning(params)`: the [rows, cols] tensor a tied group spans, or None when it is not tied (e.g. after
   `model.to(...)` gave every parameter its own storage).
 - `fused_weight(owner, key, params)`: for inference (None while autograd needs the separate parameters):
@@ -85,10 +87,47 @@ def fused_weight(owner: object, key: str, params: list[torch.Tensor]) -> torch.T
     return t
 
 
+def materialize(model: torch.nn.Module, device: torch.device | str) -> None:
+    """Replace meta-device parameters and buffers by uninitialised storage on `device` (as `to_empty`
+    does), each declared group as consecutive rows of one allocation: tied with no copy, no transient
+    and no allocator fragmentation. Groups are taken parents first; a parameter already placed (the
+    shared expert's gate|up inside the MoE stack) leaves its other group to follow from adjacency.
+    A parameter shared by several modules (tied embeddings) stays one object."""
+    placed: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for params in getattr(module, "fused_groups", dict)().values():
+            p0 = params[0]
+            if (any(id(p) in placed or p.device.type != "meta" for p in params)
+                    or any(p.dtype != p0.dtype or p.shape[-1] != p0.shape[-1] or p.numel() == 0 for p in params)):
+                continue
+            flat = torch.empty(sum(_rows(p) for p in params), p0.shape[-1], dtype=p0.dtype, device=device)
+            off = 0
+            for p in params:
+                placed[id(p)] = flat[off:off + _rows(p)].view(p.shape)
+                off += _rows(p)
+    swapped: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            if id(p) not in swapped:
+                t = placed.get(id(p))
+                swapped[id(p)] = torch.nn.Parameter(torch.empty_like(p, device=device) if t is None else t,
+                                                    requires_grad=p.requires_grad)
+            module._parameters[key] = swapped[id(p)]
+        for key, b in list(module._buffers.items()):
+            if b is not None and b.device.type == "meta":
+                module._buffers[key] = torch.empty_like(b, device=device)
+
+
 def tie_all(model: torch.nn.Module) -> int:
     """Tie every group that the model's modules declare (`fused_groups()`), parents before children (the
     MoE's [experts ; shared] stack before the shared SwiGLU's gate|up, which it keeps adjacent). Returns
-    the number of groups tied now."""
+    the number of groups tied now.
+
+    On CUDA the allocator cache is emptied after each group, so the next group's tensor is a fresh
+    allocation rather than a split of the storage just freed (which would leave GBs stranded in
+    partly used segments at the real shape); the transient peak is one group."""
     n = 0
     for module in model.modules():
         groups = getattr(module, "fused_groups", None)
@@ -97,4 +136,6 @@ def tie_all(model: torch.nn.Module) -> int:
         for params in groups().values():
             if params[0].device.type != "meta" and spanning(params) is None and tie(params) is not None:
                 n += 1
+                if params[0].is_cuda:
+                    torch.cuda.empty_cache()
     return n

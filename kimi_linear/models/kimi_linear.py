@@ -21,7 +21,7 @@ from torch import nn
 
 from kimi_linear.config import ModelConfig, parse_dtype
 from kimi_linear.layers.context import ForwardContext
-from kimi_linear.layers.fused import tie_all
+from kimi_linear.layers.fused import materialize, tie_all
 from kimi_linear.layers.kda import KimiDeltaAttention
 from kimi_linear.layers.mla import MultiHeadLatentAttention
 from kimi_linear.layers.mlp import SwiGLUMLP
@@ -93,17 +93,17 @@ class KimiLinearForCausalLM(nn.Module):
             model = cls(config)
         for name, p in model.named_parameters():
             p.data = p.data.to(torch.float32 if FP32_PARAMS.search(name) else dtype)
-        model = model.to_empty(device=device)
+        materialize(model, device)  # to_empty, with each fused group allocated as one tensor
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.tie_fused_weights()
+        model.tie_fused_weights()  # no-op unless a group could not be placed as one tensor
         model.dtype = dtype
         return model.eval()
 
     def tie_fused_weights(self) -> int:
         """Store each group of projections that read the same input as consecutive rows of one tensor
         (`layers/fused.py`), so inference runs each group as one GEMM; names, shapes and memory unchanged.
-        `from_config` does it at build time; a forward without autograd re-ties a group whose storage
+        `from_config` allocates the groups tied; a forward without autograd re-ties a group whose storage
         was split since (e.g. by `model.to(...)`). Returns the number of groups tied now."""
         return tie_all(self)
 

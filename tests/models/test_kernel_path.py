@@ -69,3 +69,35 @@ def test_autograd_uses_the_separate_parameters(model):
     finally:
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_kernel_path_matches_cpu_naive(tiny_checkpoint):
+    cpu = KimiLinearForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32, progress=False)
+    gpu = KimiLinearForCausalLM.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.float32, progress=False)
+    ids = torch.randint(0, cpu.config.vocab_size, (2, 40))
+    ref, _ = _run(cpu, ids, 33)
+    cache = SequenceCache(gpu.config, 2, device="cuda", block_size=16)
+    outs = [gpu(ids[:, :33].cuda(), cache)] + [gpu(ids[:, t:t + 1].cuda(), cache) for t in range(33, 40)]
+    assert_close("GPU kernels vs CPU naive (fp32 logits)", ref, torch.cat(outs, 1).cpu(), 1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_build_ties_without_stranding_memory():
+    from kimi_linear.config import ModelConfig
+    from kimi_linear.models.presets import preset_config
+
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    model = KimiLinearForCausalLM.from_config(ModelConfig.from_dict(preset_config("small")), device="cuda",
+                                              dtype=torch.bfloat16)
+    torch.cuda.empty_cache()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert torch.cuda.memory_allocated() - base <= weights * 1.01
+    stranded = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    assert stranded < 64 * 2 ** 20, f"{stranded / 2 ** 20:.0f} MiB reserved but unused after tying"
+    for module in model.modules():
+        for name, params in getattr(module, "fused_groups", dict)().items():
+            assert spanning(params) is not None, f"{type(module).__name__}.{name} not tied"
