@@ -211,11 +211,11 @@ def kernel_breakdown(B, T) -> dict:
 
 LAUNCHERS = {"intra": "chunk_fwd_intra_launch", "scan": "chunk_fwd_scan_launch", "bwd_scan": "chunk_bwd_scan_launch",
              "bwd_state": "chunk_bwd_state_launch", "bwd_intra": "chunk_bwd_intra_launch"}
-SCAN_CFGS = [dict(BV=64, num_warps=4, num_stages=3), dict(BV=64, num_warps=4, num_stages=4),
-             dict(BV=32, num_warps=4, num_stages=4)]
-BWD_SCAN_CFGS = [dict(BV=bv, num_warps=w, num_stages=2) for bv in (16, 32, 64) for w in (4, 8)]
-WIDE_SCAN_CFGS = [dict(BV=bv, num_warps=w, num_stages=2) for bv in (32, 64, 128) for w in (4, 8)]
-BIG_CFGS = [dict(num_warps=w, num_stages=1) for w in (2, 4, 8)]
+SCAN_CFGS = [dict(BV=64, num_warps=4, num_stages=2), dict(BV=64, num_warps=4, num_stages=3),
+             dict(BV=32, num_warps=4, num_stages=3)]
+BWD_SCAN_CFGS = [dict(BV=32, num_warps=4, num_stages=2), dict(BV=64, num_warps=4, num_stages=2)]
+WIDE_SCAN_CFGS = [dict(BV=64, num_warps=4, num_stages=2), dict(BV=128, num_warps=4, num_stages=2)]
+BIG_CFGS = [dict(num_warps=w, num_stages=1) for w in (4, 8)]
 
 
 def record_launches(B, T) -> dict:
@@ -249,8 +249,9 @@ def kernel_sweep(seconds: float) -> dict:
     """Time each kernel alone under several launch settings (every launch here is idempotent);
     returns {shape: {kernel: (best cfg, ms)}} and the raw rows."""
     t_end = time.time() + seconds
-    plan = [((4, 16384), [("intra", BIG_CFGS), ("bwd_intra", BIG_CFGS)]),
-            ((1, 65536), [("scan", SCAN_CFGS[:2])])]
+    plan = [((4, 16384), [("intra", BIG_CFGS), ("bwd_intra", BIG_CFGS), ("bwd_state", BIG_CFGS)]),
+            ((1, 65536), [("scan", SCAN_CFGS), ("bwd_scan", BWD_SCAN_CFGS)]),
+            ((16, 4096), [("scan", WIDE_SCAN_CFGS), ("bwd_scan", WIDE_SCAN_CFGS)])]
     best, rows = {}, []
     for (B, T), items in plan:
         if time.time() > t_end:

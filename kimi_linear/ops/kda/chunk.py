@@ -30,7 +30,7 @@ CONFIG = {
     "scan": dict(num_warps=4, num_stages=None, BV=None),
     "bwd_scan": dict(num_warps=4, num_stages=None, BV=None),
     "bwd_state": dict(num_warps=8, num_stages=1),
-    "bwd_intra": dict(num_warps=4, num_stages=1),
+    "bwd_intra": dict(num_warps=8, num_stages=1),
 }
 
 # dtype of the chunk states (and their gradients) kept for the backward: fp32 keeps the decay
@@ -109,15 +109,13 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_fina
         W=torch.empty(TT, H, K, device=dev, dtype=dt), U=torch.empty(TT, H, V, device=dev, dtype=dt),
         Kd=torch.empty(TT, H, K, device=dev, dtype=dt), Qg=torch.empty(TT, H, K, device=dev, dtype=dt),
         Aqk=torch.empty(TT, H, BT, device=dev, dtype=dt), gam=torch.empty(NS, H, K, device=dev, dtype=torch.float32),
-        G=torch.empty(TT, H, K, device=dev, dtype=torch.float32),
+        G=torch.empty(TT, H, K, device=dev, dtype=torch.float32), M=torch.empty(TT, H, BT, device=dev, dtype=dt),
+        Akk=torch.empty(TT, H, BT, device=dev, dtype=torch.float32),
+        rq=torch.empty(TT, H, device=dev, dtype=torch.float32), rk=torch.empty(TT, H, device=dev, dtype=torch.float32),
         cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous(),
     )
     if save:
-        bufs.update(M=torch.empty(TT, H, BT, device=dev, dtype=dt),
-                    h=torch.empty(NS, H, K, V, device=dev, dtype=STATE_DTYPE), vn=torch.empty(TT, H, V, device=dev, dtype=dt))
-        if use_l2:
-            bufs.update(rq=torch.empty(TT, H, device=dev, dtype=torch.float32),
-                        rk=torch.empty(TT, H, device=dev, dtype=torch.float32))
+        bufs.update(h=torch.empty(NS, H, K, V, device=dev, dtype=STATE_DTYPE), vn=torch.empty(TT, H, V, device=dev, dtype=dt))
     A = A_log.reshape(-1).float().contiguous() if use_gate else None
     dtb = dt_bias.reshape(-1).float().contiguous() if (use_gate and dt_bias is not None) else None
     o = torch.empty(B, T, H, V, device=dev, dtype=q.dtype)

@@ -41,11 +41,11 @@ def chunk_kda_bwd_state_kernel(
         gc = i_t.to(tl.int64)
     else:
         gc = (i_b * NT_seq + i_t).to(tl.int64)
-    rows = bos + i_c * BT + tl.arange(0, BT)
-    m_t = rows < eos
+    t0 = bos + i_c * BT
     ct = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BV)
+    m_t = ct < eos - t0
     m_k = ck < K
     m_v = cv < V
     m_tk = m_t[:, None] & m_k[None, :]
@@ -55,43 +55,45 @@ def chunk_kda_bwd_state_kernel(
     sHK = H * K
     sHV = H * V
     sHA = H * BT
-    p_s = (gc * H + i_h) * K * V + ck[:, None] * V + cv[None, :]
-    p_tk = rows[:, None] * sHK + i_h * K + ck[None, :]
-    p_tv = rows[:, None] * sHV + i_h * V + cv[None, :]
-    p_ta = rows[:, None] * sHA + i_h * BT + ct[None, :]
+    # scalar 64-bit bases, 32-bit offsets inside the tiles
+    o_s = ck[:, None] * V + cv[None, :]
+    o_tk = ct[:, None] * sHK + ck[None, :]
+    o_tv = ct[:, None] * sHV + cv[None, :]
+    o_ta = ct[:, None] * sHA + ct[None, :]
+    s_base = (gc * H + i_h) * K * V
+    tk_base = t0 * sHK + i_h * K
+    tv_base = t0 * sHV + i_h * V
+    ta_base = t0 * sHA + i_h * BT
 
-    S32 = tl.load(h + p_s, mask=m_kv, other=0.0).to(tl.float32)
-    dS32 = tl.load(dh + p_s, mask=m_kv, other=0.0).to(tl.float32)
+    S32 = tl.load(h + s_base + o_s, mask=m_kv, other=0.0).to(tl.float32)
+    dS32 = tl.load(dh + s_base + o_s, mask=m_kv, other=0.0).to(tl.float32)
     S = S32.to(dt)
     dS = dS32.to(dt)
-    g_o = tl.load(do + rows[:, None] * s_do + i_h * V + cv[None, :], mask=m_tv, other=0.0).to(dt)
-    b_vn = tl.load(vn + p_tv, mask=m_tv, other=0.0)
-    b_dvn = tl.load(dvn + p_tv, mask=m_tv, other=0.0)
+    g_o = tl.load(do + t0 * s_do + i_h * V + ct[:, None] * s_do + cv[None, :], mask=m_tv, other=0.0).to(dt)
+    b_vn = tl.load(vn + tv_base + o_tv, mask=m_tv, other=0.0)
+    b_dvn = tl.load(dvn + tv_base + o_tv, mask=m_tv, other=0.0)
 
-    tl.store(dQg + p_tk, tl.dot(g_o, tl.trans(S)), mask=m_tk)
-    tl.store(dKd + p_tk, tl.dot(b_vn, tl.trans(dS)), mask=m_tk)
+    tl.store(dQg + tk_base + o_tk, tl.dot(g_o, tl.trans(S)), mask=m_tk)
+    tl.store(dKd + tk_base + o_tk, tl.dot(b_vn, tl.trans(dS)), mask=m_tk)
     glast = tl.load(gam + (gc * H + i_h) * K + ck, mask=m_k, other=0.0)
-    sdS = tl.sum(S32 * dS32, 1)
-    tl.store(dgx + (gc * H + i_h) * K + ck, tl.exp2(glast) * sdS, mask=m_k)
+    tl.store(dgx + (gc * H + i_h) * K + ck, tl.exp2(glast) * tl.sum(S32 * dS32, 1), mask=m_k)
 
-    M = tl.load(Mi + p_ta, mask=m_t[:, None], other=0.0)
-    Mt = tl.trans(M)
-    b_dW = -tl.dot(b_dvn, tl.trans(S))
-    b_dY = tl.dot(Mt, b_dW.to(dt))
-    tl.store(dY + p_tk, b_dY, mask=m_tk)
+    Mt = tl.trans(tl.load(Mi + ta_base + o_ta, mask=m_t[:, None], other=0.0))
+    b_dY = tl.dot(Mt, (-tl.dot(b_dvn, tl.trans(S))).to(dt))
+    tl.store(dY + tk_base + o_tk, b_dY, mask=m_tk)
     b_dX = tl.dot(Mt, b_dvn)
-    b = load_beta(beta, rows, m_t, s_b, i_h, USE_SIGMOID)
-    b_v = tl.load(v + rows[:, None] * s_v + i_h * V + cv[None, :], mask=m_tv, other=0.0).to(tl.float32)
-    tl.store(dv + rows[:, None] * s_dv + i_h * V + cv[None, :], (b_dX * b[:, None]).to(dv.dtype.element_ty),
+    b = load_beta(beta + i_h + t0 * s_b, ct, m_t, s_b, USE_SIGMOID)
+    b_v = tl.load(v + t0 * s_v + i_h * V + ct[:, None] * s_v + cv[None, :], mask=m_tv, other=0.0).to(tl.float32)
+    tl.store(dv + t0 * s_dv + i_h * V + ct[:, None] * s_dv + cv[None, :], (b_dX * b[:, None]).to(dv.dtype.element_ty),
              mask=m_tv)
-    tl.store(dbx + rows * H + i_h, tl.sum(b_dX * b_v, 1), mask=m_t)
+    tl.store(dbx + (t0 + ct) * H + i_h, tl.sum(b_dX * b_v, 1), mask=m_t)
 
     b_dA = tl.dot(g_o, tl.trans(b_vn))
-    tl.store(dAqk + p_ta, tl.where(ct[:, None] >= ct[None, :], b_dA, 0.0), mask=m_t[:, None])
-    b_u = tl.load(U + p_tv, mask=m_tv, other=0.0)
-    b_w = tl.load(Wt + p_tk, mask=m_tk, other=0.0)
+    tl.store(dAqk + ta_base + o_ta, tl.where(ct[:, None] >= ct[None, :], b_dA, 0.0), mask=m_t[:, None])
+    b_u = tl.load(U + tv_base + o_tv, mask=m_tv, other=0.0)
+    b_w = tl.load(Wt + tk_base + o_tk, mask=m_tk, other=0.0)
     b_dAkk = -(tl.dot(b_dX.to(dt), tl.trans(b_u)) + tl.dot(b_dY.to(dt), tl.trans(b_w)))
-    tl.store(dAkk + p_ta, tl.where(ct[:, None] > ct[None, :], b_dAkk, 0.0), mask=m_t[:, None])
+    tl.store(dAkk + ta_base + o_ta, tl.where(ct[:, None] > ct[None, :], b_dAkk, 0.0), mask=m_t[:, None])
 
 
 def chunk_bwd_state_launch(bufs, do, v, beta, dv, grads, idx, T, *, use_sigmoid, num_warps=8, num_stages=1):

@@ -61,44 +61,48 @@ def chunk_kda_fwd_scan_kernel(
         if slot < 0:
             # padding entry of the batch: zero its output rows, touch no state
             for c in range(nc):
-                rows = bos + c * BT + ct
-                p = o + rows[:, None] * s_o + i_h * V + cv[None, :]
-                tl.store(p, tl.zeros([BT, BV], dtype=o.dtype.element_ty), mask=(rows < eos)[:, None] & m_v[None, :])
+                t0 = bos + c * BT
+                p = o + t0 * s_o + i_h * V + ct[:, None] * s_o + cv[None, :]
+                tl.store(p, tl.zeros([BT, BV], dtype=o.dtype.element_ty), mask=(ct < eos - t0)[:, None] & m_v[None, :])
             return
-    p_s = (slot * H + i_h) * K * V + ck[:, None] * V + cv[None, :]
+    o_s = ck[:, None] * V + cv[None, :]  # 32-bit offsets inside tiles, 64-bit scalar bases
+    s_base = (slot * H + i_h) * K * V
     if HAS_H0:
-        S = tl.load(h0 + p_s, mask=m_kv, other=0.0).to(tl.float32)
+        S = tl.load(h0 + s_base + o_s, mask=m_kv, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     sHK = H * K
     sHV = H * V
     sHA = H * BT
+    o_tk = ct[:, None] * sHK + ck[None, :]
+    o_tv = ct[:, None] * sHV + cv[None, :]
+    o_ta = ct[:, None] * sHA + ct[None, :]
+    o_o = ct[:, None] * s_o + cv[None, :]
     for c in range(nc):
-        rows = bos + c * BT + ct
-        m_t = rows < eos
+        t0 = bos + c * BT
+        m_t = ct < eos - t0
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        p_k = rows[:, None] * sHK + i_h * K + ck[None, :]
-        w = tl.load(Wt + p_k, mask=m_tk, other=0.0)
-        qg = tl.load(Qg + p_k, mask=m_tk, other=0.0)
-        kd = tl.load(Kd + p_k, mask=m_tk, other=0.0)
-        u = tl.load(U + rows[:, None] * sHV + i_h * V + cv[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        A = tl.load(Aqk + rows[:, None] * sHA + i_h * BT + ct[None, :], mask=m_t[:, None], other=0.0)
+        tk = t0 * sHK + i_h * K
+        w = tl.load(Wt + tk + o_tk, mask=m_tk, other=0.0)
+        qg = tl.load(Qg + tk + o_tk, mask=m_tk, other=0.0)
+        kd = tl.load(Kd + tk + o_tk, mask=m_tk, other=0.0)
+        u = tl.load(U + t0 * sHV + i_h * V + o_tv, mask=m_tv, other=0.0).to(tl.float32)
+        A = tl.load(Aqk + t0 * sHA + i_h * BT + o_ta, mask=m_t[:, None], other=0.0)
         gc = c_base + c
         decay = tl.exp2(tl.load(gam + (gc * H + i_h) * K + ck, mask=m_k, other=0.0))
         Sb = S.to(dt)
         if SAVE:
-            tl.store(h_out + (gc * H + i_h) * K * V + ck[:, None] * V + cv[None, :],
-                     S.to(h_out.dtype.element_ty), mask=m_kv)
+            tl.store(h_out + (gc * H + i_h) * K * V + o_s, S.to(h_out.dtype.element_ty), mask=m_kv)
         vn = u - tl.dot(w, Sb)
         vnb = vn.to(dt)
         if SAVE:
-            tl.store(vn_out + rows[:, None] * sHV + i_h * V + cv[None, :], vnb, mask=m_tv)
+            tl.store(vn_out + t0 * sHV + i_h * V + o_tv, vnb, mask=m_tv)
         out = tl.dot(qg, Sb) + tl.dot(A, vnb)
-        tl.store(o + rows[:, None] * s_o + i_h * V + cv[None, :], out.to(o.dtype.element_ty), mask=m_tv)
+        tl.store(o + t0 * s_o + i_h * V + o_o, out.to(o.dtype.element_ty), mask=m_tv)
         S = S * decay[:, None] + tl.dot(tl.trans(kd), vnb)
     if STORE_FINAL:
-        tl.store(ht + p_s, S.to(ht.dtype.element_ty), mask=m_kv)
+        tl.store(ht + s_base + o_s, S.to(ht.dtype.element_ty), mask=m_kv)
 
 
 @triton.jit
@@ -122,46 +126,50 @@ def chunk_kda_bwd_scan_kernel(
     m_v = cv < V
     m_kv = m_k[:, None] & m_v[None, :]
     dt = Wt.dtype.element_ty
-    p_s = (n.to(tl.int64) * H + i_h) * K * V + ck[:, None] * V + cv[None, :]
+    o_s = ck[:, None] * V + cv[None, :]
+    s_base = (n.to(tl.int64) * H + i_h) * K * V
     if HAS_DHT:
-        dS = tl.load(dht + p_s, mask=m_kv, other=0.0).to(tl.float32)
+        dS = tl.load(dht + s_base + o_s, mask=m_kv, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros([BK, BV], dtype=tl.float32)
     sHK = H * K
     sHV = H * V
     sHA = H * BT
+    o_tk = ct[:, None] * sHK + ck[None, :]
+    o_tv = ct[:, None] * sHV + cv[None, :]
+    o_ta = ct[:, None] * sHA + ct[None, :]
+    o_do = ct[:, None] * s_do + cv[None, :]
     for i in range(nc):
         c = nc - 1 - i
-        rows = bos + c * BT + ct
-        m_t = rows < eos
+        t0 = bos + c * BT
+        m_t = ct < eos - t0
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        p_k = rows[:, None] * sHK + i_h * K + ck[None, :]
-        A = tl.load(Aqk + rows[:, None] * sHA + i_h * BT + ct[None, :], mask=m_t[:, None], other=0.0)
-        g_o = tl.load(do + rows[:, None] * s_do + i_h * V + cv[None, :], mask=m_tv, other=0.0).to(dt)
-        kd = tl.load(Kd + p_k, mask=m_tk, other=0.0)
-        qg = tl.load(Qg + p_k, mask=m_tk, other=0.0)
-        w = tl.load(Wt + p_k, mask=m_tk, other=0.0)
+        tk = t0 * sHK + i_h * K
+        A = tl.load(Aqk + t0 * sHA + i_h * BT + o_ta, mask=m_t[:, None], other=0.0)
+        g_o = tl.load(do + t0 * s_do + i_h * V + o_do, mask=m_tv, other=0.0).to(dt)
+        kd = tl.load(Kd + tk + o_tk, mask=m_tk, other=0.0)
+        qg = tl.load(Qg + tk + o_tk, mask=m_tk, other=0.0)
+        w = tl.load(Wt + tk + o_tk, mask=m_tk, other=0.0)
         gc = c_base + c
         decay = tl.exp2(tl.load(gam + (gc * H + i_h) * K + ck, mask=m_k, other=0.0))
         dSb = dS.to(dt)
-        tl.store(dh_out + (gc * H + i_h) * K * V + ck[:, None] * V + cv[None, :],
-                 dS.to(dh_out.dtype.element_ty), mask=m_kv)
+        tl.store(dh_out + (gc * H + i_h) * K * V + o_s, dS.to(dh_out.dtype.element_ty), mask=m_kv)
         dvn = tl.dot(tl.trans(A), g_o) + tl.dot(kd, dSb)
         dvnb = dvn.to(dt)
-        tl.store(dvn_out + rows[:, None] * sHV + i_h * V + cv[None, :], dvnb, mask=m_tv)
+        tl.store(dvn_out + t0 * sHV + i_h * V + o_tv, dvnb, mask=m_tv)
         dS = dS * decay[:, None] + tl.dot(tl.trans(qg), g_o) - tl.dot(tl.trans(w), dvnb)
     if HAS_DH0:
-        tl.store(dh0 + p_s, dS, mask=m_kv)
+        tl.store(dh0 + s_base + o_s, dS, mask=m_kv)
 
 
 def pick_scan(num_nh: int, V: int, backward: bool) -> tuple[int, int]:
-    """(BV, num_stages) of a scan, from (sequence, head) pairs. Measured on an H100 at H=32, K=V=128:
-    forward BV=64 (1.84 ms at B=1 T=65536 with 3 stages, 1.37 ms at 16x4096 / 4x16384 with 2);
-    backward BV=32 with few pairs (2.99 ms at 1x65536), 64 otherwise (2.28 ms)."""
+    """(BV, num_stages) of a scan from the number of (sequence, head) pairs. Forward: BV=64 (H100,
+    H=32, K=V=128: 1.84 ms at B=1 T=65536 with 3 stages, 1.37 ms at 16x4096 with 2; measured before the
+    32-bit addressing rewrite). Backward: BV=32 (BV=64 spills registers since that rewrite)."""
     BVmax = max(16, triton.next_power_of_2(V))
     if backward:
-        return min(32 if num_nh <= 64 else 64, BVmax), 2
+        return min(32, BVmax), 2
     return min(64, BVmax), (3 if num_nh <= 64 else 2)
 
 

@@ -182,35 +182,55 @@ def sigmoid_thr(x):
 
 
 @triton.jit
-def load_rows(ptr, rows, m_r, stride, col0, cols, m_c):
-    """[R, C] fp32 tile of rows `rows` (token index, int64), columns col0 + cols."""
-    p = ptr + rows[:, None] * stride + col0 + cols[None, :]
-    return tl.load(p, mask=m_r[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+def load_tile(base, orow, m_r, stride, cols, m_c, EVEN_C: tl.constexpr):
+    """[R, C] fp32 tile at scalar pointer `base` (row r at base + r * stride); int32 in-tile offsets
+    keep per-element addresses cheap (64-bit element pointers cost two registers each)."""
+    p = base + orow[:, None] * stride + cols[None, :]
+    if EVEN_C:
+        x = tl.load(p, mask=m_r[:, None], other=0.0)
+    else:
+        x = tl.load(p, mask=m_r[:, None] & m_c[None, :], other=0.0)
+    return x.to(tl.float32)
 
 
 @triton.jit
-def store_rows(ptr, x, rows, m_r, stride, col0, cols, m_c):
-    p = ptr + rows[:, None] * stride + col0 + cols[None, :]
-    tl.store(p, x.to(ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+def store_tile(base, x, orow, m_r, stride, cols, m_c, EVEN_C: tl.constexpr):
+    p = base + orow[:, None] * stride + cols[None, :]
+    if EVEN_C:
+        tl.store(p, x.to(base.dtype.element_ty), mask=m_r[:, None])
+    else:
+        tl.store(p, x.to(base.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
 
 
 @triton.jit
-def gate_log2(f, rows, m_r, s_f, i_h, cols, m_c, dtb, neg_a, K: tl.constexpr,
-              USE_GATE: tl.constexpr, HAS_DTB: tl.constexpr):
+def load_vec(base, cols, m_c, ok, EVEN_C: tl.constexpr):
+    """[C] fp32 row at scalar pointer `base`, all zero unless `ok`."""
+    if EVEN_C:
+        x = tl.load(base + cols, mask=ok & (cols >= 0), other=0.0)
+    else:
+        x = tl.load(base + cols, mask=ok & m_c, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def gate_log2(f_base, orow, m_r, s_f, cols, m_c, dtb, neg_a, USE_GATE: tl.constexpr, HAS_DTB: tl.constexpr,
+              EVEN_C: tl.constexpr):
     """Per-token log decay in log2 units, [R, BK] fp32, zero on masked rows/columns."""
-    x = load_rows(f, rows, m_r, s_f, i_h * K, cols, m_c)
+    x = load_tile(f_base, orow, m_r, s_f, cols, m_c, EVEN_C)
     if USE_GATE:
         if HAS_DTB:
             x = x + dtb[None, :]
         g = neg_a * softplus(x)
     else:
         g = x
+    if EVEN_C:
+        return tl.where(m_r[:, None], g * 1.4426950408889634, 0.0)
     return tl.where(m_r[:, None] & m_c[None, :], g * 1.4426950408889634, 0.0)
 
 
 @triton.jit
-def load_beta(beta, rows, m_r, s_b, i_h, USE_SIGMOID: tl.constexpr):
-    b = tl.load(beta + rows * s_b + i_h, mask=m_r, other=0.0).to(tl.float32)
+def load_beta(b_base, orow, m_r, s_b, USE_SIGMOID: tl.constexpr):
+    b = tl.load(b_base + orow * s_b, mask=m_r, other=0.0).to(tl.float32)
     if USE_SIGMOID:
         b = tl.sigmoid(b)
     return tl.where(m_r, b, 0.0)
