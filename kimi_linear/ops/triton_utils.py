@@ -6,7 +6,8 @@ that compiled kernels do not. `patch_triton_interpreter()` fixes them, in interp
 - fp32 -> bf16 casts truncate (and its round-to-nearest mode drops the carry): round half to even,
   as the GPU does, so that bf16 errors measured on the CPU are the kernels', not the interpreter's;
 - a kernel scalar is a 1-element numpy array and numpy 2.x refuses `int()` of it, which breaks
-  `range(start, end)` loops whose bounds are computed in the kernel: read the single element.
+  `range(start, end)` loops whose bounds are computed in the kernel: read the single element;
+- nested jit calls re-patch triton.language each time: skip that while a kernel is running.
 """
 
 from __future__ import annotations
@@ -74,6 +75,35 @@ def patch_triton_interpreter() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
     interpreter._patch_lang_tensor = patched_lang_tensor
+
+    # Every nested @triton.jit call re-patches triton.language (~1.5 ms each); while a kernel runs the
+    # language is already patched, so skip the redundant work (same semantics, ~3x faster tests).
+    patch_lang = interpreter._patch_lang
+    patched_modules: set[int] = set()
+    depth = [0]
+
+    class _Scope:
+        def __init__(self, scope, top):
+            self.scope, self.top = scope, top
+
+        def restore(self):
+            if self.top:
+                patched_modules.clear()
+                depth[0] = 0
+            if self.scope is not None:
+                self.scope.restore()
+
+    def fast_patch_lang(fn):
+        mods = {id(m) for m in fn.__globals__.values() if m is tl or m is tl.core}
+        top = depth[0] == 0
+        if not top and mods <= patched_modules:
+            return _Scope(None, False)
+        scope = patch_lang(fn)
+        patched_modules.update(mods)
+        depth[0] = 1
+        return _Scope(scope, top)
+
+    interpreter._patch_lang = fast_patch_lang
 
 
 def use_triton(x) -> bool:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.triton_utils import is_interpreter
+from kimi_linear.ops.triton_utils import is_interpreter, patch_triton_interpreter
 
 BT = 64  # chunk size
 BC = 16  # sub-chunk size of the intra-chunk products
@@ -68,76 +68,7 @@ def prepare_chunks(cu_seqlens: torch.Tensor | None, B: int, T: int,
     return ChunkIndex(N, max(NT, 1), 0, chunk_seq, offsets.to(torch.int32))
 
 
-def _patch_interpreter() -> None:
-    """CPU-interpreter fixes (TRITON_INTERPRET=1 only; compiled kernels are untouched).
-
-    Scalars are 1-element arrays there, and with NumPy 2 `int()` of those fails, so a loop bounded by
-    a value computed from program_id or a load (`range(nc)`) cannot run: make `__index__` read the
-    single element."""
-    if not is_interpreter():
-        return
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_kimi_linear_patched", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._kimi_linear_patched = True
-    interpreter._patch_lang_tensor = patched
-
-    # fp32 -> bf16 casts: the interpreter truncates (the GPU rounds to nearest even), which biases
-    # every rounded intermediate; round to nearest even like the hardware.
-    import numpy as np
-    import triton.language as tl_
-
-    builder = interpreter.InterpreterBuilder
-    cast = builder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl_.float32 and dst_type.scalar == tl_.bfloat16:
-            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            return interpreter.TensorHandle(bits.astype(np.uint16).reshape(src.data.shape), dst_type.scalar)
-        return cast(self, src, dst_type)
-
-    builder.cast_impl = cast_impl
-    builder.create_fp_trunc = lambda self, src, dst_type: self.cast_impl(src, dst_type)
-
-    # Every nested @triton.jit call re-patches triton.language (~1.5 ms each); while a kernel runs
-    # the language is already patched, so skip the redundant work (same semantics, ~3x faster).
-    patch_lang = interpreter._patch_lang
-    patched_modules: set[int] = set()
-    depth = [0]
-
-    class _Scope:
-        def __init__(self, scope, top):
-            self.scope, self.top = scope, top
-
-        def restore(self):
-            if self.top:
-                patched_modules.clear()
-                depth[0] = 0
-            if self.scope is not None:
-                self.scope.restore()
-
-    def _patch_lang(fn):
-        mods = {id(m) for m in fn.__globals__.values() if m is tl_ or m is tl_.core}
-        top = depth[0] == 0
-        if not top and mods <= patched_modules:
-            return _Scope(None, False)
-        scope = patch_lang(fn)
-        patched_modules.update(mods)
-        depth[0] = 1
-        return _Scope(scope, top)
-
-    interpreter._patch_lang = _patch_lang
-
-
-_patch_interpreter()
+patch_triton_interpreter()
 
 
 # ---------------------------------------------------------------------------------------------
