@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.triton_utils import is_interpreter, patch_triton_interpreter
+from kimi_linear.ops.triton_utils import patch_triton_interpreter
 
 BT = 64  # chunk size
 BC = 16  # sub-chunk size of the intra-chunk products
