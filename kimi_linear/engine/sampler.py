@@ -159,7 +159,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
     """Set to -inf the tokens whose bit is 0. logits [B, V]; bitmask [B, ceil(V/32)] int32 (bit j of word w
     = token 32 w + j). Returns a new tensor."""
     V = logits.shape[-1]
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
     bits = (bitmask.to(logits.device)[:, :, None] >> shifts) & 1  # [B, W, 32]
     allowed = bits.reshape(bitmask.shape[0], -1)[:, :V].bool()
     return logits.masked_fill(~allowed, _NEG_INF)
