@@ -115,6 +115,7 @@ def chunk_kda_bwd_intra_kernel(
         J = BT // BC - 1 - jj
         tok = t0 + J * BC
         m_r = o < eos - tok
+        nc = tl.minimum(eos - tok, BC).to(tl.int32)
         b_b = load_beta(b_h + tok * s_b, o, m_r, s_b, USE_SIGMOID)
         sq = tl.zeros([BC], dtype=tl.float32)
         sk = tl.zeros([BC], dtype=tl.float32)
@@ -137,18 +138,34 @@ def chunk_kda_bwd_intra_kernel(
             eJ = tl.exp2(tl.minimum(bG - a[None, :], 0.0))
             Rqk = Rqk * eJ
             Rkk = Rkk * eJ
-            # -- diagonal block, exact, as [16, 16, BKC] broadcasts: E[r, c, d] = [r >= c] exp2(min(G_r - G_c, 0));
-            # row part Rq/Rk[r] += sum_c dA[r, c] E k_c, column part Cd[c] += sum_r E (dAq[r, c] qh_r + dAk[r, c]
-            # beta_r k_r). (Per-column loops of dependent row loads serialised the program on load latency.)
-            E = tl.where(o[:, None, None] >= o[None, :, None],
-                         tl.exp2(tl.minimum(bG[:, None, :] - bG[None, :, :], 0.0)), 0.0)
-            dAq_d = _dA_blk(dAq_h, tok, m_r, sHA, J * BC, BC)
-            dAk_d = _dA_blk(dAk_h, tok, m_r, sHA, J * BC, BC)
-            Ek = E * bkn[None, :, :]
-            Rqk += tl.sum(dAq_d[:, :, None] * Ek, 1)
-            Rkk += tl.sum(dAk_d[:, :, None] * Ek, 1)
-            Cd = tl.sum((dAq_d[:, :, None] * bqh[:, None, :] + dAk_d[:, :, None] * (b_b[:, None] * bkn)[:, None, :]) * E,
-                        0)
+            # -- diagonal block, exact: row part over the columns c, column part over the rows r (loads)
+            Cd = tl.zeros([BC, BKC], dtype=tl.float32)
+            for c in range(nc):
+                rc = tok + c
+                k_c = load_vec(k_h + rc * s_k + kk, cs, m_s, True, EVEN_K)
+                if USE_L2:
+                    k_c = k_c * tl.load(rk_h + rc * H)
+                G_c = load_vec(G_h + rc * sHK + kk, cs, m_s, True, EVEN_K)
+                daq = tl.load(dAq_h + (tok + o) * sHA + J * BC + c, mask=m_r, other=0.0)
+                dak = tl.load(dAk_h + (tok + o) * sHA + J * BC + c, mask=m_r, other=0.0)
+                ek = tl.where(o[:, None] >= c, tl.exp2(tl.minimum(bG - G_c[None, :], 0.0)), 0.0) * k_c[None, :]
+                Rqk += daq[:, None] * ek
+                Rkk += dak[:, None] * ek
+            for r in range(nc):
+                rr = tok + r
+                q_r = load_vec(q_h + rr * s_q + kk, cs, m_s, True, EVEN_K) * scale
+                k_r = load_vec(k_h + rr * s_k + kk, cs, m_s, True, EVEN_K)
+                if USE_L2:
+                    q_r = q_r * tl.load(rq_h + rr * H)
+                    k_r = k_r * tl.load(rk_h + rr * H)
+                b_r = tl.load(b_h + rr * s_b).to(tl.float32)
+                if USE_SIGMOID:
+                    b_r = tl.sigmoid(b_r)
+                G_r = load_vec(G_h + rr * sHK + kk, cs, m_s, True, EVEN_K)
+                daq = tl.load(dAq_h + rr * sHA + J * BC + o)
+                dak = tl.load(dAk_h + rr * sHA + J * BC + o)
+                e = tl.where(o[:, None] <= r, tl.exp2(tl.minimum(G_r[None, :] - bG, 0.0)), 0.0)
+                Cd += (daq[:, None] * q_r[None, :] + dak[:, None] * (b_r * k_r)[None, :]) * e
             # -- column part from later blocks, through their anchors
             for I in range(J + 1, BT // BC):
                 tok_i = t0 + I * BC

@@ -7,7 +7,7 @@ One program per (chunk, head), in fp32:
   Aqk[r, j] = sum_d qh_r k_j exp(G_r - G_j)  (j <= r) and Akk[r, j] = beta_r sum_d k_r k_j exp(G_r - G_j)
   (j < r), by 16x16 blocks and K slices of 32 columns: off-diagonal blocks through an anchor (the G
   just before the row block, so both exponent factors are <= 0) and a matmul; diagonal blocks exactly,
-  as [16, 16, 16] broadcasts of exp2(G_r - G_c) reduced along K (Akk goes to an fp32 scratch),
+  column by column (Akk goes to an fp32 scratch),
   M = (I + Akk)^-1: diagonal 16x16 blocks as (I - A)(I + A^2)(I + A^4)(I + A^8) (A^16 = 0), merged by
   block-triangular formulas (fp32 products), stored in the compute dtype,
   W = M diag(beta) (exp(G) k), U = M diag(beta) v, Qg = qh exp(G), Kd = k exp(G_last - G).
@@ -92,9 +92,9 @@ def _row_block(q_h, k_h, Go_h, A_h, S_h, rq_h, rk_h, b_h, t0, I: tl.constexpr, e
                scale, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr, BC: tl.constexpr,
                EVEN_K: tl.constexpr, USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr):
     """Row block I (16 rows) of Aqk and Akk, stored (Akk to the fp32 scratch), by K slices of BKC columns.
-    Diagonal block: exact, as [16, 16, 16] broadcasts of exp2(min(G_r - G_c, 0)) reduced along K.
-    Off-diagonal blocks J < I: through the anchor a = G of the row just before the block, as matmuls of
-    exp2(G - a) q / k (<= 1) with exp2(a - G_j) k_j (<= 1)."""
+    Diagonal block: exact, column by column (the column's k and G rows are loads, the products reduce
+    along the slice, inside a warp). Off-diagonal blocks J < I: through the anchor a = G of the row
+    just before the block, as matmuls of exp2(G - a) q / k (<= 1) with exp2(a - G_j) k_j (<= 1)."""
     o = tl.arange(0, BC)
     cs = tl.arange(0, BKC)
     tok = t0 + I * BC
@@ -115,24 +115,21 @@ def _row_block(q_h, k_h, Go_h, A_h, S_h, rq_h, rk_h, b_h, t0, I: tl.constexpr, e
     k1 = tl.zeros([BC, BC], dtype=tl.float32)
     q2 = tl.zeros([BC, BC], dtype=tl.float32)
     k2 = tl.zeros([BC, BC], dtype=tl.float32)
-    # Diagonal block, exact: E[r, c, d] = exp2(min(G_r - G_c, 0)) over [16, 16, 16] slices of K, reduced
-    # along d. (A per-column loop of dependent row loads serialised 256 global-load latencies per program.)
-    BKD: tl.constexpr = 16 if BK >= 16 else BK
-    cd = tl.arange(0, BKD)
-    for kk in range(0, BK, BKD):
-        m_d = kk + cd < K
-        qd = load_tile(q_h + tok * s_q + kk, o, m_r, s_q, cd, m_d, EVEN_K) * (rq * scale)[:, None]
-        kr = load_tile(k_h + tok * s_k + kk, o, m_r, s_k, cd, m_d, EVEN_K)
-        Gd = load_tile(Go_h + tok * sHK + kk, o, m_r, sHK, cd, m_d, EVEN_K)
-        t = tl.exp2(tl.minimum(Gd[:, None, :] - Gd[None, :, :], 0.0)) * kr[None, :, :]
-        Aqk += tl.sum(qd[:, None, :] * t, 2)
-        Akk += tl.sum((kr * rk[:, None])[:, None, :] * t, 2)
+    nc = tl.minimum(eos - tok, BC).to(tl.int32)
     for kk in range(0, BK, BKC):
         m_s = kk + cs < K
+        qs = load_tile(q_h + tok * s_q + kk, o, m_r, s_q, cs, m_s, EVEN_K) * (rq * scale)[:, None]
+        ks = load_tile(k_h + tok * s_k + kk, o, m_r, s_k, cs, m_s, EVEN_K) * rk[:, None]
+        Gs = load_tile(Go_h + tok * sHK + kk, o, m_r, sHK, cs, m_s, EVEN_K)
+        for c in range(nc):  # runtime bound: no unrolling, no hoisting of the row loads
+            k_c = load_vec(k_h + (tok + c) * s_k + kk, cs, m_s, True, EVEN_K)
+            G_c = load_vec(Go_h + (tok + c) * sHK + kk, cs, m_s, True, EVEN_K)
+            t = tl.exp2(tl.minimum(Gs - G_c[None, :], 0.0)) * k_c[None, :]
+            aq = tl.sum(qs * t, 1)
+            ak = tl.sum(ks * t, 1)
+            Aqk = tl.where(o[None, :] == c, Aqk + aq[:, None], Aqk)
+            Akk = tl.where(o[None, :] == c, Akk + ak[:, None], Akk)
         if I > 0:
-            qs = load_tile(q_h + tok * s_q + kk, o, m_r, s_q, cs, m_s, EVEN_K) * (rq * scale)[:, None]
-            ks = load_tile(k_h + tok * s_k + kk, o, m_r, s_k, cs, m_s, EVEN_K) * rk[:, None]
-            Gs = load_tile(Go_h + tok * sHK + kk, o, m_r, sHK, cs, m_s, EVEN_K)
             a = load_vec(Go_h + (tok - 1) * sHK + kk, cs, m_s, tok - 1 < eos, EVEN_K)
             e = tl.exp2(tl.minimum(Gs - a[None, :], 0.0))
             qa = qs * e
