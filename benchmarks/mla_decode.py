@@ -2,7 +2,7 @@
 
 Real shape (H=32, Dn=128, Dr=64, Dv=128, R=512), bf16, scattered block tables, random cache contents.
 Each variant (`variant+reduce` of `mla_decode_attention`, e.g. `heads`, `heads-prefetch+chunked`,
-`tokens+chunked`) runs in its own subprocess, so that a kernel that faults (an illegal memory access
+`heads/bh16`) runs in its own subprocess, so that a kernel that faults (an illegal memory access
 poisons the CUDA context) cannot take the others down. A variant is first checked against the fp32
 naive absorbed form (block sizes 16 / 64 / 256, padding rows, 200K and 1M tokens); only then timed
 (median of `triton.testing.do_bench`, L2 flushed between calls):
@@ -15,7 +15,7 @@ variant whose check faults, to name the faulting access.
     PYTHONPATH=. python benchmarks/mla_decode.py [--quick] [--variants heads,heads-prefetch+chunked,...]
 
 Variant options after '/' (see `parse_spec`) bisect a failure or a launch choice, e.g.
-`--variants tokens+chunked/nopre/s2,tokens+chunked/w4,heads-prefetch+chunked/bn16`.
+`--variants heads-prefetch+chunked/nopre/s2,heads/w8,heads-prefetch+chunked/bn16`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ BS = 64
 SCALE = (DN + DR) ** -0.5
 BYTES_PER_TOKEN = (R + DR) * 2
 DEVICE = "cuda"
-DEFAULT_VARIANTS = "heads,heads+chunked,heads-prefetch+chunked,tokens+chunked"  # ~1 min each
+DEFAULT_VARIANTS = "heads,heads+chunked,heads-prefetch+chunked"  # ~1 min each
 SHAPES = [(1, 4096), (1, 131072), (1, 1048576), (8, 4096), (8, 131072), (32, 32768), (128, 4096)]
 QUICK_SHAPES = [(1, 4096), (8, 4096), (1, 131072)]
 CHECK_TAIL = [1000, 0, 5000, 33000]  # after [1, 17, block size, block size + 1]; index 5 is a padding row

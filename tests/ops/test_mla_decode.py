@@ -91,8 +91,7 @@ def test_decode_odd_widths_and_default_splits(device, poison_empty):
 
 @pytest.mark.parametrize("variant,reduce,block_n,block_h,prefetch", [
     ("heads", "serial", 16, 16, True), ("heads", "chunked", 32, 32, False),
-    ("heads-prefetch", "serial", 16, 16, None), ("heads-prefetch", "chunked", 32, 32, None),
-    ("tokens", "chunked", 16, 16, None), ("tokens", "serial", 64, 32, False), ("tokens", "chunked", 64, 32, True)])
+    ("heads-prefetch", "serial", 16, 16, None), ("heads-prefetch", "chunked", 32, 32, None)])
 def test_decode_variants(variant, reduce, block_n, block_h, prefetch, device, poison_empty):
     """Every kernel variant and reduction: register double buffering on / off, tiles that span several cache
     blocks (block size 8), head groups (20 heads in groups of 16), padding rows."""
@@ -107,7 +106,7 @@ def test_decode_variants(variant, reduce, block_n, block_h, prefetch, device, po
     assert torch.count_nonzero(got[2]) == 0
 
 
-@pytest.mark.parametrize("variant", ["heads-prefetch", "tokens"])
+@pytest.mark.parametrize("variant", ["heads-prefetch"])
 def test_decode_variants_bf16_default_launch(variant, device, poison_empty):
     """The experimental variants at their default launch (bf16 tiles, wave-filling split count)."""
     _skip_experimental_on_gpu(variant, device)
@@ -134,16 +133,16 @@ def test_num_splits_rules(monkeypatch):
     monkeypatch.setattr(dec, "_sms", lambda device: 132)
     dev = torch.device("cpu")
     assert [decode_num_splits(n, 32, dev) for n in (1, 8, 256)] == [264, 33, 4]
-    waves = [decode_num_splits(n, 32, dev, variant="tokens") for n in (1, 8, 32, 64, 256)]
+    waves = [decode_num_splits(n, 32, dev, variant="heads-prefetch") for n in (1, 8, 32, 64, 256)]
     assert waves == [132, 33, 4, 2, 1]
     assert decode_num_splits(1, 64, dev, variant="heads-prefetch") == 66  # two head groups
     for n in range(1, 300):
-        s = decode_num_splits(n, 32, dev, variant="tokens")
+        s = decode_num_splits(n, 32, dev, variant="heads-prefetch")
         assert 1 <= s <= dec.MAX_SPLITS
         assert n * s / (-(-n * s // 132) * 132) >= 0.5, (n, s)
 
 
-@pytest.mark.parametrize("variant", ["heads", "heads-prefetch", "tokens"])
+@pytest.mark.parametrize("variant", ["heads", "heads-prefetch"])
 def test_decode_ignores_unused_table_entries(variant, device):
     """Entries past a sequence's length (padding, stale ids) are never read: garbage ids change nothing."""
     _skip_experimental_on_gpu(variant, device)
@@ -218,4 +217,4 @@ def test_num_splits_is_shape_only():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert decode_num_splits(1, 32, dev) >= sms
     assert decode_num_splits(256, 32, dev) == 4
-    assert decode_num_splits(1, 32, dev, variant="tokens") == sms
+    assert decode_num_splits(1, 32, dev, variant="heads-prefetch") == sms

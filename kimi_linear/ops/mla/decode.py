@@ -28,10 +28,8 @@ Variants (`variant=`, `reduce=`; the defaults are the ones verified on an H100):
 - "heads-prefetch" (experimental, not yet run on a GPU): the same products with 8 warps (no spills) and
   register double buffering: tile i+1 is loaded into registers before tile i's products, the block ids
   two tiles ahead. Only mma.sync, like the verified kernel.
-- "tokens" (experimental, FAILS on H100 + Triton 3.6 with an illegal memory access, cause not found):
-  token-major S^T = [c, k_pe] @ [q_lat, q_pe]^T and O^T += c^T P^T so that warpgroup MMA applies
-  (M = 64 tokens, 512 latent), 8 warps, 64-token tiles, register double buffering. Offline (ptxas): 249
-  registers, no spills, 110 KB shared memory; the static wgmma descriptor ranges are in bounds.
+  (A token-major variant built for warpgroup MMA faulted on the H100 with Triton 3.6, an illegal memory
+  access of unknown cause, and was removed.)
 - reduce="serial" (default): one program per (sequence, head, 128 values) loops over the splits one at a
   time (one dependent L2 round trip per split). reduce="chunked" (not yet run on a GPU): [64 splits,
   64 values] tiles, one round trip per 64 splits.
@@ -51,7 +49,7 @@ from kimi_linear.ops.triton_utils import patch_triton_interpreter
 _LOG2E = 1.4426950408889634
 MIN_CHUNK = 64  # fewest tokens a split takes before another split is used (64 beat 128..1024 at 4K, "heads")
 MAX_SPLITS = 512
-VARIANTS = ("heads", "heads-prefetch", "tokens")
+VARIANTS = ("heads", "heads-prefetch")
 REDUCES = ("serial", "chunked")
 
 
@@ -190,83 +188,6 @@ def _mla_decode_reduce_kernel(
 
 
 @triton.jit
-def _mla_decode_split_tokens_kernel(
-    q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse,
-    scale_log2,
-    s_ql_h, s_ql_n, s_qp_n, s_qp_h, s_c_blk, s_c_tok, s_bt_n,
-    s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s,
-    NUM_SPLITS,
-    H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BS: tl.constexpr, MIN_CHUNK: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
-    PREC: tl.constexpr, REG_PREFETCH: tl.constexpr,
-):
-    i_hg = tl.program_id(0)
-    i_s = tl.program_id(1)
-    i_n = tl.program_id(2)
-
-    L = tl.load(seq_lens + i_n)
-    chunk = tl.maximum((L + NUM_SPLITS - 1) // NUM_SPLITS, MIN_CHUNK)
-    chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    start = i_s * chunk
-    end = tl.minimum(start + chunk, L)
-
-    o_h = i_hg * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_r = tl.arange(0, BLOCK_R)
-    o_p = tl.arange(0, BLOCK_DR)
-    o_t = tl.arange(0, BLOCK_N)
-    m_h = o_h < H
-    m_r = o_r < R
-    m_p = o_p < DR
-    table = block_tables + i_n.to(tl.int64) * s_bt_n
-    if REG_PREFETCH:  # tile `start` in registers, the block ids of the next tile (issued before the query)
-        pos = start + o_t
-        blk = tl.load(table + pos // BS, mask=pos < end, other=0)
-        c_nx, kp_nx = _load_rows(cache, blk, pos, end, s_c_blk, s_c_tok, o_r, o_p, m_r, m_p, R, BS)
-        pos = pos + BLOCK_N
-        blk_nx = tl.load(table + pos // BS, mask=pos < end, other=0)
-    # the query, transposed: [R, H] and [DR, H] (the B operands of S^T = K @ Q^T)
-    qt_l = tl.load(q_lat + o_h[None, :] * s_ql_h + i_n * s_ql_n + o_r[:, None],
-                   mask=m_h[None, :] & m_r[:, None], other=0.0)
-    qt_p = tl.load(q_pe + i_n * s_qp_n + o_h[None, :] * s_qp_h + o_p[:, None],
-                   mask=m_h[None, :] & m_p[:, None], other=0.0)
-
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)  # O^T
-    for off in range(start, end, BLOCK_N):
-        if REG_PREFETCH:
-            c = c_nx
-            kp = kp_nx
-            pos = off + BLOCK_N + o_t  # issue the next tile's loads before this tile's math
-            c_nx, kp_nx = _load_rows(cache, blk_nx, pos, end, s_c_blk, s_c_tok, o_r, o_p, m_r, m_p, R, BS)
-            pos = pos + BLOCK_N
-            blk_nx = tl.load(table + pos // BS, mask=pos < end, other=0)
-        else:
-            pos = off + o_t
-            blk = tl.load(table + pos // BS, mask=pos < end, other=0)
-            c, kp = _load_rows(cache, blk, pos, end, s_c_blk, s_c_tok, o_r, o_p, m_r, m_p, R, BS)
-        m_n = (off + o_t) < end
-        s = tl.dot(c, qt_l, input_precision=PREC)
-        s = tl.dot(kp, qt_p, s, input_precision=PREC)  # S^T [BLOCK_N, BLOCK_H]
-        s = tl.where(m_n[:, None], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha[None, :]
-        acc = tl.dot(tl.trans(c), p.to(c.dtype), acc, input_precision=PREC)  # O^T += C^T P^T
-        m_i = m_new
-
-    active = start < L
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o_base = part_o + i_n.to(tl.int64) * s_po_n + i_s.to(tl.int64) * s_po_s
-    tl.store(o_base + o_h[None, :] * s_po_h + o_r[:, None], acc / l_safe[None, :],
-             mask=(m_h[None, :] & m_r[:, None]) & active)
-    tl.store(part_lse + i_n.to(tl.int64) * s_pl_n + i_s * s_pl_s + o_h, m_i + tl.log2(l_safe),
-             mask=m_h & active)
-
-
-@triton.jit
 def _mla_decode_reduce_chunked_kernel(
     part_o, part_lse, seq_lens, o_lat,
     s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s, s_ol_h, s_ol_n,
@@ -363,10 +284,8 @@ def _default_config(H: int, dtype: torch.dtype, variant: str) -> dict:
         # measured on an H100 at batch 1 / 1M tokens: 4 warps, 32-token tiles, all 32 heads in one program
         # beat 8 warps (1.5x), 64-token tiles and 16-head groups
         return dict(block_h=block_h, block_n=16 if fp32 else 32, num_warps=4, num_stages=2, prefetch=False)
-    if variant == "heads-prefetch":  # ptxas (offline): 8 warps, 32-token tiles: no spills
-        return dict(block_h=block_h, block_n=16 if fp32 else 32, num_warps=8, num_stages=1, prefetch=True)
-    # "tokens": 64-token tiles are the smallest M of a warpgroup MMA; 8 warps hold a prefetched tile and O^T
-    return dict(block_h=block_h, block_n=16 if fp32 else 64, num_warps=8, num_stages=1, prefetch=True)
+    # "heads-prefetch" (ptxas, offline): 8 warps, 32-token tiles: no spills
+    return dict(block_h=block_h, block_n=16 if fp32 else 32, num_warps=8, num_stages=1, prefetch=True)
 
 
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
@@ -408,9 +327,7 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
     block_tables = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
     seq_lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
     pre = cfg["prefetch"] if prefetch is None else prefetch
-    if variant == "tokens":
-        kernel, flags = _mla_decode_split_tokens_kernel, dict(REG_PREFETCH=pre)
-    elif variant == "heads-prefetch":
+    if variant == "heads-prefetch":
         kernel, flags = _mla_decode_split_kernel, dict(PREFETCH=False, REG_PREFETCH=pre)
     else:
         kernel, flags = _mla_decode_split_kernel, dict(PREFETCH=pre, REG_PREFETCH=False)
