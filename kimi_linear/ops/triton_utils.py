@@ -7,7 +7,8 @@ that compiled kernels do not. `patch_triton_interpreter()` fixes them, in interp
   as the GPU does, so that bf16 errors measured on the CPU are the kernels', not the interpreter's;
 - a kernel scalar is a 1-element numpy array and numpy 2.x refuses `int()` of it, which breaks
   `range(start, end)` loops whose bounds are computed in the kernel: read the single element;
-- nested jit calls re-patch triton.language each time: skip that while a kernel is running.
+- nested jit calls re-patch triton.language each time: skip that while a kernel is running;
+- (Triton >= 3.9) masks computed from loaded scalars may be int32: masked loads / stores need bool.
 """
 
 from __future__ import annotations
@@ -67,6 +68,26 @@ def patch_triton_interpreter() -> None:
         return fp_to_fp(self, src, dst_type, rounding_mode)
 
     builder.create_fp_to_fp = patched_fp_to_fp  # (create_fp_trunc already goes through cast_impl)
+
+    # Triton >= 3.9: a comparison with a loaded scalar can come out as an int32 "mask", which the
+    # interpreter's masked load / store then reject ("mask has unsupported dtype"): masks are predicates.
+    def bool_mask(mask):
+        if mask is not None and getattr(mask.data, "dtype", np.bool_) != np.bool_:
+            return interpreter.TensorHandle(mask.data.astype(np.bool_), tl.int1)
+        return mask
+
+    masked_load = builder.create_masked_load
+
+    def patched_masked_load(self, ptrs, mask, *args, **kwargs):
+        return masked_load(self, ptrs, bool_mask(mask), *args, **kwargs)
+
+    builder.create_masked_load = patched_masked_load
+    masked_store = builder.create_masked_store
+
+    def patched_masked_store(self, ptrs, value, mask, *args, **kwargs):
+        return masked_store(self, ptrs, value, bool_mask(mask), *args, **kwargs)
+
+    builder.create_masked_store = patched_masked_store
 
     patch_lang_tensor = interpreter._patch_lang_tensor
 
