@@ -1,8 +1,8 @@
 """Chunkwise-parallel KDA (prefill and training) on Triton: the public `chunk_kda` and its autograd.
 
-Forward = two kernels: `chunk_intra` (everything local to a 64-token chunk: gate, cumsum, L2 norm,
-beta, Aqk, Akk, the UT transform, W, U) and `chunk_scan` (the sequential state scan, fused with the
-output). Backward = the reverse state scan, then two per-chunk kernels (`chunk_bwd_state`: the
+Forward = three kernels: `chunk_diag` (the exact diagonal 16x16 blocks of Aqk and Akk), `chunk_intra`
+(the rest that is local to a 64-token chunk: gate, cumsum, L2 norm, beta, off-diagonal blocks, the UT
+transform, W, U) and `chunk_scan` (the sequential state scan, fused with the output). Backward = the reverse state scan, then two per-chunk kernels (`chunk_bwd_state`: the
 value-dim contractions; `chunk_bwd_intra`: the key-dim work back to q, k, g / f, beta, A_log, dt_bias).
 In training the forward keeps what the backward needs (chunk states, V', M, G, W, U, ...), so
 nothing is recomputed.
@@ -26,7 +26,7 @@ from kimi_linear.ops.kda.chunk_utils import BT, prepare_chunks
 # Launch settings per kernel (the benchmark may override them to sweep); scans: None = by shape
 # (chunk_scan.pick_scan).
 CONFIG = {
-    "intra": dict(num_warps=4, num_stages=1),
+    "intra": dict(num_warps=8, num_stages=1, diag_warps=2, solve_warps=2),
     "scan": dict(num_warps=4, num_stages=None, BV=None),
     "bwd_scan": dict(num_warps=4, num_stages=None, BV=None),
     "bwd_state": dict(num_warps=8, num_stages=1),

@@ -164,13 +164,13 @@ def chunk_kda_bwd_scan_kernel(
 
 
 def pick_scan(num_nh: int, V: int, backward: bool) -> tuple[int, int]:
-    """(BV, num_stages) of a scan from the number of (sequence, head) pairs. Forward: BV=64 (H100,
-    H=32, K=V=128: 1.84 ms at B=1 T=65536 with 3 stages, 1.37 ms at 16x4096 with 2; measured before the
-    32-bit addressing rewrite). Backward: BV=32 (BV=64 spills registers since that rewrite)."""
+    """(BV, num_stages) of a scan from the number of (sequence, head) pairs. Forward: BV=64 with 3
+    stages (H100, H=32, K=V=128: 1.14 ms at 16x4096 vs 1.37 with 2 stages and 2.26 with BV=32; 1.76 ms
+    at 1x65536 vs 2.43 with 2 stages). Backward: BV=32 (BV=64 spills registers)."""
     BVmax = max(16, triton.next_power_of_2(V))
     if backward:
         return min(32, BVmax), 2
-    return min(64, BVmax), (3 if num_nh <= 64 else 2)
+    return min(64, BVmax), 3
 
 
 def chunk_fwd_scan_launch(bufs, o, h0, ht, idx, T, state_indices, *, save, BV=None, num_warps=4,

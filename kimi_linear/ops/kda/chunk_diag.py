@@ -1,0 +1,147 @@
+"""Forward KDA: the Aqk / Akk rows of one 16-token sub-chunk (its diagonal block and the blocks left
+of it), after `chunk_intra`'s prep kernel has stored G, the inverse norms and zeros above the diagonal.
+
+Diagonal 16x16 block: its two 8x8 diagonal blocks exactly (there the per-channel decays cannot go
+through an anchored matmul: one of the two exponent factors could overflow),
+    Aqk[r, j] = sum_d qh[r, d] kh[j, d] exp2(min(G[r, d] - G[j, d], 0))   (j <= r),
+    Akk[r, j] = beta_r sum_d kh[r, d] kh[j, d] exp2(min(G[r, d] - G[j, d], 0))   (j < r),
+one column per step for both halves at once (8 steps), and its lower-left 8x8 block through the
+anchor G of row 7, as a matmul.
+Blocks left of the diagonal (sub-chunk I > 0) through the anchor a = G of the row just before the
+sub-chunk, as matmuls: (qh_I exp2(G_I - a)) (k_J exp2(a - G_J))^T for J < I, both factors <= 1.
+qh = scale * q / |q|, kh = k / |k| (inverse norms from the prep kernel when the norm is fused).
+
+One program per (sub-chunk, chunk, head), [16, BK] tiles. Aqk is in the compute dtype, Akk an fp32
+scratch (strictly lower, times beta) that `chunk_intra`'s solve kernel inverts.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kimi_linear.ops.kda.chunk_utils import chunk_of_program, load_beta
+
+
+@triton.jit
+def _rows(x_b, orow, m_r, stride, cols, m_c, r_b, H: tl.constexpr, USE_L2: tl.constexpr):
+    """[R, BK] fp32 rows times their stored inverse norm (when the norm is fused)."""
+    x = tl.load(x_b + orow[:, None] * stride + cols[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)
+    x = x.to(tl.float32)
+    if USE_L2:
+        x = x * tl.load(r_b + orow * H, mask=m_r, other=0.0)[:, None]
+    return x
+
+
+@triton.jit
+def chunk_kda_fwd_diag_kernel(
+    q, k, beta, Go, rq_o, rk_o, Aqk, Akk_s,
+    cu_seqlens, chunk_seq, chunk_offsets,
+    T, N, NT_seq, s_q, s_k, s_b, scale,
+    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr,
+):
+    i_tb = tl.program_id(0)
+    i_t = i_tb // 4
+    i_s = i_tb % 4
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    n, i_c, bos, eos, valid = chunk_of_program(i_t, i_b, T, N, NT_seq, cu_seqlens, chunk_seq,
+                                               chunk_offsets, IS_VARLEN)
+    if not valid:
+        return
+    tc = bos + i_c * BT  # first token of the chunk
+    r0 = i_s * BC  # first row of the sub-chunk in the chunk
+    if tc + r0 >= eos:
+        return
+    n_valid = tl.minimum(eos - tc, BT).to(tl.int32)  # rows of the chunk that exist
+    sHK = H * K
+    sHA = H * BT
+    cols = tl.arange(0, BK)
+    m_c = cols < K
+    o = tl.arange(0, BC)
+    rows = r0 + o
+    m_r = rows < n_valid
+    q_b = q + tc * s_q + i_h * K
+    k_b = k + tc * s_k + i_h * K
+    G_b = Go + tc * sHK + i_h * K
+    rq_b = rq_o + tc * H + i_h
+    rk_b = rk_o + tc * H + i_h
+    A_b = Aqk + tc * sHA + i_h * BT
+    S_b = Akk_s + tc * sHA + i_h * BT
+    qn = _rows(q_b, rows, m_r, s_q, cols, m_c, rq_b, H, USE_L2) * scale
+    kn = _rows(k_b, rows, m_r, s_k, cols, m_c, rk_b, H, USE_L2)
+    G = tl.load(G_b + rows[:, None] * sHK + cols[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)
+    b = load_beta(beta + tc * s_b + i_h, rows, m_r, s_b, USE_SIGMOID)
+    zr = tl.zeros([BC, 1], dtype=tl.int32)
+    m_bc = (zr == 0) & m_c[None, :]
+    # ---- diagonal 16x16 block. Exact part: its two 8x8 diagonal blocks, one column per step (rows 0..7
+    # against column c, rows 8..15 against column 8 + c); columns collect in [16, BK] tiles of the loop's
+    # register layout (storing each as it comes would move it through shared memory every step).
+    hi = o >= 8
+    Aq = tl.zeros([BC, BK], dtype=tl.float32)
+    Ak = tl.zeros([BC, BK], dtype=tl.float32)
+    for c in range(8):
+        col = c + tl.where(hi, 8, 0)  # [16] column of each row, within the sub-chunk
+        m_col = r0 + col < n_valid
+        kc = tl.load(k_b + (r0 + col)[:, None] * s_k + cols[None, :], mask=m_col[:, None] & m_c[None, :],
+                     other=0.0).to(tl.float32)
+        if USE_L2:
+            kc = kc * tl.load(rk_b + (r0 + col) * H, mask=m_col, other=0.0)[:, None]
+        Gc = tl.load(G_b + (r0 + col)[:, None] * sHK + cols[None, :], mask=m_col[:, None] & m_c[None, :], other=0.0)
+        t = tl.exp2(tl.minimum(G - Gc, 0.0)) * kc
+        aq = tl.sum(qn * t, 1)
+        ak = tl.sum(kn * t, 1)
+        Aq = tl.where(cols[None, :] == col[:, None], aq[:, None], Aq)
+        Ak = tl.where(cols[None, :] == col[:, None], ak[:, None], Ak)
+    low_left = hi[:, None] & (cols[None, :] < 8)
+    m_16 = m_r[:, None] & (cols[None, :] < BC) & (~low_left)
+    p = rows[:, None] * sHA + r0 + cols[None, :]
+    tl.store(A_b + p, tl.where(o[:, None] >= cols[None, :], Aq, 0.0).to(A_b.dtype.element_ty), mask=m_16)
+    tl.store(S_b + p, tl.where(o[:, None] > cols[None, :], Ak * b[:, None], 0.0), mask=m_16)
+    # rows 8..15 x columns 0..7 through the anchor G of row 7 (both exponent factors <= 1)
+    a7 = tl.load(G_b + (r0 + 7) * sHK + zr + cols[None, :], mask=m_bc, other=0.0)
+    E7 = tl.where(hi[:, None], tl.exp2(tl.minimum(G - a7, 0.0)), 0.0)
+    kb7 = tl.trans(tl.where(hi[:, None], 0.0, kn * tl.exp2(tl.minimum(a7 - G, 0.0))))
+    sq = tl.dot(qn * E7, kb7)
+    sk = tl.dot(kn * E7, kb7)
+    m_ll = m_r[:, None] & hi[:, None] & (o[None, :] < 8)
+    pl = rows[:, None] * sHA + r0 + o[None, :]
+    tl.store(A_b + pl, sq.to(A_b.dtype.element_ty), mask=m_ll)
+    tl.store(S_b + pl, sk * b[:, None], mask=m_ll)
+    # ---- blocks left of the diagonal, through the anchor a (G of the row before the sub-chunk), one
+    # 16-column block J at a time
+    if i_s > 0:
+        a = tl.load(G_b + (r0 - 1) * sHK + zr + cols[None, :], mask=m_bc, other=0.0)
+        E = tl.exp2(tl.minimum(G - a, 0.0))
+        qa = qn * E
+        ka = kn * E
+        for J in range(i_s):
+            rj = J * BC + o
+            m_j = rj < n_valid
+            kj = _rows(k_b, rj, m_j, s_k, cols, m_c, rk_b, H, USE_L2)
+            Gj = tl.load(G_b + rj[:, None] * sHK + cols[None, :], mask=m_j[:, None] & m_c[None, :], other=0.0)
+            kb = tl.trans(kj * tl.exp2(tl.minimum(a - Gj, 0.0)))
+            sq = tl.dot(qa, kb)
+            sk = tl.dot(ka, kb)
+            pj = rows[:, None] * sHA + J * BC + o[None, :]
+            tl.store(A_b + pj, sq.to(A_b.dtype.element_ty), mask=m_r[:, None])
+            tl.store(S_b + pj, sk * b[:, None], mask=m_r[:, None])
+
+
+def chunk_fwd_diag_launch(q, k, beta, scale, idx, T, bufs, *, use_l2, use_sigmoid, num_warps=4, num_stages=1):
+    """Aqk / Akk rows of every sub-chunk into bufs["Aqk"] and bufs["Akk"]; needs bufs["G"] (and the
+    inverse norms bufs["rq"], bufs["rk"] with the fused norm) from the prep kernel."""
+    H, K = q.shape[-2], q.shape[-1]
+    BK = max(16, triton.next_power_of_2(K))
+    B = 1 if idx.chunk_seq is not None else idx.N
+    grid = (4 * (idx.NT if idx.chunk_seq is not None else idx.NT_seq), B * H)
+    chunk_kda_fwd_diag_kernel[grid](
+        q, k, beta, bufs["G"], bufs.get("rq"), bufs.get("rk"), bufs["Aqk"], bufs["Akk"],
+        bufs.get("cu_seqlens"), idx.chunk_seq, idx.chunk_offsets,
+        T, idx.N, idx.NT_seq, q.stride(-3), k.stride(-3), beta.stride(-2), scale,
+        H=H, K=K, BK=BK, BT=64, BC=16,
+        IS_VARLEN=idx.chunk_seq is not None, USE_L2=use_l2, USE_SIGMOID=use_sigmoid,
+        num_warps=num_warps, num_stages=num_stages,
+    )
