@@ -130,7 +130,7 @@ def chunk_kda_fwd_diag_kernel(
             tl.store(S_b + pj, sk * b[:, None], mask=m_r[:, None])
 
 
-def chunk_fwd_diag_launch(q, k, beta, scale, idx, T, bufs, *, use_l2, use_sigmoid, num_warps=4, num_stages=1):
+def chunk_fwd_diag_launch(q, k, beta, scale, idx, T, bufs, *, use_l2, use_sigmoid, num_warps=2, num_stages=1):
     """Aqk / Akk rows of every sub-chunk into bufs["Aqk"] and bufs["Akk"]; needs bufs["G"] (and the
     inverse norms bufs["rq"], bufs["rk"] with the fused norm) from the prep kernel."""
     H, K = q.shape[-2], q.shape[-1]
