@@ -122,7 +122,7 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_fina
     if TT == 0:
         return o, None, bufs, idx
     chunk_fwd_intra_launch(q, k, v, g, beta, A, dtb, scale, idx, T, bufs, use_gate=use_gate, use_l2=use_l2,
-                           use_sigmoid=use_sigmoid, save=save, **CONFIG["intra"])
+                           use_sigmoid=use_sigmoid, **CONFIG["intra"])
     si = None
     final = None
     if state_indices is not None:

@@ -66,14 +66,13 @@ def _load_blk(A_h, tok, m_r, sHA, col0, BC: tl.constexpr):
 
 @triton.jit
 def chunk_kda_fwd_prep_kernel(
-    q, k, v, f, beta, A_log, dt_bias,
-    Wt, U, Kd, Qg, Aqk, gam, Mo, Go, rq_o, rk_o, Akk_s,
+    q, k, f, beta, A_log, dt_bias,
+    Wt, Kd, Qg, Aqk, gam, Go, rq_o, rk_o,
     cu_seqlens, chunk_seq, chunk_offsets,
-    T, N, NT_seq, s_q, s_k, s_v, s_f, s_b, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr,
+    T, N, NT_seq, s_q, s_k, s_f, s_b, scale,
+    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_GATE: tl.constexpr, HAS_DTB: tl.constexpr, USE_L2: tl.constexpr,
-    USE_SIGMOID: tl.constexpr, SAVE: tl.constexpr,
+    USE_SIGMOID: tl.constexpr,
 ):
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -88,7 +87,6 @@ def chunk_kda_fwd_prep_kernel(
     else:
         gc = (i_b * NT_seq + i_t).to(tl.int64)
     EVEN_K: tl.constexpr = K == BK
-    EVEN_V: tl.constexpr = V == BV
     t0 = bos + i_c * BT
     n_valid = tl.minimum(eos - t0, BT).to(tl.int32)
     ot = tl.arange(0, BT)
@@ -219,7 +217,7 @@ def chunk_kda_fwd_solve_kernel(
 
 
 def chunk_fwd_intra_launch(q, k, v, f, beta, A_log, dt_bias, scale, idx, T, bufs, *, use_gate, use_l2,
-                           use_sigmoid, save, num_warps=8, num_stages=1, diag_warps=2, solve_warps=2):
+                           use_sigmoid, num_warps=8, num_stages=1, diag_warps=2, solve_warps=2):
     """Prep, diagonal blocks, solve. q, k, f: [*, H, K] token-major views; bufs: dict of output buffers."""
     H, K = q.shape[-2], q.shape[-1]
     V = v.shape[-1]
@@ -229,15 +227,13 @@ def chunk_fwd_intra_launch(q, k, v, f, beta, A_log, dt_bias, scale, idx, T, bufs
     grid = (idx.NT if idx.chunk_seq is not None else idx.NT_seq, B * H)
     varlen = idx.chunk_seq is not None
     chunk_kda_fwd_prep_kernel[grid](
-        q, k, v, f, beta, A_log, dt_bias,
-        bufs["W"], bufs["U"], bufs["Kd"], bufs["Qg"], bufs["Aqk"], bufs["gam"],
-        bufs["M"], bufs["G"], bufs.get("rq"), bufs.get("rk"), bufs["Akk"],
+        q, k, f, beta, A_log, dt_bias,
+        bufs["W"], bufs["Kd"], bufs["Qg"], bufs["Aqk"], bufs["gam"], bufs["G"], bufs.get("rq"), bufs.get("rk"),
         bufs.get("cu_seqlens"), idx.chunk_seq, idx.chunk_offsets,
-        T, idx.N, idx.NT_seq, q.stride(-3), k.stride(-3), v.stride(-3), f.stride(-3), beta.stride(-2),
-        scale,
-        H=H, K=K, V=V, BK=BK, BV=BV, BT=64, BC=16,
+        T, idx.N, idx.NT_seq, q.stride(-3), k.stride(-3), f.stride(-3), beta.stride(-2), scale,
+        H=H, K=K, BK=BK, BT=64, BC=16,
         IS_VARLEN=varlen, USE_GATE=use_gate, HAS_DTB=dt_bias is not None,
-        USE_L2=use_l2, USE_SIGMOID=use_sigmoid, SAVE=save,
+        USE_L2=use_l2, USE_SIGMOID=use_sigmoid,
         num_warps=num_warps, num_stages=num_stages,
     )
     chunk_fwd_diag_launch(q, k, beta, scale, idx, T, bufs, use_l2=use_l2, use_sigmoid=use_sigmoid,
