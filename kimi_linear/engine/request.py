@@ -96,10 +96,6 @@ class Request:
         """This sequence computes the prompt logprobs (the first of the n sequences of a request asking for them)."""
         return self.sampling_params.prompt_logprobs is not None and self.index == 0
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
     # ------------------------------------------------------------------ finishing
     @property
     def is_finished(self) -> bool:

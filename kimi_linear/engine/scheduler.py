@@ -243,10 +243,6 @@ class Scheduler:
                 self.finish(req, req.status)
         return changed
 
-    def needs_sample(self, req: Request, n: int) -> bool:
-        """Whether computing `n` more tokens of `req` reaches its last token (so the step samples)."""
-        return req.num_computed_tokens + n == req.num_tokens
-
     # ------------------------------------------------------------------ direct admission
     def admit_computed(self, request: Request, num_computed_tokens: int) -> None:
         """Admit `request` as RUNNING with its first `num_computed_tokens` tokens already in the caches
