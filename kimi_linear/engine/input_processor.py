@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kimi_linear.engine.request import stop_ids
 from kimi_linear.engine.structured_output import StructuredOutputs
 from kimi_linear.errors import ValidationError
 from kimi_linear.sampling_params import SamplingParams
@@ -56,8 +57,7 @@ class InputProcessor:
                                   f"max_model_len ({M})", param="max_tokens")
         max_tokens = params.max_tokens if params.max_tokens is not None else M - P
         if params.min_tokens and params.allowed_token_ids is not None:
-            stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-            if set(params.allowed_token_ids) <= stops:
+            if set(params.allowed_token_ids) <= stop_ids(params, self.eos_token_ids):
                 raise ValidationError("allowed_token_ids holds only stop / EOS tokens, which min_tokens bans: no "
                                       "token could be sampled", param="allowed_token_ids")
         params = self._derived(params)

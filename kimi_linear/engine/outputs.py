@@ -14,7 +14,8 @@ token the engine calls `on_token(token_id, sample)`; a processor that returns a 
 the matched stop string) finishes the sequence at once with finish_reason "stop". `completion()`
 builds the CompletionOutput. `SequenceProcessor` records logprobs and detokenizes the whole output
 each time; `TextProcessor` (the engine's default) streams text through `stop_checker.SequenceOutput`:
-incremental detokenization, stop strings held back until resolved, EOS / stop-id text left out.
+incremental detokenization, stop strings held back until resolved, EOS / stop-id text left out. Token-id
+stops are decided before `on_token` by the scheduler (`Request.check_stop`); processors only read them.
 Invariant of every processor: `text()` only ever grows while the sequence runs (streaming clients
 send `text[len(sent):]`).
 """
@@ -115,24 +116,20 @@ class SequenceProcessor:
 class TextProcessor(SequenceProcessor):
     """Streamed text with stop strings: one `SequenceOutput` per sequence, fed token by token.
 
-    The scheduler (`Request.check_stop`) and `SequenceOutput` apply the same rules to EOS, stop ids,
-    min_tokens and the length cap, so they finish on the same token; a stop string, which only the
-    text reveals, is returned to the engine as the stop reason. When the engine ends the sequence
-    itself (abort, the cache's capacity), the held-back text is flushed on the next `completion()`."""
+    The scheduler has already applied the token-id rules to the token (`Request.check_stop`); a stop on
+    EOS / a stop id reaches `SequenceOutput` as `stop_terminated` (its text is left out). A stop string,
+    which only the text reveals, is returned to the engine as the stop reason. When the request ended
+    otherwise (length, abort, a grammar), the held-back text is flushed on the next `completion()`."""
 
     def __init__(self, request: Request, tokenizer=None):
         super().__init__(request, tokenizer)
-        self.seq = SequenceOutput(request.sampling_params, tokenizer, request.eos_token_ids,
-                                  max_tokens=request.max_tokens)
+        self.seq = SequenceOutput(request.sampling_params, tokenizer)
 
     def on_token(self, token_id: int, sample) -> str | None:
         super().on_token(token_id, sample)
         if self.seq.finished:
             return None
-        delta = self.seq.append([token_id])
-        if delta.finished and isinstance(delta.stop_reason, str):
-            return delta.stop_reason
-        return None
+        return self.seq.append([token_id], self.request.ended_on_stop_token).stop_reason
 
     def text(self) -> str:
         r = self.request

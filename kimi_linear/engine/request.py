@@ -7,9 +7,14 @@ Invariants the scheduler and runner rely on:
 - While RUNNING the request owns `block_ids` (MLA cache blocks covering at least its computed tokens)
   and `state_slot` (its KDA states). WAITING requests own neither. Preemption frees both and sets
   `num_computed_tokens` back to 0; generated tokens are kept and recomputed with the prompt.
-- `check_stop` decides finishing from token ids only (eos, stop_token_ids, max_tokens, max_model_len),
-  as vLLM's engine core does; stop strings live in the output processor. EOS / stop ids are checked
-  before the length cap, in the same order as `stop_checker.SequenceOutput`, so both agree on every token.
+- This module is the one owner of the token-id stop rules (vLLM's engine-core `check_stop`):
+  `stop_ids` (stop_token_ids, plus EOS unless ignore_eos), `may_stop` (min_tokens), `ids_to_mask`
+  (the ids the sampler bans before min_tokens) and `Request.check_stop`, which the scheduler calls after
+  each sampled token: EOS -> "stop" (stop_reason None), a stop id -> "stop" (stop_reason = the id),
+  both checked before the length cap (max_tokens, max_model_len -> "length"). The mask applies while
+  fewer than min_tokens tokens exist, so a sampled sequence has at least min_tokens tokens before its
+  stop token. Stop strings are the output side's (`stop_checker.py`); it asks `may_stop` for
+  min_tokens and `Request.ended_on_stop_token` to leave a stop token's text out.
 - `matcher` (structured output) has accepted exactly `output_token_ids`; preemption keeps it (the
   recompute samples no old token again). `num_prompt_logprobs` counts the prompt positions whose
   logprobs were computed (kept across preemption so none is computed twice).
@@ -18,6 +23,7 @@ Invariants the scheduler and runner rely on:
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from typing import Any
 
 from kimi_linear.sampling_params import SamplingParams
@@ -34,6 +40,26 @@ class RequestStatus(enum.Enum):
     def is_finished(self) -> bool:
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
                         RequestStatus.FINISHED_ABORTED)
+
+
+# --------------------------------------------------------------------------- token-id stop rules
+def stop_ids(params: SamplingParams, eos_token_ids: Iterable[int]) -> frozenset[int]:
+    """The token ids that end a sequence: its `stop_token_ids`, plus the EOS ids unless `ignore_eos`."""
+    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_token_ids))
+
+
+def may_stop(params: SamplingParams, num_output_tokens: int) -> bool:
+    """Whether a sequence with `num_output_tokens` output tokens (the new one included) may stop on a stop id,
+    EOS or a stop string: not before `min_tokens`."""
+    return num_output_tokens >= params.min_tokens
+
+
+def ids_to_mask(params: SamplingParams, eos_token_ids: Iterable[int], num_output_tokens: int) -> frozenset[int]:
+    """The stop ids the sampler sets to -inf for the next token of a sequence that has `num_output_tokens`
+    output tokens so far: all of `stop_ids` while fewer than `min_tokens` were generated, else none."""
+    if num_output_tokens >= params.min_tokens:
+        return frozenset()
+    return stop_ids(params, eos_token_ids)
 
 
 class Request:
@@ -96,10 +122,6 @@ class Request:
         """This sequence computes the prompt logprobs (the first of the n sequences of a request asking for them)."""
         return self.sampling_params.prompt_logprobs is not None and self.index == 0
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
     # ------------------------------------------------------------------ finishing
     @property
     def is_finished(self) -> bool:
@@ -113,22 +135,30 @@ class Request:
         self.output_token_ids.append(token_id)
 
     def check_stop(self, max_model_len: int) -> bool:
-        """After a token was appended: set a FINISHED status and return True if the request is done."""
+        """After a token was appended: set a FINISHED status (and stop_reason) and return True if the request
+        is done. EOS wins over a stop id equal to it (stop_reason None), and both over the length cap."""
         p = self.sampling_params
-        if self.num_output_tokens >= p.min_tokens:
+        if self._stopped_on_last_token():
             last = self.output_token_ids[-1]
-            if not p.ignore_eos and last in self.eos_token_ids:
-                self.status = RequestStatus.FINISHED_STOPPED
-                return True
-            if last in p.stop_token_ids:
-                self.status = RequestStatus.FINISHED_STOPPED
+            self.status = RequestStatus.FINISHED_STOPPED
+            if p.ignore_eos or last not in self.eos_token_ids:
                 self.stop_reason = last
-                return True
+            return True
         if self.num_tokens >= max_model_len or (self.max_tokens is not None
                                                  and self.num_output_tokens >= self.max_tokens):
             self.status = RequestStatus.FINISHED_LENGTH
             return True
         return False
+
+    @property
+    def ended_on_stop_token(self) -> bool:
+        """The token-id rules stopped this request on its last token (EOS or a stop id), so the output side
+        leaves that token's text out unless include_stop_str_in_output."""
+        return self.status == RequestStatus.FINISHED_STOPPED and self._stopped_on_last_token()
+
+    def _stopped_on_last_token(self) -> bool:
+        return (bool(self.output_token_ids) and may_stop(self.sampling_params, self.num_output_tokens)
+                and self.output_token_ids[-1] in stop_ids(self.sampling_params, self.eos_token_ids))
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.value}, prompt={self.num_prompt_tokens}, "

@@ -6,7 +6,8 @@ the logits, vectorised over the batch, in vLLM's order:
 
 1. raw logprobs: log_softmax of the unprocessed logits (fp32), as vLLM reports them by default;
 2. masks to -inf: the structured-output token bitmask, `allowed_token_ids`, `bad_words` (a word's last
-   token when the output ends with the rest of it), and EOS / `stop_token_ids` before `min_tokens`;
+   token when the output ends with the rest of it), and EOS / `stop_token_ids` before `min_tokens`
+   (which ids, and until when, comes from `request.ids_to_mask`, the owner of the token-id stop rules);
 3. `logit_bias` (added), then the penalties: repetition (prompt and output tokens; logits > 0 divided,
    others multiplied), frequency (minus penalty x output count), presence (minus penalty if in the output);
 4. greedy rows take the argmax of those logits; random rows divide by temperature, apply min_p
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kimi_linear.engine.request import ids_to_mask
 from kimi_linear.errors import ValidationError
 from kimi_linear.sampling_params import SamplingParams
 
@@ -98,9 +100,8 @@ class SamplingBatch:
             batch.bias = (_i64(rows, device), _i64(cols, device), f32(vals))
         rows, cols = [], []
         for i, p in enumerate(params):
-            if p.min_tokens and len(need("min_tokens", output_token_ids)[i]) < p.min_tokens:
-                stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
-                for t in sorted(stops):
+            if p.min_tokens:
+                for t in sorted(ids_to_mask(p, eos_token_ids, len(need("min_tokens", output_token_ids)[i]))):
                     if t < V:
                         rows.append(i), cols.append(t)
             for word in p.bad_words_token_ids or ():

@@ -14,7 +14,9 @@ alone in the pool that still cannot grow has reached the cache's capacity and fi
 "length", so the loop never spins; `add_request` rejects a prompt that can never fit.
 
 `update_from_output()` closes the loop: it advances `num_computed_tokens`, appends sampled tokens,
-checks stop conditions (`Request.check_stop`) and frees finished requests.
+decides the token-id stops (`Request.check_stop`: EOS, stop ids, min_tokens, max_tokens, max_model_len)
+and frees finished requests. Stop strings are found later, on the output side, which finishes the
+request through `finish` (the engine).
 """
 
 from __future__ import annotations
@@ -242,10 +244,6 @@ class Scheduler:
             if req.check_stop(self.max_model_len):
                 self.finish(req, req.status)
         return changed
-
-    def needs_sample(self, req: Request, n: int) -> bool:
-        """Whether computing `n` more tokens of `req` reaches its last token (so the step samples)."""
-        return req.num_computed_tokens + n == req.num_tokens
 
     # ------------------------------------------------------------------ direct admission
     def admit_computed(self, request: Request, num_computed_tokens: int) -> None:

@@ -1,14 +1,15 @@
-"""Per-sequence stop conditions and streamed text: `SequenceOutput.append(new_token_ids) -> StepDelta`.
+"""Streamed text and stop strings of one sequence: `SequenceOutput.append(new_token_ids, stop_terminated)`.
 
-One object per generated sequence owns its output token ids, the incremental detokenizer and the
-stop logic, with vLLM's semantics:
-- before `min_tokens` output tokens, EOS, `stop_token_ids` and stop strings do not stop (the sampler
-  also masks EOS / stop ids then); `ignore_eos` disables EOS only;
-- EOS -> finish_reason "stop", stop_reason None; a stop token id -> "stop", stop_reason = the id;
-  their text is left out unless `include_stop_str_in_output`;
-- a stop string -> "stop", stop_reason = the string; the text ends before it (or after it with
-  `include_stop_str_in_output`); the earliest-ending match wins; a match must end in new text;
-- `max_tokens` (the effective cap given by the engine) -> "length".
+The output side of stopping, with vLLM's semantics. Token-id stops (EOS unless ignore_eos,
+stop_token_ids, min_tokens, max_tokens, max_model_len) are decided on the scheduler side
+(`request.py`, `Request.check_stop`); this object only turns their outcome into text:
+- `stop_terminated`: the token-id rules ended the sequence on the last new token (EOS or a stop id):
+  its text is left out unless `include_stop_str_in_output`, and the held-back text is flushed;
+- a stop string -> finish_reason "stop", stop_reason = the string; the text ends before it (or after
+  it with `include_stop_str_in_output`); the earliest-ending match wins; a match must end in new text
+  and does not count before min_tokens (`request.may_stop`, the same rule as for stop ids);
+- any other end (length, abort, a grammar): `finish(reason)` flushes the held-back text.
+`stop_reason` here is only ever a stop string: the stop id of a token-id stop is the Request's.
 
 Streaming invariant: text once returned is never retracted. A suffix of the text that is a proper
 prefix of some stop string is held back until it is resolved, and incomplete UTF-8 is held back by
@@ -17,10 +18,11 @@ the detokenizer, so a stop string split across tokens never leaks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kimi_linear.engine.detokenizer import IncrementalDetokenizer
+from kimi_linear.engine.request import may_stop
 from kimi_linear.errors import ValidationError
 from kimi_linear.sampling_params import SamplingParams
 
@@ -28,29 +30,23 @@ from kimi_linear.sampling_params import SamplingParams
 @dataclass
 class StepDelta:
     text: str  # new text to stream (may be "")
-    token_ids: list[int]  # the new token ids kept (tokens after a stop are dropped)
+    token_ids: list[int]  # the new token ids kept (tokens after a stop string are dropped)
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | the engine's own reason (e.g. "abort")
-    stop_reason: str | int | None = None  # the matched stop string or stop token id; None for EOS
+    finish_reason: str | None = None  # "stop" | the reason given to `finish` (e.g. "length", "abort")
+    stop_reason: str | None = None  # the matched stop string
 
 
 @dataclass
 class SequenceOutput:
     params: SamplingParams
     tokenizer: object | None = None
-    eos_token_ids: Iterable[int] = ()
-    max_tokens: int | None = None  # effective cap (default: params.max_tokens)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""  # the text returned so far
     finish_reason: str | None = None
-    stop_reason: str | int | None = None
+    stop_reason: str | None = None
 
     def __post_init__(self):
         p = self.params
-        self.eos_token_ids = frozenset(self.eos_token_ids)
-        self._stop_ids = frozenset(p.stop_token_ids)
-        if self.max_tokens is None:
-            self.max_tokens = p.max_tokens
         self._stops = list(p.stop)
         self._detok = None
         if p.detokenize and self.tokenizer is not None:
@@ -64,34 +60,29 @@ class SequenceOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def append(self, new_token_ids: Sequence[int]) -> StepDelta:
-        """Feed the tokens sampled for this sequence in one step (usually one)."""
+    def append(self, new_token_ids: Sequence[int], stop_terminated: bool = False) -> StepDelta:
+        """Feed the tokens sampled for this sequence in one step (usually one). `stop_terminated`: the
+        scheduler side stopped the sequence on the last of them (`Request.ended_on_stop_token`)."""
         if self.finished:
             raise RuntimeError("append() on a finished sequence")
         p = self.params
         kept: list[int] = []
         out: list[str] = []
-        for t in new_token_ids:
+        last = len(new_token_ids) - 1
+        for i, t in enumerate(new_token_ids):
             kept.append(t)
             self.token_ids.append(t)
-            n = len(self.token_ids)
-            can_stop = n >= p.min_tokens
-            if can_stop and ((t in self.eos_token_ids and not p.ignore_eos) or t in self._stop_ids):
-                is_eos = t in self.eos_token_ids and not p.ignore_eos
+            if stop_terminated and i == last:
                 if p.include_stop_str_in_output:
                     self._feed(t)
                 out.append(self._flush_all())
-                self._finish("stop", None if is_eos else t)
+                self._finish("stop", None)
                 break
             before = len(self._pending)
             self._feed(t)
-            if can_stop and self._stops and self._match_stop(before):
+            if self._stops and may_stop(p, len(self.token_ids)) and self._match_stop(before):
                 out.append(self._pending)
                 self._pending = ""
-                break
-            if self.max_tokens is not None and n >= self.max_tokens:
-                out.append(self._flush_all())
-                self._finish("length", None)
                 break
         if not self.finished:
             out.append(self._release())
@@ -100,7 +91,8 @@ class SequenceOutput:
         return StepDelta(text, kept, self.finished, self.finish_reason, self.stop_reason)
 
     def finish(self, reason: str) -> StepDelta:
-        """End the sequence for an engine reason (e.g. "abort", or "length" at the context limit)."""
+        """End the sequence for a reason decided elsewhere ("length", "abort", a grammar's "stop"), flushing
+        the held-back text (a partial stop string, an incomplete character)."""
         if self.finished:
             return StepDelta("", [], True, self.finish_reason, self.stop_reason)
         text = self._flush_all()
@@ -109,7 +101,7 @@ class SequenceOutput:
         return StepDelta(text, [], True, reason, None)
 
     # ------------------------------------------------------------------ internals
-    def _finish(self, reason: str, stop_reason: str | int | None) -> None:
+    def _finish(self, reason: str, stop_reason: str | None) -> None:
         self.finish_reason, self.stop_reason = reason, stop_reason
 
     def _feed(self, t: int) -> None:
