@@ -110,14 +110,15 @@ def fill_random(engine, req, context: int) -> None:
     cache = engine.runner.cache
     blocks = torch.tensor(req.block_ids, dtype=torch.long, device=cache.device)
     g = torch.Generator(device=cache.device).manual_seed(context)
-    for t in cache.mla:
-        if t is not None:
-            for i in range(0, len(blocks), 2048):  # chunks: a 1M-token context is GBs per layer
-                part = blocks[i:i + 2048]
-                t[part] = torch.randn((len(part), *t.shape[1:]), generator=g, device=t.device).to(t.dtype)
-    for t, std in [(t, 0.05) for t in cache.kda_recurrent] + [(t, 1.0) for t in cache.kda_conv]:
-        if t is not None:
-            t[req.state_slot] = (torch.randn(t.shape[1:], generator=g, device=t.device) * std).to(t.dtype)
+    for t in cache.paged_tensors():
+        for i in range(0, len(blocks), 2048):  # chunks: a 1M-token context is GBs per layer
+            part = blocks[i:i + 2048]
+            t[part] = torch.randn((len(part), *t.shape[1:]), generator=g, device=t.device).to(t.dtype)
+    states = [(st.name, t) for s, ts in zip(cache.specs, cache.tensors) if s is not None and not s.paged
+              for st, t in zip(s.states, ts)]
+    # all KDA recurrent states first, then the conv windows (the fill order of the seeded generator)
+    for t, std in [(t, 0.05) for n, t in states if n == "recurrent"] + [(t, 1.0) for n, t in states if n == "conv"]:
+        t[req.state_slot] = (torch.randn(t.shape[1:], generator=g, device=t.device) * std).to(t.dtype)
 
 
 @torch.no_grad()
@@ -127,7 +128,7 @@ def check_graph_vs_eager(engine) -> float | None:
     out = sched.schedule()
     assert out.is_decode and len(out.scheduled) == 1, out
     slot = out.scheduled[0][0].state_slot
-    states = [(t, t[slot].clone()) for t in runner.cache.kda_recurrent + runner.cache.kda_conv if t is not None]
+    states = [(t, t[slot].clone()) for t in runner.cache.slot_tensors()]
     a, _ = runner.forward(out, use_graph=True)
     a = a.float().clone()
     for t, s in states:

@@ -1,7 +1,8 @@
-"""BlockPool: ownership of the paged MLA latent cache's blocks (pure Python over ints).
+"""BlockPool: ownership of the paged cache's blocks (pure Python over ints).
 
-The tensors live in `HybridCache.mla[l]` [num_blocks, block_size, R + Dr]; this class only decides
-which block ids are free. Invariants: every id in [0, num_blocks) is either in the free list with
+The tensors live in the model's `ModelCache`: each layer with a paged cache spec (MLA: the latents)
+has a tensor [num_blocks, block_size, ...], and block id b is block b of all of them; this class only
+decides which block ids are free. Invariants: every id in [0, num_blocks) is either in the free list with
 ref count 0, or out of it with ref count >= 1; `num_free + num_used == num_blocks`. Ref counts allow
 sharing a block between sequences later (prefix caching); today every block has one owner.
 

@@ -1,4 +1,4 @@
-"""BlockTable: the running requests' MLA block ids as one persistent device tensor, row = state slot.
+"""BlockTable: the running requests' block ids as one persistent device tensor, row = state slot.
 
 `table` [num_slots, max_blocks_per_seq] int32 never moves (CUDA graphs capture its address). Row s
 belongs to whoever owns state slot s; a batch gathers its rows with `state_indices`, on the device

@@ -12,14 +12,15 @@ The same code runs eagerly (CPU, `enforce_eager=True`, or a bucket without a gra
 the padding logic without a GPU. Graphs are captured largest bucket first, sharing one memory pool;
 the logits of one replay must be consumed before the next replay (the engine samples at once).
 
-`extras` contract for decode kernels (`ForwardContext.extras`): one dict per bucket, the same object
-at its warm-up, its capture and every replay, pre-filled with `num_seqs` (the bucket), `max_seq_len`
-(an upper bound of any seq_len: max_model_len) and `block_size`. A kernel may keep scratch in it under
-its own keys, allocated on first use (the eager warm-up before capture) and reused while shapes match
+`extras` contract for decode kernels (`ForwardContext.extras`): one dict per bucket, empty at first and
+the same object at its warm-up, its capture and every replay. A kernel may keep scratch in it under its
+own key, allocated on first use (the eager warm-up before capture) and reused while shapes match
 (`ops/mla/decode.py` keeps its split-KV buffers there). One dict per bucket, not one shared dict: a
 captured graph holds no reference to the tensors it reads, so a bucket's scratch must stay alive in
-its own dict. On this path `ctx.max_seq_len` is the static bound; kernels size grids from it or from
-tensor shapes, never from values read back from the device.
+its own dict. On this path `ctx.max_seq_len` is the static bound (max_model_len); kernels size grids
+from it or from tensor shapes, never from values read back from the device.
+
+The cache is the model's `ModelCache`, used as is: its tensors never move, so the graphs may hold them.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ import time
 import torch
 
 from kimi_linear.engine.block_table import BlockTable
-from kimi_linear.layers.cache import HybridCache
-from kimi_linear.layers.context import ForwardContext
+from kimi_linear.models import ForwardContext, ModelCache
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def decode_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeRunner:
-    def __init__(self, model, cache: HybridCache, block_table: BlockTable, max_batch: int, max_seq_len: int,
-                 block_size: int, device: torch.device):
+    def __init__(self, model, cache: ModelCache, block_table: BlockTable, max_batch: int, max_seq_len: int,
+                 device: torch.device):
         self.model = model
         self.cache = cache
         self.block_table = block_table
@@ -61,8 +61,7 @@ class DecodeRunner:
         self.state_indices = torch.full((max_batch,), -1, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.extras: dict[int, dict] = {B: {"num_seqs": B, "max_seq_len": max_seq_len, "block_size": block_size}
-                                        for B in self.buckets}
+        self.extras: dict[int, dict] = {B: {} for B in self.buckets}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_logits: dict[int, torch.Tensor] = {}
         self.num_replays = 0

@@ -1,7 +1,7 @@
 """BatchInputs: a scheduled step flattened into host lists (pure Python; the runner makes tensors).
 
 Sequence n of the step computes `query_lens[n]` new tokens after `context_lens[n]` cached ones; its
-tokens sit back to back in `input_ids`. `slot_mapping` gives each new token's flat MLA cache slot
+tokens sit back to back in `input_ids`. `slot_mapping` gives each new token's flat paged-cache slot
 (block_ids[p // block_size] * block_size + p % block_size). A sequence whose step reaches its last
 token is sampled: `sample_index` holds the flat index of that token and `sample_requests` the request.
 A sequence asking for prompt logprobs lists, in `prompt_logprobs`, the prompt positions of this chunk

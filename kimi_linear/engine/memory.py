@@ -1,4 +1,9 @@
-"""Cache sizing: how many MLA blocks and KDA state slots the engine allocates.
+"""Cache sizing: how many cache blocks and state slots the engine allocates.
+
+Sizes come from the model's cache specs alone (`KimiLinearForCausalLM.cache_specs`, one per layer,
+handled by their attributes only): a block holds `block_size` tokens of every paged layer (MLA),
+`ModelCache.bytes_per_block`; a slot holds one sequence's state of every slot layer (KDA),
+`ModelCache.bytes_per_slot`, plus the sequence's row of the runner's block table.
 
 On CUDA (nano-vllm / vLLM style): after the weights are loaded, one profiling forward over
 `max_num_batched_tokens` tokens (no cache) plus the lm_head and the sampler over `max_num_seqs` rows
@@ -8,7 +13,7 @@ structured-output bitmask, min_p, the top-k / top-p sort, 20 top logprobs), then
 one chunk of rows, so the peak covers the worst step. The caches then get
     total * gpu_memory_utilization - weights - peak activations - non-torch memory - graph reserve,
 capped by what is actually free. `plan_cache` splits that: state slots = max_num_seqs (fewer when
-memory is short, keeping room for one max_model_len sequence of blocks), the rest MLA blocks.
+memory is short, keeping room for one max_model_len sequence of blocks), the rest blocks.
 
 On the CPU: the override knobs, or a modest default (slots = max_num_seqs, blocks for
 min(max_model_len * max_num_seqs, max(max_model_len, 2^18)) tokens).
@@ -25,8 +30,7 @@ import torch
 
 from kimi_linear.engine.block_pool import cdiv
 from kimi_linear.errors import ConfigError
-from kimi_linear.layers.cache import HybridCache
-from kimi_linear.layers.context import ForwardContext
+from kimi_linear.models import ForwardContext, ModelCache
 
 logger = logging.getLogger(__name__)
 GiB = 1024 ** 3
@@ -53,7 +57,7 @@ class CacheSizing:
         return min(self.num_slots, self.token_capacity // max_model_len)
 
     def log(self, max_model_len: int) -> None:
-        logger.info("MLA latent cache: %d blocks x %d tokens = %d tokens (%.2f GiB); KDA state slots: %d "
+        logger.info("paged cache: %d blocks x %d tokens = %d tokens (%.2f GiB); state slots: %d "
                     "(%.2f GiB); max concurrent sequences of %d tokens: %d", self.num_blocks, self.block_size,
                     self.token_capacity, self.num_blocks * self.bytes_per_block / GiB, self.num_slots,
                     self.num_slots * self.bytes_per_slot / GiB, max_model_len, self.max_concurrent(max_model_len))
@@ -83,13 +87,12 @@ def plan_cache(available_bytes: int, bytes_per_block: int, bytes_per_slot: int, 
     return int(num_blocks), int(num_slots)
 
 
-def cpu_sizing(model_config, dtype, block_size: int, max_num_seqs: int, max_model_len: int,
+def cpu_sizing(specs: list, block_size: int, max_num_seqs: int, max_model_len: int,
                num_blocks: int | None, num_slots: int | None, table_bytes_per_slot: int) -> CacheSizing:
     tokens = min(max_model_len * max_num_seqs, max(max_model_len, CPU_DEFAULT_TOKENS))
     return CacheSizing(num_blocks=num_blocks or cdiv(tokens, block_size), num_slots=num_slots or max_num_seqs,
-                       block_size=block_size,
-                       bytes_per_block=HybridCache.bytes_per_block(model_config, block_size, dtype),
-                       bytes_per_slot=HybridCache.bytes_per_slot(model_config, dtype) + table_bytes_per_slot)
+                       block_size=block_size, bytes_per_block=ModelCache.bytes_per_block(specs, block_size),
+                       bytes_per_slot=ModelCache.bytes_per_slot(specs) + table_bytes_per_slot)
 
 
 @torch.no_grad()
@@ -142,12 +145,12 @@ def profile_sampler(logits: torch.Tensor, prompt_logits: torch.Tensor | None = N
     return batch
 
 
-def cuda_sizing(model, model_config, dtype, device, config, max_model_len: int, free_at_start: int,
+def cuda_sizing(model, specs: list, device, config, max_model_len: int, free_at_start: int,
                 table_bytes_per_slot: int, min_tokens: int) -> CacheSizing:
-    """Profile, then size the caches from `config.gpu_memory_utilization` (see module docstring)."""
+    """Profile, then size the caches of `specs` from `config.gpu_memory_utilization` (see module docstring)."""
     bs = config.block_size
-    bpb = HybridCache.bytes_per_block(model_config, bs, dtype)
-    bps = HybridCache.bytes_per_slot(model_config, dtype) + table_bytes_per_slot
+    bpb = ModelCache.bytes_per_block(specs, bs)
+    bps = ModelCache.bytes_per_slot(specs) + table_bytes_per_slot
     if config.num_gpu_blocks_override and config.num_state_slots_override:
         return CacheSizing(config.num_gpu_blocks_override, config.num_state_slots_override, bs, bpb, bps)
     free, total = torch.cuda.mem_get_info(device)

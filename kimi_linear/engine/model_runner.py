@@ -1,12 +1,12 @@
 """ModelRunner: owns the model, the cache tensors and the decode graphs; turns a scheduled step into
 a forward pass and sampled tokens.
 
-Lifetime: load weights -> size the caches (`memory.py`) -> allocate `HybridCache` and the persistent
-`BlockTable` -> capture decode CUDA graphs (unless eager or on the CPU). Per step (`execute`):
-zero the state slots handed out this step, copy new block ids into the block table, then either
-the decode path (`DecodeRunner`: static padded buffers, graph replay) when every sequence computes
-one token, or an eager flat forward (prefill chunks, mixed batches), and finally sample the rows
-whose step reached their last token (`engine/sampler.py`).
+Lifetime: load weights -> size the caches from the model's cache specs (`memory.py`) -> allocate them
+(`model.make_cache`) and the persistent `BlockTable` -> capture decode CUDA graphs (unless eager or on
+the CPU). Per step (`execute`): zero the state slots handed out this step, copy new block ids into the
+block table, then either the decode path (`DecodeRunner`: static padded buffers, graph replay) when
+every sequence computes one token, or an eager flat forward (prefill chunks, mixed batches), and
+finally sample the rows whose step reached their last token (`engine/sampler.py`).
 
 Sampling gets every row's prompt / output token ids and the EOS ids (penalties, bad_words,
 min_tokens) and, when a row has a structured-output matcher, a token bitmask filled by the matchers
@@ -32,9 +32,7 @@ from kimi_linear.engine.memory import PROMPT_LOGPROB_ROWS, CacheSizing, cpu_sizi
 from kimi_linear.engine.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 from kimi_linear.engine.scheduler import SchedulerOutput
 from kimi_linear.errors import ConfigError
-from kimi_linear.layers.cache import HybridCache
-from kimi_linear.layers.context import ForwardContext
-from kimi_linear.models.kimi_linear import KimiLinearForCausalLM
+from kimi_linear.models import ForwardContext, KimiLinearForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -82,23 +80,24 @@ class ModelRunner:
         self.model.requires_grad_(False)  # inference only: the fused kernels have no backward
         table_width = cdiv(max_model_len, self.block_size)
         table_bytes = table_width * 4
+        specs = self.model.cache_specs(self.model.config, self.dtype)  # make_cache allocates the same
         if self.device.type == "cuda":
-            sizing = cuda_sizing(self.model, model_config, self.dtype, self.device, config, max_model_len,
+            sizing = cuda_sizing(self.model, specs, self.device, config, max_model_len,
                                  free_at_start, table_bytes, max_model_len if user_len else self.block_size)
         else:
-            sizing = cpu_sizing(model_config, self.dtype, self.block_size, config.max_num_seqs, max_model_len,
+            sizing = cpu_sizing(specs, self.block_size, config.max_num_seqs, max_model_len,
                                 config.num_gpu_blocks_override, config.num_state_slots_override, table_bytes)
         self.max_model_len = self._fit_max_model_len(max_model_len, sizing, user_len)
         self.sizing = sizing
         sizing.log(self.max_model_len)
 
-        self.cache = HybridCache(model_config, sizing.num_blocks, self.block_size, sizing.num_slots,
-                                 self.device, self.dtype)
+        self.cache = self.model.make_cache(sizing.num_blocks, self.block_size, sizing.num_slots, self.device,
+                                           self.dtype)
         self.block_table = BlockTable(sizing.num_slots, cdiv(self.max_model_len, self.block_size), self.device)
         self.max_num_seqs = min(config.max_num_seqs, sizing.num_slots)
         max_graph = min(config.max_cuda_graph_batch_size or self.max_num_seqs, self.max_num_seqs)
         self.decode = DecodeRunner(self.model, self.cache, self.block_table, self.max_num_seqs, self.max_model_len,
-                                   self.block_size, self.device)
+                                   self.device)
         if config.use_cuda_graphs:
             with torch.no_grad():
                 self.decode.capture(max_graph)  # larger batches run eagerly on the static buffers
@@ -111,7 +110,7 @@ class ModelRunner:
         if cap >= max_model_len:
             return max_model_len
         if user_len:
-            raise ConfigError("max_model_len", f"{max_model_len} tokens do not fit in the MLA cache "
+            raise ConfigError("max_model_len", f"{max_model_len} tokens do not fit in the paged cache "
                                                f"({cap} tokens); lower max_model_len or give the cache more memory")
         logger.warning("max_model_len lowered from %d to the cache capacity %d", max_model_len, cap)
         return cap

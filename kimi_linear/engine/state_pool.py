@@ -1,13 +1,13 @@
-"""StatePool: ownership of the KDA state slots (pure Python over ints).
+"""StatePool: ownership of the state slots (pure Python over ints).
 
-The tensors live in `HybridCache.kda_recurrent[l]` [num_slots, H, K, V] fp32 and `kda_conv[l]`
-[num_slots, W - 1, 3 * H * K]; each running request owns exactly one slot for all KDA layers, read
-and written in place by the kernels. Invariants: every slot id in [0, num_slots) is either free or
-owned; `num_free + num_used == num_slots`. A slot handed out here must be zeroed
-(`HybridCache.reset_slots`) before the request's first forward: the scheduler reports the slots it
+The tensors live in the model's `ModelCache`: each layer with a slot cache spec (KDA: recurrent state
+and conv window) has tensors [num_slots, ...]; each running request owns exactly one slot for all
+those layers, read and written in place by the kernels. Invariants: every slot id in [0, num_slots) is
+either free or owned; `num_free + num_used == num_slots`. A slot handed out here must be zeroed
+(`ModelCache.reset_slots`) before the request's first forward: the scheduler reports the slots it
 hands out in `SchedulerOutput.reset_slots` and the runner zeroes them.
 
-A model without KDA layers still has slots (of zero bytes): the slot is also the request's row in the
+A model without slot layers still has slots (of zero bytes): the slot is also the request's row in the
 runner's persistent block table.
 """
 

@@ -14,17 +14,22 @@ a decode step's conv is one launch (`decode=True`) and the gated norm one kernel
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kimi_linear.config import ModelConfig
-from kimi_linear.layers.context import ForwardContext
+from kimi_linear.layers.cache_spec import SlotCacheSpec, TensorSpec
 from kimi_linear.layers.fused import fused_weight, needs_grad
 from kimi_linear.ops import kda as kda_ops
 from kimi_linear.ops.conv import naive_causal_conv1d
 from kimi_linear.ops.norm import gated_rms_norm
 from kimi_linear.ops.triton_utils import use_triton
+
+if TYPE_CHECKING:
+    from kimi_linear.models.context import ForwardContext
 
 
 class ShortConv(nn.Module):
@@ -58,6 +63,14 @@ class KimiDeltaAttention(nn.Module):
         self.g_b_proj = nn.Linear(K, C, bias=False)
         self.o_norm = _GatedNormWeight(K)
         self.o_proj = nn.Linear(C, D, bias=False)
+
+    @staticmethod
+    def cache_spec(config: ModelConfig, dtype: torch.dtype) -> SlotCacheSpec:
+        """One sequence's state slot: the recurrent state [H, K, V] fp32 (o = S^T q) and the conv window
+        [W - 1, 3 * H * K] in `dtype` (the last W - 1 pre-conv q|k|v inputs, oldest first)."""
+        H, K = config.kda_num_heads, config.kda_head_dim
+        return SlotCacheSpec((TensorSpec("recurrent", (H, K, K), torch.float32),
+                              TensorSpec("conv", (config.conv_kernel_size - 1, 3 * H * K), dtype)))
 
     def conv_weight(self) -> torch.Tensor:
         """The three conv weights as one [3C, W] tensor (q | k | v channels).
@@ -108,8 +121,7 @@ class KimiDeltaAttention(nn.Module):
         H, K = self.num_heads, self.head_dim
         C = H * K
         cache = ctx.cache
-        conv_state = cache.kda_conv[self.layer_idx] if cache is not None else None
-        recurrent = cache.kda_recurrent[self.layer_idx] if cache is not None else None
+        recurrent, conv_state = cache.tensors[self.layer_idx] if cache is not None else (None, None)
         state_indices = ctx.state_indices if cache is not None else None
         triton = use_triton(x)
         decode = ctx.is_decode and recurrent is not None

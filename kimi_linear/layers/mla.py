@@ -12,16 +12,21 @@ On CPU: the naive per-sequence ops.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kimi_linear.config import ModelConfig
-from kimi_linear.layers.context import ForwardContext
+from kimi_linear.layers.cache_spec import PagedCacheSpec, TensorSpec
 from kimi_linear.layers.fused import fused_weight, needs_grad
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.ops import mla as mla_ops
 from kimi_linear.ops.triton_utils import use_triton
+
+if TYPE_CHECKING:
+    from kimi_linear.models.context import ForwardContext
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -42,6 +47,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
 
+    @staticmethod
+    def cache_spec(config: ModelConfig, dtype: torch.dtype) -> PagedCacheSpec:
+        """Per token, in the paged cache: the normalised latent (R) then the shared key part (Dr), in `dtype`."""
+        return PagedCacheSpec(TensorSpec("latent", (config.kv_cache_dim,), dtype))
+
     def fused_groups(self) -> dict[str, list[torch.Tensor]]:
         """Parameter groups tied for inference (`layers/fused.py`): the two projections of x."""
         return {"in": [self.q_proj.weight, self.kv_a_proj_with_mqa.weight]}
@@ -56,7 +66,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             q, ckv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         q = q.view(N, H, self.qk_head_dim)
-        cache = ctx.cache.mla[self.layer_idx] if ctx.cache is not None else None
+        cache = ctx.cache.tensors[self.layer_idx] if ctx.cache is not None else None
         scatter = (cache, ctx.slot_mapping) if cache is not None and use_triton(ckv) else None
         latent, stored = self.kv_a_layernorm.with_tail(ckv, self.qk_rope_head_dim, scatter)  # [N, R + Dr]
         if cache is not None and not stored:

@@ -1,6 +1,9 @@
-"""The Kimi Linear model: decoder stack, explicit per-sequence cache, weight init and presets."""
+"""The Kimi Linear model: decoder stack, its cache and forward context, explicit per-sequence cache,
+weight init and presets. Code above the model (the engine) imports these names from here."""
 
+from kimi_linear.models.cache import ModelCache
+from kimi_linear.models.context import ForwardContext
 from kimi_linear.models.kimi_linear import KimiLinearForCausalLM
 from kimi_linear.models.sequence_cache import SequenceCache
 
-__all__ = ["KimiLinearForCausalLM", "SequenceCache"]
+__all__ = ["ForwardContext", "KimiLinearForCausalLM", "ModelCache", "SequenceCache"]

@@ -4,6 +4,8 @@
   `SequenceCache` so that prefill, chunked prefill and token-by-token decode give the same logits.
 - `model.forward_flat(input_ids [N], ctx) -> hidden [N, D]` and `model.compute_logits(hidden)`: the
   engine's interface, over a flat batch described by a ForwardContext.
+- `cache_specs(config, dtype)`: what each layer keeps between passes (its mixer's `cache_spec`), from
+  which the engine sizes memory; `model.make_cache(...)` allocates a ModelCache from them.
 
 Parameter names equal the checkpoint's, except the routed experts, which are stacked per layer
 (`experts.w13_weight`, `experts.w2_weight`); `checkpoint_layout()` gives the mapping both ways.
@@ -20,16 +22,20 @@ import torch
 from torch import nn
 
 from kimi_linear.config import ModelConfig, parse_dtype
-from kimi_linear.layers.context import ForwardContext
 from kimi_linear.layers.fused import materialize, tie_all
 from kimi_linear.layers.kda import KimiDeltaAttention
 from kimi_linear.layers.mla import MultiHeadLatentAttention
 from kimi_linear.layers.mlp import SwiGLUMLP
 from kimi_linear.layers.moe import MoE
 from kimi_linear.layers.norm import Branch, RMSNorm
+from kimi_linear.models.cache import ModelCache
+from kimi_linear.models.context import ForwardContext
 
 # Parameters that stay fp32 whatever the model dtype (spec section 3.2 / 8.13).
 FP32_PARAMS = re.compile(r"(\.A_log|\.dt_bias|\.e_score_correction_bias)$")
+
+# The token mixer of each `config.layer_types` kind; each declares its cache (`cache_spec`).
+MIXERS = {"kda": KimiDeltaAttention, "mla": MultiHeadLatentAttention}
 
 
 class KimiLinearDecoderLayer(nn.Module):
@@ -40,8 +46,7 @@ class KimiLinearDecoderLayer(nn.Module):
         self.is_moe = config.mlp_types[layer_idx] == "moe"
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = (KimiDeltaAttention(config, layer_idx) if self.is_kda
-                          else MultiHeadLatentAttention(config, layer_idx))
+        self.self_attn = MIXERS[config.layer_types[layer_idx]](config, layer_idx)
         if self.is_moe:
             self.block_sparse_moe = MoE(config)
         else:
@@ -131,6 +136,20 @@ class KimiLinearForCausalLM(nn.Module):
             from kimi_linear.errors import ConfigError
             raise ConfigError("load_format", f"must be 'auto' or 'dummy', got {load_format!r}")
         return model
+
+    # ------------------------------------------------------------------ cache
+    @staticmethod
+    def cache_specs(config: ModelConfig, dtype: torch.dtype) -> list:
+        """The cache spec of each layer (`layers/cache_spec.py`), cache tensors in `dtype` except where a
+        layer fixes its own (KDA's fp32 recurrent state). Works from the config alone, so memory can be
+        sized before (or without) a model."""
+        return [MIXERS[kind].cache_spec(config, dtype) for kind in config.layer_types]
+
+    def make_cache(self, num_blocks: int, block_size: int, num_slots: int, device: torch.device | str,
+                   dtype: torch.dtype) -> ModelCache:
+        """Zeroed cache tensors for every layer: `num_blocks` blocks of `block_size` tokens for the paged
+        layers, `num_slots` state slots for the others."""
+        return ModelCache(self.cache_specs(self.config, dtype), num_blocks, block_size, num_slots, device)
 
     # ------------------------------------------------------------------ forward
     def forward_flat(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """SequenceCache: an explicit per-sequence cache for direct model use (no engine).
 
-Holds B sequences: KDA state slot b for sequence b, and MLA latent blocks handed out in order as the
-sequences grow (the storage doubles when it runs out). Each `model(input_ids [B, T], cache)` call
-appends T tokens to every sequence; prefill, chunked prefill and decode can be mixed freely.
+Holds B sequences in a ModelCache (`storage`): state slot b for sequence b, and blocks of the paged
+layers handed out in order as the sequences grow (the paged tensors double when they run out). Each
+`model(input_ids [B, T], cache)` call appends T tokens to every sequence; prefill, chunked prefill and
+decode can be mixed freely.
 
     cache = SequenceCache(model.config, batch_size=2, device="cpu", dtype=torch.float32)
     logits = model(prompt_ids, cache)          # prefill
@@ -14,8 +15,9 @@ from __future__ import annotations
 import torch
 
 from kimi_linear.config import ModelConfig
-from kimi_linear.layers.cache import HybridCache
-from kimi_linear.layers.context import ForwardContext
+from kimi_linear.models.cache import ModelCache
+from kimi_linear.models.context import ForwardContext
+from kimi_linear.models.kimi_linear import KimiLinearForCausalLM
 
 
 class SequenceCache:
@@ -26,7 +28,8 @@ class SequenceCache:
         self.block_size = block_size
         self.device = torch.device(device)
         num_blocks = initial_blocks or max(4, 4 * batch_size)
-        self.storage = HybridCache(config, num_blocks, block_size, batch_size, self.device, dtype)
+        specs = KimiLinearForCausalLM.cache_specs(config, dtype)
+        self.storage = ModelCache(specs, num_blocks, block_size, batch_size, self.device)
         self.lengths = [0] * batch_size
         self.block_tables: list[list[int]] = [[] for _ in range(batch_size)]
         self._next_block = 0
@@ -35,11 +38,11 @@ class SequenceCache:
     def _grow(self, needed_blocks: int) -> None:
         st = self.storage
         new = max(needed_blocks, 2 * st.num_blocks)
-        for i, t in enumerate(st.mla):
-            if t is not None:
-                bigger = torch.zeros(new, *t.shape[1:], dtype=t.dtype, device=t.device)
-                bigger[: t.shape[0]] = t
-                st.mla[i] = bigger
+        for i in st.paged_layers():
+            t = st.tensors[i]
+            bigger = torch.zeros(new, *t.shape[1:], dtype=t.dtype, device=t.device)
+            bigger[: t.shape[0]] = t
+            st.tensors[i] = bigger
         st.num_blocks = new
 
     def begin_step(self, query_lens: list[int]) -> ForwardContext:

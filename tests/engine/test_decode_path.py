@@ -27,7 +27,7 @@ def llm(tiny_checkpoint):
 
 
 def cache_tensors(cache):
-    return [t for t in cache.mla + cache.kda_recurrent + cache.kda_conv if t is not None]
+    return cache.paged_tensors() + cache.slot_tensors()
 
 
 @torch.no_grad()
@@ -47,12 +47,10 @@ def test_padded_decode_batch_equals_each_sequence_alone_and_touches_nothing_else
     free_slots = [s for s in range(cache.num_slots) if s not in owned_slots]
     free_blocks = [b for b in range(cache.num_blocks) if b not in owned_blocks]
     assert cache.num_slots - 1 in free_slots  # slot -1 would alias the last slot: it must stay untouched
-    for t in cache.kda_recurrent + cache.kda_conv:
-        if t is not None:
-            t[free_slots] = POISON
-    for t in cache.mla:
-        if t is not None:
-            t[free_blocks] = POISON
+    for t in cache.slot_tensors():
+        t[free_slots] = POISON
+    for t in cache.paged_tensors():
+        t[free_blocks] = POISON
     before = [t.clone() for t in cache_tensors(cache)]
 
     out = sched.schedule()
@@ -61,12 +59,10 @@ def test_padded_decode_batch_equals_each_sequence_alone_and_touches_nothing_else
     batched, _ = runner.forward(out)
     assert runner.decode.num_eager == eager0 + 1 and batched.shape[0] == 3
     assert torch.isfinite(batched).all()
-    for t in cache.kda_recurrent + cache.kda_conv:
-        if t is not None:
-            assert torch.equal(t[free_slots], torch.full_like(t[free_slots], POISON)), "padding touched a free slot"
-    for t in cache.mla:
-        if t is not None:
-            assert torch.equal(t[free_blocks], torch.full_like(t[free_blocks], POISON)), "latent written off-slot"
+    for t in cache.slot_tensors():
+        assert torch.equal(t[free_slots], torch.full_like(t[free_slots], POISON)), "padding touched a free slot"
+    for t in cache.paged_tensors():
+        assert torch.equal(t[free_blocks], torch.full_like(t[free_blocks], POISON)), "latent written off-slot"
 
     for n, (req, _) in enumerate(out.scheduled):  # each sequence alone, from the same starting caches
         for t0, t1 in zip(before, cache_tensors(cache)):
@@ -144,7 +140,7 @@ def test_cuda_sizing_arithmetic_with_faked_device(tiny_checkpoint, monkeypatch):
     from kimi_linear.config import ModelConfig
     from kimi_linear.engine import memory
     from kimi_linear.engine.config import EngineConfig
-    from kimi_linear.layers.cache import HybridCache
+    from kimi_linear.models import KimiLinearForCausalLM, ModelCache
 
     GiB = 1 << 30
     total, free_at_start, weights, peak = 80 * GiB, 79 * GiB, 2 * GiB, 3 * GiB
@@ -152,16 +148,17 @@ def test_cuda_sizing_arithmetic_with_faked_device(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(memory, "profile_peak_activation", lambda *a, **k: peak)
     mc = ModelConfig.from_pretrained(tiny_checkpoint)
     cfg = EngineConfig(model=str(tiny_checkpoint), gpu_memory_utilization=0.5, max_num_seqs=8, block_size=16)
-    s = memory.cuda_sizing(None, mc, torch.bfloat16, "cuda", cfg, 1024, free_at_start, 64, 1024)
-    bpb = HybridCache.bytes_per_block(mc, 16, torch.bfloat16)
-    bps = HybridCache.bytes_per_slot(mc, torch.bfloat16) + 64
+    specs = KimiLinearForCausalLM.cache_specs(mc, torch.bfloat16)
+    s = memory.cuda_sizing(None, specs, "cuda", cfg, 1024, free_at_start, 64, 1024)
+    bpb = ModelCache.bytes_per_block(specs, 16)
+    bps = ModelCache.bytes_per_slot(specs) + 64
     available = 40 * GiB - weights - peak  # 0.5 * 80 GiB minus what the engine holds and its peak
     assert s.num_slots == 8 and s.bytes_per_slot == bps
     assert s.num_blocks == (available - 8 * bps) // bpb
     with pytest.raises(ConfigError, match="only 79.0 GiB are free") as e:
-        memory.cuda_sizing(None, mc, torch.bfloat16, "cuda", cfg.replace(gpu_memory_utilization=0.99), 1024,
+        memory.cuda_sizing(None, specs, "cuda", cfg.replace(gpu_memory_utilization=0.99), 1024,
                            free_at_start, 64, 1024)
     assert e.value.key == "gpu_memory_utilization"
-    fixed = memory.cuda_sizing(None, mc, torch.bfloat16, "cuda",
+    fixed = memory.cuda_sizing(None, specs, "cuda",
                                cfg.replace(num_gpu_blocks_override=7, num_state_slots_override=3), 1024, 0, 64, 16)
     assert (fixed.num_blocks, fixed.num_slots) == (7, 3)  # both overrides: no profiling at all

@@ -41,7 +41,7 @@ def test_greedy_matches_reference_on_cuda(tiny_checkpoint, enforce_eager):
 
 
 def _snapshot(cache, slots):
-    return [(t, t[slots].clone()) for t in cache.kda_recurrent + cache.kda_conv if t is not None]
+    return [(t, t[slots].clone()) for t in cache.slot_tensors()]
 
 
 def _restore(snap, slots):
