@@ -6,16 +6,25 @@
     outs[0].outputs[0].token_ids, outs[0].outputs[0].text
     outs = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32))
 
-`generate` validates every prompt before queueing any, runs the engine until all are finished and
-returns one RequestOutput per prompt in input order. A folder without a tokenizer still works with
-token-id prompts (outputs then carry token ids and empty text). `chat` renders conversations with
-the chat template (the request's, else the checkpoint's, else the Kimi default) and generates.
+    for out in llm.stream("Hello", SamplingParams(max_tokens=32)):   # cumulative outputs as they grow
+        print(out.outputs[0].text)
+
+`LLM(model, **engine_kwargs)` takes any `EngineConfig` field as a keyword (max_model_len, max_num_seqs,
+dtype, ...; the defaults are EngineConfig's). `generate` validates every prompt before queueing any,
+runs the engine until all are finished and returns one RequestOutput per prompt in input order. A
+folder without a tokenizer still works with token-id prompts (outputs then carry token ids and empty
+text). `chat` renders conversations with the chat template (the request's, else the `chat_template`
+engine option, else the checkpoint's, else the Kimi default) and generates. `stream` / `chat_stream`
+run one prompt and yield its cumulative RequestOutput after every step that changed it (the last one
+finished); closing the generator early aborts the request.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import itertools
-from typing import Any
+from collections.abc import Iterator
 
 from kimi_linear.engine.config import EngineConfig
 from kimi_linear.engine.llm_engine import LLMEngine
@@ -25,14 +34,9 @@ from kimi_linear.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str, *, device: str | None = None, dtype: Any = None, max_model_len: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
-                 enforce_eager: bool = False, seed: int = 0, load_format: str = "auto", **engine_kwargs):
-        config = EngineConfig.from_kwargs(
-            model, device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager, seed=seed, load_format=load_format, **engine_kwargs)
-        self.llm_engine = LLMEngine(config)
+    def __init__(self, model: str, **engine_kwargs):
+        """model: a checkpoint folder. engine_kwargs: EngineConfig fields (unknown names raise ConfigError)."""
+        self.llm_engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_kwargs))
         self._counter = itertools.count()
 
     def get_tokenizer(self):
@@ -89,24 +93,61 @@ class LLM:
              chat_template_kwargs: dict | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of conversations.
         Returns one RequestOutput per conversation (a list of one for a single conversation)."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValidationError("messages must be a non-empty list of messages or of conversations",
+                                  param="messages")
+        conversations = [messages] if all(isinstance(m, dict) for m in messages) else list(messages)
+        prompts = [self._chat_prompt(conv, chat_template, add_generation_prompt, continue_final_message, tools,
+                                     chat_template_kwargs) for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    # ------------------------------------------------------------------ streaming
+    def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Run one prompt (str or {"prompt_token_ids": [...]}), yielding its cumulative RequestOutput after
+        every step that changed it; the last one is finished. Closing the generator aborts the request.
+        One call at a time: the LLM is not re-entrant (do not interleave two streams or a stream and generate)."""
+        engine = self.llm_engine
+        params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
+        processed = engine.process_inputs(prompt, params)  # invalid: raises before anything is queued
+        rid = str(next(self._counter))
+        engine.add_processed(rid, processed, stream=True)
+        finished = False
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+                if finished:
+                    return
+        finally:
+            if not finished:  # closed early: abort, and step once more so the engine drops the request
+                engine.abort_request(rid)
+                while not finished and engine.has_unfinished_requests():
+                    finished = any(o.request_id == rid and o.finished for o in engine.step())
+
+    def chat_stream(self, messages: list[dict], sampling_params: SamplingParams | None = None,
+                    chat_template: str | None = None, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, tools: list[dict] | None = None,
+                    chat_template_kwargs: dict | None = None) -> Iterator[RequestOutput]:
+        """`stream` over one conversation rendered with the chat template (as `chat`)."""
+        yield from self.stream(self._chat_prompt(messages, chat_template, add_generation_prompt,
+                                                 continue_final_message, tools, chat_template_kwargs),
+                               sampling_params)
+
+    def _chat_prompt(self, conversation, chat_template, add_generation_prompt, continue_final_message, tools,
+                     chat_template_kwargs) -> dict:
         from kimi_linear.loader.chat_template import apply_chat_template
 
         tok = self.get_tokenizer()
         if tok is None:
             raise ValidationError("chat needs a tokenizer, and this model folder has none (no tiktoken.model); "
                                   "use generate() with {'prompt_token_ids': [...]}", param="messages")
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise ValidationError("messages must be a non-empty list of messages or of conversations",
-                                  param="messages")
-        conversations = [messages] if all(isinstance(m, dict) for m in messages) else list(messages)
-        prompts = []
-        for conv in conversations:
-            text = apply_chat_template(tok, conv, chat_template=chat_template,
-                                       add_generation_prompt=add_generation_prompt and not continue_final_message,
-                                       continue_final_message=continue_final_message, tools=tools,
-                                       chat_template_kwargs=chat_template_kwargs)
-            prompts.append({"prompt_token_ids": tok.encode(text), "prompt": text})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        text = apply_chat_template(tok, conversation, chat_template=chat_template,
+                                   add_generation_prompt=add_generation_prompt and not continue_final_message,
+                                   continue_final_message=continue_final_message, tools=tools,
+                                   chat_template_kwargs=chat_template_kwargs)
+        return {"prompt_token_ids": tok.encode(text), "prompt": text}
 
     def shutdown(self) -> None:
         """Free the GPU memory held by the model, caches and CUDA graphs."""
@@ -121,3 +162,18 @@ def _progress(total: int, enabled: bool):
     except ImportError:
         return None
     return tqdm(total=total, desc="Generating", unit="req")
+
+
+def _init_signature() -> inspect.Signature:
+    """LLM.__init__'s signature as help() and IDEs show it: model, then every EngineConfig field with its
+    default (the defaults are written in EngineConfig only)."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)]
+    for f in dataclasses.fields(EngineConfig):
+        if f.name != "model":
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                            annotation=f.type))
+    return inspect.Signature(params)
+
+
+LLM.__init__.__signature__ = _init_signature()

@@ -131,3 +131,97 @@ def test_invalid_json(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         ModelConfig.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------- EngineConfig
+def engine_error(tmp_path, **kw) -> ConfigError:
+    from kimi_linear.engine.config import EngineConfig
+
+    with pytest.raises(ConfigError) as e:
+        EngineConfig(model=str(tmp_path), **kw)
+    return e.value
+
+
+def test_engine_block_size_must_be_a_power_of_two(tmp_path):
+    from kimi_linear.engine.config import EngineConfig
+
+    e = engine_error(tmp_path, block_size=48)
+    assert e.key == "block_size" and "power of two" in str(e)
+    assert engine_error(tmp_path, block_size=0).key == "block_size"
+    assert EngineConfig(model=str(tmp_path), block_size=16).block_size == 16
+
+
+@pytest.mark.parametrize("kw,key,text", [
+    (dict(tensor_parallel_size=2), "tensor_parallel_size", "tensor parallelism is not supported yet"),
+    (dict(quantization="fp8"), "quantization", "quantization is not supported yet"),
+    (dict(max_logprobs=21), "max_logprobs", "[0, 20]"),
+    (dict(max_logprobs=-1), "max_logprobs", "[0, 20]"),
+    (dict(enable_prefix_caching="yes"), "enable_prefix_caching", "true or false"),
+    (dict(trust_remote_code=1), "trust_remote_code", "true or false"),
+    (dict(generation_config="nowhere/at-all"), "generation_config", "not a local folder"),
+    (dict(chat_template="no_such_template.jinja"), "chat_template", "looks like a file path"),
+    (dict(chat_template="{% for m in messages %}"), "chat_template", "not valid jinja2"),
+    (dict(tokenizer="moonshotai/Kimi-Linear-48B-A3B-Instruct"), "tokenizer", "huggingface-cli download"),
+])
+def test_engine_option_errors_name_the_field(tmp_path, monkeypatch, kw, key, text):
+    monkeypatch.chdir(tmp_path)
+    e = engine_error(tmp_path, **kw)
+    assert e.key == key and text in str(e), str(e)
+
+
+def test_engine_hub_id_model(tmp_path, monkeypatch):
+    from kimi_linear.engine.config import EngineConfig
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="huggingface-cli download moonshotai/Kimi-Linear-48B-A3B-Instruct "
+                                          "--local-dir DIR"):
+        EngineConfig(model="moonshotai/Kimi-Linear-48B-A3B-Instruct")
+    with pytest.raises(ConfigError, match="is not a folder") as e:
+        EngineConfig(model=str(tmp_path / "missing"))
+    assert "huggingface" not in str(e.value)
+
+
+def test_engine_generation_config_folder(tmp_path):
+    from kimi_linear.engine.config import EngineConfig
+
+    (tmp_path / "gen").mkdir()
+    assert engine_error(tmp_path, generation_config=str(tmp_path / "gen")).key == "generation_config"  # no file
+    (tmp_path / "gen" / "generation_config.json").write_text("{}")
+    cfg = EngineConfig(model=str(tmp_path), generation_config=str(tmp_path / "gen"))
+    assert cfg.generation_config_dir == str(tmp_path / "gen")
+    for mode in ("auto", "vllm"):
+        assert EngineConfig(model=str(tmp_path), generation_config=mode).generation_config_dir == str(tmp_path)
+
+
+def test_engine_chat_template_inline_and_file(tmp_path):
+    from kimi_linear.engine.config import EngineConfig
+
+    assert EngineConfig(model=str(tmp_path)).load_chat_template() is None
+    inline = EngineConfig(model=str(tmp_path), chat_template="{{ messages[0]['content'] }}\\n")
+    assert inline.load_chat_template() == "{{ messages[0]['content'] }}\n"  # escapes decoded, as vLLM
+    (tmp_path / "t.jinja").write_text("{{ 'x' }}")
+    cfg = EngineConfig(model=str(tmp_path), chat_template=str(tmp_path / "t.jinja"))
+    assert cfg.load_chat_template() == "{{ 'x' }}"
+
+
+def test_engine_compat_options_and_notices(tmp_path):
+    from kimi_linear.engine.config import EngineConfig
+
+    cfg = EngineConfig(model=str(tmp_path), tensor_parallel_size=1, quantization="none", trust_remote_code=True,
+                       enable_prefix_caching=True)
+    notices = cfg.notices()
+    assert len(notices) == 2 and "prefix caching is not implemented yet" in notices[1]
+    assert EngineConfig(model=str(tmp_path), enable_prefix_caching=False).notices() == []
+
+
+def test_engine_defaults_are_written_once(tmp_path):
+    import inspect
+
+    from kimi_linear.engine.config import EngineConfig
+    from kimi_linear.llm import LLM
+
+    d = EngineConfig.defaults()
+    assert d["max_num_seqs"] == 256 and d["max_num_batched_tokens"] == 8192
+    assert d["gpu_memory_utilization"] == 0.9 and d["block_size"] == 64 and d["max_logprobs"] == 20
+    sig = inspect.signature(LLM.__init__).parameters
+    assert {k: sig[k].default for k in d} == d  # LLM's documented defaults are EngineConfig's

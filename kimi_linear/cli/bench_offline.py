@@ -13,7 +13,7 @@ import random
 import statistics
 import time
 
-from kimi_linear.cli.engine_args import add_engine_args, engine_kwargs
+from kimi_linear.cli.engine_args import add_engine_args
 
 
 def add_parsers(bench_sub: argparse._SubParsersAction) -> None:
@@ -41,10 +41,9 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
 
 
 def _llm(args):
-    from kimi_linear.llm import LLM
+    from kimi_linear.cli.generate_cmd import make_llm
 
-    kw = engine_kwargs(args)
-    return LLM(kw.pop("model"), **kw)
+    return make_llm(args)
 
 
 def run_latency(args: argparse.Namespace) -> int:

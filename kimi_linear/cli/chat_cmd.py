@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kimi_linear.cli.engine_args import add_engine_args, engine_kwargs
-from kimi_linear.cli.generate_cmd import add_sampling_args, sampling_params
+from kimi_linear.cli.engine_args import add_engine_args
+from kimi_linear.cli.generate_cmd import DEFAULT_MAX_TOKENS, add_sampling_args, make_llm, sampling_params
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +39,8 @@ class _RemoteChat:
                                                                            a.repetition_penalty),
                                    ("ignore_eos", a.ignore_eos or None)) if v is not None}
         stream = self.client.chat.completions.create(
-            model=self.model, messages=messages, stream=True, max_tokens=a.max_tokens, temperature=a.temperature,
+            model=self.model, messages=messages, stream=True, temperature=a.temperature,
+            max_tokens=a.max_tokens if a.max_tokens is not None else DEFAULT_MAX_TOKENS,
             top_p=a.top_p, stop=a.stop, extra_body=extra or None)
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -48,29 +49,20 @@ class _RemoteChat:
 
 class _OfflineChat:
     def __init__(self, args):
-        from kimi_linear.engine.config import EngineConfig, default_sampling_kwargs
-        from kimi_linear.engine.llm_engine import LLMEngine
         from kimi_linear.errors import ValidationError
 
-        self.engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
-        if self.engine.tokenizer is None:
+        self.llm = make_llm(args)
+        if self.llm.get_tokenizer() is None:
             raise ValidationError("offline chat needs a tokenizer in the checkpoint folder", param="model")
-        self.params = sampling_params(args, default_sampling_kwargs(self.engine.generation_config))
-        self.n = 0
+        self.params = sampling_params(args, self.llm)
 
     def reply(self, messages: list[dict]):
-        from kimi_linear.loader.chat_template import apply_chat_template
-
-        prompt = apply_chat_template(self.engine.tokenizer, messages)
-        self.n += 1
-        self.engine.add_request(f"chat-{self.n}", prompt, self.params, stream=True)
         shown = 0
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                text = out.outputs[0].text
-                if len(text) > shown:
-                    yield text[shown:]
-                    shown = len(text)
+        for out in self.llm.chat_stream(messages, self.params):
+            text = out.outputs[0].text
+            if len(text) > shown:
+                yield text[shown:]
+                shown = len(text)
 
 
 def run(args: argparse.Namespace) -> int:

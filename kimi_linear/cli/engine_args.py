@@ -1,9 +1,17 @@
 """Engine flags shared by `serve`, `generate`, `chat` (offline) and `bench latency|throughput`, with
-vLLM's names; and the embedded default model used when no MODEL_DIR is given."""
+vLLM's names; and the embedded default model used when no MODEL_DIR is given.
+
+The flags are generated from the `EngineConfig` dataclass: one per field, named `--` + the field name
+with `-` (`max_num_seqs` -> `--max-num-seqs`), its default the field's default, its help the field's
+`metadata["help"]`; `metadata` may add `size` (accepts 32K / 1M), `choices`, `aliases` (`-tp`),
+`negatable` (`--x` / `--no-x`) and `metavar`. Booleans are `store_true`. So a default lives in
+EngineConfig only, and `engine_kwargs(args)` maps the flags back 1:1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 
@@ -29,24 +37,49 @@ def parse_size(value: str) -> int:
     return n
 
 
+def engine_fields() -> list[dataclasses.Field]:
+    """The EngineConfig fields that become flags (all but `model`, which is the positional / --model)."""
+    from kimi_linear.engine.config import EngineConfig
+
+    return [f for f in dataclasses.fields(EngineConfig) if f.name != "model"]
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _flag_type(f: dataclasses.Field):
+    """argparse `type` from the field's annotation (a string under `from __future__ import annotations`)."""
+    if f.metadata.get("size"):
+        return parse_size
+    base = str(f.type).replace(" ", "").replace("|None", "").replace("None|", "")
+    return {"int": int, "float": float}.get(base, str)
+
+
 def add_engine_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
+    """One flag per EngineConfig field (`--` + the field name with `-`), default and help from the field."""
     g = p.add_argument_group("model and engine")
     if model_optional:
         g.add_argument("model", nargs="?", default=None,
                        help="checkpoint folder (default: a built-in tiny demo model, created on first use)")
     else:
-        g.add_argument("model", help="checkpoint folder")
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
-    g.add_argument("--max-model-len", type=parse_size, default=None, help="context length (accepts 32K, 1M)")
-    g.add_argument("--max-num-seqs", type=parse_size, default=256, help="maximum running requests")
-    g.add_argument("--max-num-batched-tokens", type=parse_size, default=8192, help="token budget per step")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
-    g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
-    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
-                   help="auto = read the weights; dummy = random weights from config.json (benchmarks)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--block-size", type=int, default=64, help="tokens per MLA latent-cache block")
+        g.add_argument("model", nargs="?", default=None, help="checkpoint folder")
+    g.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
+                   help="the checkpoint folder, as an option (same as the positional)")
+    p.set_defaults(model_required=not model_optional)
+    for f in engine_fields():
+        meta = f.metadata
+        names = [flag_of(f.name), *meta.get("aliases", ())]
+        help_text = meta.get("help", "")
+        if f.default is not None and f.default is not False and "default" not in help_text:
+            help_text += f" (default: {f.default})"
+        kw = dict(dest=f.name, default=f.default, help=help_text)
+        if meta.get("negatable"):
+            g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif str(f.type) == "bool":
+            g.add_argument(*names, action="store_true", **kw)
+        else:
+            g.add_argument(*names, type=_flag_type(f), choices=meta.get("choices"), metavar=meta.get("metavar"), **kw)
 
 
 def resolve_model(model: str | None) -> str:
@@ -72,9 +105,21 @@ def resolve_model(model: str | None) -> str:
     return path
 
 
+def model_arg(args: argparse.Namespace) -> str | None:
+    """The model folder from the positional or --model (giving both, different, is an error)."""
+    pos, opt = getattr(args, "model", None), getattr(args, "model_option", None)
+    if pos is not None and opt is not None and pos != opt:
+        from kimi_linear.errors import ConfigError
+
+        raise ConfigError("model", f"given twice, as {pos!r} and as --model {opt!r}")
+    model = pos if pos is not None else opt
+    if model is None and getattr(args, "model_required", False):
+        from kimi_linear.errors import ConfigError
+
+        raise ConfigError("model", "a checkpoint folder is required")
+    return model
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(model=resolve_model(args.model), device=args.device,
-                dtype=None if args.dtype == "auto" else args.dtype, max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-                seed=args.seed, load_format=args.load_format, block_size=args.block_size)
+    """EngineConfig keyword arguments from the parsed flags (every field; the flags' defaults are the fields')."""
+    return dict(model=resolve_model(model_arg(args)), **{f.name: getattr(args, f.name) for f in engine_fields()})

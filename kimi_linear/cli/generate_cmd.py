@@ -1,16 +1,26 @@
-"""`kimi-linear generate [MODEL_DIR] --prompt TEXT`: one-shot offline generation, streamed to stdout."""
+"""`kimi-linear generate [MODEL_DIR] --prompt TEXT`: one-shot offline generation, streamed to stdout.
+
+Runs on the offline `LLM` (`LLM.stream`). Sampling flags left out take the checkpoint's
+generation_config.json defaults (`--generation-config`), then SamplingParams' own; `--max-tokens`
+falls back to generation_config's max_new_tokens, else DEFAULT_MAX_TOKENS.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from kimi_linear.cli.engine_args import add_engine_args, engine_kwargs
 
+DEFAULT_MAX_TOKENS = 64
+DEMO_PROMPT = "The capital of France is"
+
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help=f"tokens to generate (default: generation_config's max_new_tokens, else {DEFAULT_MAX_TOKENS})")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config, else 1)")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
@@ -20,16 +30,22 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true")
 
 
-def sampling_params(args: argparse.Namespace, defaults: dict):
-    from kimi_linear.sampling_params import SamplingParams
+def sampling_params(args: argparse.Namespace, llm):
+    """SamplingParams from the flags given; the others from the checkpoint's defaults (each field once)."""
+    params = llm.get_default_sampling_params()
+    given = {name: getattr(args, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                                   "max_tokens") if getattr(args, name) is not None}
+    if "max_tokens" not in given and "max_tokens" not in llm.llm_engine.sampling_defaults:
+        given["max_tokens"] = DEFAULT_MAX_TOKENS
+    return dataclasses.replace(params, seed=getattr(args, "seed", None), stop=args.stop or [],
+                               ignore_eos=args.ignore_eos, **given)
 
-    fields = {k: v for k, v in defaults.items()}
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-        v = getattr(args, name)
-        if v is not None:
-            fields[name] = v
-    return SamplingParams(max_tokens=args.max_tokens, seed=getattr(args, "seed", None), stop=args.stop or [],
-                          ignore_eos=args.ignore_eos, **fields)
+
+def make_llm(args: argparse.Namespace):
+    from kimi_linear.llm import LLM
+
+    kw = engine_kwargs(args)
+    return LLM(kw.pop("model"), **kw)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,46 +61,42 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kimi_linear.engine.config import EngineConfig, default_sampling_kwargs
-    from kimi_linear.engine.llm_engine import LLMEngine
     from kimi_linear.errors import ValidationError
 
-    engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
-    params = sampling_params(args, default_sampling_kwargs(engine.generation_config))
+    llm = make_llm(args)
+    params = sampling_params(args, llm)
+    tok = llm.get_tokenizer()
     if args.prompt_token_ids is not None:
         try:
             ids = [int(x) for x in args.prompt_token_ids.split(",") if x.strip()]
         except ValueError:
             raise ValidationError("--prompt-token-ids must be comma-separated integers",
                                   param="prompt_token_ids") from None
-        prompt = {"prompt_token_ids": ids}
+        outputs = llm.stream({"prompt_token_ids": ids}, params)
     else:
-        text = args.prompt if args.prompt is not None else "The capital of France is"
+        text = args.prompt if args.prompt is not None else DEMO_PROMPT
         if args.chat:
-            from kimi_linear.loader.chat_template import apply_chat_template
-
-            if engine.tokenizer is None:
+            if tok is None:
                 raise ValidationError("--chat needs a tokenizer in the checkpoint folder", param="chat")
-            text = apply_chat_template(engine.tokenizer, [{"role": "user", "content": text}])
-        prompt = text
-        if args.prompt is None and not args.chat:
-            print(text, end="", flush=True)
-    engine.add_request("0", prompt, params, stream=True)
+            outputs = llm.chat_stream([{"role": "user", "content": text}], params)
+        else:
+            if args.prompt is None:
+                print(text, end="", flush=True)
+            outputs = llm.stream(text, params)
     shown_text, shown_ids = 0, 0
     last = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            c = out.outputs[0]
-            last = c
-            if engine.tokenizer is not None:
-                sys.stdout.write(c.text[shown_text:])
-                shown_text = len(c.text)
-            else:
-                sys.stdout.write("".join(f" {t}" for t in c.token_ids[shown_ids:]))
-                shown_ids = len(c.token_ids)
-            sys.stdout.flush()
+    for out in outputs:
+        c = out.outputs[0]
+        last = c
+        if tok is not None:
+            sys.stdout.write(c.text[shown_text:])
+            shown_text = len(c.text)
+        else:
+            sys.stdout.write("".join(f" {t}" for t in c.token_ids[shown_ids:]))
+            shown_ids = len(c.token_ids)
+        sys.stdout.flush()
     print()
     if last is not None:
         print(f"[{len(last.token_ids)} tokens, finish_reason={last.finish_reason}]", file=sys.stderr)
-    engine.shutdown()
+    llm.shutdown()
     return 0

@@ -1,11 +1,26 @@
-"""Entry point of the `kimi-linear` command (also `python -m kimi_linear`)."""
+"""Entry point of the `kimi-linear` command (also `python -m kimi_linear`).
+
+Subcommand parsers report their own errors: an unknown flag to `serve` prints `serve`'s usage, not the
+top-level one. A `ConfigError` about an engine option names its flag too; every error exits with 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from kimi_linear.errors import KimiLinearError
+from kimi_linear.errors import ConfigError, KimiLinearError
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: arguments it does not know are its own error (argparse would pass them up to
+    the top-level parser, which then prints the top-level usage)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="kimi-linear", description="Kimi Linear: model, engine and server.")
     parser.add_argument("--version", action="version", version=f"kimi-linear {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     sub.required = True
     serve_cmd.add_parser(sub)
     generate_cmd.add_parser(sub)
@@ -28,13 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe(e: KimiLinearError) -> str:
+    """The error's message; a ConfigError about an engine option also names its flag."""
+    msg = str(e)
+    if isinstance(e, ConfigError):
+        from kimi_linear.cli.engine_args import engine_fields, flag_of
+
+        if e.key in {f.name for f in engine_fields()}:
+            msg += f" (flag {flag_of(e.key)})"
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
     except KimiLinearError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {describe(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,4 +1,8 @@
-"""`kimi-linear serve [MODEL_DIR]`: the OpenAI-compatible server (vLLM's flag names)."""
+"""`kimi-linear serve [MODEL_DIR]`: the OpenAI-compatible server (vLLM's flag names).
+
+The engine flags come from EngineConfig (`engine_args.py`); the server flags are here. vLLM's recipe
+(`serve DIR --port 8000 --tensor-parallel-size 1 --max-model-len 1048576 --trust-remote-code`) parses.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="require `Authorization: Bearer KEY` on /v1 routes (or set KIMI_LINEAR_API_KEY)")
     g.add_argument("--max-queue-len", type=int, default=4096, help="waiting requests beyond which new ones get 503")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--uvicorn-log-level", default=None,
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level (default: --log-level)")
+    g.add_argument("--enable-log-requests", dest="log_requests", action="store_true", default=False,
+                   help="log each request's id, prompt length and sampling params")
+    g.add_argument("--disable-log-requests", dest="log_requests", action="store_false",
+                   help="do not log requests (the default; accepted as vLLM's older flag)")
     p.set_defaults(func=run)
 
 
@@ -33,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
     kwargs = engine_kwargs(args)
     names = args.served_model_name or [os.path.basename(os.path.normpath(kwargs["model"]))]
     serve(kwargs, names, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_queue_len,
-          log_level=args.log_level)
+          log_level=args.log_level, uvicorn_log_level=args.uvicorn_log_level, log_requests=args.log_requests)
     return 0

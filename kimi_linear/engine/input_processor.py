@@ -1,9 +1,10 @@
 """InputProcessor: validate one prompt with its SamplingParams into a `ProcessedPrompt`, before queueing.
 
 Every user mistake raises ValidationError naming the field: an empty prompt, a token id out of the
-vocabulary, prompt + max_tokens beyond max_model_len, a text prompt / stop strings / bad_words
-without a tokenizer, invalid sampling fields, an invalid structured-output constraint (compiled
-here, so an invalid schema fails this request alone, before it is queued).
+vocabulary, prompt + max_tokens beyond max_model_len (`ContextLengthError`, which carries the numbers so
+the server can word it as OpenAI does), more logprobs than max_logprobs, a text prompt / stop strings /
+bad_words without a tokenizer, invalid sampling fields, an invalid structured-output constraint
+(compiled here, so an invalid schema fails this request alone, before it is queued).
 
 Thread safety: the server calls this from its event-loop thread while the engine thread steps. It
 reads only immutable engine facts (tokenizer, vocabulary, max_model_len) and the thread-safe grammar
@@ -16,10 +17,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kimi_linear.engine.config import MAX_LOGPROBS_LIMIT
 from kimi_linear.engine.request import stop_ids
 from kimi_linear.engine.structured_output import StructuredOutputs
 from kimi_linear.errors import ValidationError
 from kimi_linear.sampling_params import SamplingParams
+
+
+class ContextLengthError(ValidationError):
+    """The prompt (plus max_tokens) does not fit max_model_len. `param` is "max_tokens" when the prompt
+    alone fits, else "prompt"."""
+
+    def __init__(self, message: str, param: str, num_prompt_tokens: int, max_tokens: int | None,
+                 max_model_len: int):
+        super().__init__(message, param=param)
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_tokens = max_tokens
+        self.max_model_len = max_model_len
 
 
 @dataclass
@@ -33,8 +47,10 @@ class ProcessedPrompt:
 
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, structured: StructuredOutputs,
-                 model_name: str = "the model folder", eos_token_ids=frozenset()):
+                 model_name: str = "the model folder", eos_token_ids=frozenset(),
+                 max_logprobs: int = MAX_LOGPROBS_LIMIT):
         self.tokenizer = tokenizer
+        self.max_logprobs = max_logprobs
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -48,13 +64,17 @@ class InputProcessor:
                                   param="sampling_params")
         text, ids = self._prompt(prompt)
         params.validate(self.vocab_size)
-        P, M = len(ids), self.max_model_len
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is not None and n > self.max_logprobs:
+                raise ValidationError(f"{name} = {n} exceeds max_logprobs ({self.max_logprobs})", param=name)
+        P, M, mt = len(ids), self.max_model_len, params.max_tokens
         if P >= M:
-            raise ValidationError(f"the prompt has {P} tokens, which leaves no room for output within "
-                                  f"max_model_len {M}", param="prompt")
-        if params.max_tokens is not None and P + params.max_tokens > M:
-            raise ValidationError(f"the prompt ({P} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                                  f"max_model_len ({M})", param="max_tokens")
+            raise ContextLengthError(f"the prompt has {P} tokens, which leaves no room for output within "
+                                     f"max_model_len {M}", "prompt", P, mt, M)
+        if mt is not None and P + mt > M:
+            raise ContextLengthError(f"the prompt ({P} tokens) plus max_tokens ({mt}) exceeds max_model_len ({M})",
+                                     "max_tokens", P, mt, M)
         max_tokens = params.max_tokens if params.max_tokens is not None else M - P
         if params.min_tokens and params.allowed_token_ids is not None:
             if set(params.allowed_token_ids) <= stop_ids(params, self.eos_token_ids):

@@ -18,6 +18,7 @@ finishes the sequence with "stop", a rejected token - constraints that exclude e
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,30 +26,71 @@ import torch
 from kimi_linear.config import ModelConfig
 from kimi_linear.engine.block_pool import BlockPool
 from kimi_linear.engine.config import EngineConfig, default_sampling_kwargs, eos_token_ids, read_generation_config
-from kimi_linear.engine.input_processor import InputProcessor, ProcessedPrompt
+from kimi_linear.engine.input_processor import ContextLengthError, InputProcessor, ProcessedPrompt
 from kimi_linear.engine.model_runner import ModelRunner
 from kimi_linear.engine.outputs import RequestOutput, RequestState, SequenceProcessor, TextProcessor
 from kimi_linear.engine.request import Request, RequestStatus
 from kimi_linear.engine.scheduler import Scheduler
 from kimi_linear.engine.state_pool import StatePool
 from kimi_linear.engine.structured_output import StructuredOutputs
-from kimi_linear.errors import ValidationError
+from kimi_linear.errors import ConfigError, ValidationError
 from kimi_linear.loader.tokenizer import load_tokenizer
 from kimi_linear.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LLMEngine", "ProcessedPrompt"]
+__all__ = ["ContextLengthError", "EngineStats", "LLMEngine", "ProcessedPrompt"]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load (`LLMEngine.stats()`): request counts, MLA block and KDA slot
+    usage, and counters since start (tokens run through the model, tokens sampled, steps, preemptions)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_blocks_used: int = 0
+    num_blocks: int = 0
+    num_slots_used: int = 0
+    num_slots: int = 0
+    num_scheduled_tokens: int = 0  # prompt chunks + decodes (recomputed tokens after preemption included)
+    num_generated_tokens: int = 0
+    num_steps: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.num_blocks_used / max(1, self.num_blocks)
+
+    @property
+    def state_slot_usage(self) -> float:
+        return self.num_slots_used / max(1, self.num_slots)
 
 
 class LLMEngine:
+    """The engine. Its public interface for frontends (server, CLI, `LLM`): `tokenizer`, `max_model_len`,
+    `max_num_seqs`, `max_logprobs`, `vocab_size`, `model_path`, `sampling_defaults` /
+    `default_sampling_params()`, `process_inputs()` (validation), `add_request` / `add_processed` /
+    `abort_request`, `step()`, `has_unfinished_requests()`, `stats()`, `shutdown()`."""
+
     def __init__(self, config: EngineConfig,
-                 processor_factory: Callable[[Request, object], SequenceProcessor] = TextProcessor):
+                 processor_factory: Callable[[Request, object], SequenceProcessor] = TextProcessor,
+                 model_config: ModelConfig | None = None):
+        """`model_config`: the checkpoint's parsed config.json when the caller has it already (else read here)."""
         self.config = config
-        self.model_config = ModelConfig.from_pretrained(config.model)
-        self.generation_config = read_generation_config(config.model)
+        for line in config.notices():
+            logger.warning("%s", line)
+        self.model_config = model_config if model_config is not None else config.load_model_config()
+        self.generation_config = read_generation_config(config.generation_config_dir)
         self.eos_token_ids = eos_token_ids(self.model_config, self.generation_config)
+        self._sampling_defaults = {} if config.generation_config == "vllm" else \
+            default_sampling_kwargs(self.generation_config)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        if self.tokenizer is None and config.tokenizer is not None:
+            raise ConfigError("tokenizer", f"no tokenizer (tiktoken.model) in {config.tokenizer}")
+        template = config.load_chat_template()
+        if template is not None and self.tokenizer is not None:
+            self.tokenizer.chat_template = template
         self.processor_factory = processor_factory
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, self.model_config)
@@ -60,17 +102,51 @@ class LLMEngine:
         self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids,
                                             any_whitespace=config.structured_outputs_any_whitespace)
         self.input_processor = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len, self.structured,
-                                              config.model, self.eos_token_ids)
+                                              config.model, self.eos_token_ids, config.max_logprobs)
         self._states: dict[str, RequestState] = {}
         self._streaming: set[str] = set()
         self._dirty: set[str] = set()  # parents with news not yet reported (aborts)
+        self._num_scheduled_tokens = 0
+        self._num_generated_tokens = 0
 
     @property
     def device(self) -> torch.device:
         return self.runner.device
 
+    # ------------------------------------------------------------------ facts for frontends
+    @property
+    def model_path(self) -> str:
+        """The checkpoint folder."""
+        return self.config.model
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Requests that can run at once (the configured max_num_seqs, capped by the KDA state slots)."""
+        return self.scheduler.max_num_seqs
+
+    @property
+    def max_logprobs(self) -> int:
+        return self.config.max_logprobs
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """SamplingParams field -> default from generation_config.json ({} under generation_config="vllm")."""
+        return dict(self._sampling_defaults)
+
     def default_sampling_params(self) -> SamplingParams:
-        return SamplingParams(**default_sampling_kwargs(self.generation_config))
+        return SamplingParams(**self._sampling_defaults)
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the load; cheap, and safe to call from another thread than `step()` (values may be
+        one step apart)."""
+        s = self.scheduler
+        bp, sp = s.block_pool, s.state_pool
+        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting),
+                           num_blocks_used=bp.num_used, num_blocks=bp.num_used + bp.num_free,
+                           num_slots_used=sp.num_used, num_slots=sp.num_used + sp.num_free,
+                           num_scheduled_tokens=self._num_scheduled_tokens,
+                           num_generated_tokens=self._num_generated_tokens,
+                           num_steps=s.stats.num_steps, num_preemptions=s.stats.num_preemptions)
 
     # ------------------------------------------------------------------ inputs
     def process_inputs(self, prompt, params: SamplingParams) -> ProcessedPrompt:
@@ -149,11 +225,13 @@ class LLMEngine:
                                f"{len(self.scheduler.running)} running requests")
         if not out.is_empty:
             result = self.runner.execute(out)
+            self._num_scheduled_tokens += out.total_num_tokens
             for req, rows in result.prompt_logprobs:
                 req.num_prompt_logprobs += len(rows)
                 self._states[req.parent_id].processors[req.index].on_prompt_logprobs(rows)
             sampled = result.sampled
             changed = self.scheduler.update_from_output(out, {k: s.token_id for k, s in sampled.items()})
+            self._num_generated_tokens += len(changed)
             for req in changed:
                 token = req.output_token_ids[-1]
                 if req.matcher is not None:

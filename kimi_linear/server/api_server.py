@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 class ServerSettings:
     served_model_names: list[str]
     api_key: str | None = None
+    log_requests: bool = False  # log each request's id, prompt length and sampling params
 
 
 def _param_of(loc: tuple) -> str | None:
@@ -43,8 +44,8 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
     from kimi_linear import __version__
 
     app = FastAPI(title="kimi_linear", version=__version__)
-    chat = ServingChat(client, settings.served_model_names)
-    completions = ServingCompletions(client, settings.served_model_names)
+    chat = ServingChat(client, settings.served_model_names, settings.log_requests)
+    completions = ServingCompletions(client, settings.served_model_names, settings.log_requests)
     app.state.client = client
 
     # ------------------------------------------------------------------ errors
@@ -103,7 +104,7 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
     async def models():
         client.check_available()
         data = [{"id": name, "object": "model", "created": now(), "owned_by": "kimi_linear",
-                 "root": client.engine.config.model, "parent": None,
+                 "root": client.engine.model_path, "parent": None,
                  "max_model_len": client.engine.max_model_len} for name in settings.served_model_names]
         return {"object": "list", "data": data}
 

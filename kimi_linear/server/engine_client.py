@@ -86,15 +86,12 @@ class AsyncEngineClient:
     def healthy(self) -> bool:
         return self.ready.is_set() and self.dead is None
 
-    def stats(self) -> dict:
+    def stats(self):
+        """The engine's `EngineStats` snapshot, or None while loading (or when loading failed)."""
         eng = self.engine
         if eng is None or not self.ready.is_set():
-            return {}
-        s = eng.scheduler
-        bp, sp = s.block_pool, s.state_pool
-        return {"num_running": len(s.running), "num_waiting": len(s.waiting),
-                "kv_cache_usage": bp.num_used / max(1, bp.num_used + bp.num_free),
-                "state_slot_usage": sp.num_used / max(1, sp.num_used + sp.num_free)}
+            return None
+        return eng.stats()
 
     # ------------------------------------------------------------------ requests (event-loop side)
     def check_available(self) -> None:
@@ -102,7 +99,7 @@ class AsyncEngineClient:
             raise EngineDeadError(f"the engine died: {self.dead}")
         if not self.ready.is_set():
             raise EngineDeadError("the model is still loading")
-        if len(self._streams) >= self.max_waiting + getattr(self.engine.config, "max_num_seqs", 0):
+        if len(self._streams) >= self.max_waiting + self.engine.max_num_seqs:
             raise OverloadedError(f"the server is overloaded ({len(self._streams)} requests in flight); "
                                   f"retry later")
 

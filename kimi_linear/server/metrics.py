@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from kimi_linear.engine.llm_engine import EngineStats
+
 P = "kimi_linear:"
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0, 160.0)
@@ -20,7 +22,7 @@ _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str, stats: Callable[[], dict] | None = None):
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None] | None = None):
         self.registry = r = CollectorRegistry()
         self.model_name = model_name
         self._stats = stats
@@ -66,10 +68,10 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         if self._stats is not None:
-            s = self._stats()
+            s = self._stats() or EngineStats()  # None while loading: report zeros
             m = self.model_name
-            self.running.labels(m).set(s.get("num_running", 0))
-            self.waiting.labels(m).set(s.get("num_waiting", 0))
-            self.kv_usage.labels(m).set(s.get("kv_cache_usage", 0.0))
-            self.state_usage.labels(m).set(s.get("state_slot_usage", 0.0))
+            self.running.labels(m).set(s.num_running)
+            self.waiting.labels(m).set(s.num_waiting)
+            self.kv_usage.labels(m).set(s.kv_cache_usage)
+            self.state_usage.labels(m).set(s.state_slot_usage)
         return generate_latest(self.registry)

@@ -11,8 +11,12 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kimi_linear.engine.config import MAX_LOGPROBS_LIMIT
 from kimi_linear.errors import ValidationError
 from kimi_linear.sampling_params import SamplingParams, StructuredOutputsParams
+
+
+OPENAI_COMPLETION_MAX_TOKENS = 16  # /v1/completions' max_tokens when the request leaves it out (OpenAI's default)
 
 
 class _Base(BaseModel):
@@ -69,7 +73,11 @@ class _SamplingFields(_Base):
     def _max_tokens(self) -> int | None:
         raise NotImplementedError
 
-    def _num_logprobs(self) -> int | None:
+    def _fallback_max_tokens(self) -> int | None:
+        """max_tokens when neither the request nor the defaults set it (None = up to the context limit)."""
+        return None
+
+    def _num_logprobs(self, max_logprobs: int) -> int | None:
         raise NotImplementedError
 
     def structured(self) -> StructuredOutputsParams | None:
@@ -94,36 +102,40 @@ class _SamplingFields(_Base):
                                   param="response_format.json_schema")
         return StructuredOutputsParams(json=rf.json_schema.schema_)
 
-    def to_sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
-        """SamplingParams from the request; fields the client left out come from `defaults`
-        (generation_config.json), then from SamplingParams' own defaults."""
-        fields: dict[str, Any] = {}
+    def to_sampling_params(self, defaults: dict[str, Any] | None = None,
+                           max_logprobs: int = MAX_LOGPROBS_LIMIT) -> SamplingParams:
+        """SamplingParams from the request; fields the client left out (None) come from `defaults`
+        (generation_config.json, e.g. max_new_tokens -> max_tokens), then from SamplingParams' own defaults.
+        `max_logprobs`: the server's limit (a larger top_logprobs is a 400 naming the field)."""
+        stop = self.stop
+        fields: dict[str, Any] = dict(
+            n=self.n, seed=self.seed,
+            stop=[stop] if isinstance(stop, str) else list(stop or []),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos, max_tokens=self._max_tokens(), min_tokens=self.min_tokens,
+            logprobs=self._num_logprobs(max_logprobs), prompt_logprobs=self.prompt_logprobs,
+            allowed_token_ids=self.allowed_token_ids, bad_words=list(self.bad_words or []),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            structured_outputs=self.structured(),
+        )
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             v = getattr(self, name)
             if v is not None:
                 fields[name] = v
         for name, v in (defaults or {}).items():
-            fields.setdefault(name, v)
+            if fields.get(name) is None:  # each field once: a default never collides with the request's
+                fields[name] = v
+        if fields["max_tokens"] is None:
+            fields["max_tokens"] = self._fallback_max_tokens()
         if self.logit_bias is not None:
             try:
                 fields["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
             except ValueError:
                 raise ValidationError("logit_bias keys must be token ids", param="logit_bias") from None
-        stop = self.stop
-        return SamplingParams(
-            n=self.n, seed=self.seed,
-            stop=[stop] if isinstance(stop, str) else list(stop or []),
-            stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=self.ignore_eos, max_tokens=self._max_tokens(), min_tokens=self.min_tokens,
-            logprobs=self._num_logprobs(), prompt_logprobs=self.prompt_logprobs,
-            allowed_token_ids=self.allowed_token_ids, bad_words=list(self.bad_words or []),
-            include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens,
-            spaces_between_special_tokens=self.spaces_between_special_tokens,
-            structured_outputs=self.structured(),
-            **fields,
-        )
+        return SamplingParams(**fields)
 
 
 class ChatMessage(_Base):
@@ -159,27 +171,32 @@ class ChatCompletionRequest(_SamplingFields):
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def _num_logprobs(self) -> int | None:
+    def _num_logprobs(self, max_logprobs: int) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValidationError("top_logprobs needs logprobs to be true", param="top_logprobs")
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
-            raise ValidationError("top_logprobs must be in [0, 20]", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= max_logprobs:
+            raise ValidationError(f"top_logprobs must be in [0, {max_logprobs}] (the server's max_logprobs)",
+                                  param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = OPENAI_COMPLETION_MAX_TOKENS
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
     def _max_tokens(self) -> int | None:
-        return self.max_tokens
+        # Left out, it is None here so generation_config's max_new_tokens can fill it; else OpenAI's 16.
+        return self.max_tokens if "max_tokens" in self.model_fields_set else None
 
-    def _num_logprobs(self) -> int | None:
-        return self.logprobs
+    def _fallback_max_tokens(self) -> int | None:
+        return None if "max_tokens" in self.model_fields_set else OPENAI_COMPLETION_MAX_TOKENS
+
+    def _num_logprobs(self, max_logprobs: int) -> int | None:
+        return self.logprobs  # the engine checks it against max_logprobs (param "logprobs")
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (strings or token-id lists)."""

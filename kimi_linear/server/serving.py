@@ -1,19 +1,27 @@
-"""What /v1/chat/completions and /v1/completions share: model-name check, prompt validation against
-the context, driving a request through the engine client (aborting it when the client leaves), and
-turning the engine's cumulative outputs into per-choice deltas and OpenAI logprob fields.
+"""What /v1/chat/completions and /v1/completions share: model-name check, prompt validation (by the
+engine's input processor; a context overflow is reworded as OpenAI words it), driving a request through
+the engine client (aborting it when the client leaves; logged when request logging is on), and turning
+the engine's cumulative outputs into per-choice deltas and OpenAI logprob fields.
+
+The engine is used only through `LLMEngine`'s public interface (tokenizer, max_model_len, max_logprobs,
+sampling_defaults, process_inputs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
 
+from kimi_linear.engine.llm_engine import ContextLengthError
 from kimi_linear.errors import NotFoundError, ValidationError
 from kimi_linear.server.engine_client import AsyncEngineClient
+
+logger = logging.getLogger(__name__)
 
 
 def random_id(prefix: str) -> str:
@@ -21,9 +29,10 @@ def random_id(prefix: str) -> str:
 
 
 class ServingBase:
-    def __init__(self, client: AsyncEngineClient, served_model_names: list[str]):
+    def __init__(self, client: AsyncEngineClient, served_model_names: list[str], log_requests: bool = False):
         self.client = client
         self.served_model_names = served_model_names
+        self.log_requests = log_requests
 
     @property
     def engine(self):
@@ -38,28 +47,28 @@ class ServingBase:
             return self.served_model_names[0]
         raise NotFoundError(f"The model `{name}` does not exist. Served models: {', '.join(self.served_model_names)}")
 
-    def defaults(self) -> dict:
-        from kimi_linear.engine.config import default_sampling_kwargs
-
-        return default_sampling_kwargs(self.engine.generation_config)
+    def sampling_params(self, req):
+        """The request's SamplingParams, with the checkpoint's defaults and the server's max_logprobs."""
+        return req.to_sampling_params(self.engine.sampling_defaults, max_logprobs=self.engine.max_logprobs)
 
     async def process(self, prompt_ids: list[int], prompt_text: str | None, params, what: str):
         """Validate one prompt + params with the engine; context overflow gets OpenAI's message.
         Runs in a worker thread: compiling a grammar must not block the event loop."""
-        M = self.engine.max_model_len
-        P = len(prompt_ids)
-        mt = params.max_tokens
-        if P >= M or (mt is not None and P + mt > M):
-            total = P + (mt or 0)
+        try:
+            return await asyncio.to_thread(self.engine.process_inputs,
+                                           {"prompt_token_ids": prompt_ids, "prompt": prompt_text}, params)
+        except ContextLengthError as e:
+            M, P, mt = e.max_model_len, e.num_prompt_tokens, e.max_tokens
             raise ValidationError(
-                f"This model's maximum context length is {M} tokens. However, you requested {total} tokens "
+                f"This model's maximum context length is {M} tokens. However, you requested {P + (mt or 0)} tokens "
                 f"({P} in the {what}, {mt or 0} in the completion). Please reduce the length of the {what} or "
-                f"completion.", param="max_tokens" if P < M else what)
-        return await asyncio.to_thread(self.engine.process_inputs,
-                                       {"prompt_token_ids": prompt_ids, "prompt": prompt_text}, params)
+                f"completion.", param="max_tokens" if P < M else what) from None
 
     async def run(self, request_id: str, processed, raw: Request, stream: bool) -> AsyncIterator:
         """The request's outputs; when the HTTP client disconnects, the request is aborted."""
+        if self.log_requests:
+            logger.info("request %s: %d prompt tokens, %s", request_id, len(processed.prompt_token_ids),
+                        processed.params)
         gen = self.client.generate(request_id, processed, stream=stream)
         if stream:
             async for out in gen:

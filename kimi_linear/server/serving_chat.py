@@ -29,7 +29,7 @@ class ServingChat(ServingBase):
         if self.tokenizer is None:
             raise ValidationError("this model has no tokenizer (no tiktoken.model), so chat is unavailable; "
                                   "use /v1/completions with token-id prompts", param="messages")
-        params = req.to_sampling_params(self.defaults())
+        params = self.sampling_params(req)
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         text = apply_chat_template(self.tokenizer, messages, chat_template=req.chat_template,
                                    add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,

@@ -29,7 +29,7 @@ class ServingCompletions(ServingBase):
             raise ValidationError("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise ValidationError("best_of other than n is not supported", param="best_of")
-        params = req.to_sampling_params(self.defaults())
+        params = self.sampling_params(req)
         if req.echo and req.logprobs is not None:
             params = dataclasses.replace(params, prompt_logprobs=max(req.logprobs, params.prompt_logprobs or 0))
         if req.echo and req.stream:

@@ -11,7 +11,6 @@ import httpx
 API_KEY = "test-key"
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -19,14 +18,16 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, model: str, api_key: str | None = API_KEY, max_waiting: int = 64, **engine):
+    def __init__(self, model: str, api_key: str | None = API_KEY, max_waiting: int = 64, log_requests: bool = False,
+                 **engine):
         import uvicorn
 
         from kimi_linear.server.launch import make_server
 
         kwargs = dict(model=model, device="cpu", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=256)
         kwargs.update(engine)
-        self.app, self.client = make_server(kwargs, ["tiny"], api_key=api_key, max_waiting=max_waiting)
+        self.app, self.client = make_server(kwargs, ["tiny"], api_key=api_key, max_waiting=max_waiting,
+                                            log_requests=log_requests)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -58,9 +59,9 @@ class RunningServer:
         deadline = time.time() + timeout
         while time.time() < deadline:
             eng = self.client.engine
-            s = eng.scheduler
-            if (not eng.has_unfinished_requests() and not s.running and not s.waiting
-                    and s.block_pool.num_used == 0 and s.state_pool.num_used == 0):
+            s = eng.stats()
+            if (not eng.has_unfinished_requests() and not s.num_running and not s.num_waiting
+                    and s.num_blocks_used == 0 and s.num_slots_used == 0):
                 return True
             time.sleep(0.05)
         return False

@@ -103,8 +103,7 @@ def test_disconnect_mid_stream_frees_the_request(server):
                     got += 1
                 if got >= 3:
                     break  # leave mid-stream: the response is closed here
-    eng = server.client.engine
-    assert server.engine_idle(), (len(eng.scheduler.running), eng.scheduler.block_pool.num_used)
+    assert server.engine_idle(), server.client.engine.stats()
 
 
 def test_disconnect_non_streaming_frees_the_request(server):
