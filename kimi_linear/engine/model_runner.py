@@ -76,7 +76,7 @@ class ModelRunner:
 
         self.model = KimiLinearForCausalLM.from_pretrained(
             config.model, device=self.device, dtype=self.dtype, load_format=config.load_format,
-            seed=config.seed, progress=False)
+            seed=config.seed, progress=False, config=model_config)
         self.model.requires_grad_(False)  # inference only: the fused kernels have no backward
         table_width = cdiv(max_model_len, self.block_size)
         table_bytes = table_width * 4

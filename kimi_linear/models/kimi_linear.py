@@ -115,7 +115,8 @@ class KimiLinearForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str | None = None,
                         dtype: torch.dtype | str | None = None, load_format: str = "auto",
-                        seed: int = 0, progress: bool = True, **config_overrides) -> "KimiLinearForCausalLM":
+                        seed: int = 0, progress: bool = True, config: ModelConfig | None = None,
+                        **config_overrides) -> "KimiLinearForCausalLM":
         """Load a Hugging Face checkpoint folder (config.json + safetensors) straight onto `device`.
 
         dtype: None/"auto" = the checkpoint's dtype. load_format: "auto" reads the weights, "dummy"
@@ -124,7 +125,8 @@ class KimiLinearForCausalLM(nn.Module):
         from kimi_linear.loader.safetensors import load_weights
         from kimi_linear.models.init import init_weights
 
-        config = ModelConfig.from_pretrained(path, **config_overrides)
+        if config is None:  # callers that parsed config.json already pass it (parsed once per process)
+            config = ModelConfig.from_pretrained(path, **config_overrides)
         if dtype == "auto":
             dtype = None
         model = cls.from_config(config, device=device, dtype=dtype)
