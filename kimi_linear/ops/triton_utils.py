@@ -1,138 +1,40 @@
-"""Small helpers shared by the Triton kernels (interpreter support, dispatch).
+"""Device dispatch of the ops (runtime logic, no patching): which implementation, Triton kernel or naive
+torch, runs on a tensor.
 
-CI runs every kernel on the CPU under Triton 3.x's interpreter (TRITON_INTERPRET=1), which has bugs
-that compiled kernels do not. `patch_triton_interpreter()` fixes them, in interpreter mode only:
-- `tl.dot` of bf16 operands multiplies their raw uint16 bit patterns: upcast them to fp32 first;
-- fp32 -> bf16 casts truncate (and its round-to-nearest mode drops the carry): round half to even,
-  as the GPU does, so that bf16 errors measured on the CPU are the kernels', not the interpreter's;
-- a kernel scalar is a 1-element numpy array and numpy 2.x refuses `int()` of it, which breaks
-  `range(start, end)` loops whose bounds are computed in the kernel: read the single element;
-- nested jit calls re-patch triton.language each time: skip that while a kernel is running;
-- (Triton >= 3.9) masks computed from loaded scalars may be int32: masked loads / stores need bool.
+- CUDA tensors run the Triton kernels, CPU tensors the naive ops;
+- under Triton's interpreter (TRITON_INTERPRET=1) with KIMI_LINEAR_TRITON_ON_CPU=1 the kernels run on
+  CPU tensors too, so CI can check the model's kernel path end to end at tiny shapes (the interpreter's
+  own bugs are patched by the tests, `tests/triton_interpreter.py`, never by the package);
+- kernels without a backward (`use_kernel`) run only when autograd does not need their inputs.
 """
 
 from __future__ import annotations
 
-import functools
 import os
+
+import torch
 
 
 def is_interpreter() -> bool:
+    """Whether Triton kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def patch_triton_interpreter() -> None:
-    if not is_interpreter():
-        return
-    try:
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except Exception:  # triton missing: nothing to patch
-        return
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder.create_dot, "_kimi_linear_patched", False):
-        return
-    original = builder.create_dot
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if a.dtype.scalar == tl.bfloat16:
-            a = self.cast_impl(a, tl.float32)
-        if b.dtype.scalar == tl.bfloat16:
-            b = self.cast_impl(b, tl.float32)
-        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    create_dot._kimi_linear_patched = True
-    builder.create_dot = create_dot
-
-    import numpy as np
-
-    def to_bf16_rne(src, dst_type):
-        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return interpreter.TensorHandle(bits.astype(np.uint16).reshape(np.shape(src.data)), dst_type.scalar)
-
-    cast_impl = builder.cast_impl
-
-    def patched_cast(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            return to_bf16_rne(src, dst_type)
-        return cast_impl(self, src, dst_type)
-
-    builder.cast_impl = patched_cast
-    fp_to_fp = builder.create_fp_to_fp
-
-    def patched_fp_to_fp(self, src, dst_type, rounding_mode):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            return to_bf16_rne(src, dst_type)
-        return fp_to_fp(self, src, dst_type, rounding_mode)
-
-    builder.create_fp_to_fp = patched_fp_to_fp  # (create_fp_trunc already goes through cast_impl)
-
-    # Triton >= 3.9: a comparison with a loaded scalar can come out as an int32 "mask", which the
-    # interpreter's masked load / store then reject ("mask has unsupported dtype"): masks are predicates.
-    def bool_mask(mask):
-        if mask is not None and getattr(mask.data, "dtype", np.bool_) != np.bool_:
-            return interpreter.TensorHandle(mask.data.astype(np.bool_), tl.int1)
-        return mask
-
-    masked_load = builder.create_masked_load
-
-    def patched_masked_load(self, ptrs, mask, *args, **kwargs):
-        return masked_load(self, ptrs, bool_mask(mask), *args, **kwargs)
-
-    builder.create_masked_load = patched_masked_load
-    masked_store = builder.create_masked_store
-
-    def patched_masked_store(self, ptrs, value, mask, *args, **kwargs):
-        return masked_store(self, ptrs, value, bool_mask(mask), *args, **kwargs)
-
-    builder.create_masked_store = patched_masked_store
-
-    patch_lang_tensor = interpreter._patch_lang_tensor
-
-    def patched_lang_tensor(tensor, scope):
-        patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched_lang_tensor
-
-    # Every nested @triton.jit call re-patches triton.language (~1.5 ms each); while a kernel runs the
-    # language is already patched, so skip the redundant work (same semantics, ~3x faster tests).
-    patch_lang = interpreter._patch_lang
-    patched_modules: set[int] = set()
-    depth = [0]
-
-    class _Scope:
-        def __init__(self, scope, top):
-            self.scope, self.top = scope, top
-
-        def restore(self):
-            if self.top:
-                patched_modules.clear()
-                depth[0] = 0
-            if self.scope is not None:
-                self.scope.restore()
-
-    def fast_patch_lang(fn):
-        mods = {id(m) for m in fn.__globals__.values() if m is tl or m is tl.core}
-        top = depth[0] == 0
-        if not top and mods <= patched_modules:
-            return _Scope(None, False)
-        scope = patch_lang(fn)
-        patched_modules.update(mods)
-        depth[0] = 1
-        return _Scope(scope, top)
-
-    interpreter._patch_lang = fast_patch_lang
-
-
-def use_triton(x) -> bool:
+def use_triton(x: torch.Tensor) -> bool:
     """Whether ops on tensor `x` run the Triton kernels (CUDA), or the naive torch ops (CPU).
 
-    Under the interpreter, KIMI_LINEAR_TRITON_ON_CPU=1 runs the kernels on CPU tensors too, so CI can
-    check the model's kernel path end to end at tiny shapes.
-    """
+    Under the interpreter, KIMI_LINEAR_TRITON_ON_CPU=1 runs the kernels on CPU tensors too (read at each
+    call, so a test can switch paths)."""
     if x.is_cuda:
         return True
     return is_interpreter() and os.environ.get("KIMI_LINEAR_TRITON_ON_CPU", "0") == "1"
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd must see one of these tensors (grad mode on and it requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def use_kernel(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """`use_triton(x)`, for a kernel without a backward: only when autograd needs none of x, `tensors`."""
+    return use_triton(x) and not needs_grad(x, *tensors)

@@ -2,7 +2,7 @@
 the fused router vs `sigmoid_grouped_topk`, the layer dispatch; on the GPU the real shape, no host
 syncs, and CUDA-graph capture/replay with changing routing.
 
-On CPU the kernels run under the Triton interpreter at tiny shapes (`ops/triton_utils.py` makes its
+On CPU the kernels run under the Triton interpreter at tiny shapes (`tests/triton_interpreter.py` makes its
 fp32 -> bf16 casts round to nearest like the GPU, so bf16 errors measure the kernels).
 """
 
