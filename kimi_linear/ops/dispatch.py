@@ -1,11 +1,15 @@
-"""Device dispatch of the ops (runtime logic, no patching): which implementation, Triton kernel or naive
-torch, runs on a tensor.
+"""Device dispatch of the ops: which implementation, Triton kernel or naive torch, runs on a tensor.
 
+Each op package's public entry (`ops.kda.chunk_kda`, `ops.mla.mla_decode`, ...) asks this module and
+calls the kernel or the naive reference with the same arguments:
 - CUDA tensors run the Triton kernels, CPU tensors the naive ops;
 - under Triton's interpreter (TRITON_INTERPRET=1) with KIMI_LINEAR_TRITON_ON_CPU=1 the kernels run on
   CPU tensors too, so CI can check the model's kernel path end to end at tiny shapes (the interpreter's
   own bugs are patched by the tests, `tests/triton_interpreter.py`, never by the package);
 - kernels without a backward (`use_kernel`) run only when autograd does not need their inputs.
+
+Both checks read tensor attributes and the environment only: no host sync, negligible cost (the decode
+path is captured in CUDA graphs, where they run once at capture).
 """
 
 from __future__ import annotations
