@@ -3,6 +3,8 @@
 Every error a user can cause (a bad config key, a missing tensor, an invalid request field) is one
 of these, with a message that names the offending thing. The server maps them to HTTP statuses:
 ClientError -> 400, NotFoundError -> 404, EngineDeadError / OverloadedError -> 503, the rest -> 500.
+`OpError` and its per-family subclasses are what the ops (`kimi_linear.ops`) raise for invalid arguments:
+a caller's bug, never a user's request (500).
 """
 
 from __future__ import annotations
@@ -58,3 +60,28 @@ class EngineDeadError(KimiLinearError):
 class OverloadedError(KimiLinearError):
     status_code = 503
     error_type = "ServiceUnavailableError"
+
+
+class OpError(KimiLinearError, ValueError):
+    """Invalid arguments to an op of `kimi_linear.ops` (shape, dtype, option combination). The message
+    starts with the op's name. One subclass per op family; each also is a ValueError."""
+
+
+class KDAError(OpError):
+    """Kimi Delta Attention ops (`ops.kda`: chunk_kda, fused_recurrent_kda and their naive forms)."""
+
+
+class ConvError(OpError):
+    """Causal short convolution ops (`ops.conv`)."""
+
+
+class MLAError(OpError):
+    """Multi-head latent attention ops (`ops.mla`: prefill, decode, paged latent cache I/O)."""
+
+
+class MoEError(OpError):
+    """Mixture-of-experts ops (`ops.moe`: router, experts)."""
+
+
+class NormError(OpError):
+    """Normalisation ops (`ops.norm`)."""

@@ -1,7 +1,8 @@
 """Shared test setup.
 
 - Without CUDA, Triton kernels run under the interpreter (TRITON_INTERPRET=1, set before triton is
-  imported) so CI checks every kernel against its fp32 reference at tiny shapes.
+  imported) so CI checks every kernel against its fp32 reference at tiny shapes; the interpreter's bugs
+  are patched here, on the test side (`triton_interpreter.py`), never by the package.
 - `gpu`-marked tests skip without CUDA.
 - `poison_empty`: torch.empty / empty_like / new_empty called from kimi_linear return NaN-filled
   tensors, so a kernel that reads scratch memory it never wrote fails loudly.
@@ -24,6 +25,9 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton_interpreter  # noqa: E402
+
+triton_interpreter.apply()  # interpreter mode only
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,9 +24,8 @@ from kimi_linear.config import ModelConfig
 from kimi_linear.layers.cache_spec import SlotCacheSpec, TensorSpec
 from kimi_linear.layers.fused import fused_weight, needs_grad
 from kimi_linear.ops import kda as kda_ops
-from kimi_linear.ops.conv import naive_causal_conv1d
-from kimi_linear.ops.norm import gated_rms_norm
-from kimi_linear.ops.triton_utils import use_triton
+from kimi_linear.ops.conv import causal_conv1d
+from kimi_linear.ops.norm import fused_gated_rms_norm
 
 if TYPE_CHECKING:
     from kimi_linear.models.context import ForwardContext
@@ -123,35 +122,21 @@ class KimiDeltaAttention(nn.Module):
         cache = ctx.cache
         recurrent, conv_state = cache.tensors[self.layer_idx] if cache is not None else (None, None)
         state_indices = ctx.state_indices if cache is not None else None
-        triton = use_triton(x)
         decode = ctx.is_decode and recurrent is not None
 
         qkv, f, b, gate, w_conv = self._projections(x)
-        if triton:
-            from kimi_linear.ops.conv import causal_conv1d
-
-            qkv = causal_conv1d(qkv, w_conv, conv_state, ctx.cu_seqlens, state_indices, activation="silu",
-                                decode=decode and conv_state is not None)
-        else:
-            qkv = naive_causal_conv1d(qkv, w_conv, conv_state, ctx.cu_seqlens, state_indices, activation="silu")
+        qkv = causal_conv1d(qkv, w_conv, conv_state, ctx.cu_seqlens, state_indices, activation="silu",
+                            decode=decode and conv_state is not None)
         q, k, v = (t.reshape(1, N, H, K) for t in qkv.split(C, dim=-1))
 
         kwargs = dict(initial_state=recurrent, output_final_state=False, cu_seqlens=ctx.cu_seqlens,
                       use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log,
                       dt_bias=self.dt_bias, use_beta_sigmoid_in_kernel=True, state_indices=state_indices)
-        if decode:
-            fn = kda_ops.fused_recurrent_kda if triton else kda_ops.naive_recurrent_kda
-        else:
-            fn = kda_ops.chunk_kda if triton else kda_ops.naive_chunk_kda
+        fn = kda_ops.fused_recurrent_kda if decode else kda_ops.chunk_kda
         o, _ = fn(q, k, v, f.reshape(1, N, H, K), b.reshape(1, N, H), **kwargs)
 
         o, gate = o.view(N, H, K), gate.view(N, H, K)
-        if triton and not needs_grad(o, gate, self.o_norm.weight):
-            from kimi_linear.ops.norm import fused_gated_rms_norm
-
-            o = fused_gated_rms_norm(o, gate, self.o_norm.weight, self.eps)
-        else:
-            o = gated_rms_norm(o, gate, self.o_norm.weight, self.eps)
+        o = fused_gated_rms_norm(o, gate, self.o_norm.weight, self.eps)
         return self.o_proj(o.reshape(N, C))
 
 

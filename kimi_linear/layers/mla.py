@@ -23,7 +23,6 @@ from kimi_linear.layers.cache_spec import PagedCacheSpec, TensorSpec
 from kimi_linear.layers.fused import fused_weight, needs_grad
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.ops import mla as mla_ops
-from kimi_linear.ops.triton_utils import use_triton
 
 if TYPE_CHECKING:
     from kimi_linear.models.context import ForwardContext
@@ -67,15 +66,8 @@ class MultiHeadLatentAttention(nn.Module):
             q, ckv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         q = q.view(N, H, self.qk_head_dim)
         cache = ctx.cache.tensors[self.layer_idx] if ctx.cache is not None else None
-        scatter = (cache, ctx.slot_mapping) if cache is not None and use_triton(ckv) else None
-        latent, stored = self.kv_a_layernorm.with_tail(ckv, self.qk_rope_head_dim, scatter)  # [N, R + Dr]
-        if cache is not None and not stored:
-            if use_triton(latent):
-                from kimi_linear.ops.mla.cache_write import write_latent_cache
-
-                write_latent_cache(cache, ctx.slot_mapping, latent)
-            else:
-                mla_ops.write_latent(cache, ctx.slot_mapping, latent)
+        scatter = (cache, ctx.slot_mapping) if cache is not None else None
+        latent = self.kv_a_layernorm.with_tail(ckv, self.qk_rope_head_dim, scatter)  # [N, R + Dr], cached
 
         if ctx.is_decode and cache is not None:
             o = self._decode(q, cache, ctx)
@@ -84,38 +76,9 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(o.reshape(N, H * self.v_head_dim))
 
     def _prefill(self, q, latent, cache, ctx: ForwardContext) -> torch.Tensor:
-        if use_triton(q):
-            from kimi_linear.ops.mla.prefill import mla_prefill
-            return mla_prefill(q, latent, cache, ctx.block_tables, ctx.query_lens, ctx.context_lens,
-                               self.kv_b_proj.weight, self.v_head_dim, self.scale)
-        R = self.kv_lora_rank
-        out = torch.empty(q.shape[0], self.num_heads, self.v_head_dim, dtype=q.dtype, device=q.device)
-        start = 0
-        for n, (qlen, clen) in enumerate(zip(ctx.query_lens, ctx.context_lens)):
-            if qlen == 0:
-                continue
-            if cache is not None and clen > 0:
-                kv = mla_ops.gather_latent(cache, ctx.block_tables[n], clen + qlen)
-            else:
-                kv = latent[start:start + qlen]
-            o = mla_ops.mla_attention_mha(q[start:start + qlen], kv[:, :R], kv[:, R:], self.kv_b_proj.weight,
-                                          self.v_head_dim, self.scale)
-            out[start:start + qlen] = o
-            start += qlen
-        return out
+        return mla_ops.mla_prefill(q, latent, cache, ctx.block_tables, ctx.query_lens, ctx.context_lens,
+                                   self.kv_b_proj.weight, self.v_head_dim, self.scale)
 
     def _decode(self, q, cache, ctx: ForwardContext) -> torch.Tensor:
-        if use_triton(q):
-            from kimi_linear.ops.mla.decode import mla_decode
-            return mla_decode(q, cache, ctx.block_tables, ctx.seq_lens, self.kv_b_proj.weight,
-                              self.v_head_dim, self.scale, ctx.extras)
-        R = self.kv_lora_rank
-        out = torch.empty(q.shape[0], self.num_heads, self.v_head_dim, dtype=q.dtype, device=q.device)
-        for n, L in enumerate(ctx.seq_lens.tolist()):
-            if L == 0:  # padding row of a bucketed decode batch
-                out[n] = 0
-                continue
-            kv = mla_ops.gather_latent(cache, ctx.block_tables[n], L)
-            out[n:n + 1] = mla_ops.mla_attention_absorbed(q[n:n + 1], kv[:, :R], kv[:, R:], self.kv_b_proj.weight,
-                                                          self.v_head_dim, self.scale)
-        return out
+        return mla_ops.mla_decode(q, cache, ctx.block_tables, ctx.seq_lens, self.kv_b_proj.weight,
+                                  self.v_head_dim, self.scale, ctx.extras)

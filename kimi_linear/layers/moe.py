@@ -5,18 +5,19 @@ Parameters: `gate.weight` [E, D], `gate.e_score_correction_bias` [E] (kept fp32)
 `experts.w13_weight` [E, 2I, D] (checkpoint `experts.{e}.w1` rows then `w3` rows),
 `experts.w2_weight` [E, D, I] (checkpoint `experts.{e}.w2`), `shared_experts.{gate,up,down}_proj`.
 
-Dispatch (`use_triton`): CUDA tensors run the fused Triton router (`ops/moe/routing.py`) and experts
-(`ops/moe/fused_moe.py`), which never sync with the host (CUDA-graph capturable); CPU tensors, and any
-call that needs autograd (the kernels have no backward), run the naive ops. Inputs are token batches
-[..., D], flattened to [N, D].
+The ops (`ops.moe.select_experts`, `ops.moe.fused_experts`) run the fused Triton router and experts on
+CUDA tensors, which never sync with the host (CUDA-graph capturable); CPU tensors, and any call that needs
+autograd (the kernels have no backward), run the naive ops. Inputs are token batches [..., D], flattened
+to [N, D].
 
 Shared expert folded in (one shared expert, the real config): the routed experts and the shared expert
 are tied (`layers/fused.py`) into [E + 1]-expert tensors (`w13_weight` is rows [:E] of one tensor and the
 shared gate/up its last expert; likewise `w2_weight` and the shared down_proj), the router appends
 expert E with weight 1.0 to every token, and one fused MoE call computes both: no separate GEMVs. The
-sum then rounds once (routed + shared in fp32) where the reference rounds the routed sum and the shared
-output to the model dtype first: a one-ulp difference at most. `forward(x, reduce=False)` may return the
-unreduced `(y [N, k, D], weights [N, k])` pair for the next norm kernel to sum (`RMSNorm.add`).
+kernel's sum then rounds once (routed + shared in fp32) where the reference (and the naive path) rounds
+the routed sum and the shared output to the model dtype first: a one-ulp difference at most.
+`forward(x, reduce=False)` may return the unreduced `(y [N, k, D], weights [N, k])` pair for the next norm
+kernel to sum (`RMSNorm.add`).
 """
 
 from __future__ import annotations
@@ -25,15 +26,9 @@ import torch
 from torch import nn
 
 from kimi_linear.config import ModelConfig
-from kimi_linear.layers.fused import fused_weight, needs_grad
+from kimi_linear.layers.fused import fused_weight
 from kimi_linear.layers.mlp import SwiGLUMLP
-from kimi_linear.ops.moe import naive_moe_experts, sigmoid_grouped_topk
-from kimi_linear.ops.triton_utils import use_triton
-
-
-def _fused(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """The Triton path: on CUDA (see `use_triton`), and only without autograd (the kernels have no backward)."""
-    return use_triton(x) and not needs_grad(x, *params)
+from kimi_linear.ops.moe import fused_experts, select_experts
 
 
 class Router(nn.Module):
@@ -44,17 +39,11 @@ class Router(nn.Module):
         self.config = config
 
     def forward(self, x: torch.Tensor, num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D] -> (weights [N, k (+ num_shared)] fp32, ids int64); shared slots only on the fused path."""
+        """x [N, D] -> (weights [N, k + num_shared] fp32, ids int64), the shared slots last."""
         c = self.config
-        args = (x, self.weight, self.e_score_correction_bias, c.num_experts_per_token, c.num_expert_group,
-                c.topk_group, c.moe_renormalize, c.routed_scaling_factor, c.moe_biased_weights)
-        if _fused(x, self.weight):
-            from kimi_linear.ops.moe.routing import fused_sigmoid_grouped_topk
-
-            return fused_sigmoid_grouped_topk(*args, num_shared=num_shared)
-        if num_shared:
-            raise ValueError("Router: shared-expert slots exist only on the fused (CUDA, no-grad) path")
-        return sigmoid_grouped_topk(*args)
+        return select_experts(x, self.weight, self.e_score_correction_bias, c.num_experts_per_token,
+                              c.num_expert_group, c.topk_group, c.moe_renormalize, c.routed_scaling_factor,
+                              c.moe_biased_weights, num_shared=num_shared)
 
 
 class Experts(nn.Module):
@@ -65,11 +54,7 @@ class Experts(nn.Module):
         self.w2_weight = nn.Parameter(torch.empty(E, D, I))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        if _fused(x, self.w13_weight, self.w2_weight, topk_weights):
-            from kimi_linear.ops.moe.fused_moe import fused_moe
-
-            return fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
-        return naive_moe_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        return fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
 
 
 class MoE(nn.Module):
@@ -103,24 +88,12 @@ class MoE(nn.Module):
         """x [..., D] -> y [..., D]; with reduce=False (x [N, D]) possibly the pair (y [N, k, D], weights [N, k])."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        params = [self.gate.weight, self.experts.w13_weight, self.experts.w2_weight]
-        if self.shared_experts is not None:
-            params += list(self.shared_experts.parameters())
-        if _fused(x, *params):
-            from kimi_linear.ops.moe.fused_moe import fused_moe
-
-            w13, w2, num_shared = self._stacked()
-            topk_weights, topk_ids = self.gate(x, num_shared=num_shared)
-            separate_shared = num_shared == 0 and self.shared_experts is not None
-            need_sum = reduce or separate_shared
-            y = fused_moe(x, w13, w2, topk_weights, topk_ids, reduce=need_sum)
-            if not need_sum:
-                return y
-            if separate_shared:
-                y = y + self.shared_experts(x)
-            return y.view(shape)
-        topk_weights, topk_ids = self.gate(x)
-        y = self.experts(x, topk_weights, topk_ids)
-        if self.shared_experts is not None:
+        w13, w2, num_shared = self._stacked()
+        topk_weights, topk_ids = self.gate(x, num_shared=num_shared)
+        separate_shared = num_shared == 0 and self.shared_experts is not None
+        y = fused_experts(x, w13, w2, topk_weights, topk_ids, num_shared, reduce=reduce or separate_shared)
+        if isinstance(y, tuple):  # the kernel's unreduced pair
+            return y
+        if separate_shared:
             y = y + self.shared_experts(x)
         return y.view(shape)

@@ -8,8 +8,8 @@
 - `norm.with_tail(x, tail, scatter)`: normalise the first D columns and copy the last `tail` unchanged (MLA
   latent), optionally storing the rows straight into the paged latent cache.
 
-CUDA tensors (`use_triton`) without autograd run `ops/norm/rmsnorm.py`; otherwise the naive ops, in the
-reference order (the add rounds to the model dtype, then the norm).
+All three are `ops.norm.fused_rms_norm`: on CUDA without autograd its kernel (`ops/norm/rmsnorm.py`),
+otherwise the naive form, in the reference order (the add rounds to the model dtype, then the norm).
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kimi_linear.layers.fused import needs_grad
-from kimi_linear.ops.norm import rms_norm
-from kimi_linear.ops.triton_utils import use_triton
+from kimi_linear.ops.norm import fused_rms_norm
 
 Branch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -38,41 +36,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def _kernel(self, x: torch.Tensor) -> bool:
-        return use_triton(x) and not needs_grad(x, self.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel(x):
-            from kimi_linear.ops.norm.rmsnorm import fused_rms_norm
-
-            return fused_rms_norm(x, self.weight, self.eps)
-        return rms_norm(x, self.weight, self.eps)
+        return fused_rms_norm(x, self.weight, self.eps)
 
     def add(self, branch: Branch, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + branch), residual + branch); residual None: (norm(branch), branch)."""
         if residual is None:
             stream = reduce_branch(branch)
             return self(stream), stream
-        lead = branch[0] if isinstance(branch, tuple) else branch
-        if self._kernel(lead) and not needs_grad(residual):
-            from kimi_linear.ops.norm.rmsnorm import fused_rms_norm
+        if isinstance(branch, tuple):
+            return fused_rms_norm(branch[0], self.weight, self.eps, residual=residual, branch_weights=branch[1])
+        return fused_rms_norm(branch, self.weight, self.eps, residual=residual)
 
-            if isinstance(branch, tuple):
-                return fused_rms_norm(branch[0], self.weight, self.eps, residual=residual, branch_weights=branch[1])
-            return fused_rms_norm(branch, self.weight, self.eps, residual=residual)
-        stream = residual + reduce_branch(branch)
-        return rms_norm(stream, self.weight, self.eps), stream
-
-    def with_tail(self, x: torch.Tensor, tail: int, scatter: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """x [N, D + tail] -> (y = [norm(x[:, :D]) ; x[:, D:]], stored). With `scatter=(dst, slots)` the kernel
-        path also stores row n of y at flat row slots[n] of dst (negative = skip) and returns stored=True;
-        the naive path stores nothing (stored=False): the caller writes y itself."""
-        if self._kernel(x):
-            from kimi_linear.ops.norm.rmsnorm import fused_rms_norm
-
-            return fused_rms_norm(x, self.weight, self.eps, tail=tail, scatter=scatter), scatter is not None
-        D = self.weight.shape[0]
-        return torch.cat([rms_norm(x[..., :D], self.weight, self.eps), x[..., D:]], dim=-1), False
+    def with_tail(self, x: torch.Tensor, tail: int,
+                  scatter: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [N, D + tail] -> y = [norm(x[:, :D]) ; x[:, D:]]. With `scatter=(dst, slots)` row n of y is also
+        stored at flat row slots[n] of dst (negative = skip)."""
+        return fused_rms_norm(x, self.weight, self.eps, tail=tail, scatter=scatter)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -7,7 +7,8 @@ import pytest
 import torch
 from helpers import assert_close
 
-from kimi_linear.ops.conv import causal_conv1d, naive_causal_conv1d
+from kimi_linear.ops.conv import naive_causal_conv1d
+from kimi_linear.ops.conv.short_conv import causal_conv1d
 
 
 @pytest.mark.parametrize("W", [2, 3, 4])

@@ -2,7 +2,7 @@
 the fused router vs `sigmoid_grouped_topk`, the layer dispatch; on the GPU the real shape, no host
 syncs, and CUDA-graph capture/replay with changing routing.
 
-On CPU the kernels run under the Triton interpreter at tiny shapes (`ops/triton_utils.py` makes its
+On CPU the kernels run under the Triton interpreter at tiny shapes (`tests/triton_interpreter.py` makes its
 fp32 -> bf16 casts round to nearest like the GPU, so bf16 errors measure the kernels).
 """
 
@@ -17,7 +17,7 @@ from kimi_linear.ops.moe import naive_moe_experts, sigmoid_grouped_topk
 from kimi_linear.ops.moe import fused_moe as fm
 from kimi_linear.ops.moe.fused_moe import MoETiles, fused_moe, moe_align, pick_tiles
 from kimi_linear.ops.moe.routing import fused_sigmoid_grouped_topk
-from kimi_linear.ops.triton_utils import is_interpreter
+from kimi_linear.ops.dispatch import is_interpreter
 
 
 def make_experts(E, D, I, dtype, device):

@@ -12,8 +12,9 @@ import pytest
 import torch
 from helpers import assert_close
 
+from kimi_linear.errors import KDAError
 from kimi_linear.ops.kda import naive_chunk_kda
-from kimi_linear.ops.kda.chunk import KDAInputError, chunk_kda
+from kimi_linear.ops.kda.chunk import chunk_kda
 
 GRAD_NAMES = ("dq", "dk", "dv", "df", "dbeta", "dA_log", "ddt_bias", "dh0")
 
@@ -165,15 +166,15 @@ def test_plain_log_decay_without_fused_ops(poison_empty):
 
 def test_clear_errors():
     q, k, v, f, beta, A_log, dt_bias = make_inputs(1, 8, 2, 16, 16)
-    with pytest.raises(KDAInputError, match="beta"):
+    with pytest.raises(KDAError, match="beta"):
         chunk_kda(q, k, v, f, beta[..., :1])
-    with pytest.raises(KDAInputError, match="A_log"):
+    with pytest.raises(KDAError, match="A_log"):
         chunk_kda(q, k, v, f, beta, use_gate_in_kernel=True)
-    with pytest.raises(KDAInputError, match="batch size must be 1"):
+    with pytest.raises(KDAError, match="batch size must be 1"):
         chunk_kda(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
                   f.expand(2, -1, -1, -1), beta.expand(2, -1, -1), cu_seqlens=torch.tensor([0, 8]))
     pool = torch.zeros(3, 2, 16, 16)
-    with pytest.raises(KDAInputError, match="inference-only"):
+    with pytest.raises(KDAError, match="inference-only"):
         chunk_kda(q.requires_grad_(), k, v, f, beta, initial_state=pool, state_indices=torch.tensor([1]),
                   cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
 

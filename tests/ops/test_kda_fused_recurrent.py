@@ -12,7 +12,8 @@ import pytest
 import torch
 from helpers import assert_close
 
-from kimi_linear.ops.kda import fused_recurrent_kda, naive_recurrent_kda
+from kimi_linear.ops.kda import naive_recurrent_kda
+from kimi_linear.ops.kda.fused_recurrent import fused_recurrent_kda
 
 GATE = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
 

@@ -86,7 +86,7 @@ def test_layer_kernel_path_matches_naive(monkeypatch):
     from kimi_linear.layers.mla import MultiHeadLatentAttention
     from kimi_linear.models.presets import preset_config
     from kimi_linear.models.sequence_cache import SequenceCache
-    from kimi_linear.ops.triton_utils import is_interpreter
+    from kimi_linear.ops.dispatch import is_interpreter
 
     if not is_interpreter():
         pytest.skip("the CPU kernel path needs the Triton interpreter")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from helpers import assert_close
 
-from kimi_linear.ops.conv import causal_conv1d, naive_causal_conv1d
+from kimi_linear.ops.conv import naive_causal_conv1d
+from kimi_linear.ops.conv.short_conv import causal_conv1d
 
 
 def cu_of(lens, device):

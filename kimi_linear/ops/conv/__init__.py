@@ -1,14 +1,33 @@
-"""Causal depthwise short convolution (+ SiLU) with conv state, for prefill and decode.
-The Triton kernel is imported lazily, so that importing the package never needs triton."""
+"""Causal depthwise short convolution (+ SiLU) with a conv-state pool, for prefill and decode.
+
+Public entry: `causal_conv1d`, which runs the Triton kernel (`short_conv.py`, imported on first use:
+importing the package never needs triton) or the naive reference (`naive.naive_causal_conv1d`), see
+`ops/dispatch.py`.
+"""
+
+from __future__ import annotations
+
+import torch
 
 from kimi_linear.ops.conv.naive import naive_causal_conv1d
+from kimi_linear.ops.dispatch import use_triton
 
-__all__ = ["naive_causal_conv1d", "causal_conv1d"]
+__all__ = ["causal_conv1d", "naive_causal_conv1d"]
 
 
-def __getattr__(name):
-    if name == "causal_conv1d":
-        from kimi_linear.ops.conv.short_conv import causal_conv1d
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor | None = None,
+                  cu_seqlens: torch.Tensor | None = None, state_indices: torch.Tensor | None = None,
+                  activation: str | None = "silu", decode: bool = False) -> torch.Tensor:
+    """Causal depthwise conv1d (+ SiLU) over a varlen token batch, updating the conv-state pool in place.
 
-        return causal_conv1d
-    raise AttributeError(name)
+    x [T, C] (the tokens of N sequences back to back, `cu_seqlens` [N + 1], None = one sequence);
+    weight [C, W] or [C, 1, W]; conv_state [S, W - 1, C] pool or None; state_indices int [N] (None = slot n,
+    negative = padding row: zero output, no slot touched). Returns y [T, C] in x's dtype.
+    `decode`: every sequence has exactly one token and a conv_state, so the kernel path takes its one-launch
+    decode kernel (the result is the same either way).
+    """
+    if use_triton(x):
+        from kimi_linear.ops.conv.short_conv import causal_conv1d as kernel
+
+        return kernel(x, weight, conv_state, cu_seqlens, state_indices, activation, decode)
+    return naive_causal_conv1d(x, weight, conv_state, cu_seqlens, state_indices, activation)

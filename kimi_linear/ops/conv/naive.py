@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kimi_linear.errors import ConvError
+
 
 def naive_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor | None = None,
                         cu_seqlens: torch.Tensor | None = None, state_indices: torch.Tensor | None = None,
@@ -41,7 +43,7 @@ def naive_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch
         if activation == "silu":
             out = F.silu(out)
         elif activation is not None:
-            raise ValueError(f"unsupported activation {activation!r}")
+            raise ConvError(f"naive_causal_conv1d: unsupported activation {activation!r}")
         y[bos:eos] = out.to(x.dtype)
         if conv_state is not None:
             conv_state[idx[n]] = xx[xx.shape[0] - (W - 1):].to(conv_state.dtype)

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.triton_utils import patch_triton_interpreter
+from kimi_linear.errors import ConvError
+
 
 
 @triton.jit
@@ -157,7 +158,7 @@ def _conv_decode_kernel(x, w, y, state, state_indices, sx_t, sy_t, sw_c, sw_j, s
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
-        raise ValueError(f"causal_conv1d: {msg}")
+        raise ConvError(f"causal_conv1d: {msg}")
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor | None = None,
@@ -176,9 +177,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tenso
     Returns:
         y [T, C] in x's dtype.
     """
-    patch_triton_interpreter()
     if activation not in ("silu", None):
-        raise ValueError(f"causal_conv1d: unsupported activation {activation!r} (use 'silu' or None)")
+        raise ConvError(f"causal_conv1d: unsupported activation {activation!r} (use 'silu' or None)")
     _check(x.dim() == 2, f"x must be [T, C], got shape {tuple(x.shape)}")
     T, C = x.shape
     _check(weight.shape[0] == C and weight.numel() % C == 0, f"weight must be [C={C}, W], got {tuple(weight.shape)}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kimi_linear.errors import KimiLinearError
+from kimi_linear.errors import KDAError
 from kimi_linear.ops.kda.chunk_bwd_intra import chunk_bwd_intra_launch
 from kimi_linear.ops.kda.chunk_bwd_state import chunk_bwd_state_launch
 from kimi_linear.ops.kda.chunk_intra import chunk_fwd_intra_launch
@@ -38,10 +38,6 @@ CONFIG = {
 STATE_DTYPE = torch.float32
 
 
-class KDAInputError(KimiLinearError, ValueError):
-    """Invalid arguments to chunk_kda (shapes, dtypes, option combinations)."""
-
-
 def _rows(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
     """A view whose last two dims are contiguous and whose (B, T) dims flatten to one token stride."""
     if x.stride(-1) != 1 or (x.dim() == 4 and x.stride(-2) != x.shape[-1]) or (B > 1 and x.stride(0) != T * x.stride(1)):
@@ -51,45 +47,45 @@ def _rows(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
 
 def _check(q, k, v, g, beta, initial_state, cu_seqlens, use_gate, A_log, state_indices, cu_seqlens_cpu):
     if q.dim() != 4:
-        raise KDAInputError(f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
+        raise KDAError(f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
     B, T, H, K = q.shape
     if k.shape != q.shape:
-        raise KDAInputError(f"k shape {tuple(k.shape)} != q shape {tuple(q.shape)}")
+        raise KDAError(f"k shape {tuple(k.shape)} != q shape {tuple(q.shape)}")
     if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise KDAInputError(f"v must be [B, T, H, V] matching q {tuple(q.shape)}, got {tuple(v.shape)}")
+        raise KDAError(f"v must be [B, T, H, V] matching q {tuple(q.shape)}, got {tuple(v.shape)}")
     if g.shape != q.shape and tuple(g.shape) != (B, T, H * K):
-        raise KDAInputError(f"g must be [B, T, H, K] (or [B, T, H*K]), got {tuple(g.shape)}")
+        raise KDAError(f"g must be [B, T, H, K] (or [B, T, H*K]), got {tuple(g.shape)}")
     if tuple(beta.shape) != (B, T, H):
-        raise KDAInputError(f"beta must be [B, T, H] = {(B, T, H)}, got {tuple(beta.shape)}")
+        raise KDAError(f"beta must be [B, T, H] = {(B, T, H)}, got {tuple(beta.shape)}")
     if K > 256 or v.shape[-1] > 256:
-        raise KDAInputError(f"head dims above 256 are not supported (K={K}, V={v.shape[-1]})")
+        raise KDAError(f"head dims above 256 are not supported (K={K}, V={v.shape[-1]})")
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise KDAInputError(f"q dtype {q.dtype} not supported (bf16, fp16, fp32)")
+        raise KDAError(f"q dtype {q.dtype} not supported (bf16, fp16, fp32)")
     if use_gate and A_log is None:
-        raise KDAInputError("use_gate_in_kernel=True needs A_log")
+        raise KDAError("use_gate_in_kernel=True needs A_log")
     if use_gate and A_log.numel() != H:
-        raise KDAInputError(f"A_log must hold H={H} values, got {A_log.numel()}")
+        raise KDAError(f"A_log must hold H={H} values, got {A_log.numel()}")
     if cu_seqlens is not None:
         if B != 1:
-            raise KDAInputError(f"with cu_seqlens the batch size must be 1, got {B}")
+            raise KDAError(f"with cu_seqlens the batch size must be 1, got {B}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise KDAInputError("cu_seqlens must be a 1-D tensor [N + 1]")
+            raise KDAError("cu_seqlens must be a 1-D tensor [N + 1]")
         if cu_seqlens_cpu is not None and (int(cu_seqlens_cpu[0]) != 0 or int(cu_seqlens_cpu[-1]) != T):
-            raise KDAInputError(f"cu_seqlens must start at 0 and end at T={T}")
+            raise KDAError(f"cu_seqlens must start at 0 and end at T={T}")
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if state_indices is not None:
         if initial_state is None:
-            raise KDAInputError("state_indices needs initial_state (the state pool [S, H, K, V])")
+            raise KDAError("state_indices needs initial_state (the state pool [S, H, K, V])")
         if state_indices.numel() != N:
-            raise KDAInputError(f"state_indices must have one entry per sequence ({N}), got {state_indices.numel()}")
+            raise KDAError(f"state_indices must have one entry per sequence ({N}), got {state_indices.numel()}")
     if initial_state is not None:
         V = v.shape[-1]
         if initial_state.dim() != 4 or tuple(initial_state.shape[1:]) != (H, K, V):
-            raise KDAInputError(f"initial_state must be [N, H, K, V] = [*, {H}, {K}, {V}], got {tuple(initial_state.shape)}")
+            raise KDAError(f"initial_state must be [N, H, K, V] = [*, {H}, {K}, {V}], got {tuple(initial_state.shape)}")
         if state_indices is None and initial_state.shape[0] != N:
-            raise KDAInputError(f"initial_state has {initial_state.shape[0]} states for {N} sequences")
+            raise KDAError(f"initial_state has {initial_state.shape[0]} states for {N} sequences")
         if not initial_state.is_contiguous():
-            raise KDAInputError("initial_state must be contiguous")
+            raise KDAError("initial_state must be contiguous")
     return B, T, H, K, N
 
 
@@ -238,7 +234,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         t is not None and t.requires_grad for t in (q, k, v, g, beta, A_log, dt_bias, initial_state))
     if needs_grad:
         if state_indices is not None:
-            raise KDAInputError("chunk_kda with a state pool (state_indices) is inference-only; "
+            raise KDAError("chunk_kda with a state pool (state_indices) is inference-only; "
                                 "pass initial_state per sequence to differentiate")
         return ChunkKDAFunction.apply(q, k, v, g, beta, A_log if use_gate else None, dt_bias if use_gate else None,
                                       initial_state, scale, output_final_state, cu_seqlens, cu_seqlens_cpu,

@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.triton_utils import patch_triton_interpreter
 
 BT = 64  # chunk size
 BC = 16  # sub-chunk size of the intra-chunk products
@@ -66,9 +65,6 @@ def prepare_chunks(cu_seqlens: torch.Tensor | None, B: int, T: int,
     slots = torch.arange(NT, dtype=torch.int64, device=device)
     chunk_seq = torch.searchsorted(offsets[1:].contiguous(), slots, right=True).to(torch.int32)
     return ChunkIndex(N, max(NT, 1), 0, chunk_seq, offsets.to(torch.int32))
-
-
-patch_triton_interpreter()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.triton_utils import patch_triton_interpreter
+from kimi_linear.errors import KDAError
+
 
 
 @triton.jit
@@ -162,7 +163,7 @@ def decode_config(num_heads_total: int, V: int, device: torch.device) -> tuple[i
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
-        raise ValueError(f"fused_recurrent_kda: {msg}")
+        raise KDAError(f"fused_recurrent_kda: {msg}")
 
 
 def fused_recurrent_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -192,7 +193,6 @@ def fused_recurrent_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     Returns:
         (o [B, T, H, V] in q's dtype (or `out`), final_state [N, H, K, V] fp32 or None).
     """
-    patch_triton_interpreter()
     _check(q.dim() == 4, f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
     B, T, H, K = q.shape
     V = v.shape[-1]

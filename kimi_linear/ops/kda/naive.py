@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kimi_linear.errors import KDAError
 from kimi_linear.ops.norm.naive import l2norm
 
 
@@ -40,7 +41,7 @@ def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel, use_gate_in_kerne
     q, k, v = q.float(), k.float(), v.float()
     if use_gate_in_kernel:
         if A_log is None:
-            raise ValueError("use_gate_in_kernel=True needs A_log")
+            raise KDAError("naive KDA: use_gate_in_kernel=True needs A_log")
         g = kda_gate(g, A_log, dt_bias, K)
     g = g.float()
     beta = beta.float()
@@ -58,7 +59,7 @@ def _split(cu_seqlens, B, T, state_indices):
         segs = [(b, 0, T) for b in range(B)]
     else:
         if B != 1:
-            raise ValueError(f"with cu_seqlens the batch size must be 1, got {B}")
+            raise KDAError(f"naive KDA: with cu_seqlens the batch size must be 1, got {B}")
         cu = cu_seqlens.tolist()
         segs = [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
     idx = list(range(len(segs))) if state_indices is None else state_indices.tolist()

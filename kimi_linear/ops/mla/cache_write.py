@@ -11,9 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.triton_utils import patch_triton_interpreter
-
-patch_triton_interpreter()
+from kimi_linear.errors import MLAError
 
 
 @triton.jit
@@ -30,7 +28,7 @@ def write_latent_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, latent: 
     """cache [NB, BS, D] <- latent [T, D] at flat slots `slot_mapping` [T] (negative = skip)."""
     T, D = latent.shape
     if cache.shape[-1] != D or slot_mapping.shape[0] != T:
-        raise ValueError(f"write_latent_cache: latent {tuple(latent.shape)}, slots {tuple(slot_mapping.shape)} "
+        raise MLAError(f"write_latent_cache: latent {tuple(latent.shape)}, slots {tuple(slot_mapping.shape)} "
                          f"and cache {tuple(cache.shape)} do not match")
     if T == 0:
         return

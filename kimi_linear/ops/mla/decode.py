@@ -43,8 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.errors import ConfigError
-from kimi_linear.ops.triton_utils import patch_triton_interpreter
+from kimi_linear.errors import MLAError
 
 _LOG2E = 1.4426950408889634
 MIN_CHUNK = 64  # fewest tokens a split takes before another split is used (64 beat 128..1024 at 4K, "heads")
@@ -306,15 +305,14 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
     Dr = q_pe.shape[-1]
     NB, BS, D = cache.shape
     if D != R + Dr:
-        raise ConfigError("kv_cache_dim", f"latent cache rows hold {D} values, expected R + Dr = {R} + {Dr}")
+        raise MLAError(f"mla_decode_attention: latent cache rows hold {D} values, expected R + Dr = {R} + {Dr}")
     if BS & (BS - 1):
-        raise ConfigError("block_size", f"the MLA decode kernel needs a power-of-two block size, got {BS}")
+        raise MLAError(f"mla_decode_attention: the kernel needs a power-of-two block size, got {BS}")
     if variant not in VARIANTS or reduce not in REDUCES:
-        raise ValueError(f"mla_decode_attention: variant must be one of {VARIANTS} and reduce one of {REDUCES}, "
+        raise MLAError(f"mla_decode_attention: variant must be one of {VARIANTS} and reduce one of {REDUCES}, "
                          f"got {variant!r}, {reduce!r}")
     if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1 or cache.stride(-1) != 1 or cache.stride(1) != D:
-        raise ValueError("mla_decode_attention: q_lat, q_pe and cache need a unit last stride and dense cache rows")
-    patch_triton_interpreter()
+        raise MLAError("mla_decode_attention: q_lat, q_pe and cache need a unit last stride and dense cache rows")
     cfg = _default_config(H, q_lat.dtype, variant)
     block_h = block_h or cfg["block_h"]
     block_n = block_n or cfg["block_n"]
@@ -372,8 +370,8 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     Dr = cache.shape[-1] - R
     Dn = Dqk - Dr
     if w_kv_b.shape[0] != H * (Dn + v_head_dim):
-        raise ConfigError("kv_b_proj", f"weight has {w_kv_b.shape[0]} rows, expected H * (Dn + Dv) = "
-                                       f"{H} * ({Dn} + {v_head_dim})")
+        raise MLAError(f"mla_decode: kv_b_proj weight has {w_kv_b.shape[0]} rows, expected H * (Dn + Dv) = "
+                       f"{H} * ({Dn} + {v_head_dim})")
     w = w_kv_b.view(H, Dn + v_head_dim, R)
     if w.dtype != q.dtype:
         w = w.to(q.dtype)

@@ -1,4 +1,6 @@
-"""Reference MLA attention for one sequence, in both exact forms (spec section 5), plus paged-cache I/O.
+"""Reference MLA attention for one sequence, in both exact forms (spec section 5), plus paged-cache I/O,
+and the flat-batch references of the kernels (`naive_mla_prefill`, `naive_mla_decode`: same signatures as
+`prefill.mla_prefill` / `decode.mla_decode`, a host loop over the sequences).
 
 Shapes: q [T, H, Dn + Dr] (nope part first); c_kv [L, R] the normalised latent of all L keys of the
 sequence; k_pe [L, Dr] the shared, un-rotated key part; w_kv_b [H * (Dn + Dv), R], each head's rows
@@ -68,3 +70,45 @@ def gather_latent(cache: torch.Tensor, block_table: torch.Tensor, length: int) -
     BS = cache.shape[1]
     nb = (length + BS - 1) // BS
     return cache[block_table[:nb].long()].reshape(-1, cache.shape[-1])[:length]
+
+
+def naive_mla_prefill(q: torch.Tensor, latent: torch.Tensor, cache: torch.Tensor | None,
+                      block_tables: torch.Tensor | None, query_lens: list[int], context_lens: list[int],
+                      w_kv_b: torch.Tensor, v_head_dim: int, scale: float) -> torch.Tensor:
+    """MHA form per sequence of a mixed flat batch. Returns o [num_tokens, H, Dv] in q's dtype.
+
+    q [num_tokens, H, Dn + Dr], latent [num_tokens, R + Dr] (the new tokens, back to back by sequence);
+    cache [NB, BS, R + Dr] holding every new latent already (None: no context); query_lens / context_lens
+    host lists [N]. A sequence with context attends over its cached latents, otherwise over `latent`."""
+    R = w_kv_b.shape[1]
+    out = torch.empty(q.shape[0], q.shape[1], v_head_dim, dtype=q.dtype, device=q.device)
+    start = 0
+    for n, (qlen, clen) in enumerate(zip(query_lens, context_lens)):
+        if qlen == 0:
+            continue
+        if cache is not None and clen > 0:
+            kv = gather_latent(cache, block_tables[n], clen + qlen)
+        else:
+            kv = latent[start:start + qlen]
+        out[start:start + qlen] = mla_attention_mha(q[start:start + qlen], kv[:, :R], kv[:, R:], w_kv_b,
+                                                    v_head_dim, scale)
+        start += qlen
+    return out
+
+
+def naive_mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     w_kv_b: torch.Tensor, v_head_dim: int, scale: float, extras: dict | None = None) -> torch.Tensor:
+    """Absorbed form per sequence, one query each. Returns o [N, H, Dv] in q's dtype (fp32 for an fp32 q,
+    whatever the cache dtype: the oracle of the decode kernel).
+
+    q [N, H, Dn + Dr]; cache [NB, BS, R + Dr] holding every attended token; seq_lens int [N] (0 = padding
+    row -> zeros); `extras` is unused (the kernel's scratch). Reads seq_lens on the host."""
+    R = w_kv_b.shape[1]
+    out = torch.empty(q.shape[0], q.shape[1], v_head_dim, dtype=q.dtype, device=q.device)
+    for n, L in enumerate(seq_lens.tolist()):
+        if L == 0:  # padding row of a bucketed decode batch
+            out[n] = 0
+            continue
+        kv = gather_latent(cache, block_tables[n], L)
+        out[n:n + 1] = mla_attention_absorbed(q[n:n + 1], kv[:, :R], kv[:, R:], w_kv_b, v_head_dim, scale)
+    return out

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kimi_linear.errors import MLAError
 from kimi_linear.ops.mla.decode import mla_decode
-from kimi_linear.ops.triton_utils import patch_triton_interpreter
 
 _LOG2E = 1.4426950408889634
 KEY_CHUNK_BYTES = 512 << 20  # budget of one expanded key/value chunk
@@ -155,8 +155,7 @@ def mla_prefill(q: torch.Tensor, latent: torch.Tensor, cache: torch.Tensor | Non
     num_tokens, H, Dqk = q.shape
     Dn = w_kv_b.shape[0] // H - v_head_dim
     if any(c > 0 for c in context_lens) and cache is None:
-        raise ValueError("mla_prefill: sequences with cached context need the latent cache")
-    patch_triton_interpreter()
+        raise MLAError("mla_prefill: sequences with cached context need the latent cache")
     out = torch.empty(num_tokens, H, v_head_dim, dtype=q.dtype, device=q.device)
     if key_chunk is None:
         key_chunk = max(1, KEY_CHUNK_BYTES // (H * (Dn + v_head_dim) * q.element_size()))

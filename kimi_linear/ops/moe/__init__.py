@@ -1,5 +1,52 @@
-"""Mixture of experts: sigmoid router with correction bias and grouped top-k; SwiGLU experts."""
+"""Mixture of experts: sigmoid router with correction bias and grouped top-k; SwiGLU experts.
 
-from kimi_linear.ops.moe.naive import naive_moe_experts, sigmoid_grouped_topk
+Public entries (each runs the Triton kernel or the naive reference, `ops/dispatch.py`; the kernels have
+no backward, so under autograd the naive forms run; both never sync with the host on the kernel path):
+- `select_experts`: the router (`routing.py` / `naive.sigmoid_grouped_topk`);
+- `fused_experts`: the routed experts, plus shared experts folded into the stacks (`fused_moe.py` /
+  `naive.naive_fused_experts`).
+`sigmoid_grouped_topk` and `naive_moe_experts` are the references. The kernels are imported on first use:
+importing the package never needs triton.
+"""
 
-__all__ = ["sigmoid_grouped_topk", "naive_moe_experts"]
+from __future__ import annotations
+
+import torch
+
+from kimi_linear.ops.dispatch import use_kernel
+from kimi_linear.ops.moe.naive import naive_fused_experts, naive_moe_experts, sigmoid_grouped_topk
+
+__all__ = ["select_experts", "fused_experts", "sigmoid_grouped_topk", "naive_moe_experts", "naive_fused_experts"]
+
+
+def select_experts(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
+                   num_expert_group: int = 1, topk_group: int = 1, renormalize: bool = True, scaling: float = 1.0,
+                   biased_weights: bool = False, num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D], gate_weight [E, D], bias [E] or None -> (topk_weights [N, k + S] fp32, topk_ids [N, k + S]
+    int64). num_shared = S > 0 appends S shared-expert slots (ids E .. E + S - 1, weight 1.0). The kernel
+    path lists the routed ids best first (the reference leaves them unsorted)."""
+    args = (x, gate_weight, bias, top_k, num_expert_group, topk_group, renormalize, scaling, biased_weights)
+    if use_kernel(x, gate_weight, bias):
+        from kimi_linear.ops.moe.routing import fused_sigmoid_grouped_topk as kernel
+
+        return kernel(*args, num_shared=num_shared)
+    return sigmoid_grouped_topk(*args, num_shared=num_shared)
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, num_shared: int = 0, reduce: bool = True):
+    """SwiGLU experts. x [N, D]; w13 [E, 2I, D] (rows: gate w1, then up w3); w2 [E, D, I]; topk_weights
+    [N, k] fp32; topk_ids [N, k] in [0, E) -> y [N, D] in x's dtype.
+
+    num_shared = S: the last S experts of the stacks are shared experts, routed in the last S columns with
+    weight 1.0 (`select_experts(num_shared=S)`): the kernel sums them with the routed ones in fp32 and rounds
+    once; the naive form adds them after rounding the routed sum (the reference order, one ulp apart).
+    reduce=False lets the kernel path skip the weighted k-way sum and return the pair (y [N, k, D]
+    unweighted, topk_weights), for the next norm to sum (`ops.norm.fused_rms_norm`'s branch_weights); the
+    naive path always returns y.
+    """
+    if use_kernel(x, w13, w2, topk_weights):
+        from kimi_linear.ops.moe.fused_moe import fused_moe as kernel
+
+        return kernel(x, w13, w2, topk_weights, topk_ids, reduce=reduce)
+    return naive_fused_experts(x, w13, w2, topk_weights, topk_ids, num_shared)

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kimi_linear.errors import MoEError
+
 SINGLE_PROGRAM_MAX_PAIRS = 4096
 _ALIGN_BLOCK = 1024
 DIRECT_MAX_PAIRS = 16
@@ -287,22 +289,22 @@ def _moe_sum_kernel(y_ptr, w_ptr, out_ptr, D: tl.constexpr, TOPK: tl.constexpr, 
 # ------------------------------------------------------------------------------------------ public op
 def _check(x, w13, w2, topk_weights, topk_ids):
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
-        raise ValueError(f"fused_moe: expected x [N, D], w13 [E, 2I, D], w2 [E, D, I]; got x {tuple(x.shape)}, "
+        raise MoEError(f"fused_moe: expected x [N, D], w13 [E, 2I, D], w2 [E, D, I]; got x {tuple(x.shape)}, "
                          f"w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
     N, D = x.shape
     E, I2, D13 = w13.shape
     if D13 != D or I2 % 2 or tuple(w2.shape) != (E, D, I2 // 2):
-        raise ValueError(f"fused_moe: shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)} (want [E, 2I, D]), "
+        raise MoEError(f"fused_moe: shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)} (want [E, 2I, D]), "
                          f"w2 {tuple(w2.shape)} (want [E, D, I])")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != N or topk_weights.shape != topk_ids.shape:
-        raise ValueError(f"fused_moe: topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+        raise MoEError(f"fused_moe: topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
                          f"must both be [N={N}, k]")
     if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"fused_moe: topk_ids must be int32 or int64, got {topk_ids.dtype}")
+        raise MoEError(f"fused_moe: topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if not (x.dtype == w13.dtype == w2.dtype):
-        raise ValueError(f"fused_moe: x, w13 and w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
+        raise MoEError(f"fused_moe: x, w13 and w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
     if len({t.device for t in (x, w13, w2, topk_weights, topk_ids)}) != 1:
-        raise ValueError("fused_moe: all tensors must be on one device")
+        raise MoEError("fused_moe: all tensors must be on one device")
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

@@ -8,6 +8,10 @@ spec section 6.2). Then optional renormalisation and the scaling factor.
 
 Experts: stacked weights w13 [E, 2I, D] (rows [gate (w1); up (w3)]) and w2 [E, D, I];
 y = sum_k w_k * w2[e_k] (silu(w1[e_k] x) * w3[e_k] x).
+
+Shared experts folded into the stacks (`num_shared` = S: the last S experts, in the last S columns of the
+routing with weight 1.0, as the fused router appends them): the naive forms keep the reference order, the
+routed sum rounded to x's dtype, then each shared expert's output added.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import torch.nn.functional as F
 
 def sigmoid_grouped_topk(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
                          num_expert_group: int = 1, topk_group: int = 1, renormalize: bool = True,
-                         scaling: float = 1.0, biased_weights: bool = False):
-    """x [N, D] -> (topk_weights [N, k] fp32, topk_ids [N, k] int64)."""
+                         scaling: float = 1.0, biased_weights: bool = False, num_shared: int = 0):
+    """x [N, D] -> (topk_weights [N, k + S] fp32, topk_ids [N, k + S] int64); num_shared = S > 0 appends S
+    shared-expert slots (ids E .. E + S - 1, weight 1.0)."""
     logits = x.float() @ gate_weight.float().t()
     scores = torch.sigmoid(logits)
     choice = scores + bias.float() if bias is not None else scores
@@ -34,7 +39,12 @@ def sigmoid_grouped_topk(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch
     weights = (choice if biased_weights else scores).gather(1, ids)
     if renormalize:  # transformers renormalises even at top_k = 1 (the remote code skips it there)
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * scaling, ids
+    weights = weights * scaling
+    if num_shared:
+        shared_ids = torch.arange(E, E + num_shared, device=ids.device).expand(N, num_shared)
+        ids = torch.cat([ids, shared_ids], dim=1)
+        weights = torch.cat([weights, weights.new_ones(N, num_shared)], dim=1)
+    return weights, ids
 
 
 def naive_moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -51,3 +61,16 @@ def naive_moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
         y = h @ w2[e].t()
         out.index_add_(0, tok, y.float() * topk_weights[tok, slot, None].float())
     return out.to(x.dtype)
+
+
+def naive_fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                        topk_ids: torch.Tensor, num_shared: int = 0) -> torch.Tensor:
+    """The routed experts (`naive_moe_experts`), then the last `num_shared` experts of the stacks as shared
+    experts (every token, weight 1), each added to the rounded routed sum as the reference model does."""
+    k = topk_ids.shape[1] - num_shared
+    y = naive_moe_experts(x, w13, w2, topk_weights[:, :k], topk_ids[:, :k])
+    E = w13.shape[0] - num_shared
+    for s in range(E, E + num_shared):
+        gate, up = F.linear(x, w13[s]).chunk(2, dim=-1)
+        y = y + F.linear(F.silu(gate) * up, w2[s])
+    return y

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kimi_linear.errors import MoEError
+
 GEMV_MAX_TOKENS = 4
 
 
@@ -136,20 +138,20 @@ def fused_sigmoid_grouped_topk(x: torch.Tensor, gate_weight: torch.Tensor, bias:
     num_shared = S > 0 appends S shared-expert slots (ids E .. E + S - 1, weight 1.0): [N, k + S].
     """
     if x.dim() != 2 or gate_weight.dim() != 2 or x.shape[1] != gate_weight.shape[1]:
-        raise ValueError(f"router: x {tuple(x.shape)} and gate weight {tuple(gate_weight.shape)} do not match "
+        raise MoEError(f"router: x {tuple(x.shape)} and gate weight {tuple(gate_weight.shape)} do not match "
                          "([N, D] and [E, D])")
     N, D = x.shape
     E = gate_weight.shape[0]
     if not 1 <= top_k <= E:
-        raise ValueError(f"router: top_k={top_k} must be in [1, {E}]")
+        raise MoEError(f"router: top_k={top_k} must be in [1, {E}]")
     if num_expert_group < 1 or E % num_expert_group or not 1 <= topk_group <= num_expert_group:
-        raise ValueError(f"router: {E} experts cannot form {num_expert_group} groups keeping {topk_group}")
+        raise MoEError(f"router: {E} experts cannot form {num_expert_group} groups keeping {topk_group}")
     if bias is not None and bias.shape != (E,):
-        raise ValueError(f"router: correction bias shape {tuple(bias.shape)} != ({E},)")
+        raise MoEError(f"router: correction bias shape {tuple(bias.shape)} != ({E},)")
     x = x.contiguous()
     gate_weight = gate_weight.contiguous()
     if num_shared < 0:
-        raise ValueError(f"router: num_shared={num_shared} must be >= 0")
+        raise MoEError(f"router: num_shared={num_shared} must be >= 0")
     kt = top_k + num_shared
     weights = torch.empty(N, kt, dtype=torch.float32, device=x.device)
     ids = torch.empty(N, kt, dtype=torch.int64, device=x.device)

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.triton_utils import patch_triton_interpreter
+from kimi_linear.errors import NormError
+
 
 
 @triton.jit
@@ -38,9 +39,8 @@ def _gated_rms_norm_kernel(x, g, w, y, R, H, sx_n, sx_h, sg_n, sg_h, eps,
 
 def fused_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x, gate: [N, H, K] (unit last stride); weight: [K] -> y [N, H, K] contiguous, in x's dtype."""
-    patch_triton_interpreter()
     if x.dim() != 3 or gate.shape != x.shape or weight.shape != x.shape[-1:]:
-        raise ValueError(f"fused_gated_rms_norm: x and gate must be [N, H, K] and weight [K]; got x "
+        raise NormError(f"fused_gated_rms_norm: x and gate must be [N, H, K] and weight [K]; got x "
                          f"{tuple(x.shape)}, gate {tuple(gate.shape)}, weight {tuple(weight.shape)}")
     if x.stride(-1) != 1:
         x = x.contiguous()

@@ -27,3 +27,28 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(sum(x^2) + eps) over the last dim (eps inside the sqrt, as the KDA kernels do)."""
     return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def naive_fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                         branch_weights: torch.Tensor | None = None, tail: int = 0,
+                         scatter: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The contract of the fused kernel (`rmsnorm.fused_rms_norm`) in the reference order: the weighted
+    branch sum (fp32, rounded to x's dtype), the residual add (rounded), then `rms_norm`; the tail columns
+    copied; with `scatter=(dst, slots)` the rows also stored at flat rows `slots` of dst (negative = skip).
+    Returns y, or (y, residual + branch) with a residual."""
+    if branch_weights is not None:
+        x = (x.float() * branch_weights.float()[..., None]).sum(1).to(x.dtype)
+    if residual is not None:
+        stream = residual + x
+        return rms_norm(stream, weight, eps), stream
+    if tail:
+        D = weight.shape[0]
+        y = torch.cat([rms_norm(x[..., :D], weight, eps), x[..., D:]], dim=-1)
+    else:
+        y = rms_norm(x, weight, eps)
+    if scatter is not None:
+        dst, slots = scatter
+        flat, rows = dst.view(-1, dst.shape[-1]), y.reshape(-1, y.shape[-1])
+        keep = slots >= 0
+        flat.index_copy_(0, slots[keep].long(), rows[keep].to(dst.dtype))
+    return y

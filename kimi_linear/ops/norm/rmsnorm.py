@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.triton_utils import patch_triton_interpreter
+from kimi_linear.errors import NormError
+
 
 
 @triton.jit
@@ -87,15 +88,14 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
         y [..., D + tail] in promote(weight, x) dtype; with `residual` the pair (y, s) where s [N, D] is
         the new residual stream (x's dtype).
     """
-    patch_triton_interpreter()
     D = weight.shape[-1]
     if weight.dim() != 1:
-        raise ValueError(f"fused_rms_norm: weight must be [D], got {tuple(weight.shape)}")
+        raise NormError(f"fused_rms_norm: weight must be [D], got {tuple(weight.shape)}")
     if tail < 0 or (tail and (residual is not None or branch_weights is not None)):
-        raise ValueError("fused_rms_norm: tail must be >= 0 and cannot be combined with residual / branch_weights")
+        raise NormError("fused_rms_norm: tail must be >= 0 and cannot be combined with residual / branch_weights")
     if branch_weights is not None:
         if x.dim() != 3 or x.shape[-1] != D or branch_weights.shape != x.shape[:2]:
-            raise ValueError(f"fused_rms_norm: with branch_weights x must be [N, k, D={D}] and the weights [N, k]; "
+            raise NormError(f"fused_rms_norm: with branch_weights x must be [N, k, D={D}] and the weights [N, k]; "
                              f"got x {tuple(x.shape)}, weights {tuple(branch_weights.shape)}")
         lead = x.shape[:1]
         x2 = x if x.stride(-1) == 1 else x.contiguous()
@@ -103,7 +103,7 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
         branch_weights = branch_weights.contiguous()
     else:
         if x.shape[-1] != D + tail:
-            raise ValueError(f"fused_rms_norm: x has {x.shape[-1]} columns, expected D + tail = {D} + {tail}")
+            raise NormError(f"fused_rms_norm: x has {x.shape[-1]} columns, expected D + tail = {D} + {tail}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, D + tail)
         if x2.stride(-1) != 1:
@@ -114,14 +114,14 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
     r_out = None
     if residual is not None:
         if residual.shape != (N, D) or residual.dtype != x.dtype or residual.stride(-1) != 1:
-            raise ValueError(f"fused_rms_norm: residual must be [N={N}, D={D}] in {x.dtype} with a unit last "
+            raise NormError(f"fused_rms_norm: residual must be [N={N}, D={D}] in {x.dtype} with a unit last "
                              f"stride, got {tuple(residual.shape)} {residual.dtype}")
         r_out = torch.empty(N, D, dtype=x.dtype, device=x.device)
     dst = slots = y
     if scatter is not None:
         dst, slots = scatter
         if dst.shape[-1] != D + tail or not dst.is_contiguous() or slots.shape != (N,):
-            raise ValueError(f"fused_rms_norm: scatter needs a contiguous [..., {D + tail}] destination and "
+            raise NormError(f"fused_rms_norm: scatter needs a contiguous [..., {D + tail}] destination and "
                              f"[N={N}] slots; got {tuple(dst.shape)} and {tuple(slots.shape)}")
     if N:
         block_d = triton.next_power_of_2(D)

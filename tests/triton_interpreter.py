@@ -1,7 +1,13 @@
-"""Small helpers shared by the Triton kernels (interpreter support, dispatch).
+"""Test-side fixes for Triton's CPU interpreter; `tests/conftest.py` applies them before any test runs.
 
-CI runs every kernel on the CPU under Triton 3.x's interpreter (TRITON_INTERPRET=1), which has bugs
-that compiled kernels do not. `patch_triton_interpreter()` fixes them, in interpreter mode only:
+CI runs every kernel on the CPU under Triton 3.x's interpreter (TRITON_INTERPRET=1), which has bugs that
+compiled kernels do not. `apply()` fixes them by patching private interpreter internals, in interpreter
+mode only. The package never imports this module: importing kimi_linear leaves Triton untouched
+(tests/ops/test_dispatch.py checks that in a fresh process). A script that runs kernels under the
+interpreter outside pytest applies it itself (`sys.path` holding tests/, then
+`import triton_interpreter; triton_interpreter.apply()`).
+
+The fixes:
 - `tl.dot` of bf16 operands multiplies their raw uint16 bit patterns: upcast them to fp32 first;
 - fp32 -> bf16 casts truncate (and its round-to-nearest mode drops the carry): round half to even,
   as the GPU does, so that bf16 errors measured on the CPU are the kernels', not the interpreter's;
@@ -13,17 +19,32 @@ that compiled kernels do not. `patch_triton_interpreter()` fixes them, in interp
 
 from __future__ import annotations
 
-import functools
 import os
 
+# (module path, class or None, attribute) of everything `apply()` replaces
+PATCHED = [
+    ("triton.runtime.interpreter", "InterpreterBuilder", "create_dot"),
+    ("triton.runtime.interpreter", "InterpreterBuilder", "cast_impl"),
+    ("triton.runtime.interpreter", "InterpreterBuilder", "create_fp_to_fp"),
+    ("triton.runtime.interpreter", "InterpreterBuilder", "create_masked_load"),
+    ("triton.runtime.interpreter", "InterpreterBuilder", "create_masked_store"),
+    ("triton.runtime.interpreter", None, "_patch_lang_tensor"),
+    ("triton.runtime.interpreter", None, "_patch_lang"),
+]
 
-def is_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+def is_applied() -> bool:
+    """Whether this process's interpreter carries the patches."""
+    try:
+        from triton.runtime import interpreter
+    except Exception:
+        return False
+    return getattr(interpreter.InterpreterBuilder.create_dot, "_kimi_linear_patched", False)
 
 
-@functools.cache
-def patch_triton_interpreter() -> None:
-    if not is_interpreter():
+def apply() -> None:
+    """Patch Triton's interpreter in this process (idempotent); nothing happens unless TRITON_INTERPRET=1."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
         return
     try:
         import triton.language as tl
@@ -125,14 +146,3 @@ def patch_triton_interpreter() -> None:
         return _Scope(scope, top)
 
     interpreter._patch_lang = fast_patch_lang
-
-
-def use_triton(x) -> bool:
-    """Whether ops on tensor `x` run the Triton kernels (CUDA), or the naive torch ops (CPU).
-
-    Under the interpreter, KIMI_LINEAR_TRITON_ON_CPU=1 runs the kernels on CPU tensors too, so CI can
-    check the model's kernel path end to end at tiny shapes.
-    """
-    if x.is_cuda:
-        return True
-    return is_interpreter() and os.environ.get("KIMI_LINEAR_TRITON_ON_CPU", "0") == "1"
