@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from kimi_linear import LLM, SamplingParams  # noqa: E402
-from kimi_linear.models.presets import preset_config  # noqa: E402
+from kimi_linear.tools.presets import preset_config  # noqa: E402
 
 
 def parse_count(text: str) -> int:

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from engine_decode import fill_random, variant_config  # noqa: E402
 
 from kimi_linear import LLM, SamplingParams  # noqa: E402
-from kimi_linear.models.presets import preset_config  # noqa: E402
+from kimi_linear.tools.presets import preset_config  # noqa: E402
 
 
 def profile_steps(engine, steps: int, use_graph: bool) -> tuple[list[tuple[str, float, int]], float]:

@@ -25,7 +25,7 @@ def test_parse_count(bench):
 
 def test_variant_config_makes_every_layer_mla(bench):
     from kimi_linear.config import ModelConfig
-    from kimi_linear.models.presets import preset_config
+    from kimi_linear.tools.presets import preset_config
 
     base = preset_config("48b-a3b-e64")
     mla = ModelConfig.from_dict(bench.variant_config(base, "mla"))

@@ -63,7 +63,7 @@ def test_json_object_choice_and_regex(llm):
     outs = llm.generate(prompts, [
         SamplingParams(temperature=1.0, seed=4, max_tokens=12, structured_outputs=SO(choice=choices)),
         SamplingParams(temperature=1.0, seed=5, max_tokens=20, structured_outputs=SO(regex=r"[a-z]{2,4}-\d{3}")),
-        SamplingParams(temperature=0, max_tokens=60, logit_bias={quote: 6.0}, structured_outputs=SO(json_object=True)),
+        SamplingParams(temperature=0, max_tokens=60, logit_bias={quote: 8.0}, structured_outputs=SO(json_object=True)),
     ], use_tqdm=False)
     texts = [o.outputs[0].text for o in outs]
     assert texts[0] in choices
