@@ -1,7 +1,7 @@
 """Batch-1 decode time per output token (TPOT) at long contexts: the hybrid model vs the same shape all-MLA.
 
-    python benchmarks/engine_decode.py                      # 48b-a3b-e64, contexts 4K,128K,1M, bf16, CUDA
-    python benchmarks/engine_decode.py --preset tiny --contexts 64,256 --steps 4 --device cpu   # smoke test
+    python -m benchmarks.engine_decode                      # 48b-a3b-e64, contexts 4K,128K,1M, bf16, CUDA
+    python -m benchmarks.engine_decode --preset tiny --contexts 64,256 --steps 4 --device cpu   # smoke test
 
 For each variant (hybrid: the preset as is; mla: every layer MLA, kda_layers = []) the engine is built
 from config.json alone with random weights (`load_format="dummy"`). Each context is reached through
@@ -26,16 +26,14 @@ import gc
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from kimi_linear import LLM, SamplingParams  # noqa: E402
-from kimi_linear.models.presets import preset_config  # noqa: E402
+from benchmarks.common import copy_bandwidth, wall_ms
+from kimi_linear import LLM, SamplingParams
+from kimi_linear.tools.presets import preset_config
 
 
 def parse_count(text: str) -> int:
@@ -68,21 +66,7 @@ class Timer:
             b.record()
             b.synchronize()
             return a.elapsed_time(b)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-
-def copy_bandwidth(device: torch.device, nbytes: int) -> float:
-    """Device-to-device copy bandwidth in bytes/s, read + write counted (median of 20)."""
-    x = torch.randn(nbytes // 4, device=device)
-    y = torch.empty_like(x)
-    timer = Timer(device)
-    for _ in range(3):
-        y.copy_(x)
-    ms = statistics.median(timer(lambda: y.copy_(x)) for _ in range(20))
-    del x, y
-    return 2 * nbytes / (ms * 1e-3)
+        return wall_ms(fn)
 
 
 # ---------------------------------------------------------------- bytes one decode step must move
@@ -228,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         base = preset_config(args.preset)
     timer = Timer(device)
     nbytes = args.copy_bytes or (1 << 30 if device.type == "cuda" else 1 << 26)
-    bandwidth = copy_bandwidth(device, nbytes)
+    bandwidth = copy_bandwidth(nbytes, device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {gpu}; copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write)", flush=True)
     results = []

@@ -11,53 +11,33 @@ computed in the kernel, random inputs (A_log = log U(1, 16)), (B, T) in {(16, 40
           report's Eq. 13, 6 T d^2 + 3 T C d + T C^2 per head (x3 for forward+backward); bytes: q, k, v,
           g, beta in and o out (forward); plus do in and dq, dk, dv, dg, dbeta out, and q, k, v, g, beta
           read again (forward+backward),
-then a per-kernel breakdown (torch.profiler), an optional sweep of launch settings, and the decode
-benchmark of benchmarks/kda_decode.py when it exists (--skip-decode to skip).
+then a per-kernel breakdown (torch.profiler), an optional sweep of launch settings (chunk_kda's
+`config` argument, per-kernel times from the profiler), and the decode benchmark of
+benchmarks/kda_decode.py (--skip-decode to skip).
 
-    PYTHONPATH=. python benchmarks/kda.py [--skip-decode] [--sweep-seconds 120]   (JSON to $OUT if set)
+    python -m benchmarks.kda [--skip-decode] [--sweep-seconds 120]   (JSON to $OUT if set)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import functools
 import json
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
-import triton
-import triton.testing
 
-from kimi_linear.ops.kda import naive_chunk_kda
+from benchmarks.common import T0, bench_ms, copy_bandwidth, import_fla, log, matmul_rate, rel_err
 from kimi_linear.ops.kda import chunk as chunk_mod
+from kimi_linear.ops.kda import naive_chunk_kda
 from kimi_linear.ops.kda.chunk import chunk_kda
 
 H, D, C = 32, 128, 64
 SHAPES = [(16, 4096), (4, 16384), (1, 65536)]
 OPTS = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
-T0 = time.time()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
-
-
-def bench_ms(fn, grad_to_none=None) -> float:
-    return triton.testing.do_bench(fn, warmup=5, rep=40, grad_to_none=grad_to_none, return_mode="median")
-
-
-def ceilings() -> tuple[float, float]:
-    src = torch.randn(1 << 29, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() * 2 / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
-    del src, dst
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    rate = 2 * 8192 ** 3 / (bench_ms(lambda: a @ b) * 1e-3)
-    return bw, rate
+BENCH = dict(warmup=5, rep=40)  # few repetitions: one forward+backward at 1 x 65536 takes ~70 ms
 
 
 def floors_ms(B, T, bw, rate) -> tuple[float, float]:
@@ -80,35 +60,6 @@ def make_inputs(B, T, seed=0):
     dt_bias = torch.empty(H * D, device=dev).uniform_(math.log(1e-3), math.log(0.1), generator=g).exp()
     dt_bias = dt_bias + torch.log(-torch.expm1(-dt_bias))
     return q, k, v, f, beta, A_log, dt_bias
-
-
-def load_fla():
-    try:
-        _stub_einops()
-        from fla.ops.kda import chunk_kda as fla_chunk_kda
-        return fla_chunk_kda
-    except Exception as e:  # not installed
-        log(f"fla not available: {e!r}")
-        return None
-
-
-def _stub_einops() -> None:
-    """fla imports einops at module level in files whose code paths we never run."""
-    import sys
-    import types
-
-    try:
-        import einops  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("einops")
-        for name in ("rearrange", "repeat", "reduce", "einsum", "pack", "unpack", "parse_shape"):
-            setattr(stub, name, lambda *a, **k: (_ for _ in ()).throw(NotImplementedError("einops stub")))
-        sys.modules["einops"] = stub
-
-
-def rel(ref, got) -> float:
-    ref, got = ref.double(), got.double()
-    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def fwd_bwd(fn, inputs, cu=None, h0=None, seed=1):
@@ -141,11 +92,11 @@ def check(fla=None) -> dict:
         h0 = torch.randn(N, H, D, D, device="cuda")
         ref = fwd_bwd(naive_chunk_kda, [x.float() if x.is_floating_point() else x for x in inputs], cu, h0)
         ours = fwd_bwd(chunk_kda, inputs, cu, h0)
-        res[f"ours_{name}"] = {key: rel(ref[key], ours[key]) for key in ref}
+        res[f"ours_{name}"] = {key: rel_err(ref[key], ours[key]) for key in ref}
         if fla is not None:
             try:
                 theirs = fwd_bwd(fla, inputs, None if cu is None else cu.long(), h0)
-                res[f"fla_{name}"] = {key: rel(ref[key], theirs[key]) for key in ref if theirs.get(key) is not None}
+                res[f"fla_{name}"] = {key: rel_err(ref[key], theirs[key]) for key in ref if theirs.get(key) is not None}
             except Exception as e:
                 res[f"fla_{name}"] = {"error": repr(e)}
         del ref, ours
@@ -153,28 +104,13 @@ def check(fla=None) -> dict:
     return res
 
 
-def time_impl(fn, B, T) -> tuple[float, float]:
+def time_op(fn, B, T, backward: bool) -> float:
+    """Median ms of one forward (no grad) or one forward+backward of `fn` (ours or fla's) at (B, T)."""
     q, k, v, f, beta, A_log, dt_bias = make_inputs(B, T)
-    kw = dict(A_log=A_log, dt_bias=dt_bias, output_final_state=True, **OPTS)
-    with torch.no_grad():
-        t_f = bench_ms(lambda: fn(q, k, v, f, beta, **kw))
-    leaves = [x.requires_grad_(True) for x in (q, k, v, f, beta, A_log, dt_bias)]
-    do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
-
-    def step():
-        o, _ = fn(*leaves[:5], A_log=leaves[5], dt_bias=leaves[6], output_final_state=True, **OPTS)
-        o.backward(do)
-
-    t_fb = bench_ms(step, grad_to_none=leaves)
-    return t_f, t_fb
-
-
-def time_fla(fn, B, T, mode) -> float:
-    q, k, v, f, beta, A_log, dt_bias = make_inputs(B, T)
-    kw = dict(A_log=A_log, dt_bias=dt_bias, output_final_state=True, **OPTS)
-    if mode == "fwd":
+    if not backward:
         with torch.no_grad():
-            return bench_ms(lambda: fn(q, k, v, f, beta, **kw))
+            return bench_ms(lambda: fn(q, k, v, f, beta, A_log=A_log, dt_bias=dt_bias, output_final_state=True,
+                                       **OPTS), **BENCH)
     leaves = [x.requires_grad_(True) for x in (q, k, v, f, beta, A_log, dt_bias)]
     do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
 
@@ -182,21 +118,25 @@ def time_fla(fn, B, T, mode) -> float:
         o, _ = fn(*leaves[:5], A_log=leaves[5], dt_bias=leaves[6], output_final_state=True, **OPTS)
         o.backward(do)
 
-    return bench_ms(step, grad_to_none=leaves)
+    return bench_ms(step, grad_to_none=leaves, **BENCH)
 
 
-def kernel_breakdown(B, T) -> dict:
-    """Per-kernel CUDA time (ms per call) of our forward+backward, from torch.profiler."""
+def kernel_breakdown(B, T, config: dict | None = None, backward: bool = True, n: int = 3) -> dict:
+    """Per-kernel CUDA time (ms per call) of our forward+backward (or inference forward), from torch.profiler;
+    `config` overrides chunk_kda's launch settings."""
     q, k, v, f, beta, A_log, dt_bias = make_inputs(B, T)
-    leaves = [x.requires_grad_(True) for x in (q, k, v, f, beta, A_log, dt_bias)]
+    leaves = [x.requires_grad_(backward) for x in (q, k, v, f, beta, A_log, dt_bias)]
     do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        o, _ = chunk_kda(*leaves[:5], A_log=leaves[5], dt_bias=leaves[6], output_final_state=True, **OPTS)
-        o.backward(do)
+        with torch.set_grad_enabled(backward):
+            o, _ = chunk_kda(*leaves[:5], A_log=leaves[5], dt_bias=leaves[6], output_final_state=True,
+                             config=config, **OPTS)
+        if backward:
+            o.backward(do)
+
     step()
     torch.cuda.synchronize()
-    n = 3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             step()
@@ -209,8 +149,21 @@ def kernel_breakdown(B, T) -> dict:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-LAUNCHERS = {"intra": "chunk_fwd_intra_launch", "scan": "chunk_fwd_scan_launch", "bwd_scan": "chunk_bwd_scan_launch",
-             "bwd_state": "chunk_bwd_state_launch", "bwd_intra": "chunk_bwd_intra_launch"}
+# chunk_kda's launch-setting groups (chunk.CONFIG keys) -> the Triton kernels they launch
+KERNELS = {"intra": ("fwd_prep", "fwd_diag", "fwd_solve"), "scan": ("fwd_scan",), "bwd_scan": ("bwd_scan",),
+           "bwd_state": ("bwd_state",), "bwd_intra": ("bwd_intra",)}
+FORWARD = ("intra", "scan")  # timed in the inference forward (their training variants save more)
+
+
+def kernel_ms(B, T, kernel: str, config: dict | None = None) -> float:
+    """CUDA time (ms per call) of the kernels of launch group `kernel` under `config`."""
+    times = kernel_breakdown(B, T, config, backward=kernel not in FORWARD)
+    ms = sum(t for name, t in times.items() if any(part in name for part in KERNELS[kernel]))
+    if ms == 0:
+        raise RuntimeError(f"no {KERNELS[kernel]} kernel in the profile: {sorted(times)}")
+    return ms
+
+
 SCAN_CFGS = [dict(BV=64, num_warps=4, num_stages=2), dict(BV=64, num_warps=4, num_stages=3),
              dict(BV=32, num_warps=4, num_stages=3)]
 BWD_SCAN_CFGS = [dict(BV=32, num_warps=4, num_stages=2), dict(BV=64, num_warps=4, num_stages=2)]
@@ -218,94 +171,54 @@ WIDE_SCAN_CFGS = [dict(BV=64, num_warps=4, num_stages=2), dict(BV=128, num_warps
 BIG_CFGS = [dict(num_warps=w, num_stages=1) for w in (4, 8)]
 
 
-def record_launches(B, T) -> dict:
-    """Run one forward+backward with the launchers wrapped, keeping each launch's arguments."""
-    calls = {}
-    originals = {name: getattr(chunk_mod, fn) for name, fn in LAUNCHERS.items()}
-
-    def wrap(name, fn):
-        def launch(*a, **kw):
-            calls[name] = (fn, a, kw)
-            return fn(*a, **kw)
-        return launch
-
-    for name, fn in originals.items():
-        setattr(chunk_mod, LAUNCHERS[name], wrap(name, fn))
-    try:
-        q, k, v, f, beta, A_log, dt_bias = make_inputs(B, T)
-        leaves = [x.requires_grad_(True) for x in (q, k, v, f, beta, A_log, dt_bias)]
-        o, _ = chunk_kda(*leaves[:5], A_log=leaves[5], dt_bias=leaves[6], output_final_state=True, **OPTS)
-        o.backward(torch.randn_like(o))
-        with torch.no_grad():  # the inference variants of the forward kernels replace the training ones
-            o2, _ = chunk_kda(q, k, v, f, beta, A_log=A_log, dt_bias=dt_bias, output_final_state=True, **OPTS)
-    finally:
-        for name, fn in originals.items():
-            setattr(chunk_mod, LAUNCHERS[name], fn)
-    calls["_keep"] = (leaves, o, o2)
-    return calls
-
-
 def kernel_sweep(seconds: float) -> dict:
-    """Time each kernel alone under several launch settings (every launch here is idempotent);
-    returns {shape: {kernel: (best cfg, ms)}} and the raw rows."""
+    """Time each kernel group under several launch settings (chunk_kda's `config`, per-kernel times from
+    the profiler); returns {shape: {kernel: (best cfg, ms)}} and the raw rows."""
     t_end = time.time() + seconds
     plan = [((4, 16384), [("intra", BIG_CFGS), ("bwd_intra", BIG_CFGS), ("bwd_state", BIG_CFGS)]),
             ((1, 65536), [("scan", SCAN_CFGS), ("bwd_scan", BWD_SCAN_CFGS)]),
             ((16, 4096), [("scan", WIDE_SCAN_CFGS), ("bwd_scan", WIDE_SCAN_CFGS)])]
     best, rows = {}, []
     for (B, T), items in plan:
-        if time.time() > t_end:
-            break
-        calls = record_launches(B, T)
+        shape = f"{B}x{T}"
         for kernel, cfgs in items:
-            fn, a, kw = calls[kernel]
             for cfg in cfgs:
                 if time.time() > t_end:
                     break
                 try:
-                    ms = bench_ms(lambda: fn(*a, **{**kw, **cfg}))
+                    ms = kernel_ms(B, T, kernel, {kernel: cfg})
                 except Exception as e:
                     rows.append(dict(B=B, T=T, kernel=kernel, cfg=cfg, error=repr(e)[:200]))
                     continue
                 rows.append(dict(B=B, T=T, kernel=kernel, cfg=cfg, ms=ms))
-                cur = best.setdefault(f"{B}x{T}", {}).get(kernel)
+                cur = best.setdefault(shape, {}).get(kernel)
                 if cur is None or ms < cur[1]:
-                    best[f"{B}x{T}"][kernel] = (cfg, ms)
-            if kernel in best.get(f"{B}x{T}", {}):
-                log(f"sweep {B}x{T} {kernel}: " + ", ".join(
+                    best[shape][kernel] = (cfg, ms)
+            if kernel in best.get(shape, {}):
+                log(f"sweep {shape} {kernel}: " + ", ".join(
                     f"{r['cfg']}={r['ms']:.3f}" for r in rows if r.get('ms') and r['kernel'] == kernel and r['B'] == B))
-        del calls
         torch.cuda.empty_cache()
     return dict(best=best, rows=rows)
 
 
 def apply_best(best: dict, B: int, T: int) -> dict:
-    """Launch settings for a shape: the best swept setting of the nearest swept shape, per kernel."""
-    cfg = {k: dict(v) for k, v in BASE_CONFIG.items()}
-    order = [f"{B}x{T}", "4x16384", "1x65536", "16x4096"]
-    for key in order:
+    """Launch-setting overrides (chunk_kda's `config`) for a shape: per kernel, the best swept setting of
+    the shape itself, else of the nearest swept shape (not for the scans: their settings depend on it)."""
+    cfg = {}
+    for key in [f"{B}x{T}", "4x16384", "1x65536", "16x4096"]:
         for kernel, (c, _) in best.get(key, {}).items():
             if kernel in ("scan", "bwd_scan") and key != f"{B}x{T}":
-                continue  # scan settings depend on the shape: only the shape's own sweep applies
-            if kernel in cfg and not cfg[kernel].get("_set"):
-                cfg[kernel].update(c)
-                cfg[kernel]["_set"] = True
-    for c in cfg.values():
-        c.pop("_set", None)
+                continue
+            cfg.setdefault(kernel, dict(c))
     return cfg
 
 
-BASE_CONFIG = {k: dict(v) for k, v in chunk_mod.CONFIG.items()}
-
-
 def decode_rows(skip: bool) -> list[dict]:
-    path = Path(__file__).with_name("kda_decode.py")
-    if skip or not path.exists():
+    if skip:
         return []
-    spec = importlib.util.spec_from_file_location("kda_decode", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.run_decode_benchmark(batch_sizes=(1, 16, 64, 256), H=32, K=128, check=True)
+    from benchmarks.kda_decode import run_decode_benchmark
+
+    return run_decode_benchmark(batch_sizes=(1, 16, 64, 256), H=32, K=128, check=True)
 
 
 def main() -> None:
@@ -327,7 +240,7 @@ def main() -> None:
             with open(os.path.join(out_dir, "kda_bench.json"), "w") as fh:
                 json.dump(result, fh, indent=1, default=str)
 
-    bw, rate = ceilings()
+    bw, rate = copy_bandwidth(), matmul_rate()
     result.update(copy_bw_TBs=bw / 1e12, matmul_TFLOPs=rate / 1e12)
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     try:
@@ -350,25 +263,26 @@ def main() -> None:
     for B, T in shapes:
         row = dict(B=B, T=T)
         cfg = apply_best(best, B, T)
-        chunk_mod.CONFIG.update(cfg)
         row["config"] = cfg
         row["floor_fwd_ms"], row["floor_fwd_bwd_ms"] = floors_ms(B, T, bw, rate)
+        ours = functools.partial(chunk_kda, config=cfg)
         try:
-            row["ours_fwd_ms"], row["ours_fwd_bwd_ms"] = time_impl(chunk_kda, B, T)
+            row["ours_fwd_ms"], row["ours_fwd_bwd_ms"] = time_op(ours, B, T, False), time_op(ours, B, T, True)
         except Exception as e:
             log(f"ours failed at B={B} T={T}: {e!r}"[:400])
             row["ours_fwd_ms"] = row["ours_fwd_bwd_ms"] = float("nan")
             continue
         log(f"ours B={B} T={T}: fwd {row['ours_fwd_ms']:.3f} ms, fwd+bwd {row['ours_fwd_bwd_ms']:.3f} ms  {cfg}")
         try:
-            result.setdefault("breakdown", {})[f"{B}x{T}"] = kernel_breakdown(B, T)
+            result.setdefault("breakdown", {})[f"{B}x{T}"] = kernel_breakdown(B, T, cfg)
             log("  kernels (ms/call): " + ", ".join(f"{k}={v:.3f}" for k, v in result["breakdown"][f"{B}x{T}"].items()))
         except Exception as e:
             log(f"breakdown failed: {e!r}")
         torch.cuda.empty_cache()
         result["shapes"].append(row)
         dump()
-    fla = None if args.skip_fla else load_fla()
+    fla_kda = None if args.skip_fla else import_fla("fla.ops.kda")
+    fla = None if fla_kda is None else fla_kda.chunk_kda
     if fla is not None:
         for mode in ("fwd", "fwd_bwd"):
             for row in result["shapes"]:
@@ -376,7 +290,7 @@ def main() -> None:
                     log("fla: out of time")
                     break
                 try:
-                    row[f"fla_{mode}_ms"] = time_fla(fla, row["B"], row["T"], mode)
+                    row[f"fla_{mode}_ms"] = time_op(fla, row["B"], row["T"], mode == "fwd_bwd")
                     log(f"fla B={row['B']} T={row['T']}: {mode} {row[f'fla_{mode}_ms']:.3f} ms")
                 except Exception as e:
                     log(f"fla failed at B={row['B']} T={row['T']} {mode}: {e!r}"[:300])

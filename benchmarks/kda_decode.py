@@ -4,7 +4,7 @@ One decode step = one token for each of B sequences, bf16 q/k/v/f/beta logits, g
 q/k L2 norm in the kernel, fp32 states [32, 128, 128] read from and written back to a state pool in
 place (the engine's layout: B = 1 varlen batch with cu_seqlens and state_indices).
 
-- Ours: timed inside a CUDA graph holding R consecutive steps (CUDA events over replays, per step).
+- Ours: timed inside a CUDA graph holding R consecutive steps (median replay by do_bench, per step).
   When the B states fit in L2, successive steps use different pool slots (rotation), so every step
   reads its state from HBM as it does in the model.
 - fla: `fla.ops.kda.fused_recurrent.fused_recurrent_kda_fwd` with `ssm_state_indices` and
@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from benchmarks.common import bench_ms, copy_bandwidth, graph_time_ms, import_fla, rel_err
 from kimi_linear.ops.conv import causal_conv1d, naive_causal_conv1d
 from kimi_linear.ops.kda import fused_recurrent_kda, naive_recurrent_kda
 from kimi_linear.ops.kda.fused_recurrent import decode_config
@@ -35,48 +36,13 @@ SWEEP = [(8, 1), (8, 2), (16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (
 GATE = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
 
 
-def rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
-    ref, got = ref.double(), got.double()
-    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write counted), do_bench median."""
-    import triton
-
-    src = torch.empty(nbytes // 4, device=DEVICE).uniform_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * nbytes / (ms * 1e-3)
-
-
-def graph_time_us(step, n_steps: int, replays: int = 10) -> float:
+def graph_time_us(step, n_steps: int) -> float:
     """Per-step time (us) of `step(i)` for i < n_steps, captured in one CUDA graph and replayed."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(n_steps):
-            step(i)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(n_steps):
-            step(i)
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * n_steps)
+    return graph_time_ms(step, n_steps) * 1e3
 
 
 def bench_us(fn) -> float:
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+    return bench_ms(fn, warmup=25, rep=200) * 1e3
 
 
 def rotation_sets(state_bytes: int) -> int:
@@ -99,36 +65,12 @@ def _inputs(B, H, K, seed=0):
     return q, k, v, f, beta, A_log, dt_bias, cu
 
 
-def _stub_einops() -> None:
-    """fla's package __init__ imports every op, some of which import einops at module level; the decode
-    kernel timed here never calls it. Without einops installed, a stub that raises on use lets the import
-    succeed (any real use would fail loudly and be reported as an fla failure)."""
-    import sys
-    import types
-
-    try:
-        import einops  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("einops")
-
-        def unavailable(*args, **kwargs):
-            raise NotImplementedError("einops is not installed (stub imported by benchmarks/kda_decode.py)")
-
-        for name in ("rearrange", "repeat", "reduce", "einsum", "pack", "unpack", "parse_shape"):
-            setattr(stub, name, unavailable)
-        sys.modules["einops"] = stub
-        print("note: einops not installed; a raising stub satisfies fla's imports")
-
-
 def _fla_fwd():
-    _stub_einops()
-    try:
-        from fla.ops.kda import fused_recurrent_kda as fla_public
-        from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd
-    except Exception as e:  # not installed
-        print(f"fla not available: {e!r}")
+    """fla's pool-path decode kernel and its public API, or (None, None)."""
+    fused, public = import_fla("fla.ops.kda.fused_recurrent"), import_fla("fla.ops.kda")
+    if fused is None or public is None:
         return None, None
-    return fused_recurrent_kda_fwd, fla_public
+    return fused.fused_recurrent_kda_fwd, public.fused_recurrent_kda
 
 
 def _time_fla(row, fla_fwd, fla_public, q, k, v, f, beta, A_log, dt_bias, cu, pool, idx, out, kw, n_steps, check):
@@ -226,7 +168,7 @@ def run_decode_benchmark(batch_sizes=(1, 16, 64, 256), H=32, K=128, check=True, 
 
 def run_conv_decode_benchmark(batch_sizes=(1, 256), C=12288, W=4, check=True) -> list[dict]:
     """The conv decode update (one token per sequence, bf16 state pool in place) inside a CUDA graph."""
-    bw = copy_bandwidth(1 << 28)
+    bw = copy_bandwidth(1 << 28)  # bytes/s
     rows = []
     for B in batch_sizes:
         g = torch.Generator(device=DEVICE).manual_seed(B)

@@ -12,7 +12,7 @@ against floor = cache bytes / measured device copy bandwidth (read + write count
 also timed with a larger split floor (min_chunk). `compute-sanitizer` (when installed) is run on a
 variant whose check faults, to name the faulting access.
 
-    PYTHONPATH=. python benchmarks/mla_decode.py [--quick] [--variants heads,heads-prefetch+chunked,...]
+    python -m benchmarks.mla_decode [--quick] [--variants heads,heads-prefetch+chunked,...]
 
 Variant options after '/' (see `parse_spec`) bisect a failure or a launch choice, e.g.
 `--variants heads-prefetch+chunked/nopre/s2,heads/w8,heads-prefetch+chunked/bn16`.
@@ -30,8 +30,8 @@ import time
 
 import torch
 import triton
-import triton.testing
 
+from benchmarks.common import bench_ms, copy_bandwidth, graph_time_ms, rel_err
 from kimi_linear.ops.mla.decode import decode_num_splits, mla_decode, mla_decode_attention, reference_decode
 
 H, DN, DR, DV, R = 32, 128, 64, 128, 512
@@ -44,6 +44,7 @@ SHAPES = [(1, 4096), (1, 131072), (1, 1048576), (8, 4096), (8, 131072), (32, 327
 QUICK_SHAPES = [(1, 4096), (8, 4096), (1, 131072)]
 CHECK_TAIL = [1000, 0, 5000, 33000]  # after [1, 17, block size, block size + 1]; index 5 is a padding row
 CHECK_LONG = (200_000, 1_048_576)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the variant subprocesses run from here
 
 
 def parse_spec(spec: str) -> dict:
@@ -64,19 +65,6 @@ def parse_spec(spec: str) -> dict:
     return kw
 
 
-def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3  # seconds
-
-
-def copy_bandwidth() -> float:
-    src = torch.randn(1 << 30, dtype=torch.bfloat16, device=DEVICE)  # 2 GiB
-    dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src))
-    bw = 2 * src.numel() * 2 / t
-    del src, dst
-    return bw
-
-
 def make_batch(lens, bs: int = BS, seed: int = 0):
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     need = [triton.cdiv(L, bs) for L in lens]
@@ -93,24 +81,20 @@ def make_batch(lens, bs: int = BS, seed: int = 0):
     return q, cache, tables, torch.tensor(lens, dtype=torch.int32, device=DEVICE), w
 
 
-def rel_err(q, cache, tables, lens, w, out, rows) -> float:
-    worst = 0.0
-    for n in rows:
-        ref = reference_decode(q[n:n + 1], cache, tables[n:n + 1], lens[n:n + 1], w, DV, SCALE)
-        worst = max(worst, ((out[n:n + 1].float() - ref).norm() / ref.norm()).item())
-    return worst
+def worst_row_err(q, cache, tables, lens, w, out, rows) -> float:
+    """The worst relative error of the given rows of `out` vs the fp32 reference."""
+    return max(rel_err(reference_decode(q[n:n + 1], cache, tables[n:n + 1], lens[n:n + 1], w, DV, SCALE),
+                       out[n:n + 1].float()) for n in rows)
+
+
+def bench(fn) -> float:
+    """Seconds per call (do_bench median)."""
+    return bench_ms(fn) * 1e-3
 
 
 def graph_time(fn) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return bench(g.replay)
+    """Seconds per replay of fn captured in a CUDA graph."""
+    return graph_time_ms(lambda i: fn()) * 1e-3
 
 
 def check(kw) -> float:
@@ -121,14 +105,14 @@ def check(kw) -> float:
         q, cache, tables, lens_t, w = make_batch(lens, bs, seed=bs)
         out = mla_decode(q, cache, tables, lens_t, w, DV, SCALE, {}, **kw)
         torch.cuda.synchronize()
-        worst = max(worst, rel_err(q, cache, tables, lens_t, w, out, [n for n, L in enumerate(lens) if L]))
+        worst = max(worst, worst_row_err(q, cache, tables, lens_t, w, out, [n for n, L in enumerate(lens) if L]))
         if torch.count_nonzero(out[5]).item():
             raise AssertionError("padding row not zero")
     for L in CHECK_LONG:
         q, cache, tables, lens_t, w = make_batch([L], BS, seed=L % 997)
         out = mla_decode(q, cache, tables, lens_t, w, DV, SCALE, {}, **kw)
         torch.cuda.synchronize()
-        worst = max(worst, rel_err(q, cache, tables, lens_t, w, out, [0]))
+        worst = max(worst, worst_row_err(q, cache, tables, lens_t, w, out, [0]))
         del q, cache, tables, lens_t, w, out
         torch.cuda.empty_cache()
     return worst
@@ -188,16 +172,16 @@ def main():
         run_one(args.one, shapes, args.bw)
         return
     dev = torch.cuda.get_device_name()
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(1 << 31)
     print(f"{dev}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     torch.cuda.empty_cache()
     results = []
     for spec in args.variants.split(","):
         print(f"variant {spec}:", flush=True)
-        cmd = [sys.executable, __file__, "--one", spec, "--bw", str(bw)] + (["--quick"] if args.quick else []) \
-            + (["--shapes", args.shapes] if args.shapes else [])
+        cmd = [sys.executable, "-m", "benchmarks.mla_decode", "--one", spec, "--bw", str(bw)] \
+            + (["--quick"] if args.quick else []) + (["--shapes", args.shapes] if args.shapes else [])
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
             out = p.stdout + p.stderr
         except subprocess.TimeoutExpired as e:
             out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -214,13 +198,13 @@ def main():
                 "/usr/local/cuda/bin/compute-sanitizer" if os.path.exists("/usr/local/cuda/bin/compute-sanitizer")
                 else None)
             if sanitizer and "illegal memory access" in out:
-                code = (f"import sys, torch; sys.path.insert(0, 'benchmarks'); import mla_decode as B; "
+                code = (f"import torch; from benchmarks import mla_decode as B; "
                         f"kw = B.parse_spec({spec!r}); "
                         f"q, c, t, l, w = B.make_batch([300, 70], 64); "
                         f"B.mla_decode(q, c, t, l, w, B.DV, B.SCALE, {{}}, **kw); torch.cuda.synchronize()")
                 try:
                     s = subprocess.run([sanitizer, "--tool", "memcheck", "--print-limit", "3", sys.executable, "-c",
-                                        code], capture_output=True, text=True, timeout=120)
+                                        code], capture_output=True, text=True, timeout=120, cwd=ROOT)
                     res["sanitizer"] = "\n".join((s.stdout + s.stderr).splitlines()[:40])
                     print(res["sanitizer"], flush=True)
                 except subprocess.TimeoutExpired:

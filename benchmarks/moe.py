@@ -13,7 +13,7 @@ weights in (0.1, 1.1). For each N in {1, 16, 256, 4096, 16384}:
 Then the router (fused vs torch, CUDA-graph replays), per-kernel times (profiler) and a sweep over
 tile configs (each checked against the oracle; graph replays for N <= 256).
 
-    PYTHONPATH=. python benchmarks/moe.py [--json out.json] [--sweep-seconds 150]
+    python -m benchmarks.moe [--json out.json] [--sweep-seconds 150]
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import json
 import time
 
 import torch
-import triton
-import triton.testing
 
+from benchmarks.common import bench_ms, copy_bandwidth, graph_time_ms, matmul_rate, rel_err
 from kimi_linear.ops.moe import naive_moe_experts, sigmoid_grouped_topk
 from kimi_linear.ops.moe.fused_moe import MoETiles, fused_moe, pick_tiles
 from kimi_linear.ops.moe.routing import fused_sigmoid_grouped_topk
@@ -43,39 +42,17 @@ SWEEP = {
 }
 
 
+BENCH = dict(warmup=10, rep=60)
+
+
 def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e-3  # seconds
-
-
-def copy_bandwidth() -> float:
-    src = torch.randn(1 << 29, dtype=torch.bfloat16, device=DEVICE)  # 1 GiB
-    dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src))
-    return 2 * src.numel() * 2 / t
-
-
-def matmul_rate() -> float:
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEVICE)
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEVICE)
-    return 2 * 8192**3 / bench(lambda: a @ b)
-
-
-def rel(ref: torch.Tensor, got: torch.Tensor) -> float:
-    ref, got = ref.double(), got.double()
-    return ((got - ref).norm() / ref.norm()).item()
+    """Seconds per call (do_bench median)."""
+    return bench_ms(fn, **BENCH) * 1e-3
 
 
 def graph_time(fn) -> float:
-    fn()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return bench(g.replay)
+    """Seconds per replay of fn captured in a CUDA graph."""
+    return graph_time_ms(lambda i: fn(), **BENCH) * 1e-3
 
 
 def routing(N: int, gen: torch.Generator):
@@ -90,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    bw, rate = copy_bandwidth(), matmul_rate()
+    bw, rate = copy_bandwidth(), matmul_rate()  # bytes/s, FLOP/s
     print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s",
           flush=True)
     w13 = (torch.randn(E, 2 * I, D, device=DEVICE, generator=gen) / D**0.5).bfloat16()
@@ -104,8 +81,8 @@ def main() -> None:
         tw, ids = routing(N, gen)
         inputs[N] = (x, tw, ids)
         got = fused_moe(x, w13, w2, tw, ids)
-        err_fp32 = rel(naive_moe_experts(x.float(), w13f, w2f, tw, ids), got.float())
-        err_bf16 = rel(naive_moe_experts(x, w13, w2, tw, ids).float(), got.float())
+        err_fp32 = rel_err(naive_moe_experts(x.float(), w13f, w2f, tw, ids), got.float())
+        err_bf16 = rel_err(naive_moe_experts(x, w13, w2, tw, ids).float(), got.float())
         t_ours = bench(lambda: fused_moe(x, w13, w2, tw, ids))
         t_graph = graph_time(lambda: fused_moe(x, w13, w2, tw, ids)) if N <= 256 else None
         t_naive = bench(lambda: naive_moe_experts(x, w13, w2, tw, ids))
@@ -163,7 +140,7 @@ def main() -> None:
             got = fused_moe(x, w13, w2, tw, ids, tiles=tiles)
             call = lambda: fused_moe(x, w13, w2, tw, ids, tiles=tiles)  # noqa: E731
             t = graph_time(call) if N <= 256 else bench(call)  # decode sizes: launch overhead excluded
-            s = dict(N=N, tiles=str(tiles), err_fp32=rel(ref, got.float()), us=t * 1e6)
+            s = dict(N=N, tiles=str(tiles), err_fp32=rel_err(ref, got.float()), us=t * 1e6)
             sweep.append(s)
             print(json.dumps(s), flush=True)
 

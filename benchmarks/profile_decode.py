@@ -1,6 +1,6 @@
 """Where the time of a batch-1 decode step goes: per-kernel GPU time from the torch profiler.
 
-    python benchmarks/profile_decode.py [--preset 48b-a3b-e64] [--context 4096] [--steps 5]
+    python -m benchmarks.profile_decode [--preset 48b-a3b-e64] [--context 4096] [--steps 5]
 
 Builds the engine with random weights (like engine_decode.py), reaches the context through the
 engine's cache structures, then profiles `--steps` decode steps twice: eagerly (every kernel visible
@@ -14,18 +14,13 @@ import argparse
 import collections
 import json
 import os
-import sys
 import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from engine_decode import fill_random, variant_config  # noqa: E402
-
-from kimi_linear import LLM, SamplingParams  # noqa: E402
-from kimi_linear.models.presets import preset_config  # noqa: E402
+from benchmarks.engine_decode import fill_random, variant_config
+from kimi_linear import LLM, SamplingParams
+from kimi_linear.tools.presets import preset_config
 
 
 def profile_steps(engine, steps: int, use_graph: bool) -> tuple[list[tuple[str, float, int]], float]:

@@ -6,18 +6,18 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
-export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1  # the benchmarks run as modules from the repository root: no PYTHONPATH needed
 parts=${*:-tests kda_decode engine}
 for part in $parts; do
   echo "=== $part ==="
   case $part in
     tests) timeout 240 python3 -m pytest tests/ops tests/models tests/engine -m gpu -q -p no:cacheprovider 2>&1 | tail -25 ;;
-    profile) timeout 200 python3 benchmarks/profile_decode.py --context 4096 --json "$OUT/profile_4k.json" 2>&1 | tail -60 ;;
-    kda) timeout 300 python3 benchmarks/kda.py 2>&1 | tail -40 ;;
+    profile) timeout 200 python3 -m benchmarks.profile_decode --context 4096 --json "$OUT/profile_4k.json" 2>&1 | tail -60 ;;
+    kda) timeout 300 python3 -m benchmarks.kda 2>&1 | tail -40 ;;
     kda_decode) timeout 150 python3 -m benchmarks.kda_decode --json "$OUT/kda_decode.json" 2>&1 | tail -30 ;;
-    mla) timeout 330 python3 benchmarks/mla_decode.py --shapes 1x4096,1x131072,1x1048576,8x131072 --timeout 80 --variants "${MLA_VARIANTS:-heads,heads/bh16,heads/s3,heads/bh16/s3,heads-prefetch+chunked,heads+chunked}" 2>&1 | tail -45 ;;
-    moe) timeout 150 python3 benchmarks/moe.py 2>&1 | tail -30 ;;
-    engine) timeout 330 python3 benchmarks/engine_decode.py --steps 32 --json "$OUT/engine_decode.json" 2>&1 | tail -40 ;;
+    mla) timeout 330 python3 -m benchmarks.mla_decode --shapes 1x4096,1x131072,1x1048576,8x131072 --timeout 80 --variants "${MLA_VARIANTS:-heads,heads/bh16,heads/s3,heads/bh16/s3,heads-prefetch+chunked,heads+chunked}" 2>&1 | tail -45 ;;
+    moe) timeout 150 python3 -m benchmarks.moe 2>&1 | tail -30 ;;
+    engine) timeout 330 python3 -m benchmarks.engine_decode --steps 32 --json "$OUT/engine_decode.json" 2>&1 | tail -40 ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -86,7 +86,7 @@ def poison_empty(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A `tiny` preset folder (config, generation config, weights), written once per session."""
-    from kimi_linear.models.create import create_checkpoint
+    from kimi_linear.tools.create import create_checkpoint
 
     path = tmp_path_factory.mktemp("tiny")
     create_checkpoint(path, "tiny", seed=0, progress=False)

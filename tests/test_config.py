@@ -9,7 +9,7 @@ import pytest
 
 from kimi_linear.config import ModelConfig
 from kimi_linear.errors import ConfigError
-from kimi_linear.models.presets import preset_config
+from kimi_linear.tools.presets import preset_config
 
 REAL = preset_config("48b-a3b")
 

@@ -86,7 +86,7 @@ def resolve_model(model: str | None) -> str:
     """The given folder, or the embedded default: a tiny checkpoint written once to the cache dir."""
     if model is not None:
         return model
-    from kimi_linear.models.create import create_checkpoint
+    from kimi_linear.tools.create import create_checkpoint
 
     cache = os.environ.get("KIMI_LINEAR_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kimi_linear")

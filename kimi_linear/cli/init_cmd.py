@@ -1,10 +1,11 @@
-"""`kimi-linear init --preset NAME OUT_DIR [--seed S] [--no-weights]`: write a checkpoint folder."""
+"""`kimi-linear init --preset NAME OUT_DIR [--seed S] [--no-weights]`: write a checkpoint folder
+(`tools.create.create_checkpoint` does the work)."""
 
 from __future__ import annotations
 
 import argparse
 
-from kimi_linear.models.presets import LARGE_PRESETS, PRESETS
+from kimi_linear.tools.presets import PRESETS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,9 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kimi_linear.models.create import create_checkpoint
+    from kimi_linear.tools.create import create_checkpoint, default_weights
 
-    weights = args.weights if args.weights is not None else args.preset not in LARGE_PRESETS
+    weights = default_weights(args.preset) if args.weights is None else args.weights
     config = create_checkpoint(args.out_dir, args.preset, seed=args.seed, weights=weights, dtype=args.dtype)
     what = "config and weights" if weights else "config only (use --load-format dummy to run it)"
     print(f"wrote {args.preset} ({config.num_parameters() / 1e6:.1f}M parameters) to {args.out_dir}: {what}")

@@ -1,5 +1,6 @@
-"""The Kimi Linear model: decoder stack, its cache and forward context, explicit per-sequence cache,
-weight init and presets. Code above the model (the engine) imports these names from here."""
+"""The Kimi Linear model: decoder stack, its cache and forward context, explicit per-sequence cache and
+weight init (checkpoint-making presets live in `kimi_linear.tools`). Code above the model (the engine)
+imports these names from here."""
 
 from kimi_linear.models.cache import ModelCache
 from kimi_linear.models.context import ForwardContext

@@ -4,9 +4,8 @@ A backend compiles a request's constraint (`kind` in json | json_object | regex 
 with its `spec`) once, then hands out one `GrammarMatcher` per sequence. Each step, for the rows that
 carry a matcher, the engine fills that row of an int32 token bitmask [B, ceil(V / 32)] (bit j of word
 w allows token 32 w + j; rows without a grammar stay all ones), the sampler masks the logits with it,
-and the sampled token is `accept`ed. `rollback(k)` undoes the last k accepted tokens (speculative
-decoding). An invalid constraint raises ValidationError(param="structured_outputs") for that request
-only; the backend stays usable.
+and the sampled token is `accept`ed. An invalid constraint raises
+ValidationError(param="structured_outputs") for that request only; the backend stays usable.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from typing import Any
 
 import torch
 
-from kimi_linear.sampling_params import StructuredOutputsParams
 
 
 class GrammarMatcher(ABC):
@@ -34,14 +32,6 @@ class GrammarMatcher(ABC):
     def is_terminated(self) -> bool:
         """True once the grammar is complete and a stop token was accepted."""
 
-    @abstractmethod
-    def rollback(self, num_tokens: int) -> None:
-        """Undo the last `num_tokens` accepted tokens."""
-
-    @abstractmethod
-    def reset(self) -> None:
-        """Back to the start state (e.g. a preempted sequence that restarts)."""
-
 
 class StructuredOutputBackend(ABC):
     vocab_size: int  # the model's vocabulary (bitmask width is ceil(vocab_size / 32))
@@ -53,26 +43,6 @@ class StructuredOutputBackend(ABC):
     @abstractmethod
     def matcher(self, grammar: Any) -> GrammarMatcher:
         """A fresh matcher over a compiled grammar."""
-
-    def compile_params(self, params: StructuredOutputsParams) -> Any:
-        return self.compile(params.kind(), params.spec())
-
-    def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
-        """[num_rows, ceil(V / 32)] int32, all tokens allowed (CPU; move it to the logits' device to apply)."""
-        return torch.full((num_rows, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
-
-    # the flat interface of the design note, for engines that keep matchers as opaque handles
-    def fill(self, matcher: GrammarMatcher, bitmask: torch.Tensor, row: int) -> None:
-        matcher.fill_bitmask(bitmask, row)
-
-    def accept(self, matcher: GrammarMatcher, token_id: int) -> bool:
-        return matcher.accept(token_id)
-
-    def is_terminated(self, matcher: GrammarMatcher) -> bool:
-        return matcher.is_terminated()
-
-    def rollback(self, matcher: GrammarMatcher, num_tokens: int) -> None:
-        matcher.rollback(num_tokens)
 
 
 def make_backend(tokenizer, vocab_size: int | None = None, stop_token_ids: list[int] | None = None,

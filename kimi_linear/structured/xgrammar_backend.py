@@ -73,12 +73,6 @@ class XGrammarMatcher(GrammarMatcher):
     def is_terminated(self) -> bool:
         return bool(self._m.is_terminated())
 
-    def rollback(self, num_tokens: int) -> None:
-        self._m.rollback(num_tokens)
-
-    def reset(self) -> None:
-        self._m.reset()
-
 
 class XGrammarBackend(StructuredOutputBackend):
     def __init__(self, tokenizer, vocab_size: int | None = None, stop_token_ids: list[int] | None = None,

@@ -20,7 +20,7 @@ def test_generate_streams_text(tiny_checkpoint, capsys):
 
 
 def test_generate_token_ids_without_tokenizer(tmp_path, capsys):
-    from kimi_linear.models.create import create_checkpoint
+    from kimi_linear.tools.create import create_checkpoint
 
     create_checkpoint(tmp_path / "m", "tiny", progress=False)
     for f in ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja"):

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from kimi_linear import KimiLinearForCausalLM
 from kimi_linear.cli.main import main
 from kimi_linear.config import ModelConfig
-from kimi_linear.models.create import create_checkpoint
+from kimi_linear.tools.create import create_checkpoint
 
 
 def test_tiny_folder_is_complete_and_official(tmp_path):

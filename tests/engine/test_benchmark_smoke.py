@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import pathlib
 
 import pytest
 
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "engine_decode.py"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("engine_decode", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """benchmarks.engine_decode, imported as `python -m benchmarks.engine_decode` does (from the repo root)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT))  # already there under `python -m pytest` from the root
+        return importlib.import_module("benchmarks.engine_decode")
 
 
 def test_parse_count(bench):
@@ -25,7 +25,7 @@ def test_parse_count(bench):
 
 def test_variant_config_makes_every_layer_mla(bench):
     from kimi_linear.config import ModelConfig
-    from kimi_linear.models.presets import preset_config
+    from kimi_linear.tools.presets import preset_config
 
     base = preset_config("48b-a3b-e64")
     mla = ModelConfig.from_dict(bench.variant_config(base, "mla"))

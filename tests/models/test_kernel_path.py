@@ -89,7 +89,7 @@ def test_gpu_build_ties_without_stranding_memory():
     import gc
 
     from kimi_linear.config import ModelConfig
-    from kimi_linear.models.presets import preset_config
+    from kimi_linear.tools.presets import preset_config
 
     gc.collect()
     torch.cuda.empty_cache()

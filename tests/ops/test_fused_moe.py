@@ -185,7 +185,7 @@ def test_fused_router_without_bias(device, renormalize):
 def test_moe_layer_kernel_path_matches_naive(device, monkeypatch):
     from kimi_linear.config import ModelConfig
     from kimi_linear.layers.moe import MoE
-    from kimi_linear.models.presets import preset_config
+    from kimi_linear.tools.presets import preset_config
 
     config = ModelConfig.from_dict(preset_config("tiny"))
     layer = MoE(config).to(device)

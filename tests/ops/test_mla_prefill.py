@@ -84,7 +84,7 @@ def test_layer_kernel_path_matches_naive(monkeypatch):
     """MultiHeadLatentAttention (tiny config, fp32): kernels (interpreter) == naive ops, step by step."""
     from kimi_linear.config import ModelConfig
     from kimi_linear.layers.mla import MultiHeadLatentAttention
-    from kimi_linear.models.presets import preset_config
+    from kimi_linear.tools.presets import preset_config
     from kimi_linear.models.sequence_cache import SequenceCache
     from kimi_linear.ops.dispatch import is_interpreter
 

@@ -69,7 +69,7 @@ def test_moe_layer_shared_folded_through_the_norm(device, monkeypatch, dtype):
     from kimi_linear.layers.fused import spanning
     from kimi_linear.layers.moe import MoE
     from kimi_linear.layers.norm import RMSNorm
-    from kimi_linear.models.presets import preset_config
+    from kimi_linear.tools.presets import preset_config
 
     config = ModelConfig.from_dict(preset_config("tiny"))
     layer = MoE(config).to(device, dtype)

@@ -136,12 +136,13 @@ def test_json_schema_output(oai):
 
 
 def test_json_object_output(oai, server):
-    # A random model may never close a JSON string; a bias towards '"' makes it finish deterministically.
-    quote = httpx.post(server.url + "/tokenize", json={"prompt": '"'},
-                       headers={"Authorization": "Bearer test-key"}).json()["tokens"]
+    # A random model may never close a JSON string or object; a bias towards '"' and '}' makes it finish
+    # deterministically.
+    quote, close = (httpx.post(server.url + "/tokenize", json={"prompt": text},
+                               headers={"Authorization": "Bearer test-key"}).json()["tokens"][0] for text in '"}')
     r = oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=80, temperature=0,
                                     response_format={"type": "json_object"},
-                                    logit_bias={str(quote[0]): 10.0})
+                                    logit_bias={str(quote): 10.0, str(close): 6.0})
     assert r.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kimi_linear.loader.tokenizer import load_tokenizer
-from kimi_linear.loader.tokenizer_builder import write_tokenizer
 from kimi_linear.structured import make_backend
+from kimi_linear.tools.tokenizer import write_tokenizer
 
 
 @pytest.fixture(scope="session")

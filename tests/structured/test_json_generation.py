@@ -39,20 +39,20 @@ def setup(tiny_checkpoint):
 def generate(model, tok, params: SamplingParams, max_new: int = 120) -> tuple[str, bool]:
     eos = [770, 769]
     backend = make_backend(tok, model.config.vocab_size, eos, any_whitespace=False)
-    matcher = backend.matcher(backend.compile_params(params.structured_outputs))
+    matcher = backend.matcher(backend.compile(params.structured_outputs.kind(), params.structured_outputs.spec()))
     prompt = tok.encode(render_chat([{"role": "user", "content": "Describe a user as JSON."}]))
     cache = SequenceCache(model.config, batch_size=1, dtype=torch.float32)
     gen = make_generator(params.seed, "cpu") if params.seed is not None else None
-    bitmask = backend.allocate_bitmask(1)
+    bitmask = torch.full((1, (backend.vocab_size + 31) // 32), -1, dtype=torch.int32)  # all allowed
     out: list[int] = []
     with torch.no_grad():
         logits = model(torch.tensor([prompt]), cache)[:, -1]
         for _ in range(max_new):
-            backend.fill(matcher, bitmask, 0)
+            matcher.fill_bitmask(bitmask, 0)
             batch = SamplingBatch.build([params], [gen], model.config.vocab_size, "cpu", bitmask=bitmask,
                                         prompt_token_ids=[prompt], output_token_ids=[out], eos_token_ids=eos)
             t = Sampler()(logits, batch).token_ids[0].item()
-            assert backend.accept(matcher, t), f"sampled token {t} rejected by the grammar"
+            assert matcher.accept(t), f"sampled token {t} rejected by the grammar"
             if t in eos:
                 return tok.decode(out), matcher.is_terminated()
             out.append(t)

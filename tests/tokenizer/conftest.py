@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kimi_linear.loader.tokenizer import KimiTokenizer, write_ranks
-from kimi_linear.loader.tokenizer_builder import _pretokens, special_token_names, train_bpe
+from kimi_linear.tools.tokenizer import special_token_names, train_ranks
 
 TRAIN_TEXT = (
     "The quick brown fox jumps over the lazy dog. It's 12345 degrees today; we've seen 67890 more.\n"
@@ -17,7 +17,7 @@ TRAIN_TEXT = (
 
 
 def build_ranks(num_merges: int = 300) -> dict[bytes, int]:
-    return train_bpe(_pretokens(TRAIN_TEXT), num_merges)
+    return train_ranks([TRAIN_TEXT], 256 + num_merges)
 
 
 @pytest.fixture(scope="session")

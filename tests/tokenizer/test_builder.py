@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
 
 import pytest
 import tiktoken
 
 from kimi_linear.config import ModelConfig
 from kimi_linear.loader.tokenizer import PAT_STR, load_tokenizer
-from kimi_linear.loader.tokenizer_builder import build_ranks, special_token_names
-from kimi_linear.models.create import create_checkpoint
+from kimi_linear.tools.create import create_checkpoint
+from kimi_linear.tools.tokenizer import build_ranks, special_token_names, train_ranks
 
 
 def _check_valid_ranks(ranks: dict[bytes, int], n: int) -> None:
@@ -26,6 +29,24 @@ def test_tiny_ranks_deterministic_and_valid():
     assert a == b
     _check_valid_ranks(a, 768)
     assert b" the" in a and b"in" in a
+
+
+def _digest(ranks: dict[bytes, int]) -> str:
+    return hashlib.sha256(b"\n".join(t for t, _ in sorted(ranks.items(), key=lambda kv: kv[1]))).hexdigest()
+
+
+def test_tiny_ranks_equal_across_processes():
+    """The trainer runs in Rust with per-process hash seeds; the ranks must not depend on them."""
+    code = ("import hashlib; from kimi_linear.tools.tokenizer import build_ranks; r = build_ranks(768); "
+            "print(hashlib.sha256(b'\\n'.join(t for t, _ in sorted(r.items(), key=lambda kv: kv[1]))).hexdigest())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == _digest(build_ranks(768))
+
+
+def test_train_ranks_stops_when_the_text_runs_out_of_pairs():
+    ranks = train_ranks(["abab abab"], 1000)
+    assert len(ranks) < 270 and ranks[b"ab"] == 256 and b"abab" in ranks
+    _check_valid_ranks(ranks, len(ranks))
 
 
 def test_tiny_special_layout():

@@ -23,8 +23,8 @@ from kimi_linear.ops.kda.chunk_intra import chunk_fwd_intra_launch
 from kimi_linear.ops.kda.chunk_scan import chunk_bwd_scan_launch, chunk_fwd_scan_launch
 from kimi_linear.ops.kda.chunk_utils import BT, prepare_chunks
 
-# Launch settings per kernel (the benchmark may override them to sweep); scans: None = by shape
-# (chunk_scan.pick_scan).
+# Default launch settings per kernel (`chunk_kda(config=...)` overrides them per call, e.g. for a
+# benchmark sweep); scans: None = by shape (chunk_scan.pick_scan).
 CONFIG = {
     "intra": dict(num_warps=8, num_stages=1, diag_warps=2, solve_warps=2),
     "scan": dict(num_warps=4, num_stages=None, BV=None),
@@ -89,8 +89,18 @@ def _check(q, k, v, g, beta, initial_state, cu_seqlens, use_gate, A_log, state_i
     return B, T, H, K, N
 
 
+def _launch_config(config: dict | None) -> dict:
+    """CONFIG with the per-kernel settings of `config` ({kernel: {setting: value}}) over it."""
+    if not config:
+        return CONFIG
+    unknown = set(config) - set(CONFIG)
+    if unknown:
+        raise KDAInputError(f"config: unknown kernels {sorted(unknown)}; known: {sorted(CONFIG)}")
+    return {name: {**CONFIG[name], **config.get(name, {})} for name in CONFIG}
+
+
 def _forward(q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state, cu_seqlens,
-             cu_seqlens_cpu, state_indices, use_l2, use_gate, use_sigmoid, save):
+             cu_seqlens_cpu, state_indices, use_l2, use_gate, use_sigmoid, save, config):
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt = q.dtype if q.dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
@@ -118,7 +128,7 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_fina
     if TT == 0:
         return o, None, bufs, idx
     chunk_fwd_intra_launch(q, k, v, g, beta, A, dtb, scale, idx, T, bufs, use_gate=use_gate, use_l2=use_l2,
-                           use_sigmoid=use_sigmoid, **CONFIG["intra"])
+                           use_sigmoid=use_sigmoid, **config["intra"])
     si = None
     final = None
     if state_indices is not None:
@@ -129,18 +139,18 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_fina
         ht = final
     else:
         ht = None
-    chunk_fwd_scan_launch(bufs, o, initial_state, ht, idx, T, si, save=save, **CONFIG["scan"])
+    chunk_fwd_scan_launch(bufs, o, initial_state, ht, idx, T, si, save=save, **config["scan"])
     return o, final, bufs, idx
 
 
 class ChunkKDAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state, cu_seqlens,
-                cu_seqlens_cpu, use_l2, use_gate, use_sigmoid):
+                cu_seqlens_cpu, use_l2, use_gate, use_sigmoid, config):
         o, final, bufs, idx = _forward(q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state,
-                                       cu_seqlens, cu_seqlens_cpu, None, use_l2, use_gate, use_sigmoid, True)
+                                       cu_seqlens, cu_seqlens_cpu, None, use_l2, use_gate, use_sigmoid, True, config)
         ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, initial_state)
-        ctx.bufs, ctx.idx = bufs, idx
+        ctx.bufs, ctx.idx, ctx.config = bufs, idx, config
         ctx.flags = (scale, use_l2, use_gate, use_sigmoid)
         return o, final
 
@@ -149,13 +159,13 @@ class ChunkKDAFunction(torch.autograd.Function):
         q, k, v, g, beta, A_log, dt_bias, initial_state = ctx.saved_tensors
         scale, use_l2, use_gate, use_sigmoid = ctx.flags
         grads = _backward(q, k, v, g, beta, A_log, dt_bias, initial_state, do, dht, ctx.bufs, ctx.idx, scale,
-                          use_l2, use_gate, use_sigmoid)
+                          use_l2, use_gate, use_sigmoid, ctx.config)
         ctx.bufs = None
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)  # scale ... config
 
 
 def _backward(q, k, v, g, beta, A_log, dt_bias, initial_state, do, dht, bufs, idx, scale, use_l2, use_gate,
-              use_sigmoid):
+              use_sigmoid, config):
     B, T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
@@ -189,12 +199,12 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, initial_state, do, dht, bufs, id
                     ddt_part=torch.zeros(NS, H, K, device=dev, dtype=f32))
     if TT > 0:
         dht_c = dht.contiguous() if dht is not None else None
-        chunk_bwd_scan_launch(bufs, do, dht_c, grads["dh"], grads["dvn"], dh0, idx, T, **CONFIG["bwd_scan"])
-        chunk_bwd_state_launch(bufs, do, v, beta, dv, grads, idx, T, use_sigmoid=use_sigmoid, **CONFIG["bwd_state"])
+        chunk_bwd_scan_launch(bufs, do, dht_c, grads["dh"], grads["dvn"], dh0, idx, T, **config["bwd_scan"])
+        chunk_bwd_state_launch(bufs, do, v, beta, dv, grads, idx, T, use_sigmoid=use_sigmoid, **config["bwd_state"])
         A = A_log.reshape(-1).float().contiguous() if use_gate else None
         dtb = dt_bias.reshape(-1).float().contiguous() if (use_gate and dt_bias is not None) else None
         chunk_bwd_intra_launch(q, k, g, beta, A, dtb, scale, bufs, grads, outs, idx, T, use_gate=use_gate,
-                               use_l2=use_l2, use_sigmoid=use_sigmoid, **CONFIG["bwd_intra"])
+                               use_l2=use_l2, use_sigmoid=use_sigmoid, **config["bwd_intra"])
     elif dh0 is not None and dht is not None:
         dh0.copy_(dht)
     dA_log = ddt = None
@@ -213,7 +223,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
               use_qk_l2norm_in_kernel: bool = False, use_gate_in_kernel: bool = False,
               A_log: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
               use_beta_sigmoid_in_kernel: bool = False, state_indices: torch.Tensor | None = None,
-              cu_seqlens_cpu: torch.Tensor | None = None):
+              cu_seqlens_cpu: torch.Tensor | None = None, config: dict | None = None):
     """Chunkwise KDA. Returns (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] fp32 | None).
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H, K] log decay (<= 0), or with `use_gate_in_kernel`
@@ -224,12 +234,14 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     `state_indices` [N] int32, `initial_state` is a state pool [S, H, K, V]: sequence n starts from slot
     state_indices[n] and its final state is written back there in place (final_state is None); a
     negative index skips the sequence (zero output, no slot touched). Differentiable in q, k, v, g,
-    beta, A_log, dt_bias and initial_state (not with a state pool).
+    beta, A_log, dt_bias and initial_state (not with a state pool). `config` {kernel: {setting: value}}
+    overrides the launch settings of `CONFIG` for this call (a benchmark's sweep); the results are the same.
     """
     B, T, H, K, N = _check(q, k, v, g, beta, initial_state, cu_seqlens, use_gate_in_kernel, A_log, state_indices,
                            cu_seqlens_cpu)
     scale = K ** -0.5 if scale is None else float(scale)
     use_gate = bool(use_gate_in_kernel)
+    config = _launch_config(config)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, beta, A_log, dt_bias, initial_state))
     if needs_grad:
@@ -238,8 +250,9 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
                                 "pass initial_state per sequence to differentiate")
         return ChunkKDAFunction.apply(q, k, v, g, beta, A_log if use_gate else None, dt_bias if use_gate else None,
                                       initial_state, scale, output_final_state, cu_seqlens, cu_seqlens_cpu,
-                                      bool(use_qk_l2norm_in_kernel), use_gate, bool(use_beta_sigmoid_in_kernel))
+                                      bool(use_qk_l2norm_in_kernel), use_gate, bool(use_beta_sigmoid_in_kernel),
+                                      config)
     o, final, _, _ = _forward(q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state,
                               cu_seqlens, cu_seqlens_cpu, state_indices, bool(use_qk_l2norm_in_kernel), use_gate,
-                              bool(use_beta_sigmoid_in_kernel), False)
+                              bool(use_beta_sigmoid_in_kernel), False, config)
     return o, final

@@ -3,7 +3,8 @@
 Writes config.json, generation_config.json, a Kimi-format tokenizer (tiktoken.model,
 tokenizer_config.json, chat_template.jinja; built for vocabularies of at most 32768 ids, i.e. the
 `tiny` and `small` presets) and, unless `weights=False`, random well-scaled weights as sharded
-safetensors with model.safetensors.index.json in the official tensor names and dtypes.
+safetensors with model.safetensors.index.json in the official tensor names and dtypes (by default
+for every preset but the 48b ones, which the engine can fill on the device with load_format="dummy").
 Weights are generated tensor by tensor on a meta-device model and streamed into shards, so even the
 48B preset never needs its weights in memory at once.
 """
@@ -17,10 +18,10 @@ import torch
 
 from kimi_linear.config import ModelConfig, parse_dtype
 from kimi_linear.loader.safetensors import save_checkpoint
-from kimi_linear.loader.tokenizer_builder import write_tokenizer
 from kimi_linear.models.init import init_tensor, make_generator
 from kimi_linear.models.kimi_linear import FP32_PARAMS, KimiLinearForCausalLM
-from kimi_linear.models.presets import preset_config
+from kimi_linear.tools.presets import LARGE_PRESETS, preset_config
+from kimi_linear.tools.tokenizer import write_tokenizer
 
 MAX_BUILT_VOCAB = 32768  # larger vocabularies (the 48b presets) get no built tokenizer: too slow to train
 
@@ -34,13 +35,22 @@ def generation_config(config: ModelConfig) -> dict:
             "pad_token_id": config.pad_token_id}
 
 
-def create_checkpoint(out_dir: str | os.PathLike, preset: str | dict = "tiny", seed: int = 0, weights: bool = True,
-                      dtype: torch.dtype | str | None = None, max_shard_bytes: int = 2 * 1024 ** 3,
-                      progress: bool = True, tokenizer: bool | None = None) -> ModelConfig:
+def default_weights(preset: str | dict) -> bool:
+    """Whether `kimi-linear init` writes weights for `preset` by default (not for the 48b shapes)."""
+    return not (isinstance(preset, str) and preset in LARGE_PRESETS)
+
+
+def create_checkpoint(out_dir: str | os.PathLike, preset: str | dict = "tiny", seed: int = 0,
+                      weights: bool | None = None, dtype: torch.dtype | str | None = None,
+                      max_shard_bytes: int = 2 * 1024 ** 3, progress: bool = True,
+                      tokenizer: bool | None = None) -> ModelConfig:
     """Write a checkpoint folder for `preset` (a preset name or an official-format config dict).
 
+    `weights`: write random weights (default: unless `preset` names a 48b preset).
     `tokenizer`: write a built tokenizer (default: when the vocabulary has at most 32768 ids)."""
     out_dir = os.fspath(out_dir)
+    if weights is None:
+        weights = default_weights(preset)
     cfg_dict = preset_config(preset) if isinstance(preset, str) else dict(preset)
     if dtype is not None:
         cfg_dict["dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16",

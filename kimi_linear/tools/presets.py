@@ -76,40 +76,39 @@ def _hybrid_lists(num_layers: int) -> dict:
     return {"kda_layers": [i for i in range(1, num_layers + 1) if i not in full], "full_attn_layers": full}
 
 
-def _tiny() -> dict:
+def _derived(drop_auto_map: bool = True, **fields) -> dict:
+    """A copy of the real config with `fields` replaced (the small shapes drop the remote-code auto_map)."""
     d = copy.deepcopy(_REAL)
-    d.pop("auto_map")
-    d.update(
-        vocab_size=1024, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-        head_dim=16, intermediate_size=192, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-        v_head_dim=32, num_experts=16, num_experts_per_token=4, num_shared_experts=1, moe_intermediate_size=64,
-        model_max_length=65536, bos_token_id=768, eos_token_id=770, pad_token_id=1023,
-    )
-    d["linear_attn_config"] = {"kda_layers": [1, 2, 3], "full_attn_layers": [4], "num_heads": 2, "head_dim": 32,
-                               "short_conv_kernel_size": 4}
+    if drop_auto_map:
+        d.pop("auto_map")
+    d.update(fields)
     return d
 
 
-def _small() -> dict:
-    d = copy.deepcopy(_REAL)
-    d.pop("auto_map")
-    d.update(
-        vocab_size=32768, hidden_size=768, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=8,
-        head_dim=96, intermediate_size=2048, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, num_experts=16, num_experts_per_token=4, num_shared_experts=1, moe_intermediate_size=224,
-        model_max_length=1048576, bos_token_id=32512, eos_token_id=32514, pad_token_id=32767,
-    )
-    d["linear_attn_config"] = {**_hybrid_lists(12), "num_heads": 6, "head_dim": 128, "short_conv_kernel_size": 4}
-    return d
+# Real head sizes scaled down; ids of the built tokenizer's [BOS], <|im_end|>, [PAD] (base vocabulary + 0, 2, 255).
+_TINY = dict(
+    vocab_size=1024, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+    head_dim=16, intermediate_size=192, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+    v_head_dim=32, num_experts=16, num_experts_per_token=4, num_shared_experts=1, moe_intermediate_size=64,
+    model_max_length=65536, bos_token_id=768, eos_token_id=770, pad_token_id=1023,
+    linear_attn_config={"kda_layers": [1, 2, 3], "full_attn_layers": [4], "num_heads": 2, "head_dim": 32,
+                        "short_conv_kernel_size": 4},
+)
+_SMALL = dict(
+    vocab_size=32768, hidden_size=768, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=8,
+    head_dim=96, intermediate_size=2048, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+    v_head_dim=128, num_experts=16, num_experts_per_token=4, num_shared_experts=1, moe_intermediate_size=224,
+    model_max_length=1048576, bos_token_id=32512, eos_token_id=32514, pad_token_id=32767,
+    linear_attn_config={**_hybrid_lists(12), "num_heads": 6, "head_dim": 128, "short_conv_kernel_size": 4},
+)
 
 
-def _e64() -> dict:
-    d = copy.deepcopy(_REAL)
-    d["num_experts"] = 64
-    return d
-
-
-PRESETS = {"tiny": _tiny, "small": _small, "48b-a3b": lambda: copy.deepcopy(_REAL), "48b-a3b-e64": _e64}
+PRESETS = {
+    "tiny": lambda: _derived(**copy.deepcopy(_TINY)),
+    "small": lambda: _derived(**copy.deepcopy(_SMALL)),
+    "48b-a3b": lambda: _derived(drop_auto_map=False),
+    "48b-a3b-e64": lambda: _derived(drop_auto_map=False, num_experts=64),
+}
 LARGE_PRESETS = {"48b-a3b", "48b-a3b-e64"}
 
 

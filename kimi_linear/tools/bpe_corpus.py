@@ -1,4 +1,4 @@
-"""The embedded text corpus that `tokenizer_builder` trains the preset tokenizers on (do not edit:
+"""The embedded text corpus that `tools.tokenizer` trains the preset tokenizers on (do not edit:
 the `tiny` and `small` tokenizers, and so their token ids, are a pure function of this text).
 
 It is the project's own design documents (as of the tokenizer's creation) plus a few handwritten

@@ -1,24 +1,25 @@
 """Build small Kimi-format tokenizers (for the `tiny` and `small` presets) deterministically.
 
 A tokenizer here is `num_base_tokens` BPE ranks (the 256 single bytes, ranks 0..255 in byte order,
-then merges learned by byte-level BPE on the embedded corpus `bpe_corpus.CORPUS`, pre-tokenised with
-the Kimi pattern) plus 256 special ids laid out like the real Kimi tokenizer's: the same names at
-the same offsets from the base vocabulary ([BOS] at +0, [EOS] +1, <|im_end|> +2, ... [PAD] +255),
-the other slots `<|reserved_token_{id}|>`.
+then the merges of a byte-level BPE trained by the `tokenizers` library on the embedded corpus
+`bpe_corpus.CORPUS`, pre-tokenised with the Kimi pattern) plus 256 special ids laid out like the real
+Kimi tokenizer's: the same names at the same offsets from the base vocabulary ([BOS] at +0, [EOS] +1,
+<|im_end|> +2, ... [PAD] +255), the other slots `<|reserved_token_{id}|>`. Written as the files the
+loader reads (`loader/tokenizer.py`): tiktoken.model, tokenizer_config.json, chat_template.jinja.
 
-Invariants: the result is a pure function of (num_base_tokens, the corpus); every merged token is
-reachable by tiktoken's merges (encoding its bytes as one piece gives exactly its own rank), because
-ranks are the training merge order and a pair whose bytes already form a token reuses that token.
-When the corpus runs out of pairs, training continues on a deterministic synthetic corpus
-(pseudo-words, numbers, identifiers) from a fixed linear congruential generator.
+Invariants: the result is a pure function of (num_base_tokens, the corpus, the trainer of the
+installed `tokenizers`); ranks are the training merge order, and every merged token is reachable by
+tiktoken's merges (encoding its bytes as one piece gives exactly its own rank): a token that is not
+is skipped. When the corpus runs out of pairs, training restarts on the corpus plus a deterministic
+synthetic text (pseudo-words, numbers, identifiers from a fixed linear congruential generator) that
+doubles until the vocabulary is full.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
-from collections import Counter
+from collections.abc import Iterable
 
 from kimi_linear.errors import ConfigError
 from kimi_linear.loader.tokenizer import (CONFIG_FILE, NUM_RESERVED_SPECIAL_TOKENS, PAT_STR, TIKTOKEN_FILE,
@@ -33,13 +34,15 @@ KIMI_SPECIAL_OFFSETS = {
     254: "[UNK]", 255: "[PAD]",
 }
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+MAX_SYNTHETIC_DOUBLINGS = 12
 
 
 # --------------------------------------------------------------------------- corpus
-def _pretokens(text: str) -> Counter[bytes]:
+def pretokens(text: str) -> list[str]:
+    """`text` split by the Kimi pre-tokenisation pattern (BPE never merges across these pieces)."""
     import regex  # the `regex` module runs the Kimi pattern (V1 syntax has `&&` class intersection)
 
-    return Counter(m.encode("utf-8") for m in regex.findall(PAT_STR, text, flags=regex.V1))
+    return regex.findall(PAT_STR, text, flags=regex.V1)
 
 
 def _synthetic_text(num_words: int) -> str:
@@ -72,72 +75,22 @@ def _synthetic_text(num_words: int) -> str:
 
 
 # --------------------------------------------------------------------------- training
-def train_bpe(word_counts: Counter[bytes], num_merges: int, ranks: dict[bytes, int] | None = None,
-              ) -> dict[bytes, int]:
-    """Byte-level BPE: extend `ranks` (default: the 256 bytes) by up to `num_merges` new tokens.
-
-    Ties between equally frequent pairs go to the smallest (left id, right id), so the result is
-    deterministic. Returns the extended ranks (token bytes -> rank, dense from 0)."""
-    ranks = dict(ranks) if ranks else {bytes([b]): b for b in range(256)}
-    vocab = {r: t for t, r in ranks.items()}
-    # tokenise each pre-token with the current ranks (bytes first, then the known merges in order)
-    words: list[list[int]] = []
-    counts: list[int] = []
-    for w, c in word_counts.items():
-        words.append(_apply_ranks(w, ranks))
-        counts.append(c)
-    pair_count: dict[tuple[int, int], int] = {}
-    pair_where: dict[tuple[int, int], set[int]] = {}
-    for wi, ids in enumerate(words):
-        for p in zip(ids, ids[1:]):
-            pair_count[p] = pair_count.get(p, 0) + counts[wi]
-            pair_where.setdefault(p, set()).add(wi)
-    heap = [(-c, p) for p, c in pair_count.items()]
-    heapq.heapify(heap)
-    target = len(ranks) + num_merges
-    while len(ranks) < target and heap:
-        negc, pair = heapq.heappop(heap)
-        if pair_count.get(pair, 0) != -negc or negc == 0:
-            continue  # stale heap entry
-        a, b = pair
-        merged = vocab[a] + vocab[b]
-        new_id = ranks.get(merged)
-        if new_id is None:
-            new_id = len(ranks)
-            ranks[merged] = new_id
-            vocab[new_id] = merged
-        touched: set[tuple[int, int]] = set()
-        for wi in sorted(pair_where.pop(pair, ())):
-            ids, c = words[wi], counts[wi]
-            for p in zip(ids, ids[1:]):
-                pair_count[p] -= c
-                touched.add(p)
-            out, i = [], 0
-            while i < len(ids):
-                if i + 1 < len(ids) and ids[i] == a and ids[i + 1] == b:
-                    out.append(new_id)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            words[wi] = out
-            for p in zip(out, out[1:]):
-                pair_count[p] = pair_count.get(p, 0) + c
-                pair_where.setdefault(p, set()).add(wi)
-                touched.add(p)
-        pair_count.pop(pair, None)
-        for p in touched:
-            c = pair_count.get(p, 0)
-            if c > 0:
-                heapq.heappush(heap, (-c, p))
-            else:
-                pair_count.pop(p, None)
-                pair_where.pop(p, None)
-    return ranks
+def _byte_of_char() -> dict[str, int]:
+    """The inverse of GPT-2's bytes -> printable characters map, which byte-level BPE works in."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    chars, num_shifted = {}, 0
+    for b in range(256):  # the others map to 256, 257, ... in byte order
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + num_shifted)
+            num_shifted += 1
+    return {c: b for b, c in chars.items()}
 
 
-def _apply_ranks(word: bytes, ranks: dict[bytes, int]) -> list[int]:
-    parts = [word[i:i + 1] for i in range(len(word))]
+def _tiktoken_merge(token: bytes, ranks: dict[bytes, int]) -> list[int]:
+    """tiktoken's encoding of one piece: merge the adjacent pair of lowest rank until none is a token."""
+    parts = [token[i:i + 1] for i in range(len(token))]
     while len(parts) > 1:
         best, best_i = None, -1
         for i in range(len(parts) - 1):
@@ -150,19 +103,49 @@ def _apply_ranks(word: bytes, ranks: dict[bytes, int]) -> list[int]:
     return [ranks[p] for p in parts]
 
 
+def train_ranks(texts: Iterable[str], num_base_tokens: int) -> dict[bytes, int]:
+    """Byte-level BPE ranks (token bytes -> rank, dense from 0) of at most `num_base_tokens` tokens:
+    the 256 bytes, then the merges learned on `texts` in training order (fewer when the texts run out
+    of pairs). Ties between equally frequent pairs are broken by the trainer, deterministically."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    # the Kimi pattern splits the text here (pretokens); the pre-tokenizer only maps bytes to characters
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    # a little slack: a merged token that tiktoken cannot reach is skipped below
+    trainer = trainers.BpeTrainer(vocab_size=num_base_tokens + 64, show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((piece for text in texts for piece in pretokens(text)), trainer)
+    byte_of = _byte_of_char()
+    ranks = {bytes([b]): b for b in range(256)}
+    for text, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+        token = bytes(byte_of[c] for c in text)
+        if len(ranks) == num_base_tokens:
+            break
+        if len(token) == 1:
+            continue
+        ranks[token] = len(ranks)
+        # reachable with the ranks so far implies reachable with any later ones (they merge later)
+        if _tiktoken_merge(token, ranks) != [ranks[token]]:
+            del ranks[token]
+    return ranks
+
+
 def build_ranks(num_base_tokens: int) -> dict[bytes, int]:
     """The BPE ranks of a preset tokenizer with `num_base_tokens` mergeable tokens (>= 256)."""
-    from kimi_linear.loader.bpe_corpus import CORPUS
+    from kimi_linear.tools.bpe_corpus import CORPUS
 
     if num_base_tokens < 256:
         raise ConfigError("vocab_size", f"a byte-level tokenizer needs at least 256 base tokens, got {num_base_tokens}")
-    ranks = train_bpe(_pretokens(CORPUS), num_base_tokens - 256)
+    ranks = train_ranks([CORPUS], num_base_tokens)
     num_words = 20_000
-    while len(ranks) < num_base_tokens:
-        # the corpus ran out of pairs: continue on synthetic text (deterministic, grows until enough)
-        ranks = train_bpe(_pretokens(_synthetic_text(num_words)), num_base_tokens - len(ranks), ranks)
+    for _ in range(MAX_SYNTHETIC_DOUBLINGS):
+        if len(ranks) == num_base_tokens:
+            return ranks
+        # the corpus ran out of pairs: train again with synthetic text (deterministic, grows until enough)
+        ranks = train_ranks([CORPUS, _synthetic_text(num_words)], num_base_tokens)
         num_words *= 2
-    return ranks
+    raise ConfigError("vocab_size", f"could not train {num_base_tokens} BPE tokens (got {len(ranks)})")
 
 
 # --------------------------------------------------------------------------- writing

@@ -1,0 +1,115 @@
+"""Helpers shared by the benchmarks: timing (do_bench, CUDA-graph replays), the ceilings measured in
+the same run (copy bandwidth, matmul rate), relative error, importing the fla peer, a timestamped log.
+
+Every benchmark runs from the repository root as a module, `python -m benchmarks.NAME`: the root is
+then on sys.path, so `kimi_linear` and `benchmarks` import without installing or path edits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import sys
+import time
+import types
+
+import torch
+
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    """Print `msg` after the seconds since the benchmark started."""
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- timing
+def bench_ms(fn, warmup: int = 25, rep: int = 100, grad_to_none=None) -> float:
+    """Median milliseconds of fn() by triton.testing.do_bench (the L2 cache is flushed between calls)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def capture_graph(step, n_steps: int = 1) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of step(0), ..., step(n_steps - 1), captured after a warm-up pass on a side stream."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(n_steps):
+            step(i)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n_steps):
+            step(i)
+    return graph
+
+
+def graph_time_ms(step, n_steps: int = 1, **bench_kw) -> float:
+    """Milliseconds per step of step(i), i < n_steps, captured in one CUDA graph: the median replay / n_steps."""
+    graph = capture_graph(step, n_steps)
+    return bench_ms(graph.replay, **bench_kw) / n_steps
+
+
+def wall_ms(fn) -> float:
+    """Milliseconds that fn() takes by the host clock (for the CPU)."""
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+# ---------------------------------------------------------------- ceilings
+def copy_bandwidth(nbytes: int = 1 << 30, device: torch.device | str = "cuda") -> float:
+    """Device-to-device copy bandwidth in bytes/s, read + write counted: the do_bench median on CUDA, the
+    median of 20 timed copies elsewhere."""
+    device = torch.device(device)
+    src = torch.empty(nbytes // 4, device=device).uniform_()
+    dst = torch.empty_like(src)
+    if device.type == "cuda":
+        ms = bench_ms(lambda: dst.copy_(src))
+    else:
+        for _ in range(3):
+            dst.copy_(src)
+        ms = statistics.median(wall_ms(lambda: dst.copy_(src)) for _ in range(20))
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def matmul_rate(n: int = 8192) -> float:
+    """bf16 matmul rate on the GPU in FLOP/s (an n x n x n product)."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    return 2 * n ** 3 / (bench_ms(lambda: a @ b) * 1e-3)
+
+
+# ---------------------------------------------------------------- numerics
+def rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """||got - ref|| / ||ref|| in float64."""
+    ref, got = ref.double(), got.double()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------- the fla peer
+def import_fla(module: str):
+    """The fla-core module `module` (e.g. "fla.ops.kda"), or None (with a note) when fla is unavailable.
+
+    fla's package __init__ imports every op, some of which import einops at module level; the ops timed
+    here never call it. Without einops installed, a stub that raises on use lets the import succeed
+    (any real use fails loudly and is reported as an fla failure)."""
+    try:
+        import einops  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("einops")
+
+        def unavailable(*args, **kwargs):
+            raise NotImplementedError("einops is not installed (stub from benchmarks/common.py)")
+
+        for name in ("rearrange", "repeat", "reduce", "einsum", "pack", "unpack", "parse_shape"):
+            setattr(stub, name, unavailable)
+        sys.modules["einops"] = stub
+        print("note: einops not installed; a raising stub satisfies fla's imports", flush=True)
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # not installed, or broken
+        print(f"fla not available: {e!r}", flush=True)
+        return None
