@@ -1,21 +1,20 @@
-"""MLA decode (absorbed, split-KV over the paged latent cache): kernel variants vs the copy-bandwidth floor.
+"""MLA decode (absorbed, split-KV over the paged latent cache): launch configurations vs the copy floor.
 
 Real shape (H=32, Dn=128, Dr=64, Dv=128, R=512), bf16, scattered block tables, random cache contents.
-Each variant (`variant+reduce` of `mla_decode_attention`, e.g. `heads`, `heads-prefetch+chunked`,
-`heads/bh16`) runs in its own subprocess, so that a kernel that faults (an illegal memory access
-poisons the CUDA context) cannot take the others down. A variant is first checked against the fp32
+Each launch configuration (`default`, or overrides of `mla_decode_attention`'s launch arguments such as
+`bh16/s3`) runs in its own subprocess, so that a launch that faults (an illegal memory access poisons
+the CUDA context) cannot take the others down. A configuration is first checked against the fp32
 naive absorbed form (block sizes 16 / 64 / 256, padding rows, 200K and 1M tokens); only then timed
 (median of `triton.testing.do_bench`, L2 flushed between calls):
   attn   the two Triton kernels (absorbed query given),
   graph  the whole `mla_decode` (W_UK bmm, kernels, W_UV bmm) replayed from a CUDA graph,
 against floor = cache bytes / measured device copy bandwidth (read + write counted). The 4K graph is
 also timed with a larger split floor (min_chunk). `compute-sanitizer` (when installed) is run on a
-variant whose check faults, to name the faulting access.
+configuration whose check faults, to name the faulting access.
 
-    python -m benchmarks.mla_decode [--quick] [--variants heads,heads-prefetch+chunked,...]
+    python -m benchmarks.mla_decode [--quick] [--variants default,bh16,s3,...]
 
-Variant options after '/' (see `parse_spec`) bisect a failure or a launch choice, e.g.
-`--variants heads-prefetch+chunked/nopre/s2,heads/w8,heads-prefetch+chunked/bn16`.
+Options (see `parse_spec`) bisect a failure or a launch choice, e.g. `--variants default,w8,bn16/nopre`.
 """
 
 from __future__ import annotations
@@ -32,14 +31,15 @@ import torch
 import triton
 
 from benchmarks.common import bench_ms, copy_bandwidth, graph_time_ms, rel_err
-from kimi_linear.ops.mla.decode import decode_num_splits, mla_decode, mla_decode_attention, reference_decode
+from kimi_linear.ops.mla.decode import decode_num_splits, mla_decode, mla_decode_attention
+from kimi_linear.ops.mla.naive import naive_mla_decode
 
 H, DN, DR, DV, R = 32, 128, 64, 128, 512
 BS = 64
 SCALE = (DN + DR) ** -0.5
 BYTES_PER_TOKEN = (R + DR) * 2
 DEVICE = "cuda"
-DEFAULT_VARIANTS = "heads,heads+chunked,heads-prefetch+chunked"  # ~1 min each
+DEFAULT_VARIANTS = "default,bh16,s3"  # ~1 min each
 SHAPES = [(1, 4096), (1, 131072), (1, 1048576), (8, 4096), (8, 131072), (32, 32768), (128, 4096)]
 QUICK_SHAPES = [(1, 4096), (8, 4096), (1, 131072)]
 CHECK_TAIL = [1000, 0, 5000, 33000]  # after [1, 17, block size, block size + 1]; index 5 is a padding row
@@ -48,21 +48,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the varian
 
 
 def parse_spec(spec: str) -> dict:
-    """'variant[+reduce][/option...]' -> keyword arguments of `mla_decode_attention`; options: bnN (tile
-    tokens), wN (warps), sN (stages), mcN (min_chunk), spN (splits), bhN (heads per program), nopre
-    (no prefetch).
-    E.g. 'heads-prefetch+chunked/bn16' -> dict(variant='heads-prefetch', reduce='chunked', block_n=16)."""
-    spec, *opts = spec.split("/")
-    variant, _, reduce = spec.partition("+")
-    kw: dict = dict(variant=variant, reduce=reduce or "serial")
+    """'default' or '/'-separated launch overrides -> keyword arguments of `mla_decode_attention`:
+    bnN (tile tokens), wN (warps), sN (stages), mcN (min_chunk), spN (splits), bhN (heads per program),
+    nopre (no block-id prefetch). E.g. 'bh16/s3' -> dict(block_h=16, num_stages=3)."""
+    kw: dict = {}
     names = dict(bn="block_n", w="num_warps", s="num_stages", mc="min_chunk", sp="num_splits", bh="block_h")
-    for opt in opts:
+    for opt in spec.split("/"):
+        if opt == "default":
+            continue
         if opt == "nopre":
             kw["prefetch"] = False
             continue
         key = opt.rstrip("0123456789")
+        if key not in names or key == opt:
+            raise SystemExit(f"unknown launch option {opt!r} in {spec!r} (options: default, nopre, "
+                             + ", ".join(k + "N" for k in names) + ")")
         kw[names[key]] = int(opt[len(key):])
     return kw
+
+
+def reference_decode(q, cache, tables, lens, w, Dv, scale):
+    """The naive absorbed form in fp32 (the oracle)."""
+    return naive_mla_decode(q.float(), cache.float(), tables, lens, w.float(), Dv, scale)
 
 
 def make_batch(lens, bs: int = BS, seed: int = 0):
@@ -149,7 +156,7 @@ def run_one(spec: str, shapes, bw: float) -> None:
     err = check(kw)
     print(f"  [{spec}] check: worst rel err {err:.1e} ({time.time() - t0:.0f}s)", flush=True)
     res = dict(spec=spec, rel_err=err, splits_batch1=decode_num_splits(1, H, torch.device(DEVICE),
-                                                                       variant=kw["variant"]))
+                                                                       kw.get("block_h", 32)))
     if err < 2e-2:
         res.update(time_variant(kw, shapes, bw))
     print("RESULT " + json.dumps(res), flush=True)
@@ -214,7 +221,7 @@ def main():
         json.dump(dict(device=dev, copy_TBps=bw / 1e12, variants=results), f, indent=1)
 
     print(f"\n## MLA decode attention, {dev}, bf16, H={H} R={R} Dr={DR}, block {BS}; copy bw {bw / 1e12:.2f} TB/s")
-    head = ["variant", "rel err"] + [f"N={n} {c // 1024}K attn us (x floor)" for n, c in shapes] + [
+    head = ["launch", "rel err"] + [f"N={n} {c // 1024}K attn us (x floor)" for n, c in shapes] + [
         "4K graph us", "4K graph mc256 us"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -229,12 +236,12 @@ def main():
     if ok:
         key = max(range(len(shapes)), key=lambda i: shapes[i][0] * shapes[i][1] if shapes[i][0] == 1 else 0)
         best = min(ok, key=lambda r: r["rows"][key]["attn_us"])
-        dflt = next((r for r in ok if r["spec"] == "heads"), None)
+        dflt = next((r for r in ok if r["spec"] == "default"), None)
         print(f"BEST at batch 1 / {shapes[key][1]} tokens: {best['spec']} {best['rows'][key]['attn_us']:.1f} us "
               f"({best['rows'][key]['attn_over_floor']:.2f}x floor)")
         if dflt:
             r = dflt["rows"][key]
-            print(f"DEFAULT (heads): {r['attn_us']:.1f} us ({r['attn_over_floor']:.2f}x floor)")
+            print(f"DEFAULT: {r['attn_us']:.1f} us ({r['attn_over_floor']:.2f}x floor)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ for part in $parts; do
     profile) timeout 200 python3 -m benchmarks.profile_decode --context 4096 --json "$OUT/profile_4k.json" 2>&1 | tail -60 ;;
     kda) timeout 300 python3 -m benchmarks.kda 2>&1 | tail -40 ;;
     kda_decode) timeout 150 python3 -m benchmarks.kda_decode --json "$OUT/kda_decode.json" 2>&1 | tail -30 ;;
-    mla) timeout 330 python3 -m benchmarks.mla_decode --shapes 1x4096,1x131072,1x1048576,8x131072 --timeout 80 --variants "${MLA_VARIANTS:-heads,heads/bh16,heads/s3,heads/bh16/s3,heads-prefetch+chunked,heads+chunked}" 2>&1 | tail -45 ;;
+    mla) timeout 330 python3 -m benchmarks.mla_decode --shapes 1x4096,1x131072,1x1048576,8x131072 --timeout 80 --variants "${MLA_VARIANTS:-default,bh16,s3,bh16/s3}" 2>&1 | tail -45 ;;
     moe) timeout 150 python3 -m benchmarks.moe 2>&1 | tail -30 ;;
     engine) timeout 330 python3 -m benchmarks.engine_decode --steps 32 --json "$OUT/engine_decode.json" 2>&1 | tail -40 ;;
     *) echo "unknown part $part" ;;

@@ -1,10 +1,9 @@
 """Split-KV absorbed MLA decode over the paged latent cache vs the naive absorbed and MHA forms.
 
-CPU: every kernel variant under the interpreter at tiny shapes (forced splits, scattered block tables,
-padding rows, non-power-of-two latent widths). GPU: the default variant at the real shape (H=32, Dn=128,
-Dr=64, Dv=128, R=512) in bf16 up to 200K tokens and several block sizes, and CUDA-graph capture / replay
-with changing lengths. The experimental variants are checked on the GPU by benchmarks/mla_decode.py, each
-in its own process (one of them faults on an H100 and would poison this process's CUDA context).
+CPU: the kernels under the interpreter at tiny shapes (forced splits, scattered block tables, padding
+rows, non-power-of-two latent widths, launch overrides). GPU: the real shape (H=32, Dn=128, Dr=64, Dv=128,
+R=512) in bf16 up to 200K tokens and several block sizes, and CUDA-graph capture / replay with changing
+lengths. The oracle is `naive_mla_decode` run in fp32.
 """
 
 from __future__ import annotations
@@ -13,8 +12,13 @@ import pytest
 import torch
 from helpers import assert_close
 
-from kimi_linear.ops.mla.decode import decode_num_splits, mla_decode, reference_decode
-from kimi_linear.ops.mla.naive import gather_latent, mla_attention_mha
+from kimi_linear.ops.mla.decode import decode_num_splits, mla_decode
+from kimi_linear.ops.mla.naive import gather_latent, mla_attention_mha, naive_mla_decode
+
+
+def reference_decode(q, cache, tables, lens, w, Dv, scale):
+    """The naive absorbed form in fp32."""
+    return naive_mla_decode(q.float(), cache.float(), tables, lens, w.float(), Dv, scale)
 
 
 def _setup(N, H, Dn, Dr, Dv, R, BS, seq_lens, dtype, device, spare_blocks=3):
@@ -33,11 +37,6 @@ def _setup(N, H, Dn, Dr, Dv, R, BS, seq_lens, dtype, device, spare_blocks=3):
     w = (torch.randn(H * (Dn + Dv), R) / R ** 0.5).to(dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     return q.to(device), cache.to(device), tables.to(device), lens.to(device), w.to(device)
-
-
-def _skip_experimental_on_gpu(variant, device):
-    if device.type == "cuda" and variant != "heads":
-        pytest.skip("experimental variants run on the GPU only in benchmarks/mla_decode.py (one subprocess each)")
 
 
 def _mha_reference(q, cache, tables, lens, w, Dv, scale):
@@ -89,70 +88,58 @@ def test_decode_odd_widths_and_default_splits(device, poison_empty):
     assert extras["mla_decode_ws"][1] is ws and torch.equal(got, again)
 
 
-@pytest.mark.parametrize("variant,reduce,block_n,block_h,prefetch", [
-    ("heads", "serial", 16, 16, True), ("heads", "chunked", 32, 32, False),
-    ("heads-prefetch", "serial", 16, 16, None), ("heads-prefetch", "chunked", 32, 32, None)])
-def test_decode_variants(variant, reduce, block_n, block_h, prefetch, device, poison_empty):
-    """Every kernel variant and reduction: register double buffering on / off, tiles that span several cache
-    blocks (block size 8), head groups (20 heads in groups of 16), padding rows."""
-    _skip_experimental_on_gpu(variant, device)
+@pytest.mark.parametrize("block_n,block_h,prefetch", [(16, 16, True), (32, 32, False)])
+def test_decode_launch_overrides(block_n, block_h, prefetch, device, poison_empty):
+    """Launch overrides: block-id prefetch on / off, tiles that span several cache blocks (block size 8),
+    head groups (20 heads in groups of 16), padding rows."""
     H, Dn, Dr, Dv, R = 20, 16, 16, 16, 32
     seq_lens = [150, 1, 0, 33]
     q, cache, tables, lens, w = _setup(4, H, Dn, Dr, Dv, R, 8, seq_lens, torch.float32, device)
     ref = reference_decode(q, cache, tables, lens, w, Dv, 0.25)
     got = mla_decode(q, cache, tables, lens, w, Dv, 0.25, num_splits=3, min_chunk=16, prefetch=prefetch,
-                     block_n=block_n, block_h=block_h, variant=variant, reduce=reduce)
-    assert_close(f"{variant}/{reduce} BN={block_n} BH={block_h} prefetch={prefetch}", ref, got.float(), 1e-5)
+                     block_n=block_n, block_h=block_h)
+    assert_close(f"BN={block_n} BH={block_h} prefetch={prefetch}", ref, got.float(), 1e-5)
     assert torch.count_nonzero(got[2]) == 0
 
 
-@pytest.mark.parametrize("variant", ["heads-prefetch"])
-def test_decode_variants_bf16_default_launch(variant, device, poison_empty):
-    """The experimental variants at their default launch (bf16 tiles, wave-filling split count)."""
-    _skip_experimental_on_gpu(variant, device)
+def test_decode_bf16_default_launch(device, poison_empty):
+    """The default launch in bf16 (32-token tiles, default split count)."""
     H, Dn, Dr, Dv, R = 4, 16, 16, 16, 32
     seq_lens = [200, 0, 9]
     q, cache, tables, lens, w = _setup(3, H, Dn, Dr, Dv, R, 16, seq_lens, torch.bfloat16, device)
     ref = reference_decode(q, cache, tables, lens, w, Dv, 0.25)
-    got = mla_decode(q, cache, tables, lens, w, Dv, 0.25, min_chunk=16, variant=variant, reduce="chunked")
-    assert_close(variant, ref, got.float(), 1e-2)
+    got = mla_decode(q, cache, tables, lens, w, Dv, 0.25, min_chunk=16)
+    assert_close("bf16 default", ref, got.float(), 1e-2)
     assert torch.count_nonzero(got[1]) == 0
 
 
-def test_decode_rejects_unknown_variant(device):
+def test_decode_rejects_mismatched_shapes(device):
     q, cache, tables, lens, w = _setup(1, 2, 16, 16, 16, 16, 4, [3], torch.float32, device)
-    with pytest.raises(ValueError, match="variant"):
-        mla_decode(q, cache, tables, lens, w, 16, 0.2, variant="nope")
+    with pytest.raises(ValueError, match="kv_b_proj weight has 64 rows"):
+        mla_decode(q, cache[..., :-1].contiguous(), tables, lens, w, 16, 0.2)
 
 
 def test_num_splits_rules(monkeypatch):
-    """"heads" (two programs per SM): about two per SM, at least 4. The one-program-per-SM variants fill whole
-    waves of a 132-SM GPU, fewest splits first."""
+    """About two programs per SM, at least 4, at most MAX_SPLITS; a shape-only rule."""
     import kimi_linear.ops.mla.decode as dec
 
     monkeypatch.setattr(dec, "_sms", lambda device: 132)
     dev = torch.device("cpu")
     assert [decode_num_splits(n, 32, dev) for n in (1, 8, 256)] == [264, 33, 4]
-    waves = [decode_num_splits(n, 32, dev, variant="heads-prefetch") for n in (1, 8, 32, 64, 256)]
-    assert waves == [132, 33, 4, 2, 1]
-    assert decode_num_splits(1, 64, dev, variant="heads-prefetch") == 66  # two head groups
+    assert decode_num_splits(1, 64, dev) == 132  # two head groups
     for n in range(1, 300):
-        s = decode_num_splits(n, 32, dev, variant="heads-prefetch")
-        assert 1 <= s <= dec.MAX_SPLITS
-        assert n * s / (-(-n * s // 132) * 132) >= 0.5, (n, s)
+        assert 4 <= decode_num_splits(n, 32, dev) <= dec.MAX_SPLITS
 
 
-@pytest.mark.parametrize("variant", ["heads", "heads-prefetch"])
-def test_decode_ignores_unused_table_entries(variant, device):
+def test_decode_ignores_unused_table_entries(device):
     """Entries past a sequence's length (padding, stale ids) are never read: garbage ids change nothing."""
-    _skip_experimental_on_gpu(variant, device)
     H, Dn, Dr, Dv, R = 2, 16, 16, 16, 16
     q, cache, tables, lens, w = _setup(2, H, Dn, Dr, Dv, R, 4, [5, 0], torch.float32, device)
-    a = mla_decode(q, cache, tables, lens, w, Dv, 0.2, num_splits=2, min_chunk=4, variant=variant)
+    a = mla_decode(q, cache, tables, lens, w, Dv, 0.2, num_splits=2, min_chunk=4)
     bad = tables.clone()
     bad[0, 2:] = 10 ** 8
     bad[1, :] = -(10 ** 8)
-    b = mla_decode(q, cache, bad, lens, w, Dv, 0.2, num_splits=2, min_chunk=4, variant=variant)
+    b = mla_decode(q, cache, bad, lens, w, Dv, 0.2, num_splits=2, min_chunk=4)
     assert torch.equal(a, b)
 
 
@@ -217,4 +204,3 @@ def test_num_splits_is_shape_only():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert decode_num_splits(1, 32, dev) >= sms
     assert decode_num_splits(256, 32, dev) == 4
-    assert decode_num_splits(1, 32, dev, variant="heads-prefetch") == sms

@@ -6,7 +6,7 @@ shared latent keys/values [c (R) ; k_pe (Dr)] of every cached token:
 
     score[h, s] = scale * (q_lat[h] . c[s] + q_pe[h] . k_pe[s]),   o_lat[h] = sum_s softmax(score)[h, s] c[s]
 
-Design and invariants (all variants):
+Design and invariants:
 - MQA: a program owns BLOCK_H heads of one sequence and one context split, and reads each cached token
   once for all of its heads (the [BLOCK_N, R] latent tile is both the key and the value operand).
 - Split-KV: the grid is (head groups, NUM_SPLITS, N), fixed by shapes. Each program derives its token
@@ -20,19 +20,10 @@ Design and invariants (all variants):
 - Any power-of-two block size (tile rows are gathered per token, a tile may span several blocks); any
   seq_len from 0 up (int64 cache offsets, int32 positions); table entries past a length are never read.
 
-Variants (`variant=`, `reduce=`; the defaults are the ones verified on an H100):
-- "heads" (default): S = Q K^T with the 32 heads as the MMA M dimension (mma.sync), 4 warps, 32-token
-  tiles, Triton's pipeliner. Measured 0.64 ms per layer at batch 1 / 1M tokens (1.6x the 0.40 ms floor):
-  latency-bound (ptxas: 255 registers + spills at 4 warps; one tile buffer, the next copy waited at the
-  top of each iteration; the block-id load precedes the tile load in every iteration).
-- "heads-prefetch" (experimental, not yet run on a GPU): the same products with 8 warps (no spills) and
-  register double buffering: tile i+1 is loaded into registers before tile i's products, the block ids
-  two tiles ahead. Only mma.sync, like the verified kernel.
-  (A token-major variant built for warpgroup MMA faulted on the H100 with Triton 3.6, an illegal memory
-  access of unknown cause, and was removed.)
-- reduce="serial" (default): one program per (sequence, head, 128 values) loops over the splits one at a
-  time (one dependent L2 round trip per split). reduce="chunked" (not yet run on a GPU): [64 splits,
-  64 values] tiles, one round trip per 64 splits.
+Schedule: S = Q K^T with the heads as the MMA M dimension (mma.sync), 4 warps, 32-token tiles
+(16 in fp32), Triton's pipeliner, the next tile's block ids read one iteration ahead; the reduction runs
+one program per (sequence, head, 128 values) over the active splits. Measured figures are in
+benchmarks/RESULTS.md (`benchmarks/mla_decode.py`).
 """
 
 from __future__ import annotations
@@ -48,18 +39,6 @@ from kimi_linear.errors import MLAError
 _LOG2E = 1.4426950408889634
 MIN_CHUNK = 64  # fewest tokens a split takes before another split is used (64 beat 128..1024 at 4K, "heads")
 MAX_SPLITS = 512
-VARIANTS = ("heads", "heads-prefetch")
-REDUCES = ("serial", "chunked")
-
-
-@triton.jit
-def _load_rows(cache, blk, pos, end, s_c_blk, s_c_tok, o_r, o_p, m_r, m_p, R: tl.constexpr, BS: tl.constexpr):
-    """The [BLOCK_N, R] latent and [BLOCK_N, DR] key-part rows of tokens `pos` (block ids `blk`); 0 past `end`."""
-    m_n = pos < end
-    row = cache + blk.to(tl.int64) * s_c_blk + (pos % BS).to(tl.int64) * s_c_tok
-    c = tl.load(row[:, None] + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
-    kp = tl.load(row[:, None] + R + o_p[None, :], mask=m_n[:, None] & m_p[None, :], other=0.0)
-    return c, kp
 
 
 @triton.jit
@@ -71,7 +50,7 @@ def _mla_decode_split_kernel(
     NUM_SPLITS,
     H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BS: tl.constexpr, MIN_CHUNK: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
-    PREC: tl.constexpr, PREFETCH: tl.constexpr, REG_PREFETCH: tl.constexpr,
+    PREC: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     i_hg = tl.program_id(0)
     i_s = tl.program_id(1)
@@ -98,35 +77,21 @@ def _mla_decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
     table = block_tables + i_n.to(tl.int64) * s_bt_n
-    if REG_PREFETCH:  # tile `start` in registers, the block ids of the next tile
-        nxt = start + tl.arange(0, BLOCK_N)
-        blk = tl.load(table + nxt // BS, mask=nxt < end, other=0)
-        c_nx, kp_nx = _load_rows(cache, blk, nxt, end, s_c_blk, s_c_tok, o_r, o_p, m_r, m_p, R, BS)
-        nxt = nxt + BLOCK_N
-        blk_next = tl.load(table + nxt // BS, mask=nxt < end, other=0)
-    elif PREFETCH:  # read the block ids of the next tile one iteration ahead
+    if PREFETCH:  # read the block ids of the next tile one iteration ahead
         nxt = start + tl.arange(0, BLOCK_N)
         blk_next = tl.load(table + nxt // BS, mask=nxt < end, other=0)
     for off in range(start, end, BLOCK_N):
         pos = off + tl.arange(0, BLOCK_N)
         m_n = pos < end
-        if REG_PREFETCH:  # issue the next tile's loads before this tile's math
-            c = c_nx
-            kp = kp_nx
+        if PREFETCH:
+            blk = blk_next.to(tl.int64)
             nxt = pos + BLOCK_N
-            c_nx, kp_nx = _load_rows(cache, blk_next, nxt, end, s_c_blk, s_c_tok, o_r, o_p, m_r, m_p, R, BS)
-            nxt = nxt + BLOCK_N
             blk_next = tl.load(table + nxt // BS, mask=nxt < end, other=0)
         else:
-            if PREFETCH:
-                blk = blk_next.to(tl.int64)
-                nxt = pos + BLOCK_N
-                blk_next = tl.load(table + nxt // BS, mask=nxt < end, other=0)
-            else:
-                blk = tl.load(table + pos // BS, mask=m_n, other=0).to(tl.int64)
-            row = cache + blk * s_c_blk + (pos % BS).to(tl.int64) * s_c_tok
-            c = tl.load(row[:, None] + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
-            kp = tl.load(row[:, None] + R + o_p[None, :], mask=m_n[:, None] & m_p[None, :], other=0.0)
+            blk = tl.load(table + pos // BS, mask=m_n, other=0).to(tl.int64)
+        row = cache + blk * s_c_blk + (pos % BS).to(tl.int64) * s_c_tok
+        c = tl.load(row[:, None] + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
+        kp = tl.load(row[:, None] + R + o_p[None, :], mask=m_n[:, None] & m_p[None, :], other=0.0)
         s = tl.dot(q_l, tl.trans(c), input_precision=PREC)
         s = tl.dot(q_p, tl.trans(kp), s, input_precision=PREC)
         s = tl.where(m_n[None, :], s * scale_log2, float("-inf"))
@@ -183,52 +148,6 @@ def _mla_decode_reduce_kernel(
              mask=m_r)
 
 
-# --------------------------------------------------------------------- experimental variants
-
-
-@triton.jit
-def _mla_decode_reduce_chunked_kernel(
-    part_o, part_lse, seq_lens, o_lat,
-    s_po_n, s_po_s, s_po_h, s_pl_n, s_pl_s, s_ol_h, s_ol_n,
-    R, NUM_SPLITS,
-    MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, BLOCK_RR: tl.constexpr,
-):
-    i_n = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_r = tl.program_id(2)
-
-    L = tl.load(seq_lens + i_n)
-    chunk = tl.maximum((L + NUM_SPLITS - 1) // NUM_SPLITS, MIN_CHUNK)
-    chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    num_active = (L + chunk - 1) // chunk  # 0 for a padding row
-
-    o_s = tl.arange(0, BLOCK_S)
-    lse_base = part_lse + i_n.to(tl.int64) * s_pl_n + i_h
-    lse = tl.load(lse_base + o_s * s_pl_s, mask=o_s < num_active, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(num_active > 0, m, 0.0)
-    den = tl.sum(tl.exp2(lse - m), 0)  # masked splits contribute exp2(-inf) = 0
-    den = tl.where(den > 0, den, 1.0)
-
-    o_r = i_r * BLOCK_RR + tl.arange(0, BLOCK_RR)
-    m_r = o_r < R
-    o_c = tl.arange(0, BLOCK_SC)
-    acc = tl.zeros([BLOCK_RR], dtype=tl.float32)
-    o_base = part_o + i_n.to(tl.int64) * s_po_n + i_h * s_po_h
-    for s0 in range(0, num_active, BLOCK_SC):  # BLOCK_SC splits per step, all loads independent
-        m_c = (s0 + o_c) < num_active
-        w = tl.exp2(tl.load(lse_base + (s0 + o_c) * s_pl_s, mask=m_c, other=float("-inf")) - m)
-        x = tl.load(o_base + (s0 + o_c)[:, None].to(tl.int64) * s_po_s + o_r[None, :],
-                    mask=m_c[:, None] & m_r[None, :], other=0.0)
-        acc += tl.sum(w[:, None] * x, 0)
-    tl.store(o_lat + i_h * s_ol_h + i_n.to(tl.int64) * s_ol_n + o_r, (acc / den).to(o_lat.dtype.element_ty),
-             mask=m_r)
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -240,28 +159,11 @@ def _sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def decode_num_splits(num_seqs: int, num_heads: int, device: torch.device, block_h: int = 32,
-                      variant: str = "heads") -> int:
-    """Splits per sequence for a batch of `num_seqs`, a shape-only rule.
-
-    "heads" (two programs per SM): about two programs per SM, at least 4. The one-program-per-SM variants
-    fill whole waves of SMs: among 1 .. cdiv(2 * SMs, programs per split) splits, the fewest that reach
-    the best wave occupancy (132 SMs: batch 1 -> 132, 8 -> 33, 32 -> 4, 64 -> 2, 256 -> 1)."""
+def decode_num_splits(num_seqs: int, num_heads: int, device: torch.device, block_h: int = 32) -> int:
+    """Splits per sequence for a batch of `num_seqs`, a shape-only rule: about two programs per SM, at
+    least 4 (132 SMs: batch 1 -> 264, 8 -> 33, 256 -> 4)."""
     units = max(1, num_seqs) * triton.cdiv(num_heads, block_h)
-    if variant == "heads":
-        return max(4, min(MAX_SPLITS, triton.cdiv(2 * _sms(device), units)))
-    return _wave_splits(units, _sms(device))
-
-
-@functools.lru_cache(maxsize=1024)
-def _wave_splits(units: int, sms: int) -> int:
-    best, best_eff = 1, 0.0
-    for s in range(1, min(MAX_SPLITS, triton.cdiv(2 * sms, units)) + 1):
-        t = units * s
-        eff = t / (triton.cdiv(t, sms) * sms)
-        if eff > best_eff + 1e-9:
-            best, best_eff = s, eff
-    return best
+    return max(4, min(MAX_SPLITS, triton.cdiv(2 * _sms(device), units)))
 
 
 def _workspace(extras: dict | None, N: int, S: int, H: int, R: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,30 +178,25 @@ def _workspace(extras: dict | None, N: int, S: int, H: int, R: int, device) -> t
     return ws[1], ws[2]
 
 
-def _default_config(H: int, dtype: torch.dtype, variant: str) -> dict:
+def _default_config(H: int, dtype: torch.dtype) -> dict:
+    # measured on an H100 at batch 1 / 1M tokens: 4 warps, 32-token tiles, all 32 heads in one program
+    # beat 8 warps (1.5x), 64-token tiles and 16-head groups
     block_h = min(32, max(16, triton.next_power_of_2(H)))
-    fp32 = dtype == torch.float32
-    if variant == "heads":
-        # measured on an H100 at batch 1 / 1M tokens: 4 warps, 32-token tiles, all 32 heads in one program
-        # beat 8 warps (1.5x), 64-token tiles and 16-head groups
-        return dict(block_h=block_h, block_n=16 if fp32 else 32, num_warps=4, num_stages=2, prefetch=False)
-    # "heads-prefetch" (ptxas, offline): 8 warps, 32-token tiles: no spills
-    return dict(block_h=block_h, block_n=16 if fp32 else 32, num_warps=8, num_stages=1, prefetch=True)
+    return dict(block_h=block_h, block_n=16 if dtype == torch.float32 else 32, num_warps=4, num_stages=2,
+                prefetch=False)
 
 
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                          seq_lens: torch.Tensor, scale: float, extras: dict | None = None, *,
                          num_splits: int | None = None, min_chunk: int = MIN_CHUNK, block_h: int | None = None,
                          block_n: int | None = None, num_warps: int | None = None,
-                         num_stages: int | None = None, prefetch: bool | None = None,
-                         variant: str = "heads", reduce: str = "serial") -> torch.Tensor:
+                         num_stages: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
     """Attention over the paged latent cache (MQA form). Returns o_lat [H, N, R] in q_lat's dtype.
 
     q_lat [H, N, R] (the absorbed query, any strides with a unit last stride); q_pe [N, H, Dr] (unit last
     stride); cache [NB, BS, R + Dr]; block_tables int32 [N, max_blocks]; seq_lens int32 [N] (0 = padding
-    row: its output is zeros). `variant` / `reduce` pick the kernels (module docstring); the other
-    keyword arguments override the launch configuration (tests, sweeps): `prefetch` is the block-id
-    prefetch for "heads" and the register double buffering of the tiles for the other variants.
+    row: its output is zeros). The keyword arguments override the launch configuration (tests, sweeps);
+    `prefetch` reads the next tile's block ids one iteration ahead.
     """
     H, N, R = q_lat.shape
     Dr = q_pe.shape[-1]
@@ -308,15 +205,12 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
         raise MLAError(f"mla_decode_attention: latent cache rows hold {D} values, expected R + Dr = {R} + {Dr}")
     if BS & (BS - 1):
         raise MLAError(f"mla_decode_attention: the kernel needs a power-of-two block size, got {BS}")
-    if variant not in VARIANTS or reduce not in REDUCES:
-        raise MLAError(f"mla_decode_attention: variant must be one of {VARIANTS} and reduce one of {REDUCES}, "
-                         f"got {variant!r}, {reduce!r}")
     if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1 or cache.stride(-1) != 1 or cache.stride(1) != D:
         raise MLAError("mla_decode_attention: q_lat, q_pe and cache need a unit last stride and dense cache rows")
-    cfg = _default_config(H, q_lat.dtype, variant)
+    cfg = _default_config(H, q_lat.dtype)
     block_h = block_h or cfg["block_h"]
     block_n = block_n or cfg["block_n"]
-    S = num_splits or decode_num_splits(N, H, q_lat.device, block_h, variant)
+    S = num_splits or decode_num_splits(N, H, q_lat.device, block_h)
     part_o, part_lse = _workspace(extras, N, S, H, R, q_lat.device)
     o_lat = torch.empty(H, N, R, dtype=q_lat.dtype, device=q_lat.device)
     if N == 0:
@@ -325,11 +219,7 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
     block_tables = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
     seq_lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
     pre = cfg["prefetch"] if prefetch is None else prefetch
-    if variant == "heads-prefetch":
-        kernel, flags = _mla_decode_split_kernel, dict(PREFETCH=False, REG_PREFETCH=pre)
-    else:
-        kernel, flags = _mla_decode_split_kernel, dict(PREFETCH=pre, REG_PREFETCH=False)
-    kernel[(triton.cdiv(H, block_h), S, N)](
+    _mla_decode_split_kernel[(triton.cdiv(H, block_h), S, N)](
         q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse,
         scale * _LOG2E,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0), cache.stride(1),
@@ -338,20 +228,14 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
         S,
         H=H, R=R, DR=Dr, BS=BS, MIN_CHUNK=min_chunk, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_DR=max(16, triton.next_power_of_2(Dr)), PREC=prec,
-        **flags, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+        PREFETCH=pre, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     args = (part_o, part_lse, seq_lens, o_lat, part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1), o_lat.stride(0), o_lat.stride(1), R, S)
     block_s = triton.next_power_of_2(S)
-    if reduce == "chunked":
-        block_rr = min(64, triton.next_power_of_2(R))
-        _mla_decode_reduce_chunked_kernel[(N, H, triton.cdiv(R, block_rr))](
-            *args, MIN_CHUNK=min_chunk, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_SC=min(64, block_s),
-            BLOCK_RR=block_rr, num_warps=4)
-    else:
-        block_rr = min(128, triton.next_power_of_2(R))
-        _mla_decode_reduce_kernel[(N, H, triton.cdiv(R, block_rr))](
-            *args, MIN_CHUNK=min_chunk, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_RR=block_rr, num_warps=4)
+    block_rr = min(128, triton.next_power_of_2(R))
+    _mla_decode_reduce_kernel[(N, H, triton.cdiv(R, block_rr))](
+        *args, MIN_CHUNK=min_chunk, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_RR=block_rr, num_warps=4)
     return o_lat
 
 
@@ -380,18 +264,4 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     return torch.bmm(o_lat, w[:, Dn:].transpose(1, 2)).transpose(0, 1)  # [N, H, Dv]
 
 
-def reference_decode(q, cache, block_tables, seq_lens, w_kv_b, v_head_dim: int, scale: float) -> torch.Tensor:
-    """The naive absorbed form per sequence (fp32), for tests and benchmarks; syncs with the host."""
-    from kimi_linear.ops.mla.naive import gather_latent, mla_attention_absorbed
-
-    R = w_kv_b.shape[1]
-    out = torch.zeros(q.shape[0], q.shape[1], v_head_dim, dtype=torch.float32, device=q.device)
-    for n, L in enumerate(seq_lens.tolist()):
-        if L > 0:
-            kv = gather_latent(cache, block_tables[n], L).float()
-            out[n:n + 1] = mla_attention_absorbed(q[n:n + 1].float(), kv[:, :R], kv[:, R:], w_kv_b.float(),
-                                                  v_head_dim, scale)
-    return out
-
-
-__all__ = ["mla_decode", "mla_decode_attention", "decode_num_splits", "reference_decode"]
+__all__ = ["mla_decode", "mla_decode_attention", "decode_num_splits"]
