@@ -5,9 +5,8 @@ and mixed batches use the MHA form (latents expanded through kv_b_proj); pure de
 absorbed MQA form over the latent cache. Both are exact rewrites of the same attention.
 For inference q_proj and kv_a_proj_with_mqa run as one GEMM over their tied rows (`layers/fused.py`),
 and the latent norm + k_pe copy is one kernel (`RMSNorm.with_tail`).
-On CUDA (`use_triton`): decode -> `ops/mla/decode.py` (split-KV over the paged cache, CUDA-graph safe),
-prefill / mixed -> `ops/mla/prefill.py` (chunked flash MHA; its decode-like rows go to the decode kernel).
-On CPU: the naive per-sequence ops.
+The op entries (`ops.mla.mla_decode`, `ops.mla.mla_prefill`) pick the kernels on CUDA (split-KV decode
+over the paged cache, CUDA-graph safe; chunked flash MHA prefill) and the naive per-sequence ops on CPU.
 """
 
 from __future__ import annotations
