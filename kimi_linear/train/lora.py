@@ -12,7 +12,10 @@
   autograd `fused_weight` receives the freshly computed adapted weights, finds them untied and ties
   (concatenates) them again on every forward: correct values, but one weight copy per group per call,
   and it re-points the group's untargeted parameters at the new storage. Evaluation of a LoRA model is
-  therefore right but not fast; `merge_lora` before serving removes the cost.
+  therefore right but not fast; `merge_lora` before serving removes the cost. The fix belongs to
+  `layers/fused.py`: `fused_weight` (and `tie_all`) should return None / skip a group when one of its
+  tensors is not an nn.Parameter (a parametrized weight, computed on access), so the separate projections
+  run and nothing is re-tied.
 - `save_lora_adapter(model, out_dir, base_model_path)`: `adapter_config.json` (PEFT's LoraConfig:
   peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, target_modules, base_model_name_or_path, bias none)
   and `adapter_model.safetensors` with PEFT's names `base_model.model.<module path>.lora_A.weight` /
