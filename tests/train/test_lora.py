@@ -173,7 +173,8 @@ def test_load_errors(model, tiny_checkpoint, tmp_path):
     save_file(reshaped, tmp_path / ADAPTER_WEIGHTS)
     with pytest.raises(CheckpointError, match="has shape"):
         load_lora_adapter(fresh(), tmp_path)
-    extra = {**tensors, "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight": tensors[next(iter(tensors))].clone()}
+    stray = "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"
+    extra = {**tensors, stray: tensors[next(iter(tensors))].clone()}
     save_file(extra, tmp_path / ADAPTER_WEIGHTS)
     with pytest.raises(CheckpointError, match="does not adapt"):
         load_lora_adapter(fresh(), tmp_path)
