@@ -1,4 +1,4 @@
-"""Fixtures of the lm-eval tests: no network (datasets and the hub offline, a private HF cache), the
+"""Fixtures of the lm-eval tests: no network (datasets and the hub offline, a private datasets cache), the
 repository root as working directory (the task YAMLs name their jsonl files from there), a loopback server
 over the tiny model, and the reference log-likelihood computed by the model itself."""
 
@@ -11,17 +11,16 @@ from pathlib import Path
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="kimi-linear-hf-"))
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="kimi-linear-datasets-"))
 
 import pytest  # noqa: E402
 
 pytest.importorskip("lm_eval", reason='needs the [eval] extra: pip install -e ".[eval]"')
 
 ROOT = Path(__file__).resolve().parents[2]
-TASKS = str(ROOT / "tests" / "eval" / "tasks")
 sys.path.insert(0, str(ROOT / "tests" / "server"))
 
-from loopback import API_KEY, RunningServer  # noqa: E402
+from loopback import RunningServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,5 +60,3 @@ def reference(tiny_checkpoint):
 
     return score
 
-
-__all__ = ["API_KEY", "TASKS"]

@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import API_KEY, TASKS
+from loopback import API_KEY  # tests/server, put on sys.path by this folder's conftest
+
+TASKS = str(Path(__file__).resolve().parent / "tasks")
 
 TASK_NAMES = ["kimi_tiny_mc", "kimi_tiny_gen", "kimi_tiny_rolling"]
 METRICS = {"kimi_tiny_mc": ["acc,none", "acc_norm,none"], "kimi_tiny_gen": ["exact_match,none"],
