@@ -1,14 +1,21 @@
 """The FastAPI app: routes, API-key check, and the OpenAI error envelope for every failure.
 
-Routes: /v1/chat/completions, /v1/completions, /v1/models, /health (503 while loading or after the
-engine died), /metrics (Prometheus), /tokenize, /detokenize, /version. Every client mistake is a 4xx
-in the OpenAI envelope (FastAPI's 422s become 400s naming the field); only our own bugs are 500s.
+Routes: /v1/chat/completions, /v1/completions, /v1/models, /v1/models/{id}, /health (503 while loading
+or after the engine died), /metrics (Prometheus), /tokenize, /detokenize, /tokenizer_info, /version.
+Every client mistake is a 4xx in the OpenAI envelope (FastAPI's 422s become 400s naming the field); only
+our own bugs are 500s.
+
+Request ids (as vLLM): an incoming `X-Request-Id` header becomes the request's id (`cmpl-<it>`,
+`chatcmpl-<it>`) and is echoed in the response's `X-Request-Id`; without one the response carries the
+generated id. Every response is logged on `kimi_linear.server.access` with its request id.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import time
+import uuid
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -16,16 +23,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kimi_linear.errors import KimiLinearError, ValidationError
+from kimi_linear.errors import KimiLinearError
 from kimi_linear.server.engine_client import AsyncEngineClient
 from kimi_linear.server.errors import error_response, exception_response
 from kimi_linear.server.metrics import ServerMetrics
 from kimi_linear.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from kimi_linear.server.serving import now
+from kimi_linear.server.serving import MAX_REQUEST_ID_LEN, now
 from kimi_linear.server.serving_chat import ServingChat
 from kimi_linear.server.serving_completions import ServingCompletions
+from kimi_linear.server.serving_tokenization import ServingTokenization
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("kimi_linear.server.access")
 
 
 @dataclass
@@ -46,6 +55,7 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
     app = FastAPI(title="kimi_linear", version=__version__)
     chat = ServingChat(client, settings.served_model_names, settings.log_requests)
     completions = ServingCompletions(client, settings.served_model_names, settings.log_requests)
+    tokenization = ServingTokenization(client, settings.served_model_names)
     app.state.client = client
 
     # ------------------------------------------------------------------ errors
@@ -83,6 +93,24 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
                 return error_response("invalid or missing API key", 401)
         return await call_next(request)
 
+    # Added after _auth, so it wraps it: 401s get their id and access-log line too.
+    @app.middleware("http")
+    async def _request_id(request: Request, call_next):
+        incoming = request.headers.get("x-request-id")
+        t0 = time.perf_counter()
+        if incoming is not None and not 0 < len(incoming) <= MAX_REQUEST_ID_LEN:
+            response = error_response(f"the X-Request-Id header must have 1 to {MAX_REQUEST_ID_LEN} characters",
+                                      400, "X-Request-Id")
+        else:
+            request.state.incoming_request_id = incoming
+            response = await call_next(request)
+        rid = incoming or getattr(request.state, "request_id", None) or uuid.uuid4().hex
+        response.headers["X-Request-Id"] = rid
+        peer = f"{request.client.host}:{request.client.port}" if request.client else "-"
+        access_logger.info('%s "%s %s" %d request_id=%s %.1fms', peer, request.method, request.url.path,
+                           response.status_code, rid, (time.perf_counter() - t0) * 1e3)
+        return response
+
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health():
@@ -100,13 +128,20 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": now(), "owned_by": "kimi_linear",
+                "root": client.engine.model_path, "parent": None, "max_model_len": client.engine.max_model_len}
+
     @app.get("/v1/models")
     async def models():
         client.check_available()
-        data = [{"id": name, "object": "model", "created": now(), "owned_by": "kimi_linear",
-                 "root": client.engine.model_path, "parent": None,
-                 "max_model_len": client.engine.max_model_len} for name in settings.served_model_names]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(name) for name in settings.served_model_names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        chat.check_model(model_id)  # 404 naming the served models
+        client.check_available()
+        return model_card(model_id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
@@ -118,35 +153,15 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        chat.check_model(req.model)
-        client.check_available()
-        tok = client.engine.tokenizer
-        if tok is None:
-            raise ValidationError("this model has no tokenizer", param="prompt")
-        if (req.prompt is None) == (req.messages is None):
-            raise ValidationError("give exactly one of prompt or messages", param="prompt")
-        if req.messages is not None:
-            from kimi_linear.loader.chat_template import apply_chat_template
-
-            text = apply_chat_template(tok, [m.model_dump(exclude_none=True) for m in req.messages],
-                                       add_generation_prompt=req.add_generation_prompt)
-        else:
-            text = req.prompt
-        ids = tok.encode(text)
-        return {"tokens": ids, "count": len(ids), "max_model_len": client.engine.max_model_len}
+        return tokenization.tokenize(req)
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
-        chat.check_model(req.model)
-        client.check_available()
-        tok = client.engine.tokenizer
-        if tok is None:
-            raise ValidationError("this model has no tokenizer", param="tokens")
-        V = tok.vocab_size
-        for i, t in enumerate(req.tokens):
-            if not 0 <= t < V:
-                raise ValidationError(f"tokens[{i}] = {t} is out of the vocabulary (size {V})", param="tokens")
-        return {"prompt": tok.decode(req.tokens)}
+        return tokenization.detokenize(req)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return tokenization.tokenizer_info()
 
     return app
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from kimi_linear.errors import KimiLinearError, ValidationError
 from kimi_linear.server.errors import error_body, status_of
 from kimi_linear.server.protocol import ChatCompletionRequest
-from kimi_linear.server.serving import ServingBase, now, random_id
+from kimi_linear.server.serving import ServingBase, now, prompt_logprobs_json
 from kimi_linear.server.sse import DONE, sse
 
 
@@ -37,7 +37,7 @@ class ServingChat(ServingBase):
                                    chat_template_kwargs=req.chat_template_kwargs)
         ids = self.tokenizer.encode(text)
         processed = await self.process(ids, text, params, "messages")
-        rid = random_id("chatcmpl")
+        rid = self.request_id(raw, "chatcmpl")
         num_top = req.top_logprobs or 0
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -63,6 +63,7 @@ class ServingChat(ServingBase):
             "id": rid, "object": "chat.completion", "created": now(), "model": model, "choices": choices,
             "usage": {"prompt_tokens": P, "completion_tokens": completion_tokens,
                       "total_tokens": P + completion_tokens},
+            "prompt_logprobs": prompt_logprobs_json(final.prompt_logprobs),
         })
 
     async def _stream(self, rid: str, model: str, processed, raw: Request, n: int, num_top: int,

@@ -2,7 +2,8 @@
 
 Each prompt is one engine request with n choices; choice index = prompt index * n + i (as OpenAI).
 `echo` prepends the prompt (text, and with `logprobs` the prompt tokens' logprobs, the first being
-null: lm-eval's log-likelihood requests depend on exactly this).
+null: lm-eval's log-likelihood requests depend on exactly this). With `prompt_logprobs` (vLLM extra; also
+implied by echo + logprobs, as vLLM) each choice carries `prompt_logprobs` in vLLM's shape.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from kimi_linear.errors import KimiLinearError, ValidationError
 from kimi_linear.server.errors import error_body, status_of
 from kimi_linear.server.protocol import CompletionRequest
-from kimi_linear.server.serving import ServingBase, now, random_id
+from kimi_linear.server.serving import ServingBase, now, prompt_logprobs_json
 from kimi_linear.server.sse import DONE, sse
 
 
@@ -29,6 +30,7 @@ class ServingCompletions(ServingBase):
             raise ValidationError("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise ValidationError("best_of other than n is not supported", param="best_of")
+        rid = self.request_id(raw, "cmpl")
         params = self.sampling_params(req)
         if req.echo and req.logprobs is not None:
             params = dataclasses.replace(params, prompt_logprobs=max(req.logprobs, params.prompt_logprobs or 0))
@@ -44,7 +46,6 @@ class ServingCompletions(ServingBase):
                 ids = p
                 text = self.tokenizer.decode(ids) if self.tokenizer is not None and req.echo else None
             processed.append(await self.process(ids, text, params, "prompt"))
-        rid = random_id("cmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(rid, model, processed, raw, params.n, req.logprobs, include_usage),
@@ -74,7 +75,8 @@ class ServingCompletions(ServingBase):
                     if req.echo:
                         lp = {key: plp[key] + lp[key] for key in lp}
                 choices.append({"index": k * params.n + c.index, "text": text, "logprobs": lp,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                                "prompt_logprobs": prompt_logprobs_json(out.prompt_logprobs)})
         return JSONResponse({
             "id": rid, "object": "text_completion", "created": now(), "model": model, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
