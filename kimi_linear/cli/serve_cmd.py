@@ -11,7 +11,7 @@ import logging
 import os
 
 from kimi_linear.cli.engine_args import add_engine_args, engine_kwargs
-from kimi_linear.server.tool_parsers import TOOL_PARSERS
+from kimi_linear.server.tool_parsers import TOOL_PARSERS, check_tool_flags
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from kimi_linear.server.launch import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_tool_flags(args.tool_call_parser, args.enable_auto_tool_choice)
     kwargs = engine_kwargs(args)
     names = args.served_model_name or [os.path.basename(os.path.normpath(kwargs["model"]))]
     serve(kwargs, names, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_queue_len,
