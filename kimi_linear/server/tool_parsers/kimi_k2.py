@@ -42,6 +42,12 @@ CALL_INDEX_PATTERN = r"0|[1-9][0-9]{0,3}"  # the IDX a forced call may write (th
 _HEADER = re.compile(r"\s*(?:functions\.)?(?P<name>.+?)(?::\d+)?\s*", re.DOTALL)
 
 _TEXT, _SECTION, _HEADER_STATE, _ARGS = range(4)
+_ENDS = {  # the markers that end each state's text
+    _TEXT: SECTION_BEGIN,
+    _SECTION: (CALL_BEGIN, *SECTION_END),
+    _HEADER_STATE: (ARGUMENT_BEGIN, CALL_BEGIN, CALL_END, *SECTION_END),
+    _ARGS: (CALL_END, CALL_BEGIN, *SECTION_END),
+}
 
 
 class _Vocabulary:
@@ -94,10 +100,7 @@ class KimiK2Streamer(ToolCallStreamer):
     def _run(self, final: bool) -> StreamDelta:
         out = StreamDelta()
         while True:
-            markers = {_TEXT: SECTION_BEGIN, _SECTION: (CALL_BEGIN, *SECTION_END),
-                       _HEADER_STATE: (ARGUMENT_BEGIN, CALL_BEGIN, CALL_END, *SECTION_END),
-                       _ARGS: (CALL_END, CALL_BEGIN, *SECTION_END)}[self._state]
-            i, m = _find(self._buf, markers)
+            i, m = _find(self._buf, _ENDS[self._state])
             if i < 0:  # no marker yet: handle all but what may become one
                 cut = len(self._buf) - (0 if final else self._v.held(self._buf))
                 self._take(out, self._buf[:cut], end=final)
