@@ -42,6 +42,8 @@ class ServerSettings:
     served_model_names: list[str]
     api_key: str | None = None
     log_requests: bool = False  # log each request's id, prompt length and sampling params
+    tool_call_parser: str | None = None  # --tool-call-parser (server/tool_parsers)
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: tool_choice "auto" parses the output
 
 
 def _param_of(loc: tuple) -> str | None:
@@ -53,7 +55,9 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
     from kimi_linear import __version__
 
     app = FastAPI(title="kimi_linear", version=__version__)
-    chat = ServingChat(client, settings.served_model_names, settings.log_requests)
+    chat = ServingChat(client, settings.served_model_names, settings.log_requests,
+                       tool_call_parser=settings.tool_call_parser,
+                       enable_auto_tool_choice=settings.enable_auto_tool_choice)
     completions = ServingCompletions(client, settings.served_model_names, settings.log_requests)
     tokenization = ServingTokenization(client, settings.served_model_names)
     app.state.client = client

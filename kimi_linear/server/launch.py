@@ -46,10 +46,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def make_server(engine_kwargs: dict, served_model_names: list[str], api_key: str | None = None,
-                max_waiting: int = 4096, log_requests: bool = False):
+                max_waiting: int = 4096, log_requests: bool = False, tool_call_parser: str | None = None,
+                enable_auto_tool_choice: bool = False):
     """(app, client): the FastAPI app and its started engine client (loading in the background)."""
     from kimi_linear.engine.config import EngineConfig
     from kimi_linear.engine.llm_engine import LLMEngine
+    from kimi_linear.server.tool_parsers import check_tool_flags
+
+    check_tool_flags(tool_call_parser, enable_auto_tool_choice)
 
     # Invalid flags or a bad config.json fail here, before the server starts; weight-loading failures
     # happen in the engine thread and show as a dead engine (/health 503 with the reason).
@@ -65,20 +69,23 @@ def make_server(engine_kwargs: dict, served_model_names: list[str], api_key: str
     client = AsyncEngineClient(lambda: LLMEngine(config, model_config=model_config), max_waiting=max_waiting,
                                on_finished=on_finished, on_step=lambda s: metrics.engine_step(s), on_ready=on_ready)
     metrics = ServerMetrics(served_model_names[0], stats=client.stats)
-    app = build_app(client, ServerSettings(served_model_names, api_key, log_requests), metrics)
+    app = build_app(client, ServerSettings(served_model_names, api_key, log_requests, tool_call_parser,
+                                           enable_auto_tool_choice), metrics)
     client.start()
     return app, client
 
 
 def serve(engine_kwargs: dict, served_model_names: list[str], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_waiting: int = 4096, log_level: str = "info",
-          uvicorn_log_level: str | None = None, log_requests: bool = False) -> None:
+          uvicorn_log_level: str | None = None, log_requests: bool = False, tool_call_parser: str | None = None,
+          enable_auto_tool_choice: bool = False) -> None:
     """Bind, start loading, serve until interrupted. Raises BindError (busy port) before loading anything."""
     import uvicorn
 
     sock = bind_socket(host, port)
     try:
-        app, client = make_server(engine_kwargs, served_model_names, api_key, max_waiting, log_requests)
+        app, client = make_server(engine_kwargs, served_model_names, api_key, max_waiting, log_requests,
+                                  tool_call_parser, enable_auto_tool_choice)
     except BaseException:
         sock.close()
         raise
