@@ -51,9 +51,14 @@ def run(fn, q, k, v, f, beta, A_log, dt_bias, h0, dtype, cu_seqlens=None, grads=
     return [o, s] + [x.grad for x in ins] + [p.grad for p in params]
 
 
+# dA_log and dt_bias gradients are sums over every token and channel with cancellation: the fp32 reference
+# itself is 1e-5 to 3e-5 off their float64 values, so fp32 comparisons of those two get a wider margin
+REDUCED = ("dA_log", "ddt_bias")
+
+
 def compare(ref, got, tol):
     for name, r, x in zip(("o", "final_state") + GRAD_NAMES, ref, got):
-        assert_close(name, r.float(), x.float(), tol)
+        assert_close(name, r.float(), x.float(), max(tol, 1e-4) if name in REDUCED else tol)
 
 
 @pytest.mark.parametrize("T,strong", [(1, False), (63, True), (64, False), (65, True)], ids=lambda x: str(x))

@@ -30,7 +30,7 @@ CONFIG = {
     "scan": dict(num_warps=4, num_stages=None, BV=None),
     "bwd_scan": dict(num_warps=4, num_stages=None, BV=None),
     "bwd_state": dict(num_warps=8, num_stages=1),
-    "bwd_intra": dict(num_warps=8, num_stages=1),
+    "bwd_intra": dict(num_warps=4, num_stages=1, gate_warps=8),
 }
 
 # dtype of the chunk states (and their gradients) kept for the backward: fp32 keeps the decay
@@ -95,7 +95,7 @@ def _launch_config(config: dict | None) -> dict:
         return CONFIG
     unknown = set(config) - set(CONFIG)
     if unknown:
-        raise KDAInputError(f"config: unknown kernels {sorted(unknown)}; known: {sorted(CONFIG)}")
+        raise KDAError(f"config: unknown kernels {sorted(unknown)}; known: {sorted(CONFIG)}")
     return {name: {**CONFIG[name], **config.get(name, {})} for name in CONFIG}
 
 
@@ -185,7 +185,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, initial_state, do, dht, bufs, id
         dQg=torch.empty(TT, H, K, device=dev, dtype=f32), dY=torch.empty(TT, H, K, device=dev, dtype=f32),
         dKd=torch.empty(TT, H, K, device=dev, dtype=f32), dAqk=torch.empty(TT, H, BT, device=dev, dtype=f32),
         dAkk=torch.empty(TT, H, BT, device=dev, dtype=f32), dgx=torch.empty(NS, H, K, device=dev, dtype=f32),
-        dbx=torch.empty(TT, H, device=dev, dtype=f32),
+        dbx=torch.empty(TT, H, device=dev, dtype=f32), dgl=torch.empty(NS, 4, H, K, device=dev, dtype=f32),
     )
     dh0 = torch.empty(idx.N, H, K, V, device=dev, dtype=f32) if initial_state is not None else None
     dq = torch.empty(B, T, H, K, device=dev, dtype=q.dtype)
