@@ -48,6 +48,18 @@ def _grows(G_b, orow, m_r, sHK, cols, m_c):
 
 
 @triton.jit
+def _pair_rows(x_b, r, stride, cols, m_c, hi, n_valid, r_b, H: tl.constexpr, USE_L2: tl.constexpr):
+    """[16, BK] fp32: row r (tiles rows 0..7) and row r + 8 (rows 8..15) of x, times their inverse norms
+    (fused norm); two row loads broadcast, not a gather."""
+    lo = tl.load(x_b + r * stride + cols, mask=m_c & (r < n_valid), other=0.0).to(tl.float32)
+    up = tl.load(x_b + (r + 8) * stride + cols, mask=m_c & (r + 8 < n_valid), other=0.0).to(tl.float32)
+    if USE_L2:
+        lo = lo * tl.load(r_b + r * H, mask=r < n_valid, other=0.0)
+        up = up * tl.load(r_b + (r + 8) * H, mask=r + 8 < n_valid, other=0.0)
+    return tl.where(hi[:, None], up[None, :], lo[None, :])
+
+
+@triton.jit
 def chunk_kda_bwd_intra_kernel(
     q, k, beta, rq, rk, Gs, gam,
     dQg, dY, dKd, dAqk, dAkk, dbx,
@@ -84,7 +96,6 @@ def chunk_kda_bwd_intra_kernel(
     rows = r0 + o
     m_r = rows < n_valid
     m_rc = m_r[:, None] & m_c[None, :]
-    zr = tl.zeros([BC, 1], dtype=tl.int32)
     q_b = q + tc * s_q + i_h * K
     k_b = k + tc * s_k + i_h * K
     b_b = beta + tc * s_b + i_h
@@ -94,8 +105,6 @@ def chunk_kda_bwd_intra_kernel(
     dAq_b = dAqk + tc * sHA + i_h * BT
     dAk_b = dAkk + tc * sHA + i_h * BT
 
-    qn = _nrows(q_b, rows, m_r, s_q, cols, m_c, rq_b, H, USE_L2)
-    qh = qn * scale
     kn = _nrows(k_b, rows, m_r, s_k, cols, m_c, rk_b, H, USE_L2)
     G = _grows(G_b, rows, m_r, sHK, cols, m_c)
     b = load_beta(b_b, rows, m_r, s_b, USE_SIGMOID)
@@ -104,7 +113,7 @@ def chunk_kda_bwd_intra_kernel(
     Rq = tl.zeros([BC, BK], dtype=tl.float32)
     Rk = tl.zeros([BC, BK], dtype=tl.float32)
     if i_s > 0:
-        a = tl.load(G_b + r0 * sHK + zr + cols[None, :], mask=(zr == 0) & m_c[None, :], other=0.0)
+        a = tl.load(G_b + r0 * sHK + cols, mask=m_c, other=0.0)[None, :]
         for J in range(i_s):
             rj = J * BC + o
             m_j = rj < n_valid
@@ -117,27 +126,27 @@ def chunk_kda_bwd_intra_kernel(
         Rq = Rq * ea
         Rk = Rk * ea
 
-    # ---- column part from the sub-chunks after I, anchor b = G of the last row of I
+    # ---- diagonal block, its two 8x8 diagonal blocks exactly: step c pairs rows 0..7 with column c and
+    # rows 8..15 with column 8 + c (row part), columns 0..7 with row c and columns 8..15 with row 8 + c
+    # (column part); dA is zero above its diagonal, so the pairs outside the triangle add nothing
+    hi = o >= 8
     Cd = tl.zeros([BC, BK], dtype=tl.float32)
-    n_sub = tl.cdiv(n_valid, BC)
-    if i_s + 1 < n_sub:
-        ab = tl.load(G_b + (r0 + BC - 1) * sHK + zr + cols[None, :], mask=(zr == 0) & m_c[None, :], other=0.0)
-        for I in range(i_s + 1, n_sub):
-            ri = I * BC + o
-            m_i = ri < n_valid
-            e = tl.exp2(tl.minimum(_grows(G_b, ri, m_i, sHK, cols, m_c) - ab, 0.0))
-            zq = _nrows(q_b, ri, m_i, s_q, cols, m_c, rq_b, H, USE_L2) * (e * scale)
-            zk = _nrows(k_b, ri, m_i, s_k, cols, m_c, rk_b, H, USE_L2) * (e * load_beta(b_b, ri, m_i, s_b,
-                                                                                             USE_SIGMOID)[:, None])
-            pi = ri[:, None] * sHA + r0 + o[None, :]
-            Cd = tl.dot(tl.trans(tl.load(dAq_b + pi, mask=m_i[:, None], other=0.0)), zq, Cd)
-            Cd = tl.dot(tl.trans(tl.load(dAk_b + pi, mask=m_i[:, None], other=0.0)), zk, Cd)
-        Cd = Cd * tl.exp2(tl.minimum(ab - G, 0.0))
+    for c in range(8):
+        Gc = _pair_rows(G_b, r0 + c, sHK, cols, m_c, hi, n_valid, rk_b, H, False)
+        kc = _pair_rows(k_b, r0 + c, s_k, cols, m_c, hi, n_valid, rk_b, H, USE_L2)
+        rc = r0 + c + tl.where(hi, 8, 0)
+        m_col = rc < n_valid
+        t = tl.exp2(tl.minimum(G - Gc, 0.0)) * kc
+        Rq += tl.load(dAq_b + rows * sHA + rc, mask=m_r, other=0.0)[:, None] * t
+        Rk += tl.load(dAk_b + rows * sHA + rc, mask=m_r, other=0.0)[:, None] * t
+        # the same step with rows and columns swapped: row rc of the sub-chunk against column o
+        zq = _pair_rows(q_b, r0 + c, s_q, cols, m_c, hi, n_valid, rq_b, H, USE_L2)
+        tq = tl.load(dAq_b + rc * sHA + r0 + o, mask=m_col, other=0.0) * scale
+        tk = tl.load(dAk_b + rc * sHA + r0 + o, mask=m_col, other=0.0) * load_beta(b_b, rc, m_col, s_b, USE_SIGMOID)
+        Cd += (tq[:, None] * zq + tk[:, None] * kc) * tl.exp2(tl.minimum(Gc - G, 0.0))
 
     # ---- diagonal block, lower-left 8x8 (rows 8..15, columns 0..7) through the anchor G of row 7
-    hi = o >= 8
-    a7 = tl.load(G_b + (r0 + 7) * sHK + zr + cols[None, :], mask=(r0 + 7 < n_valid) & (zr == 0) & m_c[None, :],
-                 other=0.0)
+    a7 = tl.load(G_b + (r0 + 7) * sHK + cols, mask=(r0 + 7 < n_valid) & m_c, other=0.0)[None, :]
     Ph = tl.where(hi[:, None], tl.exp2(tl.minimum(G - a7, 0.0)), 0.0)
     Ql = tl.where(hi[:, None], 0.0, tl.exp2(tl.minimum(a7 - G, 0.0)))
     pd = rows[:, None] * sHA + r0 + o[None, :]
@@ -147,32 +156,29 @@ def chunk_kda_bwd_intra_kernel(
     kq = kn * Ql
     Rq += Ph * tl.dot(dq_ll, kq)
     Rk += Ph * tl.dot(dk_ll, kq)
-    Cd += Ql * tl.dot(tl.trans(dq_ll), qh * Ph)
-    Cd += Ql * tl.dot(tl.trans(dk_ll), (kn * b[:, None]) * Ph)
+    qn = _nrows(q_b, rows, m_r, s_q, cols, m_c, rq_b, H, USE_L2)
+    qh = qn * scale
+    Cd += Ql * (tl.dot(tl.trans(dq_ll), qh * Ph) + tl.dot(tl.trans(dk_ll), (kn * b[:, None]) * Ph))
 
-    # ---- diagonal block, its two 8x8 diagonal blocks exactly: step c pairs rows 0..7 with column c and
-    # rows 8..15 with column 8 + c (row part), columns 0..7 with row c and columns 8..15 with row 8 + c
-    # (column part); dA is zero above its diagonal, so the pairs outside the triangle add nothing
-    for c in range(8):
-        col = c + tl.where(hi, 8, 0)
-        rc = r0 + col
-        m_col = rc < n_valid
-        Gc = _grows(G_b, rc, m_col, sHK, cols, m_c)
-        kc = _nrows(k_b, rc, m_col, s_k, cols, m_c, rk_b, H, USE_L2)
-        t = tl.exp2(tl.minimum(G - Gc, 0.0)) * kc
-        daq = tl.load(dAq_b + rows * sHA + rc, mask=m_r, other=0.0)
-        dak = tl.load(dAk_b + rows * sHA + rc, mask=m_r, other=0.0)
-        Rq += daq[:, None] * t
-        Rk += dak[:, None] * t
-        # the same step with rows and columns swapped: row rc of the sub-chunk against column o
-        zq = _nrows(q_b, rc, m_col, s_q, cols, m_c, rq_b, H, USE_L2) * scale
-        bc = load_beta(b_b, rc, m_col, s_b, USE_SIGMOID)
-        tq = tl.load(dAq_b + rc * sHA + r0 + o, mask=m_col, other=0.0)
-        tk = tl.load(dAk_b + rc * sHA + r0 + o, mask=m_col, other=0.0) * bc
-        Cd += (tq[:, None] * zq + tk[:, None] * kc) * tl.exp2(tl.minimum(Gc - G, 0.0))
+    # ---- column part from the sub-chunks after I, anchor b = G of the last row of I
+    n_sub = tl.cdiv(n_valid, BC)
+    if i_s + 1 < n_sub:
+        ab = tl.load(G_b + (r0 + BC - 1) * sHK + cols, mask=m_c, other=0.0)[None, :]
+        C2 = tl.zeros([BC, BK], dtype=tl.float32)
+        for I in range(i_s + 1, n_sub):
+            ri = I * BC + o
+            m_i = ri < n_valid
+            e = tl.exp2(tl.minimum(_grows(G_b, ri, m_i, sHK, cols, m_c) - ab, 0.0))
+            zq = _nrows(q_b, ri, m_i, s_q, cols, m_c, rq_b, H, USE_L2) * (e * scale)
+            zk = _nrows(k_b, ri, m_i, s_k, cols, m_c, rk_b, H, USE_L2) * (e * load_beta(b_b, ri, m_i, s_b,
+                                                                                             USE_SIGMOID)[:, None])
+            pi = ri[:, None] * sHA + r0 + o[None, :]
+            C2 = tl.dot(tl.trans(tl.load(dAq_b + pi, mask=m_i[:, None], other=0.0)), zq, C2)
+            C2 = tl.dot(tl.trans(tl.load(dAk_b + pi, mask=m_i[:, None], other=0.0)), zk, C2)
+        Cd += C2 * tl.exp2(tl.minimum(ab - G, 0.0))
 
     # ---- local terms (Qg = qh exp(G), Y = beta exp(G) kn, Kd = kn exp(G_last - G)), then the norms
-    glast = tl.load(gam + (gc * H + i_h) * K + zr + cols[None, :], mask=(zr == 0) & m_c[None, :], other=0.0)
+    glast = tl.load(gam + (gc * H + i_h) * K + cols, mask=m_c, other=0.0)[None, :]
     eg = tl.exp2(G)
     kdn = tl.exp2(tl.minimum(glast - G, 0.0))
     tok = (tc + rows)[:, None] * sHK + i_h * K + cols[None, :]
