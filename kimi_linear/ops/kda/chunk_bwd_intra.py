@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.kda.chunk_utils import chunk_of_program, load_beta, sigmoid_thr, softplus
+from kimi_linear.ops.kda.chunk_utils import chunk_of_program, load_beta, pair_rows, sigmoid_thr, softplus
 
 
 @triton.jit
@@ -45,18 +45,6 @@ def _nrows(x_b, orow, m_r, stride, cols, m_c, r_b, H: tl.constexpr, USE_L2: tl.c
 @triton.jit
 def _grows(G_b, orow, m_r, sHK, cols, m_c):
     return tl.load(G_b + orow[:, None] * sHK + cols[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)
-
-
-@triton.jit
-def _pair_rows(x_b, r, stride, cols, m_c, hi, n_valid, r_b, H: tl.constexpr, USE_L2: tl.constexpr):
-    """[16, BK] fp32: row r (tiles rows 0..7) and row r + 8 (rows 8..15) of x, times their inverse norms
-    (fused norm); two row loads broadcast, not a gather."""
-    lo = tl.load(x_b + r * stride + cols, mask=m_c & (r < n_valid), other=0.0).to(tl.float32)
-    up = tl.load(x_b + (r + 8) * stride + cols, mask=m_c & (r + 8 < n_valid), other=0.0).to(tl.float32)
-    if USE_L2:
-        lo = lo * tl.load(r_b + r * H, mask=r < n_valid, other=0.0)
-        up = up * tl.load(r_b + (r + 8) * H, mask=r + 8 < n_valid, other=0.0)
-    return tl.where(hi[:, None], up[None, :], lo[None, :])
 
 
 @triton.jit
@@ -132,15 +120,15 @@ def chunk_kda_bwd_intra_kernel(
     hi = o >= 8
     Cd = tl.zeros([BC, BK], dtype=tl.float32)
     for c in range(8):
-        Gc = _pair_rows(G_b, r0 + c, sHK, cols, m_c, hi, n_valid, rk_b, H, False)
-        kc = _pair_rows(k_b, r0 + c, s_k, cols, m_c, hi, n_valid, rk_b, H, USE_L2)
+        Gc = pair_rows(G_b, r0 + c, sHK, cols, m_c, hi, n_valid, rk_b, H, False)
+        kc = pair_rows(k_b, r0 + c, s_k, cols, m_c, hi, n_valid, rk_b, H, USE_L2)
         rc = r0 + c + tl.where(hi, 8, 0)
         m_col = rc < n_valid
         t = tl.exp2(tl.minimum(G - Gc, 0.0)) * kc
         Rq += tl.load(dAq_b + rows * sHA + rc, mask=m_r, other=0.0)[:, None] * t
         Rk += tl.load(dAk_b + rows * sHA + rc, mask=m_r, other=0.0)[:, None] * t
         # the same step with rows and columns swapped: row rc of the sub-chunk against column o
-        zq = _pair_rows(q_b, r0 + c, s_q, cols, m_c, hi, n_valid, rq_b, H, USE_L2)
+        zq = pair_rows(q_b, r0 + c, s_q, cols, m_c, hi, n_valid, rq_b, H, USE_L2)
         tq = tl.load(dAq_b + rc * sHA + r0 + o, mask=m_col, other=0.0) * scale
         tk = tl.load(dAk_b + rc * sHA + r0 + o, mask=m_col, other=0.0) * load_beta(b_b, rc, m_col, s_b, USE_SIGMOID)
         Cd += (tq[:, None] * zq + tk[:, None] * kc) * tl.exp2(tl.minimum(Gc - G, 0.0))
