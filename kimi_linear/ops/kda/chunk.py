@@ -30,7 +30,7 @@ CONFIG = {
     "scan": dict(num_warps=4, num_stages=None, BV=None),
     "bwd_scan": dict(num_warps=4, num_stages=None, BV=None),
     "bwd_state": dict(num_warps=8, num_stages=1),
-    "bwd_intra": dict(num_warps=4, num_stages=1, gate_warps=8),
+    "bwd_intra": dict(num_warps=8, num_stages=1, gate_warps=8),
 }
 
 # dtype of the chunk states (and their gradients) kept for the backward: fp32 keeps the decay

@@ -97,27 +97,12 @@ def chunk_kda_bwd_intra_kernel(
     G = _grows(G_b, rows, m_r, sHK, cols, m_c)
     b = load_beta(b_b, rows, m_r, s_b, USE_SIGMOID)
 
-    # ---- row part from the sub-chunks before I, anchor a = G of the first row of I
-    Rq = tl.zeros([BC, BK], dtype=tl.float32)
-    Rk = tl.zeros([BC, BK], dtype=tl.float32)
-    if i_s > 0:
-        a = tl.load(G_b + r0 * sHK + cols, mask=m_c, other=0.0)[None, :]
-        for J in range(i_s):
-            rj = J * BC + o
-            m_j = rj < n_valid
-            kj = _nrows(k_b, rj, m_j, s_k, cols, m_c, rk_b, H, USE_L2)
-            kj = kj * tl.exp2(tl.minimum(a - _grows(G_b, rj, m_j, sHK, cols, m_c), 0.0))
-            pj = rows[:, None] * sHA + J * BC + o[None, :]
-            Rq = tl.dot(tl.load(dAq_b + pj, mask=m_r[:, None], other=0.0), kj, Rq)
-            Rk = tl.dot(tl.load(dAk_b + pj, mask=m_r[:, None], other=0.0), kj, Rk)
-        ea = tl.exp2(tl.minimum(G - a, 0.0))
-        Rq = Rq * ea
-        Rk = Rk * ea
-
     # ---- diagonal block, its two 8x8 diagonal blocks exactly: step c pairs rows 0..7 with column c and
     # rows 8..15 with column 8 + c (row part), columns 0..7 with row c and columns 8..15 with row 8 + c
     # (column part); dA is zero above its diagonal, so the pairs outside the triangle add nothing
     hi = o >= 8
+    Rq = tl.zeros([BC, BK], dtype=tl.float32)
+    Rk = tl.zeros([BC, BK], dtype=tl.float32)
     Cd = tl.zeros([BC, BK], dtype=tl.float32)
     for c in range(8):
         Gc = pair_rows(G_b, r0 + c, sHK, cols, m_c, hi, n_valid, rk_b, H, False)
@@ -132,6 +117,23 @@ def chunk_kda_bwd_intra_kernel(
         tq = tl.load(dAq_b + rc * sHA + r0 + o, mask=m_col, other=0.0) * scale
         tk = tl.load(dAk_b + rc * sHA + r0 + o, mask=m_col, other=0.0) * load_beta(b_b, rc, m_col, s_b, USE_SIGMOID)
         Cd += (tq[:, None] * zq + tk[:, None] * kc) * tl.exp2(tl.minimum(Gc - G, 0.0))
+
+    # ---- row part from the sub-chunks before I, anchor a = G of the first row of I
+    if i_s > 0:
+        Pq = tl.zeros([BC, BK], dtype=tl.float32)
+        Pk = tl.zeros([BC, BK], dtype=tl.float32)
+        a = tl.load(G_b + r0 * sHK + cols, mask=m_c, other=0.0)[None, :]
+        for J in range(i_s):
+            rj = J * BC + o
+            m_j = rj < n_valid
+            kj = _nrows(k_b, rj, m_j, s_k, cols, m_c, rk_b, H, USE_L2)
+            kj = kj * tl.exp2(tl.minimum(a - _grows(G_b, rj, m_j, sHK, cols, m_c), 0.0))
+            pj = rows[:, None] * sHA + J * BC + o[None, :]
+            Pq = tl.dot(tl.load(dAq_b + pj, mask=m_r[:, None], other=0.0), kj, Pq)
+            Pk = tl.dot(tl.load(dAk_b + pj, mask=m_r[:, None], other=0.0), kj, Pk)
+        ea = tl.exp2(tl.minimum(G - a, 0.0))
+        Rq += Pq * ea
+        Rk += Pk * ea
 
     # ---- diagonal block, lower-left 8x8 (rows 8..15, columns 0..7) through the anchor G of row 7
     a7 = tl.load(G_b + (r0 + 7) * sHK + cols, mask=(r0 + 7 < n_valid) & m_c, other=0.0)[None, :]
@@ -241,7 +243,7 @@ def chunk_kda_bwd_gate_kernel(
 
 
 def chunk_bwd_intra_launch(q, k, f, beta, A_log, dt_bias, scale, bufs, grads, outs, idx, T, *, use_gate,
-                           use_l2, use_sigmoid, num_warps=4, num_stages=1, gate_warps=8):
+                           use_l2, use_sigmoid, num_warps=8, num_stages=1, gate_warps=8):
     """dq, dk, dbeta, df (and the dA_log / dt_bias partials) into `outs`; grads["dKd"] ends holding dG."""
     H, K = q.shape[-2], q.shape[-1]
     BK = max(16, triton.next_power_of_2(K))
