@@ -100,6 +100,15 @@ def test_forward_backward_matches_reference(T, strong, dtype, poison_empty):
     compare(ref, got, 2e-5 if dtype == torch.float32 else 1e-2)
 
 
+def test_head_dim_64(poison_empty):
+    """K = V = 64: several channel blocks in the gate backward, wider tiles everywhere."""
+    q, k, v, f, beta, A_log, dt_bias = make_inputs(1, 70, 1, 64, 64, seed=13, strong_decay=True)
+    h0 = torch.randn(1, 1, 64, 64)
+    ref = run(naive_chunk_kda, q, k, v, f, beta, A_log, dt_bias, h0, torch.float32)
+    got = run(chunk_kda, q, k, v, f, beta, A_log, dt_bias, h0, torch.float32)
+    compare(ref, got, 2e-5)
+
+
 def test_long_sequence_bf16(poison_empty):
     q, k, v, f, beta, A_log, dt_bias = make_inputs(1, 1000, 1, 32, 32, seed=7)
     h0 = torch.randn(1, 1, 32, 32)

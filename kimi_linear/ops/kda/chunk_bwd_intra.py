@@ -5,7 +5,7 @@ Two kernels, split like the forward:
   tiles: the gradients of the intra-chunk products Aqk / Akk for the rows of I, the local terms, the
   L2-norm and beta-sigmoid backward (dq, dk, dbeta written), and the per-row decay gradient dG
   (written over dKd, which only this program reads) with the partial sum of dKd Kd over I.
-- `chunk_kda_bwd_gate_kernel`, one program per (chunk, head), [64, BK] tiles: dg = reverse cumsum
+- `chunk_kda_bwd_gate_kernel`, one program per (chunk, head, 32 channels), [64, 32] tiles: dg = reverse cumsum
   over the chunk of dG plus dG_last, then the gate backward (df, per-chunk dA_log / dt_bias partials).
 
 With qh = scale q / |q|, kn = k / |k| and E[r, c] = exp(G_r - G_c) (c <= r, G the chunk-local cumsum):
@@ -201,8 +201,10 @@ def chunk_kda_bwd_gate_kernel(
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_GATE: tl.constexpr, HAS_DTB: tl.constexpr,
 ):
+    """Channels i_k * BK .. i_k * BK + BK - 1 (BK here: the channel block); dA_part gets one partial per block."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
+    i_k = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
     n, i_c, bos, eos, valid = chunk_of_program(i_t, i_b, T, N, NT_seq, cu_seqlens, chunk_seq,
@@ -217,7 +219,7 @@ def chunk_kda_bwd_gate_kernel(
     n_valid = tl.minimum(eos - t0, BT).to(tl.int32)
     ot = tl.arange(0, BT)
     m_t = ot < n_valid
-    cols = tl.arange(0, BK)
+    cols = i_k * BK + tl.arange(0, BK)
     m_c = cols < K
     m_tc = m_t[:, None] & m_c[None, :]
     sHK = H * K
@@ -237,13 +239,14 @@ def chunk_kda_bwd_gate_kernel(
         dx = tl.where(m_tc, dg * neg_a * sigmoid_thr(x), 0.0)
         tl.store(df + p_df, dx.to(df.dtype.element_ty), mask=m_tc)
         tl.store(ddt_part + (gc * H + i_h) * K + cols, tl.sum(dx, 0), mask=m_c)
-        tl.store(dA_part + gc * H + i_h, tl.sum(tl.sum(tl.where(m_tc, dg * neg_a * softplus(x), 0.0), 1), 0))
+        tl.store(dA_part + (gc * H + i_h) * tl.num_programs(2) + i_k,
+                 tl.sum(tl.sum(tl.where(m_tc, dg * neg_a * softplus(x), 0.0), 1), 0))
     else:
         tl.store(df + p_df, dg.to(df.dtype.element_ty), mask=m_tc)
 
 
 def chunk_bwd_intra_launch(q, k, f, beta, A_log, dt_bias, scale, bufs, grads, outs, idx, T, *, use_gate,
-                           use_l2, use_sigmoid, num_warps=8, num_stages=1, gate_warps=8):
+                           use_l2, use_sigmoid, num_warps=4, num_stages=1, gate_warps=4):
     """dq, dk, dbeta, df (and the dA_log / dt_bias partials) into `outs`; grads["dKd"] ends holding dG."""
     H, K = q.shape[-2], q.shape[-1]
     BK = max(16, triton.next_power_of_2(K))
@@ -262,10 +265,11 @@ def chunk_bwd_intra_launch(q, k, f, beta, A_log, dt_bias, scale, bufs, grads, ou
         H=H, K=K, BK=BK, BT=64, BC=16, IS_VARLEN=varlen, USE_L2=use_l2, USE_SIGMOID=use_sigmoid,
         num_warps=num_warps, num_stages=num_stages,
     )
-    chunk_kda_bwd_gate_kernel[(nt, B * H)](
+    BKG = min(32, BK)
+    chunk_kda_bwd_gate_kernel[(nt, B * H, triton.cdiv(K, BKG))](
         f, A_log, dt_bias, grads["dKd"], grads["dgx"], dgl, df, outs.get("dA_part"), outs.get("ddt_part"),
         bufs.get("cu_seqlens"), idx.chunk_seq, idx.chunk_offsets,
         T, idx.N, idx.NT_seq, f.stride(-3), df.stride(-3),
-        H=H, K=K, BK=BK, BT=64, BC=16, IS_VARLEN=varlen, USE_GATE=use_gate, HAS_DTB=dt_bias is not None,
+        H=H, K=K, BK=BKG, BT=64, BC=16, IS_VARLEN=varlen, USE_GATE=use_gate, HAS_DTB=dt_bias is not None,
         num_warps=gate_warps, num_stages=1,
     )
