@@ -85,3 +85,11 @@ class MoEError(OpError):
 
 class NormError(OpError):
     """Normalisation ops (`ops.norm`)."""
+
+
+class TrainConfigError(ConfigError):
+    """An invalid `kimi-linear train` option; `key` is the flag (`--batch-tokens`), named first in the message."""
+
+    def __init__(self, flag: str, message: str):
+        self.key = flag
+        KimiLinearError.__init__(self, f"{flag}: {message}")
