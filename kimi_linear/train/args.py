@@ -199,8 +199,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         if str(f.type) == "bool":
             p.add_argument(flag_of(f.name), action="store_true", **kw)
         else:
-            p.add_argument(flag_of(f.name), type=_flag_type(f), choices=meta.get("choices"), metavar=meta.get("metavar"),
-                           **kw)
+            typ = _flag_type(f)
+            metavar = meta.get("metavar") or {int: "N", float: "X"}.get(typ)
+            p.add_argument(flag_of(f.name), type=typ, choices=meta.get("choices"), metavar=metavar, **kw)
 
 
 DESCRIPTION = ("Pre-train from a preset (--preset) or fine-tune a checkpoint (--model), full or LoRA, on packed "
