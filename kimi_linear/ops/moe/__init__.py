@@ -5,7 +5,8 @@ no backward, so under autograd the naive forms run; both never sync with the hos
 - `select_experts`: the router (`routing.py` / `naive.sigmoid_grouped_topk`);
 - `fused_experts`: the routed experts, plus shared experts folded into the stacks (`fused_moe.py` /
   `naive.naive_fused_experts`).
-`sigmoid_grouped_topk` and `naive_moe_experts` are the references. The kernels are imported on first use:
+`sigmoid_grouped_topk` and `naive_moe_experts` are the references; `router_scores` (the fp32 sigmoid
+scores, also under autocast) feeds the training balance loss. The kernels are imported on first use:
 importing the package never needs triton.
 """
 
@@ -14,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from kimi_linear.ops.dispatch import use_kernel
-from kimi_linear.ops.moe.naive import naive_fused_experts, naive_moe_experts, sigmoid_grouped_topk
+from kimi_linear.ops.moe.naive import naive_fused_experts, naive_moe_experts, router_scores, sigmoid_grouped_topk
 
-__all__ = ["select_experts", "fused_experts", "sigmoid_grouped_topk", "naive_moe_experts", "naive_fused_experts"]
+__all__ = ["select_experts", "fused_experts", "router_scores", "sigmoid_grouped_topk", "naive_moe_experts", "naive_fused_experts"]
 
 
 def select_experts(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,

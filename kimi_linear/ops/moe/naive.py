@@ -20,13 +20,18 @@ import torch
 import torch.nn.functional as F
 
 
+def router_scores(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """sigmoid(x @ gate_weight^T) [N, E] in fp32, also under autocast (the router's logits stay fp32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.sigmoid(x.float() @ gate_weight.float().t())
+
+
 def sigmoid_grouped_topk(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
                          num_expert_group: int = 1, topk_group: int = 1, renormalize: bool = True,
                          scaling: float = 1.0, biased_weights: bool = False, num_shared: int = 0):
     """x [N, D] -> (topk_weights [N, k + S] fp32, topk_ids [N, k + S] int64); num_shared = S > 0 appends S
     shared-expert slots (ids E .. E + S - 1, weight 1.0)."""
-    logits = x.float() @ gate_weight.float().t()
-    scores = torch.sigmoid(logits)
+    scores = router_scores(x, gate_weight)
     choice = scores + bias.float() if bias is not None else scores
     N, E = choice.shape
     if num_expert_group > 1:
