@@ -63,7 +63,8 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata=_opt("clip the global gradient norm (0: off)"))
     grad_checkpointing: bool = field(default=False, metadata=_opt("recompute each decoder layer in backward"))
     moe_bias_update_rate: float = field(default=1e-3, metadata=_opt(
-        "aux-loss-free balance: step of the router's e_score_correction_bias per optimizer step (0: off)"))
+        "aux-loss-free balance: step of the router's e_score_correction_bias per optimizer step (0: off; LoRA "
+        "runs leave the base model, biases included, unchanged)"))
     aux_loss_coef: float = field(default=0.0, metadata=_opt("coefficient of the sequence-level MoE aux loss"))
     seed: int = field(default=0, metadata=_opt("seed of weights (for --preset), data order and RNG"))
     # ------------------------------------------------------------ LoRA

@@ -67,14 +67,15 @@ def resolve(path: str) -> str:
     return os.path.join(root, steps[-1][1])
 
 
-def load(path: str, model, optimizer, rank: int) -> tuple[dict, dict]:
+def load(path: str, model, optimizer, trainer_template: dict, rank: int) -> tuple[dict, dict]:
     """Restore model and optimizer in place from checkpoint `path`; return (trainer state, loader state)
-    and set this rank's RNG states."""
+    and set this rank's RNG states. `trainer_template` has the trainer state's structure (DCP loads the
+    keys it is given)."""
     rank_file = os.path.join(path, f"rank-{rank}.pt")
     if not os.path.isfile(rank_file):
         raise TrainConfigError("--resume", f"{path} has no state for rank {rank} (saved with fewer processes?)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "trainer": {"step": 0, "scheduler": {}, "config": {}}}
+    state = {"model": model_sd, "optim": optim_sd, "trainer": trainer_template}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     extra = torch.load(rank_file, weights_only=False)

@@ -100,8 +100,13 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.info.device.type, dtype=self.compute_dtype)
 
+    def trainer_state(self) -> dict:
+        """The rank-independent state a checkpoint keeps besides model and optimizer."""
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": json.dumps(vars(self.cfg))}
+
     def _resume(self, path: str) -> None:
-        trainer_state, loader_state = checkpoint.load(path, self.model, self.optimizer, self.info.rank)
+        trainer_state, loader_state = checkpoint.load(path, self.model, self.optimizer, self.trainer_state(),
+                                                      self.info.rank)
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.loader.load_state_dict(loader_state)
         self.step = int(trainer_state["step"])
@@ -135,7 +140,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         counts = self.expert_load.reduce()
-        self.expert_load.update_bias(counts, self.cfg.moe_bias_update_rate)
+        # a LoRA run leaves the base model (the routers' biases included) as it is
+        self.expert_load.update_bias(counts, 0.0 if self.cfg.lora_rank else self.cfg.moe_bias_update_rate)
         total_loss, total_aux = all_reduce_sum([loss_sum.item(), aux_sum.item()], self.info.device)
         return {"loss": total_loss / max(global_tokens, 1.0), "aux_loss": total_aux / (R * W),
                 "grad_norm": grad_norm.item(), "lr": lr, "loss_tokens": int(global_tokens), "expert_counts": counts}
@@ -171,8 +177,7 @@ class Trainer:
         if not final:
             if not (cfg.save_every and self.step % cfg.save_every == 0):
                 return
-            state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": json.dumps(vars(cfg))}
-            checkpoint.save(checkpoint.step_dir(cfg.out, self.step), self.model, self.optimizer, state,
+            checkpoint.save(checkpoint.step_dir(cfg.out, self.step), self.model, self.optimizer, self.trainer_state(),
                             self.loader.state_dict(), info.rank)
             if self.step == cfg.steps:
                 return  # the final export follows

@@ -21,7 +21,7 @@ def repetitive_texts(n: int = 48) -> list[dict]:
     out = []
     for i in range(n):
         a, b = words[i % 8], words[(i * 3 + 1) % 8]
-        out.append({"text": f"the {a} {b} sat on the {a} mat. the {a} {b} sat on the {a} mat."})
+        out.append({"text": f"the {a} {b} sat on the {a} mat."})
     return out
 
 
