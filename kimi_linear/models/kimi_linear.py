@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 
 from kimi_linear.config import ModelConfig, parse_dtype
 from kimi_linear.layers.fused import materialize, no_fusion, tie_all
-from kimi_linear.layers.kda import KimiDeltaAttention
+from kimi_linear.layers.kda import GatedDeltaNet, KimiDeltaAttention
 from kimi_linear.layers.mla import MultiHeadLatentAttention
 from kimi_linear.layers.mlp import SwiGLUMLP
 from kimi_linear.layers.moe import MoE
@@ -47,7 +47,7 @@ IGNORE_INDEX = -100  # labels that take no loss
 FP32_PARAMS = re.compile(r"(\.A_log|\.dt_bias|\.e_score_correction_bias)$")
 
 # The token mixer of each `config.layer_types` kind; each declares its cache (`cache_spec`).
-MIXERS = {"kda": KimiDeltaAttention, "mla": MultiHeadLatentAttention}
+MIXERS = {"kda": KimiDeltaAttention, "gdn": GatedDeltaNet, "mla": MultiHeadLatentAttention}
 
 
 class KimiLinearDecoderLayer(nn.Module):

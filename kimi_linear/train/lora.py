@@ -12,7 +12,10 @@
   autograd `fused_weight` receives the freshly computed adapted weights, finds them untied and ties
   (concatenates) them again on every forward: correct values, but one weight copy per group per call,
   and it re-points the group's untargeted parameters at the new storage. Evaluation of a LoRA model is
-  therefore right but not fast; `merge_lora` before serving removes the cost.
+  therefore right but not fast; `merge_lora` before serving removes the cost. The fix belongs to
+  `layers/fused.py`: `fused_weight` (and `tie_all`) should return None / skip a group when one of its
+  tensors is not an nn.Parameter (a parametrized weight, computed on access), so the separate projections
+  run and nothing is re-tied.
 - `save_lora_adapter(model, out_dir, base_model_path)`: `adapter_config.json` (PEFT's LoraConfig:
   peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, target_modules, base_model_name_or_path, bias none)
   and `adapter_model.safetensors` with PEFT's names `base_model.model.<module path>.lora_A.weight` /
@@ -117,7 +120,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | t
     for t in targets:
         hits = {p: m for p, m in linears.items() if _matches(p, t)}
         if not hits:
-            raise ConfigError("lora_targets", f"{t!r} names no nn.Linear of the model; valid targets: {', '.join(valid)}")
+            raise ConfigError("lora_targets",
+                              f"{t!r} names no nn.Linear of the model; valid targets: {', '.join(valid)}")
         chosen.update(hits)
     shared = _shared_weights(model)
     for path, m in chosen.items():
@@ -180,7 +184,8 @@ def adapter_config(spec: LoRASpec, base_model_path: str | os.PathLike | None) ->
     """The adapter_config.json dict (PEFT LoraConfig fields; the defaults written out so readers need none)."""
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
-        "target_modules": list(spec.targets), "base_model_name_or_path": os.fspath(base_model_path) if base_model_path else None,
+        "target_modules": list(spec.targets),
+        "base_model_name_or_path": os.fspath(base_model_path) if base_model_path else None,
         "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
@@ -219,9 +224,10 @@ def read_adapter_config(path: str) -> dict:
             cfg = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}", file=file) from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise CheckpointError(f"{file}: not a LoRA adapter (peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else None!r})",
-                              file=file)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: not a JSON object", file=file)
+    if cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{file}: not a LoRA adapter (peft_type {cfg.get('peft_type')!r})", file=file)
     for key, default in _UNSUPPORTED.items():
         if cfg.get(key, default) not in (default, None, {}, False):
             raise CheckpointError(f"{file}: {key}={cfg[key]!r} is not supported (plain LoRA only)", file=file)
@@ -229,7 +235,8 @@ def read_adapter_config(path: str) -> dict:
         raise CheckpointError(f"{file}: bias={cfg['bias']!r} is not supported (only 'none')", file=file)
     targets = cfg.get("target_modules")
     if isinstance(targets, str):
-        raise CheckpointError(f"{file}: a regex target_modules ({targets!r}) is not supported; list the names", file=file)
+        raise CheckpointError(f"{file}: a regex target_modules ({targets!r}) is not supported; list the names",
+                              file=file)
     if not isinstance(targets, list) or not isinstance(cfg.get("r"), int) or "lora_alpha" not in cfg:
         raise CheckpointError(f"{file}: needs r, lora_alpha and a target_modules list", file=file)
     return cfg
@@ -267,7 +274,8 @@ def load_lora_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAS
         for key, value in tensors.items():
             m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
             if m is None:
-                raise CheckpointError(f"{file}: unexpected tensor {key!r} (not a LoRA A/B weight)", tensor=key, file=file)
+                raise CheckpointError(f"{file}: unexpected tensor {key!r} (not a LoRA A/B weight)",
+                                      tensor=key, file=file)
             path = _our_path(m.group(1), ours)
             if path not in ours:
                 raise CheckpointError(f"{file}: tensor {key!r} targets a module the model's LoRA does not adapt",

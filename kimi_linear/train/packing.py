@@ -177,6 +177,7 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (from `state_dict()`, possibly of a run with another world size)."""
         mine = self.state_dict()
+        state = {k: (v.item() if hasattr(v, "item") else v) for k, v in state.items()}  # 0-d tensors after DCP
         for key in ("seed", "seq_len", "shuffle", "num_documents", "fingerprint"):
             if key not in state:
                 raise DataError(f"data loader state has no {key!r}")

@@ -69,11 +69,12 @@ def naive_moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
 
 
 def naive_fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                        topk_ids: torch.Tensor, num_shared: int = 0) -> torch.Tensor:
-    """The routed experts (`naive_moe_experts`), then the last `num_shared` experts of the stacks as shared
-    experts (every token, weight 1), each added to the rounded routed sum as the reference model does."""
+                        topk_ids: torch.Tensor, num_shared: int = 0, routed: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed experts (`naive_moe_experts`, or their sum `routed` [N, D] computed elsewhere), then the
+    last `num_shared` experts of the stacks as shared experts (every token, weight 1), each added to the
+    rounded routed sum as the reference model does."""
     k = topk_ids.shape[1] - num_shared
-    y = naive_moe_experts(x, w13, w2, topk_weights[:, :k], topk_ids[:, :k])
+    y = naive_moe_experts(x, w13, w2, topk_weights[:, :k], topk_ids[:, :k]) if routed is None else routed
     E = w13.shape[0] - num_shared
     for s in range(E, E + num_shared):
         gate, up = F.linear(x, w13[s]).chunk(2, dim=-1)
