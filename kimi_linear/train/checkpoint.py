@@ -10,9 +10,11 @@ A checkpoint folder OUT/checkpoints/step-NNNNNN holds
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -43,11 +45,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes one process when no process group exists; that is what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save(path: str, model, optimizer, trainer_state: dict, loader_state: dict, rank: int) -> None:
     """Write checkpoint `path` (every rank calls this: the model and optimizer saves are collective)."""
     os.makedirs(path, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, checkpoint_id=path)
+    with _quiet_single_process():
+        dcp.save({"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, checkpoint_id=path)
     torch.save({"loader": loader_state, "rng": rng_state()}, os.path.join(path, f"rank-{rank}.pt"))
     barrier()
     if rank == 0:
@@ -76,7 +87,8 @@ def load(path: str, model, optimizer, trainer_template: dict, rank: int) -> tupl
         raise TrainConfigError("--resume", f"{path} has no state for rank {rank} (saved with fewer processes?)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "trainer": trainer_template}
-    dcp.load(state, checkpoint_id=path)
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     extra = torch.load(rank_file, weights_only=False)
     set_rng_state(extra["rng"])
