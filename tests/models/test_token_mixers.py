@@ -21,7 +21,6 @@ from kimi_linear.config import ModelConfig
 from kimi_linear.errors import ConfigError
 from kimi_linear.layers.kda import GatedDeltaNet, KimiDeltaAttention
 from kimi_linear.models import ForwardContext
-from kimi_linear.models.init import init_weights
 from kimi_linear.tools.create import create_checkpoint
 from kimi_linear.tools.presets import preset_config
 
