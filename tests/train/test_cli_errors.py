@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import write_jsonl
+from train_helpers import write_jsonl
 from kimi_linear.cli.main import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
