@@ -97,3 +97,11 @@ class DataError(KimiLinearError, ValueError):
         self.problem = message
         where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
         super().__init__(where + message)
+
+
+class TrainConfigError(ConfigError):
+    """An invalid `kimi-linear train` option; `key` is the flag (`--batch-tokens`), named first in the message."""
+
+    def __init__(self, flag: str, message: str):
+        self.key = flag
+        KimiLinearError.__init__(self, f"{flag}: {message}")
