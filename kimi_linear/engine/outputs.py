@@ -58,6 +58,7 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (usage.prompt_tokens_details.cached_tokens)
 
 
 class SequenceProcessor:
@@ -156,4 +157,6 @@ class RequestState:
         plp = self.processors[0].prompt_logprobs_output() if self.processors else None
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outs, self.finished,
                              prompt_logprobs=plp,
-                             num_preemptions=sum(p.request.num_preemptions for p in self.processors))
+                             num_preemptions=sum(p.request.num_preemptions for p in self.processors),
+                             num_cached_tokens=min((p.request.num_cached_tokens or 0 for p in self.processors),
+                                                   default=0))

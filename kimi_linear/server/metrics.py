@@ -1,7 +1,9 @@
 """Prometheus metrics with vLLM's names under the `kimi_linear:` prefix, labelled with model_name.
 
-Gauges (running / waiting requests, MLA cache and KDA state-slot usage) are read from the engine at
-scrape time; counters and histograms are fed as requests progress. Each server owns its registry, so
+Gauges (running / waiting requests, MLA cache, KDA state-slot and prefix-cache snapshot usage) are read
+from the engine at scrape time, and so are the prefix-cache counters (`prefix_cache_queries_total`,
+`prefix_cache_hits_total`, in tokens: advanced by the engine's totals since the last scrape); other
+counters and histograms are fed as requests progress. Each server owns its registry, so
 several servers can live in one process (tests).
 """
 
@@ -33,6 +35,13 @@ class ServerMetrics:
                               lbl, registry=r)
         self.state_usage = Gauge(P + "kda_state_usage_perc", "Fraction of KDA state slots in use (0-1).",
                                  lbl, registry=r)
+        self.snapshot_usage = Gauge(P + "kda_snapshot_usage_perc", "Fraction of the prefix cache's KDA state "
+                                    "snapshots in use (0-1).", lbl, registry=r)
+        self.prefix_queries = Counter(P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      lbl, registry=r)
+        self.prefix_hits = Counter(P + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", lbl,
+                                   registry=r)
+        self._seen_prefix = (0, 0)  # the engine's (queries, hits) at the last scrape
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prefill tokens processed.", lbl, registry=r)
         self.generation_tokens = Counter(P + "generation_tokens", "Generated tokens.", lbl, registry=r)
         self.success = Counter(P + "request_success", "Finished requests by finish reason.",
@@ -74,4 +83,10 @@ class ServerMetrics:
             self.waiting.labels(m).set(s.num_waiting)
             self.kv_usage.labels(m).set(s.kv_cache_usage)
             self.state_usage.labels(m).set(s.state_slot_usage)
+            self.snapshot_usage.labels(m).set(s.snapshot_usage)
+            q, h = self._seen_prefix
+            if s.prefix_cache_queries >= q and s.prefix_cache_hits >= h:  # totals only grow (zeros while loading)
+                self.prefix_queries.labels(m).inc(s.prefix_cache_queries - q)
+                self.prefix_hits.labels(m).inc(s.prefix_cache_hits - h)
+                self._seen_prefix = (s.prefix_cache_queries, s.prefix_cache_hits)
         return generate_latest(self.registry)

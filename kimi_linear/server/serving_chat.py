@@ -62,7 +62,8 @@ class ServingChat(ServingBase):
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": now(), "model": model, "choices": choices,
             "usage": {"prompt_tokens": P, "completion_tokens": completion_tokens,
-                      "total_tokens": P + completion_tokens},
+                      "total_tokens": P + completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": final.num_cached_tokens}},
         })
 
     async def _stream(self, rid: str, model: str, processed, raw: Request, n: int, num_top: int,
@@ -107,5 +108,6 @@ class ServingChat(ServingBase):
         if include_usage and final is not None:
             P = len(final.prompt_token_ids)
             C = sum(len(c.token_ids) for c in final.outputs)
-            yield chunk([], {"prompt_tokens": P, "completion_tokens": C, "total_tokens": P + C})
+            yield chunk([], {"prompt_tokens": P, "completion_tokens": C, "total_tokens": P + C,
+                             "prompt_tokens_details": {"cached_tokens": final.num_cached_tokens}})
         yield DONE

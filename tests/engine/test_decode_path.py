@@ -147,7 +147,8 @@ def test_cuda_sizing_arithmetic_with_faked_device(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(memory.torch.cuda, "mem_get_info", lambda device=None: (free_at_start - weights, total))
     monkeypatch.setattr(memory, "profile_peak_activation", lambda *a, **k: peak)
     mc = ModelConfig.from_pretrained(tiny_checkpoint)
-    cfg = EngineConfig(model=str(tiny_checkpoint), gpu_memory_utilization=0.5, max_num_seqs=8, block_size=16)
+    cfg = EngineConfig(model=str(tiny_checkpoint), gpu_memory_utilization=0.5, max_num_seqs=8, block_size=16,
+                       enable_prefix_caching=False)  # the snapshot pool's share: tests/engine/test_prefix_cache_units.py
     specs = KimiLinearForCausalLM.cache_specs(mc, torch.bfloat16)
     s = memory.cuda_sizing(None, specs, "cuda", cfg, 1024, free_at_start, 64, 1024)
     bpb = ModelCache.bytes_per_block(specs, 16)
