@@ -4,6 +4,7 @@ throughput of many multi-turn conversations.
     python -m benchmarks.prefix_cache                  # 48b-a3b, dummy bf16 weights, CUDA: 32K and 128K, 64 conversations
     python -m benchmarks.prefix_cache --smoke          # tiny preset on the CPU, small sizes (CI)
     python -m benchmarks.prefix_cache --modes off --parts ttft   # one part / one mode per run (10-minute limits)
+    python -m benchmarks.prefix_cache --merge on.json off.json   # summary and ratios of separate runs' --json files
 
 Each mode builds its own engine from config.json alone with random weights (`load_format="dummy"`):
 `on` is the default engine (prefix caching on), `off` the same with `enable_prefix_caching=False`;
@@ -223,6 +224,23 @@ def print_summary(report: dict) -> None:
         print(f"error in {e['mode']} {e['part']}: {e['error']}")
 
 
+def merge(args) -> dict:
+    report = {"ttft": [], "multiturn": [], "errors": [], "merged": list(args.merge)}
+    for path in args.merge:
+        try:
+            with open(path) as f:
+                part = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"cannot read {path}: {e}") from None
+        for k in ("device", "preset", "model", "dtype"):
+            report.setdefault(k, part.get(k))
+        for k in ("ttft", "multiturn", "errors"):
+            report[k] += part.get(k, [])
+    save(report, args)
+    print_summary(report)
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny preset on the CPU with small sizes (CI)")
@@ -249,7 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="print the summary and ratios of earlier runs' JSON "
+                                                               "files (e.g. one per mode) and write them merged")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args)
     defaults = dict(preset="48b-a3b", dtype="bfloat16", contexts="32K,128K", msg=128, answer=128, conversations=64,
                     turns=4, system=1024, first_msg=1024, block_size=64, max_num_batched_tokens=8192,
                     warmup_context=2048, device=None, max_num_seqs=None)

@@ -40,6 +40,7 @@ def test_padded_decode_batch_equals_each_sequence_alone_and_touches_nothing_else
     while len([r for r in sched.running if r.num_output_tokens > 0]) < 3:
         eng.step()
     reqs = list(sched.running)
+    out = sched.schedule()  # may hand out a new block (a decode crossing a block boundary): own it before poisoning
     # poison every state slot and block the three requests do not own
     cache = runner.cache
     owned_slots = {r.state_slot for r in reqs}
@@ -53,7 +54,6 @@ def test_padded_decode_batch_equals_each_sequence_alone_and_touches_nothing_else
         t[free_blocks] = POISON
     before = [t.clone() for t in cache_tensors(cache)]
 
-    out = sched.schedule()
     assert out.is_decode and len(out.scheduled) == 3 and runner.decode.bucket_for(3) == 4
     eager0 = runner.decode.num_eager
     batched, _ = runner.forward(out)

@@ -86,20 +86,20 @@ def computed(llm: LLM) -> int:
 def test_concurrent_requests_share_a_system_prompt(pair):
     on, off = pair
     on.reset_prefix_cache()
-    system = tokens(37, seed=1)
-    prompts = [system + tokens(3 + 2 * i, seed=100 + i) for i in range(8)]
+    system = tokens(21, seed=1)
+    prompts = [system + tokens(3 + 2 * i, seed=100 + i) for i in range(6)]
 
     def run(llm):
-        first = llm.generate(ids(prompts[0]), greedy(), use_tqdm=False)
-        return first + llm.generate([ids(p) for p in prompts[1:]], greedy(), use_tqdm=False)
+        first = llm.generate(ids(prompts[0]), greedy(3), use_tqdm=False)
+        return first + llm.generate([ids(p) for p in prompts[1:]], greedy(3), use_tqdm=False)
 
     before = on.llm_engine.stats()
     got, ref = both(pair, run)
     assert_same(got, ref, "shared system prompt")
     # the first sharer computes the system prompt again (no state there yet) and snapshots the branch point;
-    # the later ones start from it: 37 shared tokens -> 4 full blocks
+    # the later ones start from it: 21 shared tokens -> 2 full blocks
     cached = [o.num_cached_tokens for o in got]
-    assert cached[0] == 0 and max(cached[2:]) == 32, cached
+    assert cached[0] == 0 and max(cached[2:]) == 16, cached
     after = on.llm_engine.stats()
     assert after.prefix_cache_hits - before.prefix_cache_hits == sum(cached)
 
@@ -110,11 +110,11 @@ def test_three_turn_chat_reuses_the_previous_answer(pair):
     answers = {}
 
     def run(llm):
-        prompt, outs = tokens(29, seed=2), []
+        prompt, outs = tokens(13, seed=2), []
         for turn in range(3):
-            out = llm.generate(ids(prompt), greedy(9), use_tqdm=False)[0]
+            out = llm.generate(ids(prompt), greedy(6), use_tqdm=False)[0]
             outs.append(out)
-            prompt = prompt + out.outputs[0].token_ids + tokens(6, seed=20 + turn)
+            prompt = prompt + out.outputs[0].token_ids + tokens(4, seed=20 + turn)
         answers[llm is on] = outs
         return outs
 
@@ -130,36 +130,36 @@ def test_three_turn_chat_reuses_the_previous_answer(pair):
 def test_prefix_ending_around_a_block_boundary(pair, shift):
     on, _ = pair
     on.reset_prefix_cache()
-    L = 4 * BS + shift
+    L = 2 * BS + shift
     prefix = tokens(L, seed=3)
     longer = prefix + tokens(5, seed=4)
 
     def run(llm):
-        return [llm.generate(ids(p), greedy(3), use_tqdm=False)[0] for p in (prefix, longer, prefix)]
+        return [llm.generate(ids(p), greedy(2), use_tqdm=False)[0] for p in (prefix, longer, prefix)]
 
     got, ref = both(pair, run)
     assert_same(got, ref, f"boundary {shift:+d}")
     # the first request snapshots the last boundary before its prompt's end, and its prefill end when aligned
-    expect = {-1: 3 * BS, 0: 4 * BS, 1: 4 * BS}[shift]
+    expect = {-1: BS, 0: 2 * BS, 1: 2 * BS}[shift]
     assert got[1].num_cached_tokens == expect
     # the same prompt again: at least one token is always computed (the last prompt token)
     assert got[2].num_cached_tokens == (L - 1) // BS * BS
 
 
 def test_request_arriving_while_its_prefix_is_still_prefilling(pair):
-    shared = tokens(90, seed=5)
+    shared = tokens(70, seed=5)
     a, b = shared + tokens(4, seed=6), shared + tokens(7, seed=7)
     cached = {}
 
     def run(llm):
         llm.reset_prefix_cache()
         eng = llm.llm_engine
-        eng.add_request("a", ids(a), greedy(5))
+        eng.add_request("a", ids(a), greedy(3))
         outs = {}
         for _ in range(2):  # a prefills 2 chunks of the 32-token budget
             outs.update({o.request_id: o for o in eng.step() if o.finished})
         assert eng.scheduler.requests["a"].num_computed_tokens < len(a)
-        eng.add_request("b", ids(b), greedy(5))
+        eng.add_request("b", ids(b), greedy(3))
         while eng.has_unfinished_requests():
             outs.update({o.request_id: o for o in eng.step() if o.finished})
         cached[llm] = outs["b"].num_cached_tokens
@@ -175,46 +175,46 @@ def test_request_arriving_while_its_prefix_is_still_prefilling(pair):
 def test_hit_skips_work(pair):
     on, off = pair
     on.reset_prefix_cache()
-    prompt = tokens(50, seed=8)
-    first = on.generate(ids(prompt), greedy(4), use_tqdm=False)[0]
+    prompt = tokens(34, seed=8)
+    first = on.generate(ids(prompt), greedy(3), use_tqdm=False)[0]
     n0 = computed(on)
-    again = on.generate(ids(prompt + tokens(3, seed=9)), greedy(4), use_tqdm=False)[0]
+    again = on.generate(ids(prompt + tokens(3, seed=9)), greedy(3), use_tqdm=False)[0]
     hit = again.num_cached_tokens
-    assert hit == 48 and first.num_cached_tokens == 0
+    assert hit == 32 and first.num_cached_tokens == 0
     # only the uncached prompt tokens and the decodes ran through the model
-    assert computed(on) - n0 == (53 - hit) + 3
-    ref = off.generate(ids(prompt + tokens(3, seed=9)), greedy(4), use_tqdm=False)
+    assert computed(on) - n0 == (37 - hit) + 2
+    ref = off.generate(ids(prompt + tokens(3, seed=9)), greedy(3), use_tqdm=False)
     assert_same([again], ref)
 
 
 def test_prompt_logprobs_skip_the_cache(pair):
     on, off = pair
     on.reset_prefix_cache()
-    prompt = tokens(40, seed=10)
-    on.generate(ids(prompt), greedy(3), use_tqdm=False)
-    sp = greedy(3, prompt_logprobs=2)
+    prompt = tokens(25, seed=10)
+    on.generate(ids(prompt), greedy(2), use_tqdm=False)
+    sp = greedy(2, prompt_logprobs=2)
     got = on.generate(ids(prompt + [5, 6]), sp, use_tqdm=False)
     ref = off.generate(ids(prompt + [5, 6]), sp, use_tqdm=False)
     assert got[0].num_cached_tokens == 0
     assert_same(got, ref)
-    assert len(got[0].prompt_logprobs) == 42
+    assert len(got[0].prompt_logprobs) == 27
     for da, db in zip(got[0].prompt_logprobs[1:], ref[0].prompt_logprobs[1:]):
         assert da.keys() == db.keys() and all(abs(da[t].logprob - db[t].logprob) <= TOL for t in da)
     # the same prompt without prompt logprobs hits
-    assert on.generate(ids(prompt + [5, 6]), greedy(3), use_tqdm=False)[0].num_cached_tokens == 40
+    assert on.generate(ids(prompt + [5, 6]), greedy(2), use_tqdm=False)[0].num_cached_tokens == 24
 
 
 def test_evictions_under_tiny_pools(tiny_checkpoint):
-    """Blocks for 14 x 8 tokens and 2 snapshots: every workload evicts; results stay exact."""
-    on, off = make_pair(tiny_checkpoint, num_gpu_blocks_override=14, num_state_snapshots_override=2,
-                        max_model_len=100)
-    groups = [tokens(30, seed=40 + g) for g in range(3)]
-    prompts = [groups[i % 3] + tokens(2 + i % 4, seed=60 + i) for i in range(9)]
+    """Blocks for 10 x 8 tokens and 2 snapshots: the workload evicts both; results stay exact."""
+    on, off = make_pair(tiny_checkpoint, num_gpu_blocks_override=10, num_state_snapshots_override=2,
+                        max_model_len=64)
+    groups = [tokens(18, seed=40 + g) for g in range(3)]
+    prompts = [groups[i % 3] + tokens(2 + i % 4, seed=60 + i) for i in range(6)]
 
     def run(llm):
         out = []
-        for k in range(0, 9, 3):
-            out += llm.generate([ids(p) for p in prompts[k:k + 3]], greedy(5), use_tqdm=False)
+        for k in range(0, 6, 2):
+            out += llm.generate([ids(p) for p in prompts[k:k + 2]], greedy(3), use_tqdm=False)
         return out
 
     got, ref = both((on, off), run)
@@ -228,8 +228,8 @@ def test_preemption_with_prefix_caching(tiny_checkpoint):
     on, off = make_pair(tiny_checkpoint, num_gpu_blocks_override=12, max_num_seqs=5, max_num_batched_tokens=20,
                         max_model_len=64)
     system = tokens(19, seed=11)
-    prompts = [system + tokens(1 + 2 * i, seed=70 + i) for i in range(10)]
-    params = [greedy(3 + i % 6) for i in range(10)]
+    prompts = [system + tokens(1 + 2 * i, seed=70 + i) for i in range(8)]
+    params = [greedy(3 + i % 5) for i in range(8)]
 
     def run(llm):
         return llm.generate([ids(p) for p in prompts], params, use_tqdm=False)
@@ -257,8 +257,8 @@ def test_a_full_cache_is_evicted_not_an_error(tiny_checkpoint):
 def test_abort_and_n_sequences_leave_nothing_owned(pair):
     on, off = pair
     on.reset_prefix_cache()
-    prompt = tokens(45, seed=12)
-    on.generate(ids(prompt), greedy(3), use_tqdm=False)
+    prompt = tokens(29, seed=12)
+    on.generate(ids(prompt), greedy(2), use_tqdm=False)
     eng = on.llm_engine
     eng.add_request("x", ids(prompt + [1, 2, 3]), greedy(20, n=2))
     eng.add_request("y", ids(prompt + [4]), greedy(20))
@@ -268,8 +268,8 @@ def test_abort_and_n_sequences_leave_nothing_owned(pair):
     while eng.has_unfinished_requests():
         eng.step()
     assert_nothing_owned(on)
-    sp = greedy(4, n=2)
+    sp = greedy(3, n=2)
     got = on.generate(ids(prompt + [7]), sp, use_tqdm=False)
-    assert got[0].num_cached_tokens == 40
+    assert got[0].num_cached_tokens == 24
     assert_same(got, off.generate(ids(prompt + [7]), sp, use_tqdm=False), "n=2")
     assert_nothing_owned(on)

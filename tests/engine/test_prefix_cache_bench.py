@@ -43,3 +43,23 @@ def test_smoke(bench, tmp_path, monkeypatch):
 def test_bad_mode_is_a_clear_error(bench):
     with pytest.raises(SystemExit, match="unknown mode"):
         bench.main(["--smoke", "--modes", "maybe"])
+
+
+def test_merge_of_separate_runs(bench, tmp_path, capsys):
+    row = {"context": 64, "prompt1": 70, "prompt2": 80, "cached2": 0, "computed_tokens": 80}
+    on = {"ttft": [{**row, "mode": "on", "ttft2_s": 0.5, "ttft1_s": 2.0, "cached2": 64}],
+          "multiturn": [{"mode": "on", "conversations": 2, "turns": 2, "wall_s": 1.0, "total_tok_per_s": 300.0,
+                         "output_tok_per_s": 10.0, "computed_tokens": 50}], "errors": []}
+    off = {"ttft": [{**row, "mode": "off", "ttft2_s": 2.0}],
+           "multiturn": [{"mode": "off", "conversations": 2, "turns": 2, "wall_s": 2.0, "total_tok_per_s": 150.0,
+                          "output_tok_per_s": 5.0, "computed_tokens": 90}], "errors": []}
+    paths = []
+    for name, rep in (("on", on), ("off", off)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        (tmp_path / f"{name}.json").write_text(json.dumps(rep))
+    report = bench.main(["--merge", *paths, "--json", str(tmp_path / "all.json")])
+    assert report["ratios"]["ttft"] == [{"context": 64, "off_over_on_ttft2": 4.0}]
+    assert report["ratios"]["multiturn"]["on_over_off_throughput"] == 2.0
+    assert "second-turn TTFT off / on = 4.0x" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="cannot read"):
+        bench.main(["--merge", str(tmp_path / "missing.json")])
