@@ -15,8 +15,8 @@ they run one after the other (the first is shut down and its memory freed before
   message. TTFT = wall time from `add_request` to the step that returns the first token (the step
   samples on the host, so the device work is done). With the cache on, turn 2 finds turn 1's
   blocks and the state snapshot taken at the last block boundary of its answer; off, it prefills
-  everything. The `off` engine runs only turn 2 (a cache-less engine gains nothing from turn 1), with
-  a random answer of the same length (the cost of a prefill does not depend on the token values).
+  everything. Both engines run both turns, so turn 2 always follows a prefill of the same size (warm
+  kernels), and turn 1's TTFT compares a miss with the cache on to the engine without it.
 - multiturn: `--conversations` chats, each a shared system prompt (`--system` tokens) plus its own
   first message (`--first-msg`), then `--turns` turns: every turn submits all conversations at once
   (`LLM.generate`), each answers `--answer` tokens, and the next turn appends the answer and a new
@@ -81,18 +81,14 @@ def first_token_time(engine, rid: str, prompt: list[int], params: SamplingParams
     return ttft, final
 
 
-def chat_turns(engine, rid: str, context: list[int], args, vocab: int, seed: int, device: str,
-               turn1: bool) -> dict:
-    """Turn 1 (when `turn1`) and turn 2 of one chat over `context`; returns their TTFTs and cached tokens."""
+def chat_turns(engine, rid: str, context: list[int], args, vocab: int, seed: int, device: str) -> dict:
+    """Turns 1 and 2 of one chat over `context`; returns their TTFTs and cached tokens."""
     params = SamplingParams(temperature=0, max_tokens=args.answer, ignore_eos=True)
     prompt1 = context + random_tokens(args.msg, seed + 1, vocab)
     row = {"context": len(context), "prompt1": len(prompt1)}
-    if turn1:
-        ttft1, out1 = first_token_time(engine, rid + "-t1", prompt1, params, device)
-        answer = list(out1.outputs[0].token_ids)
-        row.update(ttft1_s=ttft1, cached1=out1.num_cached_tokens)
-    else:
-        answer = random_tokens(args.answer, seed + 2, vocab)
+    ttft1, out1 = first_token_time(engine, rid + "-t1", prompt1, params, device)
+    answer = list(out1.outputs[0].token_ids)
+    row.update(ttft1_s=ttft1, cached1=out1.num_cached_tokens)
     prompt2 = prompt1 + answer + random_tokens(args.msg, seed + 3, vocab)
     ttft2, out2 = first_token_time(engine, rid + "-t2", prompt2, params, device)
     row.update(prompt2=len(prompt2), ttft2_s=ttft2, cached2=out2.num_cached_tokens)
@@ -107,11 +103,10 @@ def run_ttft(llm, mode: str, args, device: str) -> list[dict]:
     for C in args.contexts:
         context = random_tokens(C, C, vocab)
         before = engine.stats()
-        r = chat_turns(engine, f"ttft{C}", context, args, vocab, C, device, turn1=(mode == "on"))
+        r = chat_turns(engine, f"ttft{C}", context, args, vocab, C, device)
         after = engine.stats()
         r.update(mode=mode, computed_tokens=after.num_scheduled_tokens - before.num_scheduled_tokens)
-        t1 = f"turn-1 TTFT {r['ttft1_s'] * 1e3:.1f} ms, " if "ttft1_s" in r else ""
-        log(f"[{mode}] context {C}: {t1}turn-2 TTFT {r['ttft2_s'] * 1e3:.1f} ms "
+        log(f"[{mode}] context {C}: turn-1 TTFT {r['ttft1_s'] * 1e3:.1f} ms, turn-2 TTFT {r['ttft2_s'] * 1e3:.1f} ms "
             f"({r['cached2']} of {r['prompt2']} prompt tokens cached)")
         rows.append(r)
     return rows
@@ -154,7 +149,7 @@ def run_multiturn(llm, mode: str, args, device: str) -> dict:
 def warm_up(llm, args, device: str) -> None:
     engine = llm.llm_engine
     ctx = random_tokens(args.warmup_context, 3, engine.vocab_size)
-    chat_turns(engine, "warmup", ctx, args, engine.vocab_size, 3, device, turn1=True)
+    chat_turns(engine, "warmup", ctx, args, engine.vocab_size, 3, device)
     engine.reset_prefix_cache()
 
 
@@ -187,7 +182,10 @@ def ratios(report: dict) -> dict:
     for C in sorted({r["context"] for r in report["ttft"]}):
         on, off = by.get(("on", C)), by.get(("off", C))
         if on and off and on["ttft2_s"] and off["ttft2_s"]:
-            out["ttft"].append({"context": C, "off_over_on_ttft2": off["ttft2_s"] / on["ttft2_s"]})
+            q = {"context": C, "off_over_on_ttft2": off["ttft2_s"] / on["ttft2_s"]}
+            if on.get("ttft1_s") and off.get("ttft1_s"):
+                q["on_over_off_ttft1_miss"] = on["ttft1_s"] / off["ttft1_s"]
+            out["ttft"].append(q)
     mt = {r["mode"]: r for r in report["multiturn"]}
     if "on" in mt and "off" in mt:
         out["multiturn"] = {"on_over_off_throughput": mt["on"]["total_tok_per_s"] / mt["off"]["total_tok_per_s"],
@@ -217,7 +215,9 @@ def print_summary(report: dict) -> None:
               f"{r['output_tok_per_s']:.1f} output tok/s, {r['computed_tokens']} tokens computed")
     q = report["ratios"]
     for x in q["ttft"]:
-        print(f"context {x['context']:>8}: second-turn TTFT off / on = {x['off_over_on_ttft2']:.1f}x")
+        miss = f" (first turn, a miss: on / off = {x['on_over_off_ttft1_miss']:.2f}x)" \
+            if "on_over_off_ttft1_miss" in x else ""
+        print(f"context {x['context']:>8}: second-turn TTFT off / on = {x['off_over_on_ttft2']:.1f}x{miss}")
     if q["multiturn"]:
         print(f"multiturn throughput on / off = {q['multiturn']['on_over_off_throughput']:.2f}x")
     for e in report["errors"]:
@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--turns", type=int, default=None, help="multiturn turns (default 4)")
     ap.add_argument("--system", type=int, default=None, help="shared system prompt tokens (default 1024)")
     ap.add_argument("--first-msg", type=int, default=None, help="each conversation's first message (default 1024)")
-    ap.add_argument("--warmup-context", type=int, default=None, help="context of the warm-up chat (default 2048)")
+    ap.add_argument("--warmup-context", type=int, default=None,
+                    help="context of the warm-up chat (default: 2 x max_num_batched_tokens, full chunks)")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--block-size", type=int, default=None)
@@ -274,13 +275,14 @@ def main(argv: list[str] | None = None) -> dict:
         return merge(args)
     defaults = dict(preset="48b-a3b", dtype="bfloat16", contexts="32K,128K", msg=128, answer=128, conversations=64,
                     turns=4, system=1024, first_msg=1024, block_size=64, max_num_batched_tokens=8192,
-                    warmup_context=2048, device=None, max_num_seqs=None)
+                    warmup_context=None, device=None, max_num_seqs=None)
     if args.smoke:
         defaults.update(SMOKE)
     for k, v in defaults.items():
         if getattr(args, k, None) is None and not (k == "preset" and args.model):
             setattr(args, k, v)
     args.max_num_seqs = args.max_num_seqs or args.conversations
+    args.warmup_context = args.warmup_context or 2 * args.max_num_batched_tokens
     args.contexts = [parse_count(c) for c in args.contexts.split(",") if c.strip()]
     args.device = str(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

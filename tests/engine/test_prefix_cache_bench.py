@@ -32,7 +32,7 @@ def test_smoke(bench, tmp_path, monkeypatch):
         # turn 2 finds everything turn 1 computed up to its last block boundary (prompt + answer - 1 tokens)
         assert on["cached2"] == (C + 8 + 5 - 1) // 16 * 16 and off["cached2"] == 0
         assert on["computed_tokens"] == on["prompt1"] + 4 + (on["prompt2"] - on["cached2"]) + 4
-        assert off["computed_tokens"] == off["prompt2"] + 4
+        assert off["computed_tokens"] == off["prompt1"] + 4 + off["prompt2"] + 4 and off["cached1"] == 0
         assert on["ttft2_s"] > 0 and off["ttft2_s"] > 0
     mt = {r["mode"]: r for r in report["multiturn"]}
     assert mt["on"]["prompt_tokens"] == mt["off"]["prompt_tokens"] and mt["on"]["generated_tokens"] == 3 * 2 * 5
@@ -58,7 +58,7 @@ def test_merge_of_separate_runs(bench, tmp_path, capsys):
         paths.append(str(tmp_path / f"{name}.json"))
         (tmp_path / f"{name}.json").write_text(json.dumps(rep))
     report = bench.main(["--merge", *paths, "--json", str(tmp_path / "all.json")])
-    assert report["ratios"]["ttft"] == [{"context": 64, "off_over_on_ttft2": 4.0}]
+    assert report["ratios"]["ttft"] == [{"context": 64, "off_over_on_ttft2": 4.0}]  # no turn 1 in off: no miss ratio
     assert report["ratios"]["multiturn"]["on_over_off_throughput"] == 2.0
     assert "second-turn TTFT off / on = 4.0x" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="cannot read"):
