@@ -1,7 +1,7 @@
 """Prefix caching, cache on vs off: the second-turn TTFT of a chat over a long shared context, and the
 throughput of many multi-turn conversations.
 
-    python -m benchmarks.prefix_cache                  # 48b-a3b, dummy bf16 weights, CUDA: 32K and 128K, 64 conversations
+    python -m benchmarks.prefix_cache                  # 48b-a3b, dummy bf16, CUDA: 32K and 128K, 64 conversations
     python -m benchmarks.prefix_cache --smoke          # tiny preset on the CPU, small sizes (CI)
     python -m benchmarks.prefix_cache --modes off --parts ttft   # one part / one mode per run (10-minute limits)
     python -m benchmarks.prefix_cache --merge on.json off.json   # summary and ratios of separate runs' --json files
@@ -300,9 +300,11 @@ def main(argv: list[str] | None = None) -> dict:
         config = preset_config(args.preset)
     turn_tokens = 2 * args.msg + 2 * args.answer
     multiturn_len = args.system + args.first_msg + args.turns * (args.msg + args.answer)
-    max_model_len = max(max(args.contexts, default=0) + turn_tokens, multiturn_len, args.warmup_context + turn_tokens) + 64
+    max_model_len = 64 + max(max(args.contexts, default=0) + turn_tokens, multiturn_len,
+                             args.warmup_context + turn_tokens)
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    log(f"device {gpu}; preset {args.preset or args.model}; modes {modes}; parts {parts}; max_model_len {max_model_len}")
+    log(f"device {gpu}; preset {args.preset or args.model}; modes {modes}; parts {parts}; "
+        f"max_model_len {max_model_len}")
     report = {"device": gpu, "preset": args.preset, "model": args.model, "dtype": args.dtype,
               "args": {k: v for k, v in vars(args).items() if k != "json"}, "ttft": [], "multiturn": [], "errors": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,8 +28,8 @@ from kimi_linear.engine.block_pool import BlockPool
 from kimi_linear.engine.config import EngineConfig, default_sampling_kwargs, eos_token_ids, read_generation_config
 from kimi_linear.engine.input_processor import ContextLengthError, InputProcessor, ProcessedPrompt
 from kimi_linear.engine.model_runner import ModelRunner
-from kimi_linear.engine.prefix_cache import PrefixCache
 from kimi_linear.engine.outputs import RequestOutput, RequestState, SequenceProcessor, TextProcessor
+from kimi_linear.engine.prefix_cache import PrefixCache
 from kimi_linear.engine.request import Request, RequestStatus
 from kimi_linear.engine.scheduler import Scheduler
 from kimi_linear.engine.snapshot_pool import SnapshotPool
