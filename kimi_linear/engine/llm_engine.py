@@ -31,8 +31,10 @@ from kimi_linear.engine.config import EngineConfig, default_sampling_kwargs, eos
 from kimi_linear.engine.input_processor import ContextLengthError, InputProcessor, ProcessedPrompt
 from kimi_linear.engine.model_runner import ModelRunner
 from kimi_linear.engine.outputs import RequestMetrics, RequestOutput, RequestState, SequenceProcessor, TextProcessor
+from kimi_linear.engine.prefix_cache import PrefixCache
 from kimi_linear.engine.request import Request, RequestStatus
 from kimi_linear.engine.scheduler import Scheduler
+from kimi_linear.engine.snapshot_pool import SnapshotPool
 from kimi_linear.engine.state_pool import StatePool
 from kimi_linear.engine.structured_output import StructuredOutputs
 from kimi_linear.errors import ConfigError, ValidationError
@@ -47,7 +49,9 @@ __all__ = ["ContextLengthError", "EngineStats", "LLMEngine", "ProcessedPrompt"]
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine's load (`LLMEngine.stats()`): request counts, MLA block and KDA slot
-    usage, and counters since start (tokens run through the model, tokens sampled, steps, preemptions)."""
+    usage, and counters since start (tokens run through the model, tokens sampled, steps, preemptions);
+    the prefix cache: tokens looked up and found (vLLM's prefix_cache_queries / _hits), cached blocks
+    without an owner, and the state-snapshot pool's use."""
 
     num_running: int = 0
     num_waiting: int = 0
@@ -60,10 +64,24 @@ class EngineStats:
     num_generated_tokens: int = 0
     num_steps: int = 0
     num_preemptions: int = 0
+    prefix_caching: bool = False
+    prefix_cache_queries: int = 0  # tokens of admitted requests looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of them, tokens found cached (not computed)
+    num_blocks_cached: int = 0  # cached MLA blocks without an owner (counted free: evicted on demand)
+    num_snapshots_used: int = 0
+    num_snapshots: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
         return self.num_blocks_used / max(1, self.num_blocks)
+
+    @property
+    def snapshot_usage(self) -> float:
+        return self.num_snapshots_used / max(1, self.num_snapshots)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / max(1, self.prefix_cache_queries)
 
     @property
     def state_slot_usage(self) -> float:
@@ -100,9 +118,12 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.model_config.vocab_size
-        self.scheduler = Scheduler(BlockPool(self.runner.num_blocks, config.block_size),
-                                   StatePool(self.runner.num_slots), self.runner.max_num_seqs,
-                                   config.max_num_batched_tokens, self.max_model_len)
+        block_pool = BlockPool(self.runner.num_blocks, config.block_size)
+        self.prefix_cache = PrefixCache(block_pool, SnapshotPool(self.runner.num_snapshots),
+                                        config.prefix_caching_hash_algo, self.runner.needs_state_snapshots) \
+            if config.enable_prefix_caching else None
+        self.scheduler = Scheduler(block_pool, StatePool(self.runner.num_slots), self.runner.max_num_seqs,
+                                   config.max_num_batched_tokens, self.max_model_len, self.prefix_cache)
         self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids,
                                             any_whitespace=config.structured_outputs_any_whitespace)
         self.input_processor = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len, self.structured,
@@ -145,14 +166,26 @@ class LLMEngine:
         """A snapshot of the load; cheap, and safe to call from another thread than `step()` (values may be
         one step apart)."""
         s = self.scheduler
-        bp, sp = s.block_pool, s.state_pool
+        bp, sp, pc = s.block_pool, s.state_pool, self.prefix_cache
+        cache = {}
+        if pc is not None:
+            snap = pc.snapshot_pool
+            cache = dict(prefix_caching=True, prefix_cache_queries=pc.stats.queries, prefix_cache_hits=pc.stats.hits,
+                         num_blocks_cached=bp.num_cached_free, num_snapshots_used=snap.num_used,
+                         num_snapshots=snap.num_snapshots)
         return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting),
                            num_blocks_used=bp.num_used, num_blocks=bp.num_used + bp.num_free,
                            num_slots_used=sp.num_used, num_slots=sp.num_used + sp.num_free,
                            num_scheduled_tokens=self._num_scheduled_tokens,
                            num_prompt_tokens=self._num_prompt_tokens,
                            num_generated_tokens=self._num_generated_tokens,
-                           num_steps=s.stats.num_steps, num_preemptions=s.stats.num_preemptions)
+                           num_steps=s.stats.num_steps, num_preemptions=s.stats.num_preemptions, **cache)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block and state snapshot that no running request holds (vLLM's
+        `reset_prefix_cache`); later requests compute their prompts in full until the cache refills."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset()
 
     def describe(self) -> dict:
         """What a server logs at startup: the resolved engine config, the model's shape, dtype and device, and

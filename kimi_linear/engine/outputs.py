@@ -73,6 +73,7 @@ class RequestOutput:
     prompt_logprobs: list | None = None
     num_preemptions: int = 0
     metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (usage.prompt_tokens_details.cached_tokens)
 
 
 class SequenceProcessor:
@@ -173,4 +174,6 @@ class RequestState:
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outs, self.finished,
                              prompt_logprobs=plp,
                              num_preemptions=sum(p.request.num_preemptions for p in self.processors),
-                             metrics=dataclasses.replace(self.metrics) if self.metrics is not None else None)
+                             metrics=dataclasses.replace(self.metrics) if self.metrics is not None else None,
+                             num_cached_tokens=min((p.request.num_cached_tokens or 0 for p in self.processors),
+                                                   default=0))

@@ -1,8 +1,9 @@
 """Prometheus metrics with vLLM's names under the `kimi_linear:` prefix, labelled with model_name.
 
 Three sources feed them:
-- scrape time: gauges read from the engine's `stats()` (running / waiting requests, MLA cache and KDA
-  state-slot usage);
+- scrape time: gauges read from the engine's `stats()` (running / waiting requests, MLA cache, KDA
+  state-slot and prefix-cache snapshot usage) and the prefix-cache counters (`prefix_cache_queries_total`,
+  `prefix_cache_hits_total`, in tokens: advanced by the engine's totals since the last scrape);
 - every engine step (`engine_step`): the token counters `prompt_tokens` / `generation_tokens` (so they move
   while a long prompt is prefilled or a long answer generated, not only when a request finishes),
   `num_preemptions` and the `iteration_tokens_total` histogram (tokens run per step);
@@ -49,6 +50,13 @@ class ServerMetrics:
                               lbl, registry=r)
         self.state_usage = Gauge(P + "kda_state_usage_perc", "Fraction of KDA state slots in use (0-1).",
                                  lbl, registry=r)
+        self.snapshot_usage = Gauge(P + "kda_snapshot_usage_perc", "Fraction of the prefix cache's KDA state "
+                                    "snapshots in use (0-1).", lbl, registry=r)
+        self.prefix_queries = Counter(P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      lbl, registry=r)
+        self.prefix_hits = Counter(P + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", lbl,
+                                   registry=r)
+        self._seen_prefix = (0, 0)  # the engine's (queries, hits) at the last scrape
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prefill tokens processed (counted every step).", lbl,
                                      registry=r)
         self.generation_tokens = Counter(P + "generation_tokens", "Generation tokens processed (counted every step).",
@@ -109,4 +117,10 @@ class ServerMetrics:
             self.waiting.labels(m).set(s.num_waiting)
             self.kv_usage.labels(m).set(s.kv_cache_usage)
             self.state_usage.labels(m).set(s.state_slot_usage)
+            self.snapshot_usage.labels(m).set(s.snapshot_usage)
+            q, h = self._seen_prefix
+            if s.prefix_cache_queries >= q and s.prefix_cache_hits >= h:  # totals only grow (zeros while loading)
+                self.prefix_queries.labels(m).inc(s.prefix_cache_queries - q)
+                self.prefix_hits.labels(m).inc(s.prefix_cache_hits - h)
+                self._seen_prefix = (s.prefix_cache_queries, s.prefix_cache_hits)
         return generate_latest(self.registry)

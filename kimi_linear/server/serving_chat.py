@@ -89,7 +89,8 @@ class ServingChat(ServingBase):
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": now(), "model": model, "choices": choices,
             "usage": {"prompt_tokens": P, "completion_tokens": completion_tokens,
-                      "total_tokens": P + completion_tokens},
+                      "total_tokens": P + completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": final.num_cached_tokens}},
             "prompt_logprobs": prompt_logprobs_json(final.prompt_logprobs),
         })
 
@@ -156,5 +157,6 @@ class ServingChat(ServingBase):
         if include_usage and final is not None:
             P = len(final.prompt_token_ids)
             C = sum(len(c.token_ids) for c in final.outputs)
-            yield chunk([], {"prompt_tokens": P, "completion_tokens": C, "total_tokens": P + C})
+            yield chunk([], {"prompt_tokens": P, "completion_tokens": C, "total_tokens": P + C,
+                             "prompt_tokens_details": {"cached_tokens": final.num_cached_tokens}})
         yield DONE

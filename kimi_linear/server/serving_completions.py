@@ -54,9 +54,10 @@ class ServingCompletions(ServingBase):
         if any(f is None for f in finals):
             return JSONResponse({}, status_code=499)
         choices = []
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         for k, out in enumerate(finals):
             prompt_tokens += len(out.prompt_token_ids)
+            cached_tokens += out.num_cached_tokens
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
                 text = c.text
@@ -80,7 +81,8 @@ class ServingCompletions(ServingBase):
         return JSONResponse({
             "id": rid, "object": "text_completion", "created": now(), "model": model, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+                      "total_tokens": prompt_tokens + completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": cached_tokens}},
         })
 
     async def _final(self, rid: str, processed, raw: Request):
@@ -107,7 +109,7 @@ class ServingCompletions(ServingBase):
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         done: set[int] = set()
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         live = len(tasks)
         try:
             while live:
@@ -144,11 +146,13 @@ class ServingCompletions(ServingBase):
                                    "usage": None})
                 if out.finished:
                     prompt_tokens += len(out.prompt_token_ids)
+                    cached_tokens += out.num_cached_tokens
         finally:
             for t in tasks:
                 t.cancel()
         if include_usage:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                 "total_tokens": prompt_tokens + completion_tokens}})
+                                 "total_tokens": prompt_tokens + completion_tokens,
+                                 "prompt_tokens_details": {"cached_tokens": cached_tokens}}})
         yield DONE
