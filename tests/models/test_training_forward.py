@@ -229,7 +229,7 @@ def test_gpu_training_call_matches_cpu():
     out_gpu.loss_sum.backward()
     got = {n: g.cpu() for n, g in grads(gpu).items()}
     assert out_gpu.loss_sum.item() == pytest.approx(out.loss_sum.item(), rel=1e-4)
-    assert_same_grads(ref, got, 1e-3, "CUDA vs CPU")
+    assert_same_grads(ref, got, 3e-3, "CUDA vs CPU")  # the KDA kernels run their matmuls in tf32
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out16 = gpu(ids.cuda(), cu_seqlens=cu.cuda(), labels=labels.cuda())
     out16.loss_sum.backward()
