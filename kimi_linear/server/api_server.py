@@ -3,12 +3,15 @@
 Routes: /v1/chat/completions, /v1/completions, /v1/models, /health (503 while loading or after the
 engine died), /metrics (Prometheus), /tokenize, /detokenize, /version. Every client mistake is a 4xx
 in the OpenAI envelope (FastAPI's 422s become 400s naming the field); only our own bugs are 500s.
+The API key and the body-size limit are checked by a pure ASGI middleware (`middleware.py`); bodies
+are decoded and validated off the event loop (`request_body.py`), and so are tokenization and chat
+templates, so that a huge request never stalls the others.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import secrets
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -20,7 +23,11 @@ from kimi_linear.errors import KimiLinearError, ValidationError
 from kimi_linear.server.engine_client import AsyncEngineClient
 from kimi_linear.server.errors import error_response, exception_response
 from kimi_linear.server.metrics import ServerMetrics
+from kimi_linear.server.middleware import GuardMiddleware
+from kimi_linear.server.openapi import install_openapi
 from kimi_linear.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from kimi_linear.server.request_body import parse_body
+from kimi_linear.server.safe_text import SafeJSONResponse, redact_paths
 from kimi_linear.server.serving import now
 from kimi_linear.server.serving_chat import ServingChat
 from kimi_linear.server.serving_completions import ServingCompletions
@@ -33,6 +40,7 @@ class ServerSettings:
     served_model_names: list[str]
     api_key: str | None = None
     log_requests: bool = False  # log each request's id, prompt length and sampling params
+    max_request_body_bytes: int | None = None  # larger bodies get 413 (None: no limit)
 
 
 def _param_of(loc: tuple) -> str | None:
@@ -43,7 +51,7 @@ def _param_of(loc: tuple) -> str | None:
 def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
     from kimi_linear import __version__
 
-    app = FastAPI(title="kimi_linear", version=__version__)
+    app = FastAPI(title="kimi_linear", version=__version__, default_response_class=SafeJSONResponse)
     chat = ServingChat(client, settings.served_model_names, settings.log_requests)
     completions = ServingCompletions(client, settings.served_model_names, settings.log_requests)
     app.state.client = client
@@ -65,32 +73,25 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
         return exception_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        return error_response(str(exc.detail), exc.status_code)
+    async def _http(request: Request, exc: StarletteHTTPException):  # 404, 405 (with Allow), 413
+        return error_response(str(exc.detail), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
         logger.exception("internal error on %s", request.url.path)
         return error_response(f"internal server error: {type(exc).__name__}", 500)
 
-    # ------------------------------------------------------------------ auth
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token.encode(), settings.api_key.encode()):
-                return error_response("invalid or missing API key", 401)
-        return await call_next(request)
+    # ------------------------------------------------------------------ auth, body limit
+    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_request_body_bytes)
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health():
-        if client.dead is not None:
-            return error_response(f"the engine died: {client.dead}", 503)
+        if client.dead is not None:  # unauthenticated: no file paths of the server in the message
+            return error_response(redact_paths(f"the engine died: {client.dead}"), 503)
         if not client.ready.is_set():
             return error_response("Loading model", 503)
-        return Response(status_code=200)
+        return SafeJSONResponse({"status": "ok"})
 
     @app.get("/version")
     async def version():
@@ -109,15 +110,21 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+    async def chat_completions(raw: Request):
+        req = await parse_body(raw, ChatCompletionRequest)
         return await chat.create(req, raw)
 
     @app.post("/v1/completions")
-    async def create_completion(req: CompletionRequest, raw: Request):
+    async def create_completion(raw: Request):
+        req = await parse_body(raw, CompletionRequest)
         return await completions.create(req, raw)
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
+    async def tokenize(raw: Request):
+        req = await parse_body(raw, TokenizeRequest)
+        return await asyncio.to_thread(_tokenize, req)
+
+    def _tokenize(req: TokenizeRequest) -> dict:  # in a worker thread
         chat.check_model(req.model)
         client.check_available()
         tok = client.engine.tokenizer
@@ -136,7 +143,11 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
         return {"tokens": ids, "count": len(ids), "max_model_len": client.engine.max_model_len}
 
     @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest):
+    async def detokenize(raw: Request):
+        req = await parse_body(raw, DetokenizeRequest)
+        return await asyncio.to_thread(_detokenize, req)
+
+    def _detokenize(req: DetokenizeRequest) -> dict:  # in a worker thread
         chat.check_model(req.model)
         client.check_available()
         tok = client.engine.tokenizer
@@ -148,5 +159,8 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
                 raise ValidationError(f"tokens[{i}] = {t} is out of the vocabulary (size {V})", param="tokens")
         return {"prompt": tok.decode(req.tokens)}
 
+    install_openapi(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+                          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest},
+                    api_key=bool(settings.api_key))
     return app
 

@@ -20,6 +20,7 @@ from fastapi import Request
 from kimi_linear.engine.llm_engine import ContextLengthError
 from kimi_linear.errors import NotFoundError, ValidationError
 from kimi_linear.server.engine_client import AsyncEngineClient
+from kimi_linear.server.errors import GenerationError
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +66,15 @@ class ServingBase:
                 f"completion.", param="max_tokens" if P < M else what) from None
 
     async def run(self, request_id: str, processed, raw: Request, stream: bool) -> AsyncIterator:
-        """The request's outputs; when the HTTP client disconnects, the request is aborted."""
+        """The request's outputs; when the HTTP client disconnects, the request is aborted. A sequence the
+        engine finished with "error" (non-finite logits) raises GenerationError (a 500, or an error event)."""
         if self.log_requests:
             logger.info("request %s: %d prompt tokens, %s", request_id, len(processed.prompt_token_ids),
                         processed.params)
         gen = self.client.generate(request_id, processed, stream=stream)
         if stream:
             async for out in gen:
-                yield out
+                yield _checked(out)
             return
         # Non-streaming: watch the connection while waiting for the final output.
         task = asyncio.ensure_future(_last(gen))
@@ -80,7 +82,7 @@ class ServingBase:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=0.5)
                 if done:
-                    yield task.result()
+                    yield _checked(task.result())
                     return
                 if await raw.is_disconnected():
                     task.cancel()
@@ -138,6 +140,13 @@ class ServingBase:
             best = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:num_top]
             tops.append({self.token_str(t): _finite(v.logprob) for t, v in best} if num_top else {})
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _checked(out):
+    if out is not None and any(c.finish_reason == "error" for c in out.outputs):
+        raise GenerationError("the model produced non-finite logits (NaN or inf) for this request; its output "
+                              "is meaningless and was dropped")
+    return out
 
 
 def _finite(x: float) -> float:

@@ -8,14 +8,16 @@ usage; then `data: [DONE]`. Errors after the stream started are sent as a `data:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from kimi_linear.errors import KimiLinearError, ValidationError
 from kimi_linear.server.errors import error_body, status_of
+from kimi_linear.server.admission import admitted_stream
 from kimi_linear.server.protocol import ChatCompletionRequest
+from kimi_linear.server.safe_text import SafeJSONResponse as JSONResponse
 from kimi_linear.server.serving import ServingBase, now, random_id
 from kimi_linear.server.sse import DONE, sse
 
@@ -31,18 +33,23 @@ class ServingChat(ServingBase):
                                   "use /v1/completions with token-id prompts", param="messages")
         params = self.sampling_params(req)
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        text = apply_chat_template(self.tokenizer, messages, chat_template=req.chat_template,
-                                   add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                                   continue_final_message=req.continue_final_message, tools=req.tools,
-                                   chat_template_kwargs=req.chat_template_kwargs)
-        ids = self.tokenizer.encode(text)
+
+        def render_and_encode():  # in a worker thread: a long conversation must not block the event loop
+            text = apply_chat_template(
+                self.tokenizer, messages, chat_template=req.chat_template,
+                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                continue_final_message=req.continue_final_message, tools=req.tools,
+                chat_template_kwargs=req.chat_template_kwargs)
+            return text, self.tokenizer.encode(text)
+
+        text, ids = await asyncio.to_thread(render_and_encode)
         processed = await self.process(ids, text, params, "messages")
         rid = random_id("chatcmpl")
         num_top = req.top_logprobs or 0
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = self._stream(rid, model, processed, raw, params.n, num_top, req.logprobs, include_usage)
-            return StreamingResponse(gen, media_type="text/event-stream")
+            return admitted_stream(self.client, [rid], gen)
         final = None
         async for out in self.run(rid, processed, raw, stream=False):
             final = out
