@@ -27,7 +27,7 @@ from kimi_linear.server.middleware import GuardMiddleware
 from kimi_linear.server.openapi import install_openapi
 from kimi_linear.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from kimi_linear.server.request_body import parse_body
-from kimi_linear.server.safe_text import SafeJSONResponse, redact_paths
+from kimi_linear.server.safe_text import SafeJSONResponse, int_list_json, redact_paths
 from kimi_linear.server.serving import now
 from kimi_linear.server.serving_chat import ServingChat
 from kimi_linear.server.serving_completions import ServingCompletions
@@ -140,7 +140,9 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
         else:
             text = req.prompt
         ids = tok.encode(text)
-        return {"tokens": ids, "count": len(ids), "max_model_len": client.engine.max_model_len}
+        # built here, in the worker thread: FastAPI would walk a returned dict's millions of ids on the event loop
+        return Response(f'{{"tokens":{int_list_json(ids)},"count":{len(ids)},'
+                        f'"max_model_len":{client.engine.max_model_len}}}', media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(raw: Request):
@@ -157,7 +159,7 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
         for i, t in enumerate(req.tokens):
             if not 0 <= t < V:
                 raise ValidationError(f"tokens[{i}] = {t} is out of the vocabulary (size {V})", param="tokens")
-        return {"prompt": tok.decode(req.tokens)}
+        return SafeJSONResponse({"prompt": tok.decode(req.tokens)})  # rendered here, off the event loop
 
     install_openapi(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
                           "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest},

@@ -17,6 +17,7 @@ from kimi_linear.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 OPENAI_COMPLETION_MAX_TOKENS = 16  # /v1/completions' max_tokens when the request leaves it out (OpenAI's default)
+MAX_N = 128  # choices per request (OpenAI's limit): n = 10**9 made the engine build 10**9 sequences
 
 # /v1/completions' prompt: a string, a list of strings, token ids or a list of token-id lists. Validated as
 # "str or list" here and element by element in `CompletionRequest.prompts()`: pydantic's union of the four
@@ -52,7 +53,7 @@ class _SamplingFields(_Base):
     """Sampling fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM extras)."""
 
     model: str | None = None
-    n: int = 1
+    n: int = Field(1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None

@@ -5,8 +5,9 @@ Starlette's JSONResponse (and an SSE chunk) would raise UnicodeEncodeError while
 a 500 for the client's own input. Here such a payload falls back to ASCII-escaped JSON (`\\udcff`
 again, which every JSON parser reads back); the common case stays the fast non-ASCII encoding.
 
-`redact_paths` turns absolute file paths into their last component, for messages that unauthenticated
-routes (`/health`) show.
+`int_list_json` writes a long token-id list in slices (each a short C call), so that encoding it never
+holds the GIL for long. `redact_paths` turns absolute file paths into their last component, for
+messages that unauthenticated routes (`/health`) show.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class SafeJSONResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return dumps(content).encode("utf-8")
+
+
+def int_list_json(ids: list[int], slice_len: int = 65536) -> str:
+    """`json.dumps(ids)` (compact), built slice by slice."""
+    return "[" + ",".join([",".join(map(str, ids[i:i + slice_len])) for i in range(0, len(ids), slice_len)]) + "]"
 
 
 _ABS_PATH = re.compile(r"(?<![\w.:/-])/(?:[^\s/'\"]+/)+([^\s/'\"]+)")

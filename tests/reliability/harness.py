@@ -98,7 +98,8 @@ class ServeProcess:
         self.log = open(log_path, "wb")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "kimi_linear", "serve", model, "--device", "cpu", "--port", str(self.port),
-               "--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "256", *args]
+               "--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "256",
+               "--served-model-name", "tiny", *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
     def output(self) -> str:

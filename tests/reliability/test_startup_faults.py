@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import threading
@@ -106,7 +107,7 @@ def test_serve_stops_with_a_message_naming_the_fault(broken):
     port = free_port()
     watch = HealthWatch(f"http://127.0.0.1:{port}")
     # Without the fix serve would run forever: interrupt it after a while, so the test fails instead of hanging.
-    guard = threading.Timer(60, lambda: signal.raise_signal(signal.SIGINT))
+    guard = threading.Timer(60, lambda: os.kill(os.getpid(), signal.SIGINT))
     guard.start()
     try:
         with pytest.raises(StartupError) as info:
