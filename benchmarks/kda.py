@@ -3,10 +3,12 @@
 Real shape: H=32, K=V=128, bf16, gate (-exp(A_log) softplus(f + dt_bias)), beta sigmoid and q/k L2 norm
 computed in the kernel, random inputs (A_log = log U(1, 16)), (B, T) in {(16, 4096), (4, 16384),
 (1, 65536)}; output_final_state=True, no initial state, same options for both.
-  check   ours (and fla) vs the fp32 naive reference on a slice (B=2, T=1000, plus a varlen batch):
+  check   ours vs the fp32 naive reference on a slice (B=2, T=1000; a varlen batch; a varlen batch with the
+          released checkpoint's gate magnitudes, exp(A_log) up to 201, chunk decay sums below -6e4):
           output, final state and every gradient,
   ours    forward (no grad) and forward+backward (median of triton.testing.do_bench),
-  fla     fla.ops.kda.chunk_kda, same inputs and options,
+  fla     fla.ops.kda.chunk_kda, same inputs and options; one untimed forward+backward per shape first
+          runs its autotuning to completion (FLA_CACHE_RESULTS keeps the choices in TRITON_CACHE_DIR),
   floor   max(FLOPs / matmul rate, bytes / copy bandwidth), both measured in this run. FLOPs: the
           report's Eq. 13, 6 T d^2 + 3 T C d + T C^2 per head (x3 for forward+backward); bytes: q, k, v,
           g, beta in and o out (forward); plus do in and dq, dk, dv, dg, dbeta out, and q, k, v, g, beta
@@ -15,7 +17,10 @@ then a per-kernel breakdown (torch.profiler), an optional sweep of launch settin
 `config` argument, per-kernel times from the profiler), and the decode benchmark of
 benchmarks/kda_decode.py (--skip-decode to skip).
 
-    python -m benchmarks.kda [--skip-decode] [--sweep-seconds 120]   (JSON to $OUT if set)
+One table at the end holds every ratio (forward and forward+backward vs fla and vs the floor; the decode
+step vs fla and as a fraction of copy bandwidth).
+
+    python -m benchmarks.kda [--skip-decode] [--sweep-seconds 60] [--decode-sweep]   (JSON to $OUT if set)
 """
 
 from __future__ import annotations
@@ -62,6 +67,18 @@ def make_inputs(B, T, seed=0):
     return q, k, v, f, beta, A_log, dt_bias
 
 
+def real_gate(inputs, seed=0):
+    """The released checkpoint's gate magnitudes on the same q, k, v, beta: exp(A_log) from 201 down to 1
+    over the heads, raw gates with a per-channel offset in [-8, 14] plus noise (per-token log decays
+    below -2.7e3, sums over one chunk below -6e4)."""
+    q, k, v, f, beta, A_log, dt_bias = inputs
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    offset = torch.empty(H, D, device="cuda").uniform_(-8.0, 14.0, generator=g)
+    f = (offset + 2.0 * torch.randn(f.shape, device="cuda", generator=g)).to(f.dtype)
+    A_log = torch.linspace(math.log(201.0), 0.0, H, device="cuda")
+    return q, k, v, f, beta, A_log, dt_bias
+
+
 def fwd_bwd(fn, inputs, cu=None, h0=None, seed=1):
     q, k, v, f, beta, A_log, dt_bias = inputs
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, f, beta, A_log, dt_bias)]
@@ -79,11 +96,15 @@ def fwd_bwd(fn, inputs, cu=None, h0=None, seed=1):
     return out
 
 
-def check(fla=None) -> dict:
-    """Relative errors vs the fp32 reference (errors of fla on the same slice when given)."""
+def check(fla=None, ours: bool = True) -> dict:
+    """Relative errors vs the fp32 reference: ours (unless `ours` is False) and fla's when given."""
     res = {}
-    for name, B, T, lens in (("B2_T1000", 2, 1000, None), ("varlen", 1, 1 + 63 + 64 + 65 + 1000, [1, 63, 64, 65, 1000])):
+    lens = [1, 63, 64, 65, 1000]
+    for name, B, T, lens in (("B2_T1000", 2, 1000, None), ("varlen", 1, sum(lens), lens),
+                             ("real_gate", 1, sum(lens), lens)):
         inputs = make_inputs(B, T, seed=3)
+        if name == "real_gate":
+            inputs = real_gate(inputs)
         cu = None
         N = B
         if lens is not None:
@@ -91,17 +112,32 @@ def check(fla=None) -> dict:
             N = len(lens)
         h0 = torch.randn(N, H, D, D, device="cuda")
         ref = fwd_bwd(naive_chunk_kda, [x.float() if x.is_floating_point() else x for x in inputs], cu, h0)
-        ours = fwd_bwd(chunk_kda, inputs, cu, h0)
-        res[f"ours_{name}"] = {key: rel_err(ref[key], ours[key]) for key in ref}
+        if ours:
+            mine = fwd_bwd(chunk_kda, inputs, cu, h0)
+            res[f"ours_{name}"] = {key: rel_err(ref[key], mine[key]) for key in ref}
+            bad = [key for key in mine if not torch.isfinite(mine[key]).all()]
+            if bad:
+                res[f"ours_{name}"]["non_finite"] = bad
         if fla is not None:
             try:
                 theirs = fwd_bwd(fla, inputs, None if cu is None else cu.long(), h0)
                 res[f"fla_{name}"] = {key: rel_err(ref[key], theirs[key]) for key in ref if theirs.get(key) is not None}
             except Exception as e:
                 res[f"fla_{name}"] = {"error": repr(e)}
-        del ref, ours
+        del ref
         torch.cuda.empty_cache()
     return res
+
+
+def fla_warm(fn, B, T) -> None:
+    """One forward (no grad) and one forward+backward of `fn` at (B, T), untimed (autotuning, compiles)."""
+    q, k, v, f, beta, A_log, dt_bias = make_inputs(B, T)
+    with torch.no_grad():
+        fn(q, k, v, f, beta, A_log=A_log, dt_bias=dt_bias, output_final_state=True, **OPTS)
+    leaves = [x.requires_grad_(True) for x in (q, k, v, f, beta, A_log, dt_bias)]
+    o, _ = fn(*leaves[:5], A_log=leaves[5], dt_bias=leaves[6], output_final_state=True, **OPTS)
+    o.backward(torch.randn_like(o))
+    torch.cuda.synchronize()
 
 
 def time_op(fn, B, T, backward: bool) -> float:
@@ -129,6 +165,8 @@ def kernel_breakdown(B, T, config: dict | None = None, backward: bool = True, n:
     do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
 
     def step():
+        for x in leaves:  # no gradient accumulation kernels in the profile
+            x.grad = None
         with torch.set_grad_enabled(backward):
             o, _ = chunk_kda(*leaves[:5], A_log=leaves[5], dt_bias=leaves[6], output_final_state=True,
                              config=config, **OPTS)
@@ -151,7 +189,7 @@ def kernel_breakdown(B, T, config: dict | None = None, backward: bool = True, n:
 
 # chunk_kda's launch-setting groups (chunk.CONFIG keys) -> the Triton kernels they launch
 KERNELS = {"intra": ("fwd_prep", "fwd_diag", "fwd_solve"), "scan": ("fwd_scan",), "bwd_scan": ("bwd_scan",),
-           "bwd_state": ("bwd_state",), "bwd_intra": ("bwd_intra",)}
+           "bwd_state": ("bwd_state",), "bwd_intra": ("bwd_intra", "bwd_gate")}
 FORWARD = ("intra", "scan")  # timed in the inference forward (their training variants save more)
 
 
@@ -164,20 +202,19 @@ def kernel_ms(B, T, kernel: str, config: dict | None = None) -> float:
     return ms
 
 
-SCAN_CFGS = [dict(BV=64, num_warps=4, num_stages=2), dict(BV=64, num_warps=4, num_stages=3),
+SCAN_CFGS = [dict(BV=64, num_warps=4, num_stages=3), dict(BV=64, num_warps=8, num_stages=3),
              dict(BV=32, num_warps=4, num_stages=3)]
-BWD_SCAN_CFGS = [dict(BV=32, num_warps=4, num_stages=2), dict(BV=64, num_warps=4, num_stages=2)]
-WIDE_SCAN_CFGS = [dict(BV=64, num_warps=4, num_stages=2), dict(BV=128, num_warps=4, num_stages=2)]
-BIG_CFGS = [dict(num_warps=w, num_stages=1) for w in (4, 8)]
+BWD_SCAN_CFGS = [dict(BV=32, num_warps=4, num_stages=2), dict(BV=64, num_warps=8, num_stages=2)]
+INTRA_CFGS = [dict(diag_warps=w) for w in (2, 4)]
+BWD_INTRA_CFGS = [dict(num_warps=w) for w in (4, 8)]
 
 
 def kernel_sweep(seconds: float) -> dict:
     """Time each kernel group under several launch settings (chunk_kda's `config`, per-kernel times from
-    the profiler); returns {shape: {kernel: (best cfg, ms)}} and the raw rows."""
+    the profiler) at 1 x 65536; returns {shape: {kernel: (best cfg, ms)}} and the raw rows."""
     t_end = time.time() + seconds
-    plan = [((4, 16384), [("intra", BIG_CFGS), ("bwd_intra", BIG_CFGS), ("bwd_state", BIG_CFGS)]),
-            ((1, 65536), [("scan", SCAN_CFGS), ("bwd_scan", BWD_SCAN_CFGS)]),
-            ((16, 4096), [("scan", WIDE_SCAN_CFGS), ("bwd_scan", WIDE_SCAN_CFGS)])]
+    plan = [((1, 65536), [("bwd_intra", BWD_INTRA_CFGS), ("intra", INTRA_CFGS), ("scan", SCAN_CFGS),
+                          ("bwd_scan", BWD_SCAN_CFGS)])]
     best, rows = {}, []
     for (B, T), items in plan:
         shape = f"{B}x{T}"
@@ -213,19 +250,21 @@ def apply_best(best: dict, B: int, T: int) -> dict:
     return cfg
 
 
-def decode_rows(skip: bool) -> list[dict]:
+def decode_rows(skip: bool, sweep: bool) -> list[dict]:
     if skip:
         return []
     from benchmarks.kda_decode import run_decode_benchmark
 
-    return run_decode_benchmark(batch_sizes=(1, 16, 64, 256), H=32, K=128, check=True)
+    return run_decode_benchmark(batch_sizes=(1, 16, 64, 256), H=32, K=128, check=True, sweep=sweep)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-fla", action="store_true")
+    ap.add_argument("--fla-check", action="store_true", help="also check fla's numerics (autotunes it at more shapes)")
     ap.add_argument("--sweep-seconds", type=float, default=0.0)
+    ap.add_argument("--decode-sweep", action="store_true", help="also time the decode step's launch settings")
     ap.add_argument("--shapes", default=None, help="e.g. 16x4096,1x65536")
     ap.add_argument("--fla-deadline", type=float, default=1e9, help="skip fla timings after this many seconds")
     ap.add_argument("--decode-deadline", type=float, default=1e9, help="skip decode after this many seconds")
@@ -246,7 +285,8 @@ def main() -> None:
     try:
         result["check"] = check()
         for key, errs in result["check"].items():
-            log(f"check {key}: " + ", ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+            log(f"check {key}: " + ", ".join(f"{k}={v:.1e}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in errs.items()))
     except Exception as e:
         log(f"check failed: {e!r}")
     dump()
@@ -283,7 +323,22 @@ def main() -> None:
         dump()
     fla_kda = None if args.skip_fla else import_fla("fla.ops.kda")
     fla = None if fla_kda is None else fla_kda.chunk_kda
-    if fla is not None:
+    if fla is not None and args.fla_check:
+        try:  # fla's numerics on the same slices (informational; its autotuning at these shapes costs minutes)
+            result["check_fla"] = check(fla, ours=False)
+            for key, errs in result["check_fla"].items():
+                log(f"check {key}: " + ", ".join(f"{k}={v:.1e}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in errs.items()))
+        except Exception as e:
+            log(f"fla check failed: {e!r}"[:300])
+        for row in result["shapes"]:
+            t = time.time()
+            try:  # untimed: fla's autotuning, to completion
+                fla_warm(fla, row["B"], row["T"])
+                log(f"fla B={row['B']} T={row['T']}: autotuned forward+backward in {time.time() - t:.1f} s")
+            except Exception as e:
+                log(f"fla warm-up failed at B={row['B']} T={row['T']}: {e!r}"[:300])
+            torch.cuda.empty_cache()
         for mode in ("fwd", "fwd_bwd"):
             for row in result["shapes"]:
                 if time.time() - T0 > args.fla_deadline:
@@ -299,28 +354,32 @@ def main() -> None:
     result["decode"] = []
     if time.time() - T0 < args.decode_deadline:
         try:
-            result["decode"] = decode_rows(args.skip_decode)
+            result["decode"] = decode_rows(args.skip_decode, args.decode_sweep)
         except Exception as e:
             log(f"decode benchmark failed: {e!r}")
     dump()
 
-    print("\nKDA chunk, H=32 K=V=128 bf16, gate + beta sigmoid + L2 norm in kernel "
-          f"(copy {bw / 1e12:.2f} TB/s, matmul {rate / 1e12:.0f} TFLOP/s)")
-    print(f"{'B':>3} {'T':>6} | {'ours fwd':>9} {'fla fwd':>8} {'x fla':>6} {'floor':>6} {'x floor':>7} | "
-          f"{'ours f+b':>9} {'fla f+b':>8} {'x fla':>6} {'floor':>6} {'x floor':>7}")
+    print_table(result, bw, rate)
+
+
+def print_table(result: dict, bw: float, rate: float) -> None:
+    """Every ratio in one table: chunk forward and forward+backward per shape, then the decode step."""
+    nan = float("nan")
+    print(f"\nKDA, H=32 K=V=128 bf16, gate + beta sigmoid + L2 norm in kernel; {result['device']}, "
+          f"copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    print(f"{'case':<22} {'ours':>9} {'fla':>9} {'fla/ours':>8} {'floor':>8} {'floor/ours':>10}")
     for r in result["shapes"]:
-        ff, fb = r.get("fla_fwd_ms", float("nan")), r.get("fla_fwd_bwd_ms", float("nan"))
-        print(f"{r['B']:>3} {r['T']:>6} | {r['ours_fwd_ms']:>9.3f} {ff:>8.3f} {ff / r['ours_fwd_ms']:>6.2f} "
-              f"{r['floor_fwd_ms']:>6.3f} {r['ours_fwd_ms'] / r['floor_fwd_ms']:>7.2f} | "
-              f"{r['ours_fwd_bwd_ms']:>9.3f} {fb:>8.3f} {fb / r['ours_fwd_bwd_ms']:>6.2f} "
-              f"{r['floor_fwd_bwd_ms']:>6.3f} {r['ours_fwd_bwd_ms'] / r['floor_fwd_bwd_ms']:>7.2f}")
-    print("(times in ms; 'x fla' = fla time / ours, > 1 means we are faster; 'x floor' = ours / floor)")
-    if result["decode"]:
-        print("\nKDA decode step (benchmarks/kda_decode.py), H=32 K=V=128")
-        print(f"{'B':>5} {'ours_us':>8} {'fla_us':>8} {'floor_us':>8} {'x fla':>6} {'copy bw':>8}")
-        for r in result["decode"]:
-            print(f"{r['B']:>5} {r['ours_us']:>8.2f} {r.get('fla_us') or float('nan'):>8.2f} {r['floor_us']:>8.2f} "
-                  f"{r.get('ratio_vs_fla') or float('nan'):>6.2f} {100 * r['frac_copy_bw']:>7.1f}%")
+        for mode, label in (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd")):
+            ours, fla = r.get(f"ours_{mode}_ms", nan), r.get(f"fla_{mode}_ms", nan)
+            floor = r[f"floor_{mode}_ms"]
+            print(f"{label + ' ' + str(r['B']) + 'x' + str(r['T']) + ' ms':<22} {ours:>9.3f} {fla:>9.3f} "
+                  f"{fla / ours:>8.2f} {floor:>8.3f} {floor / ours:>10.3f}")
+    for r in result.get("decode", []):
+        fla = r.get("fla_us") or nan
+        print(f"{'decode B=' + str(r['B']) + ' us':<22} {r['ours_us']:>9.2f} {fla:>9.2f} {fla / r['ours_us']:>8.2f} "
+              f"{r['floor_us']:>8.2f} {r['frac_copy_bw']:>10.3f}")
+    print("(fla/ours > 1: we are faster; floor/ours: fraction of the floor reached, for the decode step the "
+          "fraction of copy bandwidth)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Traffic: each client loops over random requests (seeded): /v1/completions with t
 (streamed or not, n 1-3, seeds, stop_token_ids, logprobs) and, when the model has a tokenizer, text
 completions with stop strings and chat completions (streamed or not, some with a json_schema). Requests
 with `ignore_eos` and no stop rule must report exactly n * max_tokens completion tokens; over the whole
-run the usage the clients received must equal the server's prompt / generation token counters.
+run the usage the clients received must equal the server's counters (generation_tokens, and the sums of
+the per-request prompt / generation histograms).
 
 Report (stdout, and JSON with --out): requests sent / completed / lost, errors by status, 5xx, p50 / p99
 latency (and time to first token of streams), tokens per second, and memory over time (server RSS, GPU
@@ -28,12 +29,11 @@ import json
 import os
 import random
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -253,7 +253,10 @@ def summarize(results, before: dict, after: dict, memory: list[dict], wall: floa
     problems = [f"{s.path} {r.problem}" for _, _, s, r in results if r.problem]
     prompt = sum(r.prompt_tokens for _, _, _, r in results if r.status == 200)
     completion = sum(r.completion_tokens for _, _, _, r in results if r.status == 200)
-    d_prompt = after.get("prompt_tokens_total", 0) - before.get("prompt_tokens_total", 0)
+    # per finished request, as the usage counts them (prompt_tokens_total counts every sequence's prefill,
+    # recomputation included, so n > 1 and preemption make it larger)
+    d_prompt = after.get("request_prompt_tokens_sum", 0) - before.get("request_prompt_tokens_sum", 0)
+    d_req_gen = after.get("request_generation_tokens_sum", 0) - before.get("request_generation_tokens_sum", 0)
     d_gen = after.get("generation_tokens_total", 0) - before.get("generation_tokens_total", 0)
     seeded_mismatch = num_seeded = 0
     if rounds:
@@ -274,7 +277,8 @@ def summarize(results, before: dict, after: dict, memory: list[dict], wall: floa
         "problems": problems[:20], "num_problems": len(problems),
         "usage_prompt_tokens": prompt, "usage_completion_tokens": completion,
         "server_prompt_tokens": d_prompt, "server_generation_tokens": d_gen,
-        "tokens_exact": prompt == d_prompt and completion == d_gen,
+        "server_request_generation_tokens": d_req_gen,
+        "tokens_exact": prompt == d_prompt and completion == d_gen == d_req_gen,
         "seeded_requests": num_seeded, "seeded_mismatches": seeded_mismatch,
         "gauges_after": {g: after.get(g, 0.0) for g in GAUGES},
         "leaks": any(after.get(g, 0.0) for g in GAUGES),

@@ -4,8 +4,17 @@
 (the official one, or one written by transformers' native `KimiLinearConfig`), validates it, and
 derives each layer's kinds:
 
-- token mixer: "kda" (Kimi Delta Attention) or "mla" (full attention, NoPE). The layer lists of
-  `linear_attn_config` are 1-based: layer i (0-based) is KDA iff (i + 1) is in `kda_layers`.
+- token mixer: "kda" (Kimi Delta Attention, a forget gate per channel), "gdn" (gated delta net: the same
+  layer with one forget-gate value per head, broadcast over the head's K channels) or "mla" (full
+  attention, NoPE). The layer lists of `linear_attn_config` are 1-based: layer i (0-based) is linear
+  attention iff (i + 1) is in `kda_layers`, full attention iff it is in `full_attn_layers`. Our own
+  optional key `linear_attn_config.gdn_layers` (1-based, a subset of `kda_layers`) makes those linear
+  layers GDN. Their checkpoint names are KDA's; only two shapes change: `self_attn.f_b_proj.weight`
+  [H, K] (instead of [H * K, K]) and `self_attn.dt_bias` [H] (instead of [H * K]). A config without the
+  key loads as before (all linear layers KDA) and `to_hf_dict` then writes no such key, so transformers
+  reads it unchanged; a config with GDN layers still tells other readers the true linear/full split
+  (same cache shapes), and transformers refuses its checkpoint on the two shapes rather than misreading
+  it.
 - FFN: "dense" (SwiGLU of `intermediate_size`) or "moe" (routed experts plus shared experts).
 
 Every invalid value raises `ConfigError` naming the key. Unknown keys are ignored, like
@@ -76,7 +85,7 @@ class ModelConfig:
     num_expert_group: int
     topk_group: int
     # derived per-layer kinds
-    layer_types: tuple[str, ...]  # "kda" | "mla"
+    layer_types: tuple[str, ...]  # "kda" | "gdn" | "mla"
     mlp_types: tuple[str, ...]  # "dense" | "moe"
     # tokens and misc
     bos_token_id: int | None = None
@@ -110,6 +119,15 @@ class ModelConfig:
     @property
     def kda_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == "kda"]
+
+    @property
+    def gdn_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "gdn"]
+
+    @property
+    def linear_layers(self) -> list[int]:
+        """KDA and GDN layers (0-based): those listed in the checkpoint's `kda_layers`."""
+        return [i for i, t in enumerate(self.layer_types) if t in ("kda", "gdn")]
 
     @property
     def mla_layers(self) -> list[int]:
@@ -338,6 +356,20 @@ class ModelConfig:
         if result is None:
             raise ConfigError("linear_attn_config",
                               "missing: need linear_attn_config.kda_layers and full_attn_layers")
+        gdn = lac.get("gdn_layers")
+        if gdn is not None:
+            key = "linear_attn_config.gdn_layers"
+            if not isinstance(gdn, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in gdn):
+                raise ConfigError(key, f"must be a list of 1-based layer numbers, got {gdn!r}")
+            if len(set(gdn)) != len(gdn):
+                raise ConfigError(key, f"lists a layer twice: {gdn}")
+            for i in gdn:
+                if not 1 <= i <= num_layers:
+                    raise ConfigError(key, f"layer {i} is out of range 1..{num_layers} (the lists are 1-based)")
+                if result[i - 1] != "kda":
+                    raise ConfigError(key, f"layer {i} is not a linear-attention layer: GDN layers must also "
+                                           "be listed in kda_layers")
+                result[i - 1] = "gdn"
         return result
 
     @staticmethod
@@ -358,7 +390,7 @@ class ModelConfig:
     # ---------------------------------------------------------------- writing
     def to_hf_dict(self) -> dict:
         """The official config.json layout (what `kimi-linear init` writes)."""
-        kda = [i + 1 for i, t in enumerate(self.layer_types) if t == "kda"]
+        kda = [i + 1 for i in self.linear_layers]
         full = [i + 1 for i, t in enumerate(self.layer_types) if t == "mla"]
         first_dense = next((i for i, t in enumerate(self.mlp_types) if t == "moe"), self.num_hidden_layers)
         dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[self.torch_dtype]
@@ -413,6 +445,8 @@ class ModelConfig:
                 "short_conv_kernel_size": self.conv_kernel_size,
             },
         }
+        if self.gdn_layers:  # only then: a config without GDN layers is written exactly as the official one
+            d["linear_attn_config"]["gdn_layers"] = [i + 1 for i in self.gdn_layers]
         # If the FFN pattern is not expressible by first_k_dense_replace, write it explicitly.
         derived = ["moe" if (self.num_experts > 0 and i >= first_dense) else "dense"
                    for i in range(self.num_hidden_layers)]
@@ -427,6 +461,7 @@ class ModelConfig:
         kda = 3 * C * D + 3 * C * self.conv_kernel_size + self.kda_num_heads + C \
             + 2 * (self.kda_head_dim * D + C * self.kda_head_dim) + self.kda_num_heads * D \
             + self.kda_head_dim + D * C
+        gdn = kda - (C - self.kda_num_heads) * (self.kda_head_dim + 1)  # f_b_proj [H, K], dt_bias [H]
         H = self.num_attention_heads
         mla = H * self.qk_head_dim * D + self.kv_cache_dim * D + self.kv_lora_rank \
             + H * (self.qk_nope_head_dim + self.v_head_dim) * self.kv_lora_rank + D * H * self.v_head_dim
@@ -435,5 +470,5 @@ class ModelConfig:
             + 3 * D * self.moe_intermediate_size * self.num_shared_experts
         total = self.vocab_size * D * (1 if self.tie_word_embeddings else 2) + D
         for lt, mt in zip(self.layer_types, self.mlp_types):
-            total += 2 * D + (kda if lt == "kda" else mla) + (moe if mt == "moe" else dense)
+            total += 2 * D + {"kda": kda, "gdn": gdn, "mla": mla}[lt] + (moe if mt == "moe" else dense)
         return total

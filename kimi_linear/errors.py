@@ -85,3 +85,23 @@ class MoEError(OpError):
 
 class NormError(OpError):
     """Normalisation ops (`ops.norm`)."""
+
+
+class DataError(KimiLinearError, ValueError):
+    """Training data that cannot be used (`kimi_linear.train.data`): a bad jsonl line, an empty file, a document
+    longer than the sequence length. `file` and `line` (1-based) locate it; the message starts with them."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None):
+        self.file = file
+        self.line = line
+        self.problem = message
+        where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
+        super().__init__(where + message)
+
+
+class TrainConfigError(ConfigError):
+    """An invalid `kimi-linear train` option; `key` is the flag (`--batch-tokens`), named first in the message."""
+
+    def __init__(self, flag: str, message: str):
+        self.key = flag
+        KimiLinearError.__init__(self, f"{flag}: {message}")

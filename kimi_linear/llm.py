@@ -10,7 +10,7 @@
         print(out.outputs[0].text)
 
 `LLM(model, **engine_kwargs)` takes any `EngineConfig` field as a keyword (max_model_len, max_num_seqs,
-dtype, ...; the defaults are EngineConfig's). `generate` validates every prompt before queueing any,
+dtype, enable_prefix_caching (on by default), ...; the defaults are EngineConfig's). `generate` validates every prompt before queueing any,
 runs the engine until all are finished and returns one RequestOutput per prompt in input order. A
 folder without a tokenizer still works with token-id prompts (outputs then carry token ids and empty
 text). `chat` renders conversations with the chat template (the request's, else the `chat_template`
@@ -148,6 +148,10 @@ class LLM:
                                    continue_final_message=continue_final_message, tools=tools,
                                    chat_template_kwargs=chat_template_kwargs)
         return {"prompt_token_ids": tok.encode(text), "prompt": text}
+
+    def reset_prefix_cache(self) -> None:
+        """Drop the prefix cache's cached blocks and state snapshots (`enable_prefix_caching`, on by default)."""
+        self.llm_engine.reset_prefix_cache()
 
     def shutdown(self) -> None:
         """Free the GPU memory held by the model, caches and CUDA graphs."""

@@ -19,21 +19,24 @@ _UNSET = object()
 @dataclass
 class StructuredOutputsParams:
     """Constrained decoding: exactly one of `json` (a JSON schema, dict or str), `json_object`
-    (any JSON object), `regex`, `choice` (list of strings) or `grammar` (EBNF)."""
+    (any JSON object), `regex`, `choice` (list of strings), `grammar` (EBNF) or `structural_tag`
+    (an xgrammar structural tag, dict or JSON text, as vLLM takes it; tokens by id or special-token name)."""
 
     json: dict | str | None = None
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    structural_tag: dict | str | None = None
 
     def kind(self) -> str:
         kinds = [k for k, v in (("json", self.json is not None), ("json_object", self.json_object),
                                 ("regex", self.regex is not None), ("choice", self.choice is not None),
-                                ("grammar", self.grammar is not None)) if v]
+                                ("grammar", self.grammar is not None),
+                                ("structural_tag", self.structural_tag is not None)) if v]
         if len(kinds) != 1:
             raise ValidationError(f"structured_outputs needs exactly one of json, json_object, regex, choice, "
-                                  f"grammar; got {kinds or 'none'}", param="structured_outputs")
+                                  f"grammar, structural_tag; got {kinds or 'none'}", param="structured_outputs")
         kind = kinds[0]
         if kind == "json" and not isinstance(self.json, (dict, str, bool)):
             raise ValidationError("structured_outputs.json must be a JSON schema (an object or a string)",
@@ -44,12 +47,16 @@ class StructuredOutputsParams:
                                   param="structured_outputs")
         if kind in ("regex", "grammar") and not (isinstance(getattr(self, kind), str) and getattr(self, kind)):
             raise ValidationError(f"structured_outputs.{kind} must be a non-empty string", param="structured_outputs")
+        if kind == "structural_tag" and not (isinstance(self.structural_tag, dict)
+                                             or (isinstance(self.structural_tag, str) and self.structural_tag)):
+            raise ValidationError("structured_outputs.structural_tag must be an object or its JSON text",
+                                  param="structured_outputs")
         return kind
 
     def spec(self):
         """The payload of `kind()`: schema, pattern, choices or grammar text (None for json_object)."""
         return {"json": self.json, "json_object": None, "regex": self.regex, "choice": self.choice,
-                "grammar": self.grammar}[self.kind()]
+                "grammar": self.grammar, "structural_tag": self.structural_tag}[self.kind()]
 
 
 @dataclass

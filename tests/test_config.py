@@ -209,9 +209,10 @@ def test_engine_compat_options_and_notices(tmp_path):
 
     cfg = EngineConfig(model=str(tmp_path), tensor_parallel_size=1, quantization="none", trust_remote_code=True,
                        enable_prefix_caching=True)
-    notices = cfg.notices()
-    assert len(notices) == 2 and "prefix caching is not implemented yet" in notices[1]
+    notices = cfg.notices()  # prefix caching is a real feature now (on by default): no notice
+    assert len(notices) == 1 and "trust_remote_code has no effect" in notices[0]
     assert EngineConfig(model=str(tmp_path), enable_prefix_caching=False).notices() == []
+    assert EngineConfig(model=str(tmp_path)).enable_prefix_caching is True
 
 
 def test_engine_defaults_are_written_once(tmp_path):

@@ -3,7 +3,9 @@
 - `ops` imports nothing of the package but `errors`;
 - `layers` imports only `ops`, `config` and `errors`;
 - the engine imports neither `layers` nor `ops`;
-- the server and the CLI import no engine internals and read no private attributes of other objects.
+- the server and the CLI import no engine internals and read no private attributes of other objects;
+- `train` imports only `models`, `layers`, `ops`, `loader`, `config`, `errors` and `tools` (never the engine,
+  the server or the CLI).
 
 Every import counts: module level, inside functions, and under `TYPE_CHECKING` alike, except that
 `layers` may name other packages' types under `if TYPE_CHECKING:` (annotations only).
@@ -88,6 +90,10 @@ def test_engine_imports_no_layers_or_ops():
     bad = [v for v in _violations("engine", set(), False)
            if _top(v.rsplit(" ", 1)[1]) in {"layers", "ops"}]
     assert bad == []
+
+
+def test_train_imports_no_engine_server_or_cli():
+    assert _violations("train", {"models", "layers", "ops", "loader", "config", "errors", "tools"}) == []
 
 
 @pytest.mark.parametrize("sub", ["server", "cli"])

@@ -12,6 +12,7 @@ import os
 
 from kimi_linear.cli.engine_args import add_engine_args, engine_kwargs
 from kimi_linear.server.defaults import DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_SHUTDOWN_TIMEOUT_S
+from kimi_linear.server.tool_parsers import TOOL_PARSERS, check_tool_flags
 
 
 def _non_negative(kind):
@@ -52,6 +53,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="log each request's id, prompt length and sampling params")
     g.add_argument("--disable-log-requests", dest="log_requests", action="store_false",
                    help="do not log requests (the default; accepted as vLLM's older flag)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true", default=False,
+                   help='parse tool calls when tool_choice is "auto" (the default when a request has tools); '
+                        "needs --tool-call-parser")
+    g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help='the tool-call format to parse (kimi_k2: Kimi K2 / Kimi Linear); "required" and named '
+                        "tool choices use it too (default for those: kimi_k2)")
     p.set_defaults(func=run)
 
 
@@ -59,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
     from kimi_linear.server.launch import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_tool_flags(args.tool_call_parser, args.enable_auto_tool_choice)
     kwargs = engine_kwargs(args)
     names = args.served_model_name or [os.path.basename(os.path.normpath(kwargs["model"]))]
     serve(kwargs, names, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_queue_len,
           log_level=args.log_level, uvicorn_log_level=args.uvicorn_log_level, log_requests=args.log_requests,
+          tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
           max_request_body_bytes=args.max_request_body_bytes or None, shutdown_timeout=args.shutdown_timeout)
     return 0

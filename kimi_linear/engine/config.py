@@ -12,9 +12,14 @@ sizing), and `max_cuda_graph_batch_size` (largest captured decode batch; default
 between tokens; off, JSON comes in one line with ", " / ": " separators, a guard against models that
 loop on whitespace (vLLM's `disable_any_whitespace`, inverted).
 
+Prefix caching (`engine/prefix_cache.py`), on by default as in vLLM: `enable_prefix_caching`
+(`--no-enable-prefix-caching` turns it off), `prefix_caching_hash_algo` (sha256 or xxhash) and
+`prefix_cache_state_fraction`, the share of the cache memory given to KDA state snapshots (the
+snapshot pool; `num_state_snapshots_override` fixes its size instead, 0 allowed).
+
 vLLM compatibility fields accept what vLLM recipes pass: `trust_remote_code` (no effect: the model code
-is built in), `enable_prefix_caching` (not implemented yet: no effect), `tensor_parallel_size` (1 only)
-and `quantization` (none only); `notices()` lists the one-line notices the engine logs for them.
+is built in), `tensor_parallel_size` (1 only) and `quantization` (none only); `notices()` lists the
+one-line notices the engine logs for them.
 `generation_config`: "auto" (the checkpoint's generation_config.json gives the sampling defaults),
 "vllm" (no sampling defaults; EOS ids still come from the checkpoint's file, as in vLLM) or a folder
 to read generation_config.json from. `chat_template`: a file path or an inline template.
@@ -34,6 +39,7 @@ from typing import Any
 import torch
 
 from kimi_linear.config import ModelConfig, parse_dtype
+from kimi_linear.engine.block_hash import HASH_ALGOS
 from kimi_linear.errors import ConfigError, KimiLinearError, ValidationError
 from kimi_linear.sampling_params import SamplingParams
 
@@ -80,11 +86,15 @@ class EngineConfig:
     cuda_graph_reserve_bytes: int = knob(512 * 1024 ** 2, "bytes kept free on CUDA for the graphs' private pool",
                                          metavar="BYTES")
     structured_outputs_any_whitespace: bool = knob(False, "JSON grammars allow free whitespace between tokens")
+    enable_prefix_caching: bool = knob(True, "reuse the cached MLA blocks and KDA state snapshots of shared prompt "
+                                             "prefixes (default: on)", negatable=True)
+    prefix_caching_hash_algo: str = knob("sha256", "hash of the prefix cache's block chain", choices=HASH_ALGOS)
+    prefix_cache_state_fraction: float = knob(0.1, "fraction of the cache memory kept for KDA state snapshots of "
+                                                   "the prefix cache")
+    num_state_snapshots_override: int | None = knob(None, "fixed number of prefix-cache state snapshots (0 = none)")
     # ---- vLLM compatibility: accepted so vLLM recipes run; see notices()
     trust_remote_code: bool = knob(False, "accepted for vLLM compatibility; no effect (the model code is built in)")
     tensor_parallel_size: int = knob(1, "GPUs to shard the model over; only 1 is supported yet", aliases=("-tp",))
-    enable_prefix_caching: bool | None = knob(None, "accepted; prefix caching is not implemented yet (no effect)",
-                                              negatable=True)
     quantization: str | None = knob(None, "accepted with no value or 'none' only: quantization is not supported yet")
 
     def __post_init__(self):
@@ -124,7 +134,16 @@ class EngineConfig:
             raise ConfigError("load_format", f"must be 'auto' or 'dummy', got {self.load_format!r}")
         for name in ("enforce_eager", "structured_outputs_any_whitespace", "trust_remote_code"):
             boolean(name)
-        boolean("enable_prefix_caching", optional=True)
+        boolean("enable_prefix_caching")
+        if self.prefix_caching_hash_algo not in HASH_ALGOS:
+            raise ConfigError("prefix_caching_hash_algo", f"must be one of {', '.join(HASH_ALGOS)}, "
+                                                          f"got {self.prefix_caching_hash_algo!r}")
+        f = self.prefix_cache_state_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+            raise ConfigError("prefix_cache_state_fraction", f"must be in [0, 1), got {f!r}")
+        ns = self.num_state_snapshots_override
+        if ns is not None and (isinstance(ns, bool) or not isinstance(ns, int) or ns < 0):
+            raise ConfigError("num_state_snapshots_override", f"must be a non-negative integer, got {ns!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
         lp = self.max_logprobs
@@ -216,8 +235,6 @@ class EngineConfig:
         out = []
         if self.trust_remote_code:
             out.append("trust_remote_code has no effect: the Kimi Linear model code is built in, no remote code runs")
-        if self.enable_prefix_caching:
-            out.append("enable_prefix_caching has no effect: prefix caching is not implemented yet")
         return out
 
     def replace(self, **changes) -> "EngineConfig":

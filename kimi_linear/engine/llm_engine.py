@@ -18,7 +18,9 @@ non-finite logits (NaN / inf) is dropped and finishes its sequence with "error".
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,9 +31,11 @@ from kimi_linear.engine.block_pool import BlockPool
 from kimi_linear.engine.config import EngineConfig, default_sampling_kwargs, eos_token_ids, read_generation_config
 from kimi_linear.engine.input_processor import ContextLengthError, InputProcessor, ProcessedPrompt
 from kimi_linear.engine.model_runner import ModelRunner
-from kimi_linear.engine.outputs import RequestOutput, RequestState, SequenceProcessor, TextProcessor
+from kimi_linear.engine.outputs import RequestMetrics, RequestOutput, RequestState, SequenceProcessor, TextProcessor
+from kimi_linear.engine.prefix_cache import PrefixCache
 from kimi_linear.engine.request import Request, RequestStatus
 from kimi_linear.engine.scheduler import Scheduler
+from kimi_linear.engine.snapshot_pool import SnapshotPool
 from kimi_linear.engine.state_pool import StatePool
 from kimi_linear.engine.structured_output import StructuredOutputs
 from kimi_linear.errors import ConfigError, ValidationError
@@ -46,7 +50,9 @@ __all__ = ["ContextLengthError", "EngineStats", "LLMEngine", "ProcessedPrompt"]
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine's load (`LLMEngine.stats()`): request counts, MLA block and KDA slot
-    usage, and counters since start (tokens run through the model, tokens sampled, steps, preemptions)."""
+    usage, and counters since start (tokens run through the model, tokens sampled, steps, preemptions);
+    the prefix cache: tokens looked up and found (vLLM's prefix_cache_queries / _hits), cached blocks
+    without an owner, and the state-snapshot pool's use."""
 
     num_running: int = 0
     num_waiting: int = 0
@@ -55,13 +61,28 @@ class EngineStats:
     num_slots_used: int = 0
     num_slots: int = 0
     num_scheduled_tokens: int = 0  # prompt chunks + decodes (recomputed tokens after preemption included)
+    num_prompt_tokens: int = 0  # prompt tokens run through the model, counted per step (recomputation included)
     num_generated_tokens: int = 0
     num_steps: int = 0
     num_preemptions: int = 0
+    prefix_caching: bool = False
+    prefix_cache_queries: int = 0  # tokens of admitted requests looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of them, tokens found cached (not computed)
+    num_blocks_cached: int = 0  # cached MLA blocks without an owner (counted free: evicted on demand)
+    num_snapshots_used: int = 0
+    num_snapshots: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
         return self.num_blocks_used / max(1, self.num_blocks)
+
+    @property
+    def snapshot_usage(self) -> float:
+        return self.num_snapshots_used / max(1, self.num_snapshots)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / max(1, self.prefix_cache_queries)
 
     @property
     def state_slot_usage(self) -> float:
@@ -72,7 +93,8 @@ class LLMEngine:
     """The engine. Its public interface for frontends (server, CLI, `LLM`): `tokenizer`, `max_model_len`,
     `max_num_seqs`, `max_logprobs`, `vocab_size`, `model_path`, `sampling_defaults` /
     `default_sampling_params()`, `process_inputs()` (validation), `add_request` / `add_processed` /
-    `abort_request`, `step()`, `has_unfinished_requests()`, `stats()`, `shutdown()`."""
+    `abort_request`, `step()`, `has_unfinished_requests()`, `stats()`, `describe()`, `shutdown()`. Every
+    RequestOutput carries its `metrics` (arrival, first scheduled, first / last token, finish times)."""
 
     def __init__(self, config: EngineConfig,
                  processor_factory: Callable[[Request, object], SequenceProcessor] = TextProcessor,
@@ -97,9 +119,12 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.model_config.vocab_size
-        self.scheduler = Scheduler(BlockPool(self.runner.num_blocks, config.block_size),
-                                   StatePool(self.runner.num_slots), self.runner.max_num_seqs,
-                                   config.max_num_batched_tokens, self.max_model_len)
+        block_pool = BlockPool(self.runner.num_blocks, config.block_size)
+        self.prefix_cache = PrefixCache(block_pool, SnapshotPool(self.runner.num_snapshots),
+                                        config.prefix_caching_hash_algo, self.runner.needs_state_snapshots) \
+            if config.enable_prefix_caching else None
+        self.scheduler = Scheduler(block_pool, StatePool(self.runner.num_slots), self.runner.max_num_seqs,
+                                   config.max_num_batched_tokens, self.max_model_len, self.prefix_cache)
         self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids,
                                             any_whitespace=config.structured_outputs_any_whitespace)
         self.input_processor = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len, self.structured,
@@ -108,6 +133,7 @@ class LLMEngine:
         self._streaming: set[str] = set()
         self._dirty: set[str] = set()  # parents with news not yet reported (aborts)
         self._num_scheduled_tokens = 0
+        self._num_prompt_tokens = 0
         self._num_generated_tokens = 0
 
     @property
@@ -141,13 +167,48 @@ class LLMEngine:
         """A snapshot of the load; cheap, and safe to call from another thread than `step()` (values may be
         one step apart)."""
         s = self.scheduler
-        bp, sp = s.block_pool, s.state_pool
+        bp, sp, pc = s.block_pool, s.state_pool, self.prefix_cache
+        cache = {}
+        if pc is not None:
+            snap = pc.snapshot_pool
+            cache = dict(prefix_caching=True, prefix_cache_queries=pc.stats.queries, prefix_cache_hits=pc.stats.hits,
+                         num_blocks_cached=bp.num_cached_free, num_snapshots_used=snap.num_used,
+                         num_snapshots=snap.num_snapshots)
         return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting),
                            num_blocks_used=bp.num_used, num_blocks=bp.num_used + bp.num_free,
                            num_slots_used=sp.num_used, num_slots=sp.num_used + sp.num_free,
                            num_scheduled_tokens=self._num_scheduled_tokens,
+                           num_prompt_tokens=self._num_prompt_tokens,
                            num_generated_tokens=self._num_generated_tokens,
-                           num_steps=s.stats.num_steps, num_preemptions=s.stats.num_preemptions)
+                           num_steps=s.stats.num_steps, num_preemptions=s.stats.num_preemptions, **cache)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block and state snapshot that no running request holds (vLLM's
+        `reset_prefix_cache`); later requests compute their prompts in full until the cache refills."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset()
+
+    def describe(self) -> dict:
+        """What a server logs at startup: the resolved engine config, the model's shape, dtype and device, and
+        the cache capacity (MLA tokens, KDA slots, sequences that fit at max_model_len). Plain JSON-able values."""
+        mc, cfg = self.model_config, self.config
+        s = self.stats()
+        resolved = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        resolved.update(max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+                        device=str(self.device), dtype=str(self.runner.dtype).removeprefix("torch."))
+        kinds = list(mc.layer_types)
+        cache_tokens = s.num_blocks * cfg.block_size
+        return {
+            "config": resolved,
+            "model": {"num_hidden_layers": mc.num_hidden_layers, "layer_types": kinds,
+                      "num_kda_layers": kinds.count("kda"), "num_mla_layers": kinds.count("mla"),
+                      "hidden_size": mc.hidden_size, "vocab_size": mc.vocab_size, "num_experts": mc.num_experts,
+                      "num_experts_per_token": mc.num_experts_per_token,
+                      "num_shared_experts": mc.num_shared_experts, "num_moe_layers": list(mc.mlp_types).count("moe")},
+            "cache": {"num_blocks": s.num_blocks, "block_size": cfg.block_size, "tokens": cache_tokens,
+                      "num_state_slots": s.num_slots,
+                      "seqs_at_max_model_len": min(s.num_slots, cache_tokens // max(1, self.max_model_len))},
+        }
 
     # ------------------------------------------------------------------ inputs
     def process_inputs(self, prompt, params: SamplingParams) -> ProcessedPrompt:
@@ -165,7 +226,7 @@ class LLMEngine:
         if request_id in self._states:
             raise ValidationError(f"request id {request_id!r} is already in use", param="request_id")
         n = p.params.n
-        state = RequestState(request_id, p.prompt, p.prompt_token_ids)
+        state = RequestState(request_id, p.prompt, p.prompt_token_ids, metrics=RequestMetrics(time.monotonic()))
         children = []
         for i in range(n):
             child_id = request_id if n == 1 else f"{i}_{request_id}"
@@ -200,7 +261,8 @@ class LLMEngine:
             req.matcher = self.structured.matcher(p.grammar)
         self.scheduler.admit_computed(req, num_computed_tokens)
         self._states[request_id] = RequestState(request_id, p.prompt, p.prompt_token_ids,
-                                                [self.processor_factory(req, self.tokenizer)])
+                                                [self.processor_factory(req, self.tokenizer)],
+                                                metrics=RequestMetrics(time.monotonic()))
         return req
 
     def abort_request(self, request_ids: str | list[str]) -> None:
@@ -225,6 +287,7 @@ class LLMEngine:
             raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting and "
                                f"{len(self.scheduler.running)} running requests")
         if not out.is_empty:
+            self._note_scheduled(out.scheduled, time.monotonic())
             result = self.runner.execute(out)
             self._num_scheduled_tokens += out.total_num_tokens
             for req, rows in result.prompt_logprobs:
@@ -233,11 +296,16 @@ class LLMEngine:
             sampled = result.sampled
             changed = self.scheduler.update_from_output(out, {k: s.token_id for k, s in sampled.items()})
             self._num_generated_tokens += len(changed)
+            now = time.monotonic()
             for req in changed:
                 if not sampled[req.request_id].is_finite:
                     self._finish_error(req)
                     touched.add(req.parent_id)
                     continue
+                m = self._states[req.parent_id].metrics
+                if m is not None:
+                    m.first_token_time = m.first_token_time or now
+                    m.last_token_time = now
                 token = req.output_token_ids[-1]
                 if req.matcher is not None:
                     self._advance_grammar(req, token)
@@ -251,12 +319,23 @@ class LLMEngine:
             state = self._states.get(rid)
             if state is None:
                 continue
+            if state.finished and state.metrics is not None and state.metrics.finished_time is None:
+                state.metrics.finished_time = time.monotonic()
             if state.finished or rid in self._streaming:
                 outputs.append(state.output())
             if state.finished:
                 del self._states[rid]
                 self._streaming.discard(rid)
         return outputs
+
+    def _note_scheduled(self, scheduled: list[tuple[Request, int]], now: float) -> None:
+        """Per-step bookkeeping before the model runs: first-scheduled times and the prompt tokens computed."""
+        for req, n in scheduled:
+            m = self._states[req.parent_id].metrics
+            if m is not None and m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+            start, P = req.num_computed_tokens, req.num_prompt_tokens
+            self._num_prompt_tokens += max(0, min(start + n, P) - min(start, P))
 
     def _finish(self, req: Request, status: RequestStatus, stop_reason: str | int | None = None) -> None:
         """Finish `req` from the output side; overrides a length finish of the same token (vLLM's order)."""

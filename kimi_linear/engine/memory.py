@@ -17,7 +17,13 @@ memory is short, keeping room for one max_model_len sequence of blocks), the res
 
 On the CPU: the override knobs, or a modest default (slots = max_num_seqs, blocks for
 min(max_model_len * max_num_seqs, max(max_model_len, 2^18)) tokens).
-The result is logged as token capacity and maximum concurrent sequences.
+
+Prefix caching adds the state-snapshot pool (`snapshot_count`): snapshots of one slot's states
+(`SlotSnapshots.bytes_per_snapshot`, without the block-table row) taking `prefix_cache_state_fraction`
+of the cache memory; on CUDA they are carved out of the available bytes before `plan_cache`, with
+fixed blocks and slots (overrides, the CPU) they come on top, so that they are that fraction of the
+total. On the CPU at least one snapshot per slot. `num_state_snapshots_override` fixes the count.
+The result is logged as token capacity, maximum concurrent sequences and snapshots.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 from kimi_linear.engine.block_pool import cdiv
 from kimi_linear.errors import ConfigError
 from kimi_linear.models import ForwardContext, ModelCache
+from kimi_linear.models.cache import SlotSnapshots
 
 logger = logging.getLogger(__name__)
 GiB = 1024 ** 3
@@ -45,6 +52,8 @@ class CacheSizing:
     block_size: int
     bytes_per_block: int
     bytes_per_slot: int
+    num_snapshots: int = 0
+    bytes_per_snapshot: int = 0
 
     @property
     def token_capacity(self) -> int:
@@ -61,6 +70,22 @@ class CacheSizing:
                     "(%.2f GiB); max concurrent sequences of %d tokens: %d", self.num_blocks, self.block_size,
                     self.token_capacity, self.num_blocks * self.bytes_per_block / GiB, self.num_slots,
                     self.num_slots * self.bytes_per_slot / GiB, max_model_len, self.max_concurrent(max_model_len))
+        if self.bytes_per_snapshot:
+            logger.info("prefix cache: %d KDA state snapshots fit (%.2f GiB, %.1f MiB each)", self.num_snapshots,
+                        self.num_snapshots * self.bytes_per_snapshot / GiB, self.bytes_per_snapshot / 2 ** 20)
+
+
+def snapshot_count(config, bytes_per_snapshot: int, total_bytes: int, on_top: bool) -> int:
+    """State snapshots of the prefix cache: 0 when it is off or the model keeps no slot state; the
+    override; else `prefix_cache_state_fraction` of the cache memory: of `total_bytes` (everything for the
+    caches), or, `on_top`, so that the snapshots are that fraction of `total_bytes` plus themselves."""
+    if not config.enable_prefix_caching or bytes_per_snapshot == 0:
+        return 0
+    if config.num_state_snapshots_override is not None:
+        return config.num_state_snapshots_override
+    f = config.prefix_cache_state_fraction
+    nbytes = total_bytes * f / (1 - f) if on_top else total_bytes * f
+    return int(nbytes // bytes_per_snapshot)
 
 
 def plan_cache(available_bytes: int, bytes_per_block: int, bytes_per_slot: int, block_size: int,
@@ -87,12 +112,19 @@ def plan_cache(available_bytes: int, bytes_per_block: int, bytes_per_slot: int, 
     return int(num_blocks), int(num_slots)
 
 
-def cpu_sizing(specs: list, block_size: int, max_num_seqs: int, max_model_len: int,
-               num_blocks: int | None, num_slots: int | None, table_bytes_per_slot: int) -> CacheSizing:
-    tokens = min(max_model_len * max_num_seqs, max(max_model_len, CPU_DEFAULT_TOKENS))
-    return CacheSizing(num_blocks=num_blocks or cdiv(tokens, block_size), num_slots=num_slots or max_num_seqs,
-                       block_size=block_size, bytes_per_block=ModelCache.bytes_per_block(specs, block_size),
-                       bytes_per_slot=ModelCache.bytes_per_slot(specs) + table_bytes_per_slot)
+def cpu_sizing(specs: list, config, max_model_len: int, table_bytes_per_slot: int) -> CacheSizing:
+    bs = config.block_size
+    tokens = min(max_model_len * config.max_num_seqs, max(max_model_len, CPU_DEFAULT_TOKENS))
+    num_blocks = config.num_gpu_blocks_override or cdiv(tokens, bs)
+    num_slots = config.num_state_slots_override or config.max_num_seqs
+    bpb = ModelCache.bytes_per_block(specs, bs)
+    bps = ModelCache.bytes_per_slot(specs) + table_bytes_per_slot
+    bpsnap = SlotSnapshots.bytes_per_snapshot(specs)
+    snaps = snapshot_count(config, bpsnap, num_blocks * bpb + num_slots * bps, on_top=True)
+    if config.enable_prefix_caching and config.num_state_snapshots_override is None and bpsnap:
+        snaps = max(snaps, num_slots)
+    return CacheSizing(num_blocks=num_blocks, num_slots=num_slots, block_size=bs, bytes_per_block=bpb,
+                       bytes_per_slot=bps, num_snapshots=snaps, bytes_per_snapshot=bpsnap)
 
 
 @torch.no_grad()
@@ -151,8 +183,11 @@ def cuda_sizing(model, specs: list, device, config, max_model_len: int, free_at_
     bs = config.block_size
     bpb = ModelCache.bytes_per_block(specs, bs)
     bps = ModelCache.bytes_per_slot(specs) + table_bytes_per_slot
+    bpsnap = SlotSnapshots.bytes_per_snapshot(specs)
     if config.num_gpu_blocks_override and config.num_state_slots_override:
-        return CacheSizing(config.num_gpu_blocks_override, config.num_state_slots_override, bs, bpb, bps)
+        nb, ns = config.num_gpu_blocks_override, config.num_state_slots_override
+        snaps = snapshot_count(config, bpsnap, nb * bpb + ns * bps, on_top=True)
+        return CacheSizing(nb, ns, bs, bpb, bps, snaps, bpsnap)
     free, total = torch.cuda.mem_get_info(device)
     requested = int(total * config.gpu_memory_utilization)
     others = total - free_at_start  # memory other processes (and our CUDA context) held at start
@@ -169,6 +204,7 @@ def cuda_sizing(model, specs: list, device, config, max_model_len: int, free_at_
     logger.info("memory: %.2f GiB requested, %.2f GiB in use (weights and buffers), peak activations %.2f GiB, "
                 "%.2f GiB kept for CUDA graphs -> %.2f GiB for the caches", requested / GiB, ours / GiB,
                 peak / GiB, reserve / GiB, max(available, 0) / GiB)
-    num_blocks, num_slots = plan_cache(max(available, 0), bpb, bps, bs, config.max_num_seqs, min_tokens,
-                                       config.num_gpu_blocks_override, config.num_state_slots_override)
-    return CacheSizing(num_blocks, num_slots, bs, bpb, bps)
+    snaps = snapshot_count(config, bpsnap, max(available, 0), on_top=False)
+    num_blocks, num_slots = plan_cache(max(available - snaps * bpsnap, 0), bpb, bps, bs, config.max_num_seqs,
+                                       min_tokens, config.num_gpu_blocks_override, config.num_state_slots_override)
+    return CacheSizing(num_blocks, num_slots, bs, bpb, bps, snaps, bpsnap)

@@ -2,11 +2,14 @@
 a forward pass and sampled tokens.
 
 Lifetime: load weights -> size the caches from the model's cache specs (`memory.py`) -> allocate them
-(`model.make_cache`) and the persistent `BlockTable` -> capture decode CUDA graphs (unless eager or on
-the CPU). Per step (`execute`): zero the state slots handed out this step, copy new block ids into the
-block table, then either the decode path (`DecodeRunner`: static padded buffers, graph replay) when
+(`model.make_cache`), the prefix cache's state snapshots (`SlotSnapshots`) and the persistent
+`BlockTable` -> capture decode CUDA graphs (unless eager or on the CPU). Per step (`execute`): zero the
+state slots handed out this step, restore the slots of prefix-cache hits from their snapshots, copy new
+block ids into the block table, then either the decode path (`DecodeRunner`: static padded buffers, graph replay) when
 every sequence computes one token, or an eager flat forward (prefill chunks, mixed batches), and
-finally sample the rows whose step reached their last token (`engine/sampler.py`).
+then copy the slots that the scheduler snapshots this step (eager device copies after the forward, never
+inside a captured graph), and finally sample the rows whose step reached their last token
+(`engine/sampler.py`).
 
 Sampling gets every row's prompt / output token ids and the EOS ids (penalties, bad_words,
 min_tokens) and, when a row has a structured-output matcher, a token bitmask filled by the matchers
@@ -33,6 +36,7 @@ from kimi_linear.engine.sampler import Sampler, SamplingBatch, compute_prompt_lo
 from kimi_linear.engine.scheduler import SchedulerOutput
 from kimi_linear.errors import ConfigError
 from kimi_linear.models import ForwardContext, KimiLinearForCausalLM
+from kimi_linear.models.cache import SlotSnapshots
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +90,14 @@ class ModelRunner:
             sizing = cuda_sizing(self.model, specs, self.device, config, max_model_len,
                                  free_at_start, table_bytes, max_model_len if user_len else self.block_size)
         else:
-            sizing = cpu_sizing(specs, self.block_size, config.max_num_seqs, max_model_len,
-                                config.num_gpu_blocks_override, config.num_state_slots_override, table_bytes)
+            sizing = cpu_sizing(specs, config, max_model_len, table_bytes)
         self.max_model_len = self._fit_max_model_len(max_model_len, sizing, user_len)
         self.sizing = sizing
         sizing.log(self.max_model_len)
 
         self.cache = self.model.make_cache(sizing.num_blocks, self.block_size, sizing.num_slots, self.device,
                                            self.dtype)
+        self.snapshots = SlotSnapshots(self.cache, sizing.num_snapshots)
         self.block_table = BlockTable(sizing.num_slots, cdiv(self.max_model_len, self.block_size), self.device)
         self.max_num_seqs = min(config.max_num_seqs, sizing.num_slots)
         max_graph = min(config.max_cuda_graph_batch_size or self.max_num_seqs, self.max_num_seqs)
@@ -124,22 +128,44 @@ class ModelRunner:
     def num_slots(self) -> int:
         return self.sizing.num_slots
 
+    @property
+    def num_snapshots(self) -> int:
+        return self.sizing.num_snapshots
+
+    @property
+    def needs_state_snapshots(self) -> bool:
+        """The model keeps per-sequence state (slot layers): a prefix-cache hit needs a state snapshot too."""
+        return self.sizing.bytes_per_snapshot > 0
+
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
     def forward(self, out: SchedulerOutput, use_graph: bool = True) -> tuple[torch.Tensor, BatchInputs]:
         """Run the model on a scheduled step: logits [R, vocab] of the R rows to sample, and the batch."""
         if out.reset_slots:
             self.cache.reset_slots(out.reset_slots)
+        plan = out.snapshots
+        if plan.restores:  # prefix-cache hits: the slot starts from the snapshot's state
+            self.snapshots.restore([s for s, _ in plan.restores], [slot for _, slot in plan.restores])
         batch = build_batch(out, self.block_size)
         self.block_table.sync(batch.requests)
         if batch.is_decode:
             logits = self.decode.run(batch.input_ids, batch.state_indices, batch.slot_mapping, batch.seq_lens,
                                      use_graph=use_graph)
+            self._save_snapshots(out)
             batch.prompt_logprob_rows = self._prompt_logprobs(batch, lambda idx: logits[idx])
             if len(batch.sample_seq) != batch.num_seqs:  # 1-token prefill chunks that do not sample
                 logits = logits[batch.sample_seq]
             return logits, batch
-        return self._forward_eager(batch), batch
+        logits = self._forward_eager(batch)
+        self._save_snapshots(out)
+        return logits, batch
+
+    def _save_snapshots(self, out: SchedulerOutput) -> None:
+        """After the forward (stream-ordered after the graph replay, outside it): copy the slots whose chunk
+        ended on a block boundary into their snapshots."""
+        saves = out.snapshots.saves
+        if saves:
+            self.snapshots.save([s.slot for s in saves], [s.snapshot for s in saves])
 
     def _forward_eager(self, batch: BatchInputs) -> torch.Tensor:
         dev = self.device
@@ -230,5 +256,6 @@ class ModelRunner:
         self.decode.release()
         self.decode = None
         self.cache = None
+        self.snapshots = None
         self.block_table = None
         self.model = None

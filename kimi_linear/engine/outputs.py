@@ -22,6 +22,7 @@ send `text[len(sent):]`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from kimi_linear.engine.request import Request
@@ -50,6 +51,19 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When a request passed each stage (`time.monotonic()` seconds, as vLLM's RequestMetrics): added to the
+    engine, first scheduled (so queue time = first_scheduled_time - arrival_time), first and latest sampled
+    token of any of its sequences, finished. None = not reached yet."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -58,6 +72,8 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list | None = None
     num_preemptions: int = 0
+    metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (usage.prompt_tokens_details.cached_tokens)
 
 
 class SequenceProcessor:
@@ -146,6 +162,7 @@ class RequestState:
     prompt: str | None
     prompt_token_ids: list[int]
     processors: list[SequenceProcessor] = field(default_factory=list)
+    metrics: RequestMetrics | None = None
 
     @property
     def finished(self) -> bool:
@@ -156,4 +173,7 @@ class RequestState:
         plp = self.processors[0].prompt_logprobs_output() if self.processors else None
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outs, self.finished,
                              prompt_logprobs=plp,
-                             num_preemptions=sum(p.request.num_preemptions for p in self.processors))
+                             num_preemptions=sum(p.request.num_preemptions for p in self.processors),
+                             metrics=dataclasses.replace(self.metrics) if self.metrics is not None else None,
+                             num_cached_tokens=min((p.request.num_cached_tokens or 0 for p in self.processors),
+                                                   default=0))

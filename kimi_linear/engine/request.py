@@ -15,6 +15,9 @@ Invariants the scheduler and runner rely on:
   fewer than min_tokens tokens exist, so a sampled sequence has at least min_tokens tokens before its
   stop token. Stop strings are the output side's (`stop_checker.py`); it asks `may_stop` for
   min_tokens and `Request.ended_on_stop_token` to leave a stop token's text out.
+- Prefix cache: a request may start RUNNING with `num_computed_tokens` > 0 (a hit: its first blocks
+  are shared, cached ones and its slot restored from a snapshot). `block_hashes` depend on the tokens
+  only, so they are kept across preemption; `num_cached_tokens` is the first admission's hit.
 - `matcher` (structured output) has accepted exactly `output_token_ids`; preemption keeps it (the
   recompute samples no old token again). `num_prompt_logprobs` counts the prompt positions whose
   logprobs were computed (kept across preemption so none is computed twice).
@@ -86,6 +89,14 @@ class Request:
         self.generator: Any = None  # torch.Generator of a seeded request (set by the engine)
         self.matcher: Any = None  # structured-output GrammarMatcher of this sequence (set by the engine)
         self.num_prompt_logprobs = 0  # prompt positions whose logprobs are computed (see wants_prompt_logprobs)
+        # prefix cache (engine/prefix_cache.py)
+        self.use_prefix_cache = True  # False: never looked up, indexed or snapshotted
+        self.cache_extra_keys: tuple = ()  # hashed with every block (a future adapter id, a cache salt)
+        self.block_hashes: list[bytes] = []  # hash of each full block of prompt + output, grown lazily
+        self.num_registered_blocks = 0  # leading blocks of block_ids indexed by hash
+        self.num_cached_tokens: int | None = None  # tokens found in the prefix cache at first admission
+        self.snapshot_targets: list[int] = []  # block-aligned positions whose state is kept as a snapshot
+        self.progress_snapshot: bytes | None = None  # key of this request's latest superseded-able snapshot
 
     # ------------------------------------------------------------------ token views
     @property

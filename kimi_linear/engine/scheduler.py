@@ -13,6 +13,14 @@ itself the newest, it preempts itself. Nothing is admitted in a step that preemp
 alone in the pool that still cannot grow has reached the cache's capacity and finishes with
 "length", so the loop never spins; `add_request` rejects a prompt that can never fit.
 
+With a `PrefixCache` (prefix caching on): a waiting request is admitted from its longest cached
+prefix (shared blocks plus a state snapshot restored into its slot, `SchedulerOutput.snapshots`), and
+only the rest counts against the budget and the pools; prefill chunks end at the request's snapshot
+targets and on block boundaries; after the forward the runner snapshots the slots whose chunk ended
+on a block boundary, and `update_from_output` indexes the new snapshots and the newly full blocks.
+Freed blocks stay cached until evicted (`BlockPool`), so preemption and abort never leak: a request
+holds its blocks and slot only while RUNNING, and snapshots are pinned or pending only within a step.
+
 `update_from_output()` closes the loop: it advances `num_computed_tokens`, appends sampled tokens,
 decides the token-id stops (`Request.check_stop`: EOS, stop ids, min_tokens, max_tokens, max_model_len)
 and frees finished requests. Stop strings are found later, on the output side, which finishes the
@@ -26,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kimi_linear.engine.block_pool import BlockPool
+from kimi_linear.engine.prefix_cache import PrefixCache, StepPlan
 from kimi_linear.engine.request import Request, RequestStatus
 from kimi_linear.engine.state_pool import StatePool
 from kimi_linear.errors import ValidationError
@@ -41,6 +50,7 @@ class SchedulerOutput:
     reset_slots: list[int] = field(default_factory=list)  # slots handed out this step: zero before use
     preempted: list[str] = field(default_factory=list)  # request ids preempted this step
     finished: list[Request] = field(default_factory=list)  # finished while scheduling (cache capacity)
+    snapshots: StepPlan = field(default_factory=StepPlan)  # prefix cache: restores before, saves after the forward
 
     @property
     def num_scheduled_tokens(self) -> dict[str, int]:
@@ -71,9 +81,10 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, block_pool: BlockPool, state_pool: StatePool, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int):
+                 max_num_batched_tokens: int, max_model_len: int, prefix_cache: PrefixCache | None = None):
         self.block_pool = block_pool
         self.state_pool = state_pool
+        self.prefix_cache = prefix_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -125,8 +136,10 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         if request.block_ids:
-            self.block_pool.free(request.block_ids)
+            self.block_pool.free(request.block_ids[::-1])  # last block first: cached chains evict from the tail
             request.block_ids = []
+        request.num_registered_blocks = 0
+        request.snapshot_targets = []
         if request.state_slot is not None:
             self.state_pool.free(request.state_slot)
             request.state_slot = None
@@ -173,6 +186,8 @@ class Scheduler:
             if req.is_prefilling:  # shrink the chunk to what the free blocks can hold
                 fits = (len(req.block_ids) + self.block_pool.num_free) * bs - req.num_computed_tokens
                 n = max(1, min(n, fits))
+                if self.prefix_cache is not None:
+                    n = self.prefix_cache.chunk_tokens(req, n)
             while not self._grow(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 if victim is req and len(self.running) == 1:
@@ -193,23 +208,38 @@ class Scheduler:
                 budget -= n
 
         # waiting requests (none if this step had to preempt)
+        pc = self.prefix_cache
         while (not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and self.state_pool.can_allocate()):
             req = self.waiting[0]
-            n = min(req.num_uncomputed_tokens, budget)
-            need = self.block_pool.blocks_needed(n)
-            if not self.block_pool.can_allocate(need):
+            hit = pc.lookup(req) if pc is not None and req.use_prefix_cache else None
+            if hit is None:
+                n = min(req.num_uncomputed_tokens, budget)
+                need, shared = self.block_pool.blocks_needed(n), 0
+            else:
+                n = pc.chunk_tokens(req, min(req.num_tokens - hit.num_tokens, budget), hit.num_tokens,
+                                    pc.targets(req, hit))
+                need = self.block_pool.blocks_needed(hit.num_tokens + n) - len(hit.block_ids)
+                shared = pc.blocks_taken_from_free(hit)
+            if not self.block_pool.can_allocate(need + shared):
                 break
             self.waiting.popleft()
-            req.block_ids = self.block_pool.allocate(need)
             self._give_slot(req)
+            if hit is None:
+                req.block_ids = []
+            else:
+                pc.admit(req, hit, out.snapshots)  # shares the hit's blocks before any allocation can evict them
+            req.block_ids.extend(self.block_pool.allocate(need))
+            if hit is None or hit.snapshot is None:
+                out.reset_slots.append(req.state_slot)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.reset_slots.append(req.state_slot)
             chosen[req.request_id] = (req, n)
             budget -= n
 
         out.scheduled = list(chosen.values())
+        if pc is not None:
+            pc.plan_saves([(r, n) for r, n in out.scheduled if r.use_prefix_cache], out.snapshots)
         self._count(out)
         return out
 
@@ -230,10 +260,15 @@ class Scheduler:
         """Advance the scheduled requests; `sampled` maps request id -> the token sampled for it (only
         requests whose step reached their last token). Returns the requests that got a token."""
         changed = []
+        pc = self.prefix_cache
+        if pc is not None:
+            pc.commit(out.snapshots)
         for req, n in out.scheduled:
             if req.status != RequestStatus.RUNNING:  # finished or preempted meanwhile
                 continue
             req.num_computed_tokens += n
+            if pc is not None and req.use_prefix_cache:
+                pc.register_blocks(req)
             token = sampled.get(req.request_id)
             if token is None:
                 continue
@@ -258,6 +293,7 @@ class Scheduler:
             raise RuntimeError(f"cannot admit {request.request_id}: pools or max_num_seqs exhausted")
         request.block_ids = self.block_pool.allocate(need)
         self._give_slot(request)
+        request.use_prefix_cache = False  # the caller's cache contents are not the tokens' (never index them)
         request.num_computed_tokens = num_computed_tokens
         request.status = RequestStatus.RUNNING
         self.requests[request.request_id] = request

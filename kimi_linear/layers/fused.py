@@ -14,6 +14,10 @@ loader and `init_weights` copy into the views in place; nothing is stored twice)
   `model.to(...)` gave every parameter its own storage).
 - `fused_weight(owner, key, params)`: for inference (None while autograd needs the separate parameters):
   the spanning tensor, tying the group first if it is not tied; cached on `owner` by data pointers.
+  None as well inside `no_fusion()` (the model's training call, with or without grad: under FSDP2 the
+  parameters are views into its all-gather buffers, which a re-tie would break) and for parameters that
+  are not plain tensors (DTensors). Correctness never depends on the tie: the separate parameters give
+  the same results.
 
 Rows run along the last dim: [E, 2I, D] stacked experts and an [I, D] projection tie into
 [E * 2I + I, D]; [C, 1, W] conv weights into [3C, W].
@@ -21,7 +25,22 @@ Rows run along the last dim: [E, 2I, D] stacked experts and an [I, D] projection
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
+
+_FUSION_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("kimi_linear_fusion_off", default=False)
+
+
+@contextlib.contextmanager
+def no_fusion():
+    """Within this block `fused_weight` returns None: layers use their separate parameters, nothing is tied."""
+    token = _FUSION_OFF.set(True)
+    try:
+        yield
+    finally:
+        _FUSION_OFF.reset(token)
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -71,7 +90,7 @@ def tie(params: list[torch.Tensor]) -> torch.Tensor | None:
 
 def fused_weight(owner: object, key: str, params: list[torch.Tensor]) -> torch.Tensor | None:
     """The spanning tensor of the group for an inference forward (see the module docstring), else None."""
-    if needs_grad(*params):
+    if needs_grad(*params) or _FUSION_OFF.get() or any(type(p.data) is not torch.Tensor for p in params):
         return None
     ptrs = tuple(p.data_ptr() for p in params)
     cache = owner.__dict__.setdefault("_fused_weights", {})

@@ -6,6 +6,11 @@ q, k -> delta-rule recurrence (chunked for prefill, fused recurrent for decode; 
 the cache slot) -> gated RMSNorm with sigmoid(g_b(g_a(x))) -> o_proj.
 
 Parameter names equal the checkpoint's (`self_attn.q_proj.weight`, `self_attn.A_log`, ...).
+
+`GatedDeltaNet` ("gdn" layers) is the same layer with a scalar forget gate per head (gated delta net):
+f_b_proj gives H values and dt_bias holds H, g = -exp(A_log) softplus(f_b(f_a(x)) + dt_bias) is
+broadcast over each head's K channels and the same KDA ops run (their per-channel gate is then
+constant within a head); the cache slot is KDA's.
 On CUDA the Triton kernels run; on the CPU the naive ops with the same call signatures.
 For inference (no autograd) the projections of x run as one GEMM over their tied rows and f_b / g_b as
 one batched GEMM (`layers/fused.py`); q|k|v, f, beta and the gate are views of those outputs (no copies);
@@ -40,10 +45,13 @@ class ShortConv(nn.Module):
 
 
 class KimiDeltaAttention(nn.Module):
+    per_head_gate = False  # GatedDeltaNet: one forget-gate value per head
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         D, H, K = config.hidden_size, config.kda_num_heads, config.kda_head_dim
         C = H * K
+        G = H if self.per_head_gate else C  # forget-gate values per token
         self.layer_idx = layer_idx
         self.num_heads, self.head_dim = H, K
         self.eps = config.rms_norm_eps
@@ -54,9 +62,9 @@ class KimiDeltaAttention(nn.Module):
         self.k_conv1d = ShortConv(C, config.conv_kernel_size)
         self.v_conv1d = ShortConv(C, config.conv_kernel_size)
         self.A_log = nn.Parameter(torch.empty(1, 1, H, 1, dtype=torch.float32))
-        self.dt_bias = nn.Parameter(torch.empty(C, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(G, dtype=torch.float32))
         self.f_a_proj = nn.Linear(D, K, bias=False)
-        self.f_b_proj = nn.Linear(K, C, bias=False)
+        self.f_b_proj = nn.Linear(K, G, bias=False)
         self.b_proj = nn.Linear(D, H, bias=False)
         self.g_a_proj = nn.Linear(D, K, bias=False)
         self.g_b_proj = nn.Linear(K, C, bias=False)
@@ -88,14 +96,17 @@ class KimiDeltaAttention(nn.Module):
 
     def fused_groups(self) -> dict[str, list[torch.Tensor]]:
         """Parameter groups tied for inference (`layers/fused.py`): the six projections of x, the two
-        low-rank up-projections (one batched GEMM), the three conv weights."""
-        return {"in": [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.f_a_proj.weight,
-                       self.g_a_proj.weight, self.b_proj.weight],
-                "fg": [self.f_b_proj.weight, self.g_b_proj.weight],
-                "conv": [self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]}
+        low-rank up-projections (one batched GEMM; KDA only, GDN's differ in size), the three conv weights."""
+        groups = {"in": [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.f_a_proj.weight,
+                         self.g_a_proj.weight, self.b_proj.weight],
+                  "fg": [self.f_b_proj.weight, self.g_b_proj.weight],
+                  "conv": [self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]}
+        if self.per_head_gate:
+            del groups["fg"]
+        return groups
 
     def _projections(self, x: torch.Tensor):
-        """x [N, D] -> (qkv [N, 3C] pre-conv, f [N, C] gate input, beta logits [N, H], gate [N, C], conv weight [3C, W]).
+        """x [N, D] -> (qkv [N, 3C] pre-conv, f [N, G] gate input, beta logits [N, H], gate [N, C], conv weight [3C, W]).
 
         Inference: one GEMM over the tied [q; k; v; f_a; g_a; b] rows, one batched GEMM for f_b and g_b,
         the outputs used as views (no copies). Under autograd: the separate projections."""
@@ -104,16 +115,26 @@ class KimiDeltaAttention(nn.Module):
         C = H * K
         groups = self.fused_groups()
         w_in = fused_weight(self, "in", groups["in"])
-        w_fg = fused_weight(self, "fg", groups["fg"]) if w_in is not None else None
-        w_conv = fused_weight(self, "conv", groups["conv"]) if w_fg is not None else None
-        if w_in is None or w_fg is None or w_conv is None or needs_grad(x):
+        w_fg = fused_weight(self, "fg", groups["fg"]) if w_in is not None and "fg" in groups else None
+        w_conv = fused_weight(self, "conv", groups["conv"]) if w_in is not None else None
+        if w_in is None or w_conv is None or (w_fg is None and not self.per_head_gate) or needs_grad(x):
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
             return (qkv, self.f_b_proj(self.f_a_proj(x)), self.b_proj(x), self.g_b_proj(self.g_a_proj(x)),
                     self.conv_weight())
         proj = F.linear(x, w_in)  # [N, 3C + 2K + H]
         qkv, fg_in, b = proj.split([3 * C, 2 * K, H], dim=-1)
+        if w_fg is None:  # GDN: f_b and g_b differ in size
+            return qkv, self.f_b_proj(fg_in[:, :K]), b, self.g_b_proj(fg_in[:, K:]), w_conv
         fg = torch.bmm(fg_in.view(N, 2, K).transpose(0, 1), w_fg.view(2, C, K).transpose(1, 2))  # [2, N, C]
         return qkv, fg[0], b, fg[1], w_conv
+
+    def _gate(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate input [1, N, H, K], dt_bias [H * K]) for the KDA ops: GDN's per-head values broadcast over K."""
+        N, H, K = f.shape[0], self.num_heads, self.head_dim
+        if not self.per_head_gate:
+            return f.reshape(1, N, H, K), self.dt_bias
+        return (f[:, :, None].expand(N, H, K).reshape(1, N, H, K).contiguous(),
+                self.dt_bias[:, None].expand(H, K).reshape(H * K))
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         N = x.shape[0]
@@ -129,15 +150,22 @@ class KimiDeltaAttention(nn.Module):
                             decode=decode and conv_state is not None)
         q, k, v = (t.reshape(1, N, H, K) for t in qkv.split(C, dim=-1))
 
+        g, dt_bias = self._gate(f)
         kwargs = dict(initial_state=recurrent, output_final_state=False, cu_seqlens=ctx.cu_seqlens,
                       use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log,
-                      dt_bias=self.dt_bias, use_beta_sigmoid_in_kernel=True, state_indices=state_indices)
+                      dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True, state_indices=state_indices)
         fn = kda_ops.fused_recurrent_kda if decode else kda_ops.chunk_kda
-        o, _ = fn(q, k, v, f.reshape(1, N, H, K), b.reshape(1, N, H), **kwargs)
+        o, _ = fn(q, k, v, g, b.reshape(1, N, H), **kwargs)
 
         o, gate = o.view(N, H, K), gate.view(N, H, K)
         o = fused_gated_rms_norm(o, gate, self.o_norm.weight, self.eps)
         return self.o_proj(o.reshape(N, C))
+
+
+class GatedDeltaNet(KimiDeltaAttention):
+    """A "gdn" layer: KDA with one forget-gate value per head (f_b_proj [H, K], dt_bias [H]); see the module doc."""
+
+    per_head_gate = True
 
 
 class _GatedNormWeight(nn.Module):

@@ -18,6 +18,17 @@ kernel's sum then rounds once (routed + shared in fp32) where the reference (and
 the routed sum and the shared output to the model dtype first: a one-ulp difference at most.
 `forward(x, reduce=False)` may return the unreduced `(y [N, k, D], weights [N, k])` pair for the next norm
 kernel to sum (`RMSNorm.add`).
+
+Training (module in training mode):
+- `tokens_per_expert` (a non-persistent fp32 buffer [E], detached): how many tokens each routed expert got
+  in the most recent training-mode forward; read by the bias balance update (`e_score_correction_bias`
+  moves outside autograd, by the trainer).
+- Sequence-level balance loss (DeepSeek-V3's complementary sequence-wise auxiliary loss), on when
+  `aux_loss_coef` > 0: per document of the packed row (`cu_seqlens`), with T its tokens, K = top-k,
+  s'_t = s_t / sum_j s_t,j the unbiased sigmoid scores normalised over the experts,
+  f_i = E / (K T) * #{t : i in topk(t)} and P_i = mean_t s'_t,i, the loss is coef * sum_i f_i P_i; the layer
+  keeps the mean over the row's documents (`pop_aux_loss()` hands it to the model once). Gradients reach
+  the router weight through P (f counts selections: no gradient), as in DeepSeek-V3.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from torch import nn
 from kimi_linear.config import ModelConfig
 from kimi_linear.layers.fused import fused_weight
 from kimi_linear.layers.mlp import SwiGLUMLP
-from kimi_linear.ops.moe import fused_experts, select_experts
+from kimi_linear.ops.moe import fused_experts, router_scores, select_experts
 
 
 class Router(nn.Module):
@@ -65,6 +76,9 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         self.shared_experts = (SwiGLUMLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
                                if config.num_shared_experts > 0 else None)
+        self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts), persistent=False)
+        self.aux_loss_coef = 0.0
+        self._aux_loss: torch.Tensor | None = None
 
     def fused_groups(self) -> dict[str, list[torch.Tensor]]:
         """Parameter groups tied for inference: [E routed ; 1 shared] expert stacks (one shared expert only)."""
@@ -84,12 +98,19 @@ class MoE(nn.Module):
         E, I2, D = self.experts.w13_weight.shape
         return w13.view(E + 1, I2, D), w2.view(E + 1, D, I2 // 2), 1
 
-    def forward(self, x: torch.Tensor, reduce: bool = True):
-        """x [..., D] -> y [..., D]; with reduce=False (x [N, D]) possibly the pair (y [N, k, D], weights [N, k])."""
+    def forward(self, x: torch.Tensor, reduce: bool = True, cu_seqlens: torch.Tensor | None = None):
+        """x [..., D] -> y [..., D]; with reduce=False (x [N, D]) possibly the pair (y [N, k, D], weights [N, k]).
+        cu_seqlens int32 [S + 1]: the documents of x [N, D] (for the balance loss; None = one document)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         w13, w2, num_shared = self._stacked()
         topk_weights, topk_ids = self.gate(x, num_shared=num_shared)
+        if self.training:
+            routed = topk_ids[:, :self.config.num_experts_per_token]
+            self.tokens_per_expert = torch.bincount(routed.reshape(-1), minlength=self.config.num_experts
+                                                    ).to(torch.float32).detach()
+            if self.aux_loss_coef > 0:
+                self._aux_loss = self._balance_loss(x, routed, cu_seqlens)
         separate_shared = num_shared == 0 and self.shared_experts is not None
         y = fused_experts(x, w13, w2, topk_weights, topk_ids, num_shared, reduce=reduce or separate_shared)
         if isinstance(y, tuple):  # the kernel's unreduced pair
@@ -97,3 +118,25 @@ class MoE(nn.Module):
         if separate_shared:
             y = y + self.shared_experts(x)
         return y.view(shape)
+
+    def _balance_loss(self, x: torch.Tensor, routed: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """coef * mean over documents of sum_i f_i P_i (see the module docstring); fp32 scalar."""
+        N, K = routed.shape
+        E = self.config.num_experts
+        s = router_scores(x, self.gate.weight)  # [N, E] fp32
+        p = s / (s.sum(-1, keepdim=True) + 1e-20)
+        cu = (torch.tensor([0, N], device=x.device) if cu_seqlens is None else cu_seqlens).to(x.device, torch.int64)
+        S = cu.numel() - 1
+        doc = torch.searchsorted(cu[1:], torch.arange(N, device=x.device), right=True).clamp_max(S - 1)
+        lengths = (cu[1:] - cu[:-1]).clamp_min(1).to(torch.float32)  # [S]
+        P = torch.zeros(S, E, dtype=torch.float32, device=x.device).index_add_(0, doc, p) / lengths[:, None]
+        counts = torch.zeros(S, E, dtype=torch.float32, device=x.device)
+        counts.index_put_((doc[:, None].expand(N, K).reshape(-1), routed.reshape(-1)),
+                          torch.ones(N * K, dtype=torch.float32, device=x.device), accumulate=True)
+        f = counts * (E / K) / lengths[:, None]
+        return self.aux_loss_coef * (f * P).sum(-1).mean()
+
+    def pop_aux_loss(self) -> torch.Tensor | None:
+        """The balance loss of the last training forward (None if off), handed over once (not kept)."""
+        aux, self._aux_loss = self._aux_loss, None
+        return aux

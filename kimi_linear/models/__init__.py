@@ -5,6 +5,7 @@ imports these names from here."""
 from kimi_linear.models.cache import ModelCache
 from kimi_linear.models.context import ForwardContext
 from kimi_linear.models.kimi_linear import KimiLinearForCausalLM
+from kimi_linear.models.outputs import TrainOutput
 from kimi_linear.models.sequence_cache import SequenceCache
 
-__all__ = ["ForwardContext", "KimiLinearForCausalLM", "ModelCache", "SequenceCache"]
+__all__ = ["ForwardContext", "KimiLinearForCausalLM", "ModelCache", "SequenceCache", "TrainOutput"]

@@ -71,3 +71,48 @@ class ModelCache:
         slots = slots.to(self.device, torch.long)
         for t in self.slot_tensors():
             t.index_fill_(0, slots, 0)
+
+
+class SlotSnapshots:
+    """Copies of state slots at points in time (the prefix cache's state snapshots), for every slot tensor
+    of a `ModelCache`, whatever the layer kind: `tensors[i]` is [num_snapshots, *shape] beside the
+    cache's `slot_tensors()[i]` [num_slots, *shape] (same dtype and device). `save` copies slots into
+    snapshots, `restore` snapshots into slots; both are plain device copies (index_select / index_copy_)
+    that the engine runs outside a captured CUDA graph, ordered on the stream with the forward passes.
+    Which snapshot holds what is decided elsewhere (the engine's snapshot pool)."""
+
+    def __init__(self, cache: ModelCache, num_snapshots: int):
+        self.cache = cache
+        self.num_snapshots = num_snapshots
+        self.tensors = [torch.zeros(num_snapshots, *t.shape[1:], dtype=t.dtype, device=t.device)
+                        for t in cache.slot_tensors()] if num_snapshots > 0 else []
+
+    @staticmethod
+    def bytes_per_snapshot(specs: list) -> int:
+        """Bytes of one snapshot: one state slot of every slot layer."""
+        return ModelCache.bytes_per_slot(specs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def _index(self, ids) -> torch.Tensor:
+        if isinstance(ids, torch.Tensor):
+            return ids.to(self.cache.device, torch.long)
+        return torch.tensor(ids, dtype=torch.long).to(self.cache.device, non_blocking=True)
+
+    def save(self, slots, snapshot_ids) -> None:
+        """snapshot_ids[i] <- slots[i] for every slot tensor."""
+        if len(slots) == 0 or not self.tensors:
+            return
+        src, dst = self._index(slots), self._index(snapshot_ids)
+        for live, snap in zip(self.cache.slot_tensors(), self.tensors):
+            snap.index_copy_(0, dst, live.index_select(0, src))
+
+    def restore(self, snapshot_ids, slots) -> None:
+        """slots[i] <- snapshot_ids[i] for every slot tensor."""
+        if len(slots) == 0 or not self.tensors:
+            return
+        src, dst = self._index(snapshot_ids), self._index(slots)
+        for live, snap in zip(self.cache.slot_tensors(), self.tensors):
+            live.index_copy_(0, dst, snap.index_select(0, src))

@@ -6,6 +6,12 @@
   engine's interface, over a flat batch described by a ForwardContext.
 - `cache_specs(config, dtype)`: what each layer keeps between passes (its mixer's `cache_spec`), from
   which the engine sizes memory; `model.make_cache(...)` allocates a ModelCache from them.
+- Training: `model(input_ids [1, L], cu_seqlens=cu, labels=labels) -> TrainOutput(loss_sum, num_tokens,
+  aux_loss)` over one packed row of documents that never see each other (KDA state and conv window reset
+  at each document start, MLA attention masked per document, MoE per token); the logits are never
+  materialised whole (`ops.loss.linear_cross_entropy`). `model(input_ids [1, L], cu_seqlens=cu)` gives
+  the row's logits [1, L, vocab]. `gradient_checkpointing_enable()` recomputes each decoder layer in the
+  backward; `set_moe_aux_loss_coef(coef)` turns on the MoE sequence-level balance loss.
 
 Parameter names equal the checkpoint's, except the routed experts, which are stacked per layer
 (`experts.w13_weight`, `experts.w2_weight`); `checkpoint_layout()` gives the mapping both ways.
@@ -21,21 +27,27 @@ import re
 import torch
 from torch import nn
 
+import torch.utils.checkpoint
+
 from kimi_linear.config import ModelConfig, parse_dtype
-from kimi_linear.layers.fused import materialize, tie_all
-from kimi_linear.layers.kda import KimiDeltaAttention
+from kimi_linear.layers.fused import materialize, no_fusion, tie_all
+from kimi_linear.layers.kda import GatedDeltaNet, KimiDeltaAttention
 from kimi_linear.layers.mla import MultiHeadLatentAttention
 from kimi_linear.layers.mlp import SwiGLUMLP
 from kimi_linear.layers.moe import MoE
 from kimi_linear.layers.norm import Branch, RMSNorm
 from kimi_linear.models.cache import ModelCache
 from kimi_linear.models.context import ForwardContext
+from kimi_linear.models.outputs import TrainOutput
+from kimi_linear.ops.loss import linear_cross_entropy
+
+IGNORE_INDEX = -100  # labels that take no loss
 
 # Parameters that stay fp32 whatever the model dtype (spec section 3.2 / 8.13).
 FP32_PARAMS = re.compile(r"(\.A_log|\.dt_bias|\.e_score_correction_bias)$")
 
 # The token mixer of each `config.layer_types` kind; each declares its cache (`cache_spec`).
-MIXERS = {"kda": KimiDeltaAttention, "mla": MultiHeadLatentAttention}
+MIXERS = {"kda": KimiDeltaAttention, "gdn": GatedDeltaNet, "mla": MultiHeadLatentAttention}
 
 
 class KimiLinearDecoderLayer(nn.Module):
@@ -60,7 +72,19 @@ class KimiLinearDecoderLayer(nn.Module):
         Returns (branch, residual): this layer's output stream is residual + branch."""
         h, residual = self.input_layernorm.add(x, residual)
         h, residual = self.post_attention_layernorm.add(self.self_attn(h, ctx), residual)
-        return (self.block_sparse_moe(h, reduce=False) if self.is_moe else self.mlp(h)), residual
+        if self.is_moe:
+            return self.block_sparse_moe(h, reduce=False, cu_seqlens=ctx.cu_seqlens), residual
+        return self.mlp(h), residual
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The MoE balance loss of this layer's last training forward (None when off or dense)."""
+        return self.block_sparse_moe.pop_aux_loss() if self.is_moe else None
+
+
+def _run_layer(layer: KimiLinearDecoderLayer, x, ctx: ForwardContext, residual):
+    """One decoder layer (through its __call__, so module hooks such as FSDP's run) and its aux loss."""
+    x, residual = layer(x, ctx, residual)
+    return x, residual, layer.aux_loss()
 
 
 class KimiLinearModel(nn.Module):
@@ -69,11 +93,21 @@ class KimiLinearModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([KimiLinearDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.aux_losses: list[torch.Tensor] = []  # the MoE balance losses of the last forward
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        self.aux_losses = []
         for layer in self.layers:
-            x, residual = layer(x, ctx, residual)
+            if checkpointing:
+                x, residual, aux = torch.utils.checkpoint.checkpoint(_run_layer, layer, x, ctx, residual,
+                                                                     use_reentrant=False)
+            else:
+                x, residual, aux = _run_layer(layer, x, ctx, residual)
+            if aux is not None:
+                self.aux_losses.append(aux)
         return self.norm.add(x, residual)[0]
 
 
@@ -99,6 +133,8 @@ class KimiLinearForCausalLM(nn.Module):
         for name, p in model.named_parameters():
             p.data = p.data.to(torch.float32 if FP32_PARAMS.search(name) else dtype)
         materialize(model, device)  # to_empty, with each fused group allocated as one tensor
+        for b in model.buffers():  # statistics (MoE tokens_per_expert) start at zero
+            b.zero_()
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.tie_fused_weights()  # no-op unless a group could not be placed as one tensor
@@ -161,12 +197,25 @@ class KimiLinearForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache=None, *, cu_seqlens: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None):
         """input_ids [B, T] int64 -> logits [B, T, vocab] in the model dtype.
 
         `cache` is a `SequenceCache` for B sequences: the call appends the T tokens to each sequence.
         Without a cache each row is processed from scratch and nothing is kept.
+
+        Training call: input_ids [1, L] is one packed row, `cu_seqlens` int [D + 1] its document boundaries
+        (cu[0] = 0, cu[-1] = L; None = one document), `labels` int64 [1, L] the target of each position
+        (already shifted: labels[t] is predicted from tokens <= t; -100 = no loss). Returns a
+        `TrainOutput(loss_sum, num_tokens, aux_loss)`; without labels, the row's logits [1, L, vocab].
+        The training call never uses the fused (tied) weight views: the separate parameters serve, so it
+        works on untied parameters (after `model.to(...)`, under FSDP2). It reads `lm_head.weight`
+        directly (the output projection runs inside the chunked loss), so shard lm_head with the root.
         """
+        if cu_seqlens is not None or labels is not None:
+            if cache is not None:
+                raise ValueError("the training call (cu_seqlens / labels) takes no cache")
+            return self._forward_packed(input_ids, cu_seqlens, labels)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -178,6 +227,44 @@ class KimiLinearForCausalLM(nn.Module):
         if cache is not None:
             cache.end_step()
         return self.compute_logits(hidden).view(B, T, -1)
+
+    def _forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                        labels: torch.Tensor | None):
+        ctx = packed_context(input_ids, cu_seqlens)
+        if labels is not None and (labels.shape != input_ids.shape or labels.dtype.is_floating_point
+                                   or labels.dtype == torch.bool):
+            raise ValueError(f"labels must be an integer tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                             f"got {labels.dtype} {tuple(labels.shape)}")
+        with no_fusion():
+            hidden = self.forward_flat(input_ids.reshape(-1), ctx)
+            aux_losses, self.model.aux_losses = self.model.aux_losses, []
+            if labels is None:
+                return self.compute_logits(hidden).view(1, hidden.shape[0], -1)
+            loss_sum, num_tokens = linear_cross_entropy(hidden, self.lm_head.weight, labels.reshape(-1).to(input_ids.device),
+                                                        ignore_index=IGNORE_INDEX)
+        aux = torch.stack(aux_losses).sum() if aux_losses else torch.zeros((), device=hidden.device)
+        return TrainOutput(loss_sum=loss_sum, num_tokens=num_tokens, aux_loss=aux.float())
+
+    # ------------------------------------------------------------------ training switches
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer in the backward (non-reentrant `torch.utils.checkpoint`): only the
+        layers' inputs are kept between forward and backward."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
+
+    def set_moe_aux_loss_coef(self, coef: float) -> None:
+        """Coefficient of the MoE sequence-level balance loss (`layers/moe.py`); 0 (the default) turns it off."""
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0:
+            raise ValueError(f"moe aux loss coefficient must be a number >= 0, got {coef!r}")
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.aux_loss_coef = float(coef)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE blocks in layer order (each has `tokens_per_expert` and `gate.e_score_correction_bias`)."""
+        return [layer.block_sparse_moe for layer in self.model.layers if layer.is_moe]
 
     # ------------------------------------------------------------------ checkpoint layout
     def checkpoint_layout(self) -> dict[str, tuple[str, tuple | None, tuple[int, ...]]]:
@@ -213,3 +300,28 @@ class KimiLinearForCausalLM(nn.Module):
         if m and int(m.group(1)) < config.num_hidden_layers and config.mlp_types[int(m.group(1))] == "dense":
             return f"model.layers.{m.group(1)}.mlp.{m.group(2)}"
         return name
+
+
+def packed_context(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> ForwardContext:
+    """The cache-less context of one packed row input_ids [1, L] with document boundaries `cu_seqlens`."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"the training call takes one packed row: input_ids must be [1, L], got {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    L = input_ids.shape[1]
+    if L == 0:
+        raise ValueError("input_ids is empty: a packed row needs at least one token")
+    if cu_seqlens is None:
+        cu = [0, L]
+    else:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor [D + 1], got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != L:
+            raise ValueError(f"cu_seqlens must start at 0 and end at L = {L}, got {cu[0]} .. {cu[-1]}")
+        if any(b <= a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens must be strictly increasing (no empty documents), got {cu}")
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    return ForwardContext(cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=input_ids.device),
+                          query_lens=lens, context_lens=[0] * len(lens), max_seq_len=max(lens))

@@ -1,11 +1,17 @@
 """The FastAPI app: routes, API-key check, and the OpenAI error envelope for every failure.
 
-Routes: /v1/chat/completions, /v1/completions, /v1/models, /health (503 while loading or after the
-engine died), /metrics (Prometheus), /tokenize, /detokenize, /version. Every client mistake is a 4xx
-in the OpenAI envelope (FastAPI's 422s become 400s naming the field); only our own bugs are 500s.
-The API key and the body-size limit are checked by a pure ASGI middleware (`middleware.py`); bodies
-are decoded and validated off the event loop (`request_body.py`), and so are tokenization and chat
-templates, so that a huge request never stalls the others.
+Routes: /v1/chat/completions, /v1/completions, /v1/models, /v1/models/{id}, /health (503 while loading
+or after the engine died), /metrics (Prometheus), /tokenize, /detokenize, /tokenizer_info, /version.
+Every client mistake is a 4xx in the OpenAI envelope (FastAPI's 422s become 400s naming the field); only
+our own bugs are 500s.
+
+Request ids (as vLLM): an incoming `X-Request-Id` header becomes the request's id (`cmpl-<it>`,
+`chatcmpl-<it>`) and is echoed in the response's `X-Request-Id`; without one the response carries the
+generated id. Every response is logged on `kimi_linear.server.access` with its request id.
+
+Request ids, the API key and the body-size limit are pure ASGI middleware (`middleware.py`), so a
+client's disconnect reaches the handlers; bodies are decoded and validated off the event loop
+(`request_body.py`), and so are tokenization and chat templates, so a huge request never stalls others.
 """
 
 from __future__ import annotations
@@ -19,20 +25,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kimi_linear.errors import KimiLinearError, ValidationError
+from kimi_linear.errors import KimiLinearError
 from kimi_linear.server.engine_client import AsyncEngineClient
 from kimi_linear.server.errors import error_response, exception_response
 from kimi_linear.server.metrics import ServerMetrics
-from kimi_linear.server.middleware import GuardMiddleware
+from kimi_linear.server.middleware import GuardMiddleware, RequestIdMiddleware
 from kimi_linear.server.openapi import install_openapi
 from kimi_linear.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from kimi_linear.server.request_body import parse_body
-from kimi_linear.server.safe_text import SafeJSONResponse, int_list_json, redact_paths
-from kimi_linear.server.serving import now
+from kimi_linear.server.safe_text import SafeJSONResponse, dumps, int_list_json, redact_paths
+from kimi_linear.server.serving import MAX_REQUEST_ID_LEN, now
 from kimi_linear.server.serving_chat import ServingChat
 from kimi_linear.server.serving_completions import ServingCompletions
+from kimi_linear.server.serving_tokenization import ServingTokenization
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("kimi_linear.server.access")
 
 
 @dataclass
@@ -40,6 +48,8 @@ class ServerSettings:
     served_model_names: list[str]
     api_key: str | None = None
     log_requests: bool = False  # log each request's id, prompt length and sampling params
+    tool_call_parser: str | None = None  # --tool-call-parser (server/tool_parsers)
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: tool_choice "auto" parses the output
     max_request_body_bytes: int | None = None  # larger bodies get 413 (None: no limit)
 
 
@@ -52,8 +62,11 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
     from kimi_linear import __version__
 
     app = FastAPI(title="kimi_linear", version=__version__, default_response_class=SafeJSONResponse)
-    chat = ServingChat(client, settings.served_model_names, settings.log_requests)
+    chat = ServingChat(client, settings.served_model_names, settings.log_requests,
+                       tool_call_parser=settings.tool_call_parser,
+                       enable_auto_tool_choice=settings.enable_auto_tool_choice)
     completions = ServingCompletions(client, settings.served_model_names, settings.log_requests)
+    tokenization = ServingTokenization(client, settings.served_model_names)
     app.state.client = client
 
     # ------------------------------------------------------------------ errors
@@ -84,6 +97,9 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
     # ------------------------------------------------------------------ auth, body limit
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_request_body_bytes)
 
+    # Added after the guard, so it wraps it: 401s / 413s get their id and access-log line too.
+    app.add_middleware(RequestIdMiddleware, max_len=MAX_REQUEST_ID_LEN, access_logger=access_logger)
+
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health():
@@ -101,13 +117,20 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": now(), "owned_by": "kimi_linear",
+                "root": client.engine.model_path, "parent": None, "max_model_len": client.engine.max_model_len}
+
     @app.get("/v1/models")
     async def models():
         client.check_available()
-        data = [{"id": name, "object": "model", "created": now(), "owned_by": "kimi_linear",
-                 "root": client.engine.model_path, "parent": None,
-                 "max_model_len": client.engine.max_model_len} for name in settings.served_model_names]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(name) for name in settings.served_model_names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        chat.check_model(model_id)  # 404 naming the served models
+        client.check_available()
+        return model_card(model_id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(raw: Request):
@@ -124,42 +147,19 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
         req = await parse_body(raw, TokenizeRequest)
         return await asyncio.to_thread(_tokenize, req)
 
-    def _tokenize(req: TokenizeRequest) -> dict:  # in a worker thread
-        chat.check_model(req.model)
-        client.check_available()
-        tok = client.engine.tokenizer
-        if tok is None:
-            raise ValidationError("this model has no tokenizer", param="prompt")
-        if (req.prompt is None) == (req.messages is None):
-            raise ValidationError("give exactly one of prompt or messages", param="prompt")
-        if req.messages is not None:
-            from kimi_linear.loader.chat_template import apply_chat_template
-
-            text = apply_chat_template(tok, [m.model_dump(exclude_none=True) for m in req.messages],
-                                       add_generation_prompt=req.add_generation_prompt)
-        else:
-            text = req.prompt
-        ids = tok.encode(text)
-        # built here, in the worker thread: FastAPI would walk a returned dict's millions of ids on the event loop
-        return Response(f'{{"tokens":{int_list_json(ids)},"count":{len(ids)},'
-                        f'"max_model_len":{client.engine.max_model_len}}}', media_type="application/json")
+    def _tokenize(req: TokenizeRequest) -> Response:  # in a worker thread, the answer rendered here too:
+        out = tokenization.tokenize(req)              # FastAPI would walk a dict's millions of ids on the loop
+        ids = out.pop("tokens")
+        return Response(f'{{"tokens":{int_list_json(ids)},{dumps(out)[1:]}', media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(raw: Request):
         req = await parse_body(raw, DetokenizeRequest)
-        return await asyncio.to_thread(_detokenize, req)
+        return await asyncio.to_thread(lambda: SafeJSONResponse(tokenization.detokenize(req)))  # rendered off the loop
 
-    def _detokenize(req: DetokenizeRequest) -> dict:  # in a worker thread
-        chat.check_model(req.model)
-        client.check_available()
-        tok = client.engine.tokenizer
-        if tok is None:
-            raise ValidationError("this model has no tokenizer", param="tokens")
-        V = tok.vocab_size
-        for i, t in enumerate(req.tokens):
-            if not 0 <= t < V:
-                raise ValidationError(f"tokens[{i}] = {t} is out of the vocabulary (size {V})", param="tokens")
-        return SafeJSONResponse({"prompt": tok.decode(req.tokens)})  # rendered here, off the event loop
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return tokenization.tokenizer_info()
 
     install_openapi(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
                           "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest},

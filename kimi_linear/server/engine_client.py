@@ -6,8 +6,10 @@ hands each request's outputs back to that request's asyncio queue. Loading happe
 so the server answers /health with 503 until the model is ready.
 
 If a step raises, the engine is dead: every pending request gets an EngineDeadError, /health turns
-503, and new requests are refused with 503. A full waiting queue refuses new requests with 503.
-Per-request timestamps (arrival, first token, each token, finish) feed the metrics.
+503, and new requests are refused with 503. A full waiting queue refuses new requests with 503. A request id already in flight is a 400.
+Hooks feed the metrics and the startup log: `on_ready(engine)` once the model is loaded, `on_step(stats)`
+after every engine step (the engine's `EngineStats`), `on_finished(output, times)` per finished request
+(client-side arrival and streamed-token gaps; the engine's own timestamps are in `output.metrics`).
 
 Admission: a streamed response must get its 503 before its 200, so handlers `admit` their request ids
 (a place each, counted against the limit) before the response starts; `generate` takes the place over
@@ -27,15 +29,17 @@ import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from kimi_linear.errors import EngineDeadError, OverloadedError
+from kimi_linear.errors import EngineDeadError, OverloadedError, ValidationError
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RequestTimes:
+    """Client-side times of one request (`time.monotonic()`): arrival at the server, first and latest delivery
+    that carried new tokens, and the gaps between such deliveries (streamed requests get one per step)."""
+
     arrival: float
-    first_scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
     itls: list[float] = field(default_factory=list)
@@ -53,11 +57,14 @@ class _Stream:
 
 class AsyncEngineClient:
     def __init__(self, make_engine: Callable[[], object], max_waiting: int = 4096,
-                 on_finished: Callable[[object, RequestTimes], None] | None = None):
+                 on_finished: Callable[[object, RequestTimes], None] | None = None,
+                 on_step: Callable[[object], None] | None = None, on_ready: Callable[[object], None] | None = None):
         self._make_engine = make_engine
         self.engine = None
         self.max_waiting = max_waiting
         self._on_finished = on_finished
+        self._on_step = on_step
+        self._on_ready = on_ready
         self._commands: queue.Queue = queue.Queue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -113,12 +120,19 @@ class AsyncEngineClient:
             raise OverloadedError(f"the server is overloaded ({len(self._streams)} requests in flight); "
                                   f"retry later")
 
+    def in_flight(self, request_id: str) -> bool:
+        return request_id in self._streams
+
     def admit(self, request_ids: list[str]) -> None:
         """Take a place for each request now (OverloadedError / EngineDeadError if none is free): what a
         streamed response does before it starts. `generate` uses the place; `release` gives it back."""
         self.check_available(len(request_ids))
         loop = asyncio.get_running_loop()
         with self._lock:
+            for rid in request_ids:
+                if rid in self._streams:
+                    raise ValidationError(f"request id {rid!r} is already in use by a running request",
+                                          param="X-Request-Id")
             for rid in request_ids:
                 self._admitted[rid] = self._streams[rid] = _Stream(loop)
                 self._times[rid] = RequestTimes(time.monotonic())
@@ -160,6 +174,9 @@ class AsyncEngineClient:
             self.check_available()
             st = _Stream(asyncio.get_running_loop())
             with self._lock:
+                if request_id in self._streams:
+                    raise ValidationError(f"request id {request_id!r} is already in use by a running request",
+                                          param="X-Request-Id")
                 self._streams[request_id] = st
                 self._times[request_id] = RequestTimes(time.monotonic())
         self._commands.put(("add", request_id, processed, stream))
@@ -190,6 +207,8 @@ class AsyncEngineClient:
             self.dead = f"failed to load the model: {type(e).__name__}: {e}"
             logger.error("%s\n%s", self.dead, traceback.format_exc())
             return
+        if self._on_ready is not None:
+            self._hook(self._on_ready, self.engine)
         self.ready.set()
         eng = self.engine
         while not self._stopping:
@@ -204,8 +223,17 @@ class AsyncEngineClient:
                 self._die(e)
                 return
             now = time.monotonic()
+            if self._on_step is not None:
+                self._hook(self._on_step, eng.stats())
             for out in outputs:
                 self._deliver(out, now)
+
+    @staticmethod
+    def _hook(fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - metrics and logs must never kill the engine
+            logger.exception("server hook %s failed", getattr(fn, "__name__", fn))
 
     def _drain_commands(self) -> None:
         eng = self.engine
@@ -249,10 +277,7 @@ class AsyncEngineClient:
         if out.finished:
             self._finish_stream(rid)
             if self._on_finished is not None and t is not None:
-                try:
-                    self._on_finished(out, t)
-                except Exception:  # noqa: BLE001 - metrics must never kill the engine
-                    logger.exception("metrics callback failed")
+                self._hook(self._on_finished, out, t)
 
     def _finish_stream(self, rid: str) -> None:
         with self._lock:

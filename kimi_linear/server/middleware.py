@@ -1,8 +1,15 @@
-"""Pure ASGI guard in front of the app: the API-key check and the request-body size limit.
+"""Pure ASGI middleware in front of the app: request ids and the access log (`RequestIdMiddleware`), the
+API-key check and the request-body size limit (`GuardMiddleware`).
 
-Pure ASGI (not Starlette's BaseHTTPMiddleware) on purpose: BaseHTTPMiddleware runs the app behind its
-own receive channel, which hides the client's `http.disconnect` from `Request.is_disconnected()`, so a
-non-streaming client that left was never aborted. Here `receive` passes straight through.
+Pure ASGI (never Starlette's BaseHTTPMiddleware, `@app.middleware("http")`) on purpose: BaseHTTPMiddleware
+runs the app behind its own receive channel, which hides the client's `http.disconnect` from
+`Request.is_disconnected()`, so a non-streaming client that left was never aborted. Here `receive`
+passes straight through.
+
+- Request ids (as vLLM): an incoming `X-Request-Id` (1 to `max_len` characters, else a 400) is put on the
+  request's state (`incoming_request_id`) for the handlers; the response carries `X-Request-Id`: the
+  incoming one, else the id a handler recorded (`state.request_id`), else a fresh one. When the response
+  ends, one access-log line names the method, path, status, request id and duration.
 
 - With an API key, the routes that run the model or the tokenizer (`/v1/...`, `/tokenize`,
   `/detokenize`) need `Authorization: Bearer KEY` (401 otherwise); `/health`, `/metrics`, `/version`
@@ -14,17 +21,20 @@ non-streaming client that left was never aborted. Here `receive` passes straight
 
 from __future__ import annotations
 
+import logging
 import secrets
+import time
+import uuid
 
 from starlette.exceptions import HTTPException
 
 from kimi_linear.server.errors import error_response
 
-PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
+PROTECTED_PATHS = ("/tokenize", "/detokenize")  # besides every /v1 route
 
 
 def is_protected(path: str) -> bool:
-    return path.startswith(PROTECTED_PREFIXES)
+    return path.startswith("/v1") or path in PROTECTED_PATHS
 
 
 def too_large_message(limit: int) -> str:
@@ -64,3 +74,50 @@ class GuardMiddleware:
             return message
 
         return await self.app(scope, limited_receive, send)
+
+
+class RequestIdMiddleware:
+    def __init__(self, app, max_len: int, access_logger: logging.Logger):
+        self.app = app
+        self.max_len = max_len
+        self.access_logger = access_logger
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        raw = dict(scope.get("headers") or []).get(b"x-request-id")
+        incoming = raw.decode("latin-1") if raw is not None else None
+        state = scope.setdefault("state", {})
+        status, fresh = 500, []
+
+        def request_id() -> str:
+            if incoming:
+                return incoming
+            if state.get("request_id"):
+                return state["request_id"]
+            if not fresh:
+                fresh.append(uuid.uuid4().hex)
+            return fresh[0]
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id().encode("latin-1"))]}
+            await send(message)
+
+        try:
+            if incoming is not None and not 0 < len(incoming) <= self.max_len:
+                response = error_response(f"the X-Request-Id header must have 1 to {self.max_len} characters", 400,
+                                          "X-Request-Id")
+                await response(scope, receive, send_with_id)
+            else:
+                state["incoming_request_id"] = incoming
+                await self.app(scope, receive, send_with_id)
+        finally:
+            client = scope.get("client")
+            peer = f"{client[0]}:{client[1]}" if client else "-"
+            self.access_logger.info('%s "%s %s" %d request_id=%s %.1fms', peer, scope.get("method"), scope.get("path"),
+                                    status, request_id(), (time.perf_counter() - t0) * 1e3)

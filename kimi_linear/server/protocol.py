@@ -77,6 +77,11 @@ class _SamplingFields(_Base):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
+    # vLLM's legacy structured-output fields, mapped onto structured_outputs (see structured())
+    guided_json: Union[str, dict[str, Any], None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     user: str | None = None
 
     def _max_tokens(self) -> int | None:
@@ -89,11 +94,35 @@ class _SamplingFields(_Base):
     def _num_logprobs(self, max_logprobs: int) -> int | None:
         raise NotImplementedError
 
+    def _guided(self) -> dict[str, Any] | None:
+        """The legacy guided_* fields as structured_outputs keys (None when none is set)."""
+        given = {k: getattr(self, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")
+                 if getattr(self, f"guided_{k}") is not None}
+        if not given:
+            return None
+        if len(given) > 1:
+            raise ValidationError(f"give at most one of guided_json, guided_regex, guided_choice, guided_grammar; "
+                                  f"got {', '.join('guided_' + k for k in given)}", param="guided_" + next(iter(given)))
+        if self.structured_outputs is not None:
+            raise ValidationError("give either structured_outputs or the legacy guided_* fields, not both",
+                                  param="guided_" + next(iter(given)))
+        return given
+
     def structured(self) -> StructuredOutputsParams | None:
-        if self.structured_outputs is not None and self.response_format is not None \
+        guided = self._guided()
+        so_fields = guided if guided is not None else self.structured_outputs
+        if so_fields is not None and self.response_format is not None \
                 and self.response_format.type != "text":
             raise ValidationError("give either response_format or structured_outputs, not both",
                                   param="response_format")
+        if guided is not None:
+            so = StructuredOutputsParams(**guided)
+            try:
+                so.kind()
+            except ValidationError as e:  # name the legacy field the client sent
+                raise ValidationError(str(e).replace("structured_outputs.", "guided_"),
+                                      param="guided_" + next(iter(guided))) from None
+            return so
         if self.structured_outputs is not None:
             try:
                 so = StructuredOutputsParams(**self.structured_outputs)
@@ -116,6 +145,8 @@ class _SamplingFields(_Base):
         """SamplingParams from the request; fields the client left out (None) come from `defaults`
         (generation_config.json, e.g. max_new_tokens -> max_tokens), then from SamplingParams' own defaults.
         `max_logprobs`: the server's limit (a larger top_logprobs is a 400 naming the field)."""
+        if self.stream and self.prompt_logprobs is not None:
+            raise ValidationError("prompt_logprobs is not available with stream=true", param="prompt_logprobs")
         stop = self.stop
         fields: dict[str, Any] = dict(
             n=self.n, seed=self.seed,

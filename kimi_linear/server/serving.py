@@ -1,7 +1,9 @@
 """What /v1/chat/completions and /v1/completions share: model-name check, prompt validation (by the
 engine's input processor; a context overflow is reworded as OpenAI words it), driving a request through
 the engine client (aborting it when the client leaves; logged when request logging is on), and turning
-the engine's cumulative outputs into per-choice deltas and OpenAI logprob fields.
+the engine's cumulative outputs into per-choice deltas and OpenAI logprob fields (and vLLM's
+`prompt_logprobs`). Request ids: `<prefix>-<X-Request-Id>` when the client sent that header, else
+`<prefix>-<random hex>`; an id still in flight is a 400.
 
 The engine is used only through `LLMEngine`'s public interface (tokenizer, max_model_len, max_logprobs,
 sampling_defaults, process_inputs).
@@ -23,6 +25,8 @@ from kimi_linear.server.engine_client import AsyncEngineClient
 from kimi_linear.server.errors import GenerationError
 
 logger = logging.getLogger(__name__)
+
+MAX_REQUEST_ID_LEN = 256  # longest X-Request-Id header accepted
 
 
 def random_id(prefix: str) -> str:
@@ -47,6 +51,16 @@ class ServingBase:
         if name is None or name in self.served_model_names:
             return self.served_model_names[0]
         raise NotFoundError(f"The model `{name}` does not exist. Served models: {', '.join(self.served_model_names)}")
+
+    def request_id(self, raw: Request, prefix: str) -> str:
+        """This request's id (see the module docstring); recorded on `raw.state` for the X-Request-Id header."""
+        incoming = getattr(raw.state, "incoming_request_id", None)
+        rid = f"{prefix}-{incoming}" if incoming else random_id(prefix)
+        if incoming and (self.client.in_flight(rid) or self.client.in_flight(f"{rid}-0")):
+            raise ValidationError(f"request id {incoming!r} (X-Request-Id) is already in use by a running request",
+                                  param="X-Request-Id")
+        raw.state.request_id = rid
+        return rid
 
     def sampling_params(self, req):
         """The request's SamplingParams, with the checkpoint's defaults and the server's max_logprobs."""
@@ -74,6 +88,8 @@ class ServingBase:
         gen = self.client.generate(request_id, processed, stream=stream)
         if stream:
             async for out in gen:
+                if out.finished:
+                    self._log_finished(request_id, out)
                 yield _checked(out)
             return
         # Non-streaming: watch the connection while waiting for the final output.
@@ -82,7 +98,10 @@ class ServingBase:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=0.5)
                 if done:
-                    yield _checked(task.result())
+                    out = task.result()
+                    if out is not None:
+                        self._log_finished(request_id, out)
+                    yield _checked(out)
                     return
                 if await raw.is_disconnected():
                     task.cancel()
@@ -92,6 +111,12 @@ class ServingBase:
             if not task.done():
                 task.cancel()
                 self.client.abort(request_id)
+
+    def _log_finished(self, request_id: str, out) -> None:
+        if self.log_requests:
+            logger.info("request %s finished: %s, %d prompt + %d generated tokens", request_id,
+                        ",".join(str(c.finish_reason) for c in out.outputs), len(out.prompt_token_ids),
+                        sum(len(c.token_ids) for c in out.outputs))
 
     # ---------------------------------------------------------------- token strings
     def token_str(self, token_id: int) -> str:
@@ -140,6 +165,16 @@ class ServingBase:
             best = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:num_top]
             tops.append({self.token_str(t): _finite(v.logprob) for t, v in best} if num_top else {})
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_logprobs_json(prompt_logprobs: list | None) -> list | None:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per token {"<id>": {"logprob", "rank",
+    "decoded_token"}} holding the prompt token and the top-k (-inf clamped to -9999.0, as vLLM)."""
+    if prompt_logprobs is None:
+        return None
+    return [None if entry is None else
+            {str(tid): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for tid, lp in entry.items()} for entry in prompt_logprobs]
 
 
 def _checked(out):

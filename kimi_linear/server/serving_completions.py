@@ -2,7 +2,8 @@
 
 Each prompt is one engine request with n choices; choice index = prompt index * n + i (as OpenAI).
 `echo` prepends the prompt (text, and with `logprobs` the prompt tokens' logprobs, the first being
-null: lm-eval's log-likelihood requests depend on exactly this).
+null: lm-eval's log-likelihood requests depend on exactly this). With `prompt_logprobs` (vLLM extra; also
+implied by echo + logprobs, as vLLM) each choice carries `prompt_logprobs` in vLLM's shape.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from kimi_linear.errors import KimiLinearError, ValidationError
-from kimi_linear.server.errors import error_body, status_of
 from kimi_linear.server.admission import admitted_stream
+from kimi_linear.server.errors import error_body, status_of
 from kimi_linear.server.protocol import CompletionRequest
 from kimi_linear.server.safe_text import SafeJSONResponse as JSONResponse
-from kimi_linear.server.serving import ServingBase, now, random_id
+from kimi_linear.server.serving import ServingBase, now, prompt_logprobs_json
 from kimi_linear.server.sse import DONE, sse
 
 
@@ -30,6 +31,7 @@ class ServingCompletions(ServingBase):
             raise ValidationError("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise ValidationError("best_of other than n is not supported", param="best_of")
+        rid = self.request_id(raw, "cmpl")
         params = self.sampling_params(req)
         if req.echo and req.logprobs is not None:
             params = dataclasses.replace(params, prompt_logprobs=max(req.logprobs, params.prompt_logprobs or 0))
@@ -38,7 +40,6 @@ class ServingCompletions(ServingBase):
         processed = []
         for ids, text in await asyncio.to_thread(self._encode_prompts, req):
             processed.append(await self.process(ids, text, params, "prompt"))
-        rid = random_id("cmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = self._stream(rid, model, processed, raw, params.n, req.logprobs, include_usage)
@@ -47,9 +48,10 @@ class ServingCompletions(ServingBase):
         if any(f is None for f in finals):
             return JSONResponse({}, status_code=499)
         choices = []
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         for k, out in enumerate(finals):
             prompt_tokens += len(out.prompt_token_ids)
+            cached_tokens += out.num_cached_tokens
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
                 text = c.text
@@ -68,11 +70,13 @@ class ServingCompletions(ServingBase):
                     if req.echo:
                         lp = {key: plp[key] + lp[key] for key in lp}
                 choices.append({"index": k * params.n + c.index, "text": text, "logprobs": lp,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                                "prompt_logprobs": prompt_logprobs_json(out.prompt_logprobs)})
         return JSONResponse({
             "id": rid, "object": "text_completion", "created": now(), "model": model, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+                      "total_tokens": prompt_tokens + completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": cached_tokens}},
         })
 
     def _encode_prompts(self, req: CompletionRequest) -> list[tuple[list[int], str | None]]:
@@ -111,7 +115,7 @@ class ServingCompletions(ServingBase):
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         done: set[int] = set()
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         live = len(tasks)
         try:
             while live:
@@ -148,11 +152,13 @@ class ServingCompletions(ServingBase):
                                    "usage": None})
                 if out.finished:
                     prompt_tokens += len(out.prompt_token_ids)
+                    cached_tokens += out.num_cached_tokens
         finally:
             for t in tasks:
                 t.cancel()
         if include_usage:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                 "total_tokens": prompt_tokens + completion_tokens}})
+                                 "total_tokens": prompt_tokens + completion_tokens,
+                                 "prompt_tokens_details": {"cached_tokens": cached_tokens}}})
         yield DONE

@@ -1,10 +1,10 @@
 """The structured-output backend interface.
 
-A backend compiles a request's constraint (`kind` in json | json_object | regex | choice | grammar,
-with its `spec`) once, then hands out one `GrammarMatcher` per sequence. Each step, for the rows that
-carry a matcher, the engine fills that row of an int32 token bitmask [B, ceil(V / 32)] (bit j of word
-w allows token 32 w + j; rows without a grammar stay all ones), the sampler masks the logits with it,
-and the sampled token is `accept`ed. An invalid constraint raises
+A backend compiles a request's constraint (`kind` in json | json_object | regex | choice | grammar |
+structural_tag, with its `spec`) once, then hands out one `GrammarMatcher` per sequence. Each step, for
+the rows that carry a matcher, the engine fills that row of an int32 token bitmask [B, ceil(V / 32)]
+(bit j of word w allows token 32 w + j; rows without a grammar stay all ones), the sampler masks the
+logits with it, and the sampled token is `accept`ed. An invalid constraint raises
 ValidationError(param="structured_outputs") for that request only; the backend stays usable.
 """
 

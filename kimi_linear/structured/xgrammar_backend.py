@@ -5,7 +5,9 @@ special ids and padding ids are empty, so xgrammar treats them as special and ne
 except the stop tokens (the EOS ids), which it allows exactly where the grammar may end. Kinds:
 - `json`: a JSON schema (dict, bool or JSON text) -> `compile_json_schema`;
 - `json_object`: any JSON object (the schema {"type": "object"}, as vLLM does);
-- `regex`, `grammar` (xgrammar EBNF, GBNF-like: `root ::= ...`), `choice` (one of the given strings).
+- `regex`, `grammar` (xgrammar EBNF, GBNF-like: `root ::= ...`), `choice` (one of the given strings);
+- `structural_tag` (`structural_tag.prepare`): compiled over a second vocabulary in which the special
+  tokens have text, so a tag can place them (tool-call markers); built on the first such request.
 `any_whitespace=False` makes JSON compact (no free whitespace between tokens): a guard for models
 that loop on whitespace. xgrammar's compile errors become ValidationError(param="structured_outputs").
 
@@ -26,6 +28,7 @@ import torch
 
 from kimi_linear.errors import ValidationError
 from kimi_linear.structured.backend import GrammarMatcher, StructuredOutputBackend
+from kimi_linear.structured.structural_tag import marker_vocab, prepare
 
 _CPP_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 
@@ -90,6 +93,20 @@ class XGrammarBackend(StructuredOutputBackend):
                                       stop_token_ids=self.stop_token_ids or None)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=True)
         self._json_mask = self._control_free_mask(vocab)
+        self._vocab = vocab
+        self._max_threads = max_threads
+        self.special_ids = dict(getattr(tokenizer, "special_tokens", None) or {})  # name -> id
+        self._tag_compiler = None
+
+    def _structural_tag_compiler(self):
+        """The compiler over `marker_vocab` (special tokens named), built once."""
+        if self._tag_compiler is None:
+            xgr = self._xgr
+            vocab = marker_vocab(self._vocab, self.special_ids, self.stop_token_ids)
+            info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
+                                     stop_token_ids=self.stop_token_ids or None)
+            self._tag_compiler = xgr.GrammarCompiler(info, max_threads=self._max_threads, cache_enabled=True)
+        return self._tag_compiler
 
     def _control_free_mask(self, vocab: list[bytes]) -> torch.Tensor:
         """[W] int32: the tokens with no control byte (whitespace ones allowed with any_whitespace)."""
@@ -128,11 +145,14 @@ class XGrammarBackend(StructuredOutputBackend):
                 return _Compiled(self.compiler.compile_grammar(choice_grammar(spec)), False)
             if kind == "grammar":
                 return _Compiled(self.compiler.compile_grammar(spec), False)
+            if kind == "structural_tag":
+                tag = prepare(spec, self.special_ids, self.any_whitespace)
+                return _Compiled(self._structural_tag_compiler().compile_structural_tag(tag), False)
         except (RuntimeError, ValueError, TypeError) as e:
             if isinstance(e, ValidationError):
                 raise
             raise bad(f"invalid: {_clean(e)}") from None
-        raise bad("unknown kind; use json, json_object, regex, choice or grammar")
+        raise bad("unknown kind; use json, json_object, regex, choice, grammar or structural_tag")
 
     def matcher(self, grammar: "_Compiled") -> XGrammarMatcher:
         return XGrammarMatcher(self._xgr.GrammarMatcher(grammar.grammar), self._json_mask if grammar.is_json else None)

@@ -40,6 +40,7 @@ def test_padded_decode_batch_equals_each_sequence_alone_and_touches_nothing_else
     while len([r for r in sched.running if r.num_output_tokens > 0]) < 3:
         eng.step()
     reqs = list(sched.running)
+    out = sched.schedule()  # may hand out a new block (a decode crossing a block boundary): own it before poisoning
     # poison every state slot and block the three requests do not own
     cache = runner.cache
     owned_slots = {r.state_slot for r in reqs}
@@ -53,7 +54,6 @@ def test_padded_decode_batch_equals_each_sequence_alone_and_touches_nothing_else
         t[free_blocks] = POISON
     before = [t.clone() for t in cache_tensors(cache)]
 
-    out = sched.schedule()
     assert out.is_decode and len(out.scheduled) == 3 and runner.decode.bucket_for(3) == 4
     eager0 = runner.decode.num_eager
     batched, _ = runner.forward(out)
@@ -147,7 +147,8 @@ def test_cuda_sizing_arithmetic_with_faked_device(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(memory.torch.cuda, "mem_get_info", lambda device=None: (free_at_start - weights, total))
     monkeypatch.setattr(memory, "profile_peak_activation", lambda *a, **k: peak)
     mc = ModelConfig.from_pretrained(tiny_checkpoint)
-    cfg = EngineConfig(model=str(tiny_checkpoint), gpu_memory_utilization=0.5, max_num_seqs=8, block_size=16)
+    cfg = EngineConfig(model=str(tiny_checkpoint), gpu_memory_utilization=0.5, max_num_seqs=8, block_size=16,
+                       enable_prefix_caching=False)  # the snapshot pool's share: tests/engine/test_prefix_cache_units.py
     specs = KimiLinearForCausalLM.cache_specs(mc, torch.bfloat16)
     s = memory.cuda_sizing(None, specs, "cuda", cfg, 1024, free_at_start, 64, 1024)
     bpb = ModelCache.bytes_per_block(specs, 16)

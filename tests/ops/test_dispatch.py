@@ -32,43 +32,46 @@ def _t(device, *shape):
     return torch.zeros(*shape, device=device)
 
 
-# (public entry, kernel (module, name), naive (module, name), args(device), kernel under autograd): chunk_kda's
-# kernel has a backward; the conv, recurrent KDA and MLA kernels have none but run under autograd too (as
-# before the dispatch moved into the ops: their callers are inference paths); the norm and MoE entries fall
-# back to the naive forms.
+# (public entry, kernel (module, name), naive (module, name), args(device), under autograd): what runs when
+# autograd needs the inputs on a kernel device: "kernel" (chunk_kda's has a backward; the recurrent KDA,
+# MLA decode and cache-write kernels serve inference paths only), "naive" (the norm and MoE entries), or the
+# (module, name) of a differentiable torch form (the cache-less conv and MLA prefill of training).
 ENTRIES = [
     ("kimi_linear.ops.kda:chunk_kda", ("kimi_linear.ops.kda.chunk", "chunk_kda"),
-     ("kimi_linear.ops.kda", "naive_chunk_kda"), lambda d: [_t(d, 1, 2, 1, 4)] * 4 + [_t(d, 1, 2, 1)], True),
+     ("kimi_linear.ops.kda", "naive_chunk_kda"), lambda d: [_t(d, 1, 2, 1, 4)] * 4 + [_t(d, 1, 2, 1)], "kernel"),
     ("kimi_linear.ops.kda:fused_recurrent_kda", ("kimi_linear.ops.kda.fused_recurrent", "fused_recurrent_kda"),
-     ("kimi_linear.ops.kda", "naive_recurrent_kda"), lambda d: [_t(d, 1, 2, 1, 4)] * 4 + [_t(d, 1, 2, 1)], True),
+     ("kimi_linear.ops.kda", "naive_recurrent_kda"), lambda d: [_t(d, 1, 2, 1, 4)] * 4 + [_t(d, 1, 2, 1)], "kernel"),
     ("kimi_linear.ops.conv:causal_conv1d", ("kimi_linear.ops.conv.short_conv", "causal_conv1d"),
-     ("kimi_linear.ops.conv", "naive_causal_conv1d"), lambda d: [_t(d, 3, 4), _t(d, 4, 2)], True),
+     ("kimi_linear.ops.conv", "naive_causal_conv1d"), lambda d: [_t(d, 3, 4), _t(d, 4, 2)],
+     ("kimi_linear.ops.conv", "causal_conv1d_varlen")),
     ("kimi_linear.ops.mla:mla_prefill", ("kimi_linear.ops.mla.prefill", "mla_prefill"),
      ("kimi_linear.ops.mla", "naive_mla_prefill"),
-     lambda d: [_t(d, 2, 1, 8), _t(d, 2, 8), None, None, [2], [0], _t(d, 8, 4), 4, 0.5], True),
+     lambda d: [_t(d, 2, 1, 8), _t(d, 2, 8), None, None, [2], [0], _t(d, 8, 4), 4, 0.5],
+     ("kimi_linear.ops.mla", "mla_prefill_sdpa")),
     ("kimi_linear.ops.mla:mla_decode", ("kimi_linear.ops.mla.decode", "mla_decode"),
      ("kimi_linear.ops.mla", "naive_mla_decode"),
-     lambda d: [_t(d, 1, 1, 8), _t(d, 2, 4, 8), _t(d, 1, 1), _t(d, 1), _t(d, 8, 4), 4, 0.5], True),
+     lambda d: [_t(d, 1, 1, 8), _t(d, 2, 4, 8), _t(d, 1, 1), _t(d, 1), _t(d, 8, 4), 4, 0.5], "kernel"),
     ("kimi_linear.ops.mla:write_latent_cache", ("kimi_linear.ops.mla.cache_write", "write_latent_cache"),
-     ("kimi_linear.ops.mla", "write_latent"), lambda d: [_t(d, 2, 4, 8), _t(d, 1), _t(d, 1, 8)], True),
+     ("kimi_linear.ops.mla", "write_latent"), lambda d: [_t(d, 2, 4, 8), _t(d, 1), _t(d, 1, 8)], "kernel"),
     ("kimi_linear.ops.norm:fused_rms_norm", ("kimi_linear.ops.norm.rmsnorm", "fused_rms_norm"),
-     ("kimi_linear.ops.norm", "naive_fused_rms_norm"), lambda d: [_t(d, 2, 8), _t(d, 8), 1e-6], False),
+     ("kimi_linear.ops.norm", "naive_fused_rms_norm"), lambda d: [_t(d, 2, 8), _t(d, 8), 1e-6], "naive"),
     ("kimi_linear.ops.norm:fused_gated_rms_norm", ("kimi_linear.ops.norm.gated_norm", "fused_gated_rms_norm"),
-     ("kimi_linear.ops.norm", "gated_rms_norm"), lambda d: [_t(d, 2, 1, 8), _t(d, 2, 1, 8), _t(d, 8), 1e-6], False),
+     ("kimi_linear.ops.norm", "gated_rms_norm"), lambda d: [_t(d, 2, 1, 8), _t(d, 2, 1, 8), _t(d, 8), 1e-6], "naive"),
     ("kimi_linear.ops.moe:select_experts", ("kimi_linear.ops.moe.routing", "fused_sigmoid_grouped_topk"),
-     ("kimi_linear.ops.moe", "sigmoid_grouped_topk"), lambda d: [_t(d, 2, 8), _t(d, 4, 8), _t(d, 4), 2], False),
+     ("kimi_linear.ops.moe", "sigmoid_grouped_topk"), lambda d: [_t(d, 2, 8), _t(d, 4, 8), _t(d, 4), 2], "naive"),
     ("kimi_linear.ops.moe:fused_experts", ("kimi_linear.ops.moe.fused_moe", "fused_moe"),
      ("kimi_linear.ops.moe", "naive_fused_experts"),
-     lambda d: [_t(d, 2, 8), _t(d, 4, 6, 8), _t(d, 4, 8, 3), _t(d, 2, 2), _t(d, 2, 2).long()], False),
+     lambda d: [_t(d, 2, 8), _t(d, 4, 6, 8), _t(d, 4, 8, 3), _t(d, 2, 2), _t(d, 2, 2).long()], "naive"),
 ]
 IDS = [e[0].split(":")[1] for e in ENTRIES]
 
 
 def _record(monkeypatch, entry):
-    """Replace the entry's kernel and naive implementations by recorders; return (call, calls)."""
+    """Replace the entry's kernel, naive (and training) implementations by recorders; return (call, calls)."""
     public, kernel, naive = entry[:3]
     calls = []
-    for tag, (mod, name) in (("kernel", kernel), ("naive", naive)):
+    forms = [("kernel", kernel), ("naive", naive)] + ([("train", entry[4])] if isinstance(entry[4], tuple) else [])
+    for tag, (mod, name) in forms:
         monkeypatch.setattr(importlib.import_module(mod), name, lambda *a, _tag=tag, **k: (calls.append(_tag), None))
     mod, name = public.split(":")
     return getattr(importlib.import_module(mod), name), calls
@@ -107,7 +110,7 @@ def test_autograd_dispatch(entry, kernel_device, monkeypatch):
     args = entry[3](kernel_device)
     args[0].requires_grad_()
     fn(*args)
-    assert calls == ["kernel" if entry[4] else "naive"]
+    assert calls == [entry[4] if isinstance(entry[4], str) else "train"]
 
 
 # ------------------------------------------------------------------------------------------ boundaries

@@ -33,6 +33,34 @@ def make_inputs(B, T, H, K, V, seed=0, strong_decay=False, device="cpu"):
     return [x.to(device) for x in (q, k, v, f, beta, A_log, dt_bias)]
 
 
+def make_real_gate_inputs(B, T, H, K, V, seed=0, device="cpu"):
+    """Inputs with the released checkpoint's gate magnitudes: exp(A_log) up to 201 (the first head at
+    201, the rest spread down to 1) and raw gates with a per-channel offset in [-8, 14] plus noise, so
+    that per-token log decays reach ~-2.7e3 and their sums over one 64-token chunk ~-6e4 (and beyond),
+    next to channels that barely decay."""
+    q, k, v, _, beta, _, dt_bias = make_inputs(B, T, H, K, V, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    offset = torch.empty(H, K).uniform_(-8.0, 14.0, generator=g)
+    f = offset + 2.0 * torch.randn(B, T, H, K, generator=g)
+    A_log = torch.linspace(math.log(201.0), 0.0, H).view(1, 1, H, 1)
+    return [x.to(device) for x in (q, k, v, f, beta, A_log, dt_bias)]
+
+
+def gate_extremes(f, A_log, dt_bias, cu_seqlens=None):
+    """(most negative per-token log decay, most negative sum of it over one 64-token chunk)."""
+    from kimi_linear.ops.kda import kda_gate
+
+    g = kda_gate(f.float().cpu(), A_log.cpu(), dt_bias.cpu(), f.shape[-1])[0]  # [T, H, K]
+    bounds = [0, g.shape[0]] if cu_seqlens is None else cu_seqlens.tolist()
+    sums = [g[s:min(s + 64, e)].sum(0).min() for b, e in zip(bounds[:-1], bounds[1:]) for s in range(b, e, 64)]
+    return g.min().item(), min(sums).item()
+
+
+def assert_finite(names, tensors):
+    for name, x in zip(names, tensors):
+        assert torch.isfinite(x).all(), f"{name}: {int((~torch.isfinite(x)).sum())} non-finite values"
+
+
 GATED = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
 
 
@@ -51,9 +79,14 @@ def run(fn, q, k, v, f, beta, A_log, dt_bias, h0, dtype, cu_seqlens=None, grads=
     return [o, s] + [x.grad for x in ins] + [p.grad for p in params]
 
 
-def compare(ref, got, tol):
+# dA_log and dt_bias gradients are sums over every token and channel with cancellation: the fp32 reference
+# itself is 1e-5 to 3e-5 off their float64 values, so fp32 comparisons of those two get a wider margin
+REDUCED = ("dA_log", "ddt_bias")
+
+
+def compare(ref, got, tol, reduced_tol=1e-4):
     for name, r, x in zip(("o", "final_state") + GRAD_NAMES, ref, got):
-        assert_close(name, r.float(), x.float(), tol)
+        assert_close(name, r.float(), x.float(), max(tol, reduced_tol) if name in REDUCED else tol)
 
 
 @pytest.mark.parametrize("T,strong", [(1, False), (63, True), (64, False), (65, True)], ids=lambda x: str(x))
@@ -65,6 +98,15 @@ def test_forward_backward_matches_reference(T, strong, dtype, poison_empty):
     ref = run(naive_chunk_kda, q, k, v, f, beta, A_log, dt_bias, h0, dtype)
     got = run(chunk_kda, q, k, v, f, beta, A_log, dt_bias, h0, dtype)
     compare(ref, got, 2e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_head_dim_64(poison_empty):
+    """K = V = 64: several channel blocks in the gate backward, wider tiles everywhere."""
+    q, k, v, f, beta, A_log, dt_bias = make_inputs(1, 70, 1, 64, 64, seed=13, strong_decay=True)
+    h0 = torch.randn(1, 1, 64, 64)
+    ref = run(naive_chunk_kda, q, k, v, f, beta, A_log, dt_bias, h0, torch.float32)
+    got = run(chunk_kda, q, k, v, f, beta, A_log, dt_bias, h0, torch.float32)
+    compare(ref, got, 2e-5)
 
 
 def test_long_sequence_bf16(poison_empty):
@@ -93,6 +135,26 @@ def test_varlen_matches_reference(poison_empty):
     assert_close("o", o_ref, a[0], 2e-5)
     assert_close("final_state", s_ref, a[1], 2e-5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_real_checkpoint_gate_magnitudes(dtype, poison_empty):
+    """exp(A_log) up to 201, per-token log decay below -2.7e3, chunk sums below -6e4: the output, the
+    final state and every gradient stay finite and match the fp32 reference (varlen, chunk-crossing
+    lengths, an initial state)."""
+    lens = [1, 63, 66, 130]
+    H, K, V = 2, 32, 32
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v, f, beta, A_log, dt_bias = make_real_gate_inputs(1, sum(lens), H, K, V, seed=21)
+    g_min, chunk_min = gate_extremes(f.to(dtype), A_log, dt_bias, cu)
+    assert g_min < -2.7e3 and chunk_min < -6e4, (g_min, chunk_min)
+    h0 = torch.randn(len(lens), H, K, V)
+    ref = run(naive_chunk_kda, q, k, v, f, beta, A_log, dt_bias, h0, dtype, cu_seqlens=cu)
+    got = run(chunk_kda, q, k, v, f, beta, A_log, dt_bias, h0, dtype, cu_seqlens=cu)
+    assert_finite(("o", "final_state") + GRAD_NAMES, got)
+    # fp32: G = cumsum of decays near -1e5 (log2 units) carries ~1e-2 absolute rounding, shared by the
+    # reference; its own dA_log is ~1e-4 off the float64 value here
+    compare(ref, got, 1e-4 if dtype == torch.float32 else 1e-2, reduced_tol=5e-4)
 
 
 def test_state_pool_in_place(poison_empty):
@@ -194,6 +256,21 @@ def test_gpu_real_shape_bf16(lens):
     h0 = torch.randn(len(lens), H, K, V, device="cuda")
     ref = run(naive_chunk_kda, q, k, v, f, beta, A_log, dt_bias, h0, torch.bfloat16, cu_seqlens=cu)
     got = run(chunk_kda, q, k, v, f, beta, A_log, dt_bias, h0, torch.bfloat16, cu_seqlens=cu)
+    compare(ref, got, 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_real_checkpoint_gate_magnitudes():
+    lens = [1, 63, 64, 65, 1000, 2000]
+    H, K, V = 32, 128, 128
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    q, k, v, f, beta, A_log, dt_bias = make_real_gate_inputs(1, sum(lens), H, K, V, seed=4, device="cuda")
+    g_min, chunk_min = gate_extremes(f.bfloat16(), A_log, dt_bias, cu)
+    assert g_min < -2.7e3 and chunk_min < -6e4, (g_min, chunk_min)
+    h0 = torch.randn(len(lens), H, K, V, device="cuda")
+    ref = run(naive_chunk_kda, q, k, v, f, beta, A_log, dt_bias, h0, torch.bfloat16, cu_seqlens=cu)
+    got = run(chunk_kda, q, k, v, f, beta, A_log, dt_bias, h0, torch.bfloat16, cu_seqlens=cu)
+    assert_finite(("o", "final_state") + GRAD_NAMES, got)
     compare(ref, got, 1e-2)
 
 

@@ -19,7 +19,7 @@ def free_port() -> int:
 
 class RunningServer:
     def __init__(self, model: str, api_key: str | None = API_KEY, max_waiting: int = 64, log_requests: bool = False,
-                 **engine):
+                 tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False, **engine):
         import uvicorn
 
         from kimi_linear.server.launch import make_server
@@ -27,7 +27,8 @@ class RunningServer:
         kwargs = dict(model=model, device="cpu", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=256)
         kwargs.update(engine)
         self.app, self.client = make_server(kwargs, ["tiny"], api_key=api_key, max_waiting=max_waiting,
-                                            log_requests=log_requests)
+                                            log_requests=log_requests, tool_call_parser=tool_call_parser,
+                                            enable_auto_tool_choice=enable_auto_tool_choice)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")

@@ -2,7 +2,9 @@
 
 Public entry: `causal_conv1d`, which runs the Triton kernel (`short_conv.py`, imported on first use:
 importing the package never needs triton) or the naive reference (`naive.naive_causal_conv1d`), see
-`ops/dispatch.py`.
+`ops/dispatch.py`. The kernel has no backward: when autograd needs x or the weight, a pass without a
+state pool (training) runs the vectorised torch form (`varlen.causal_conv1d_varlen`, on any device),
+one with a state pool the naive form.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from kimi_linear.ops.conv.naive import naive_causal_conv1d
-from kimi_linear.ops.dispatch import use_triton
+from kimi_linear.ops.conv.varlen import causal_conv1d_varlen
+from kimi_linear.ops.dispatch import needs_grad, use_triton
 
-__all__ = ["causal_conv1d", "naive_causal_conv1d"]
+__all__ = ["causal_conv1d", "naive_causal_conv1d", "causal_conv1d_varlen"]
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor | None = None,
@@ -26,6 +29,10 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tenso
     `decode`: every sequence has exactly one token and a conv_state, so the kernel path takes its one-launch
     decode kernel (the result is the same either way).
     """
+    if needs_grad(x, weight):
+        if conv_state is None and state_indices is None:
+            return causal_conv1d_varlen(x, weight, cu_seqlens, activation)
+        return naive_causal_conv1d(x, weight, conv_state, cu_seqlens, state_indices, activation)
     if use_triton(x):
         from kimi_linear.ops.conv.short_conv import causal_conv1d as kernel
 

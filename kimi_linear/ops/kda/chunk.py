@@ -2,8 +2,10 @@
 
 Forward = three kernels: `chunk_diag` (the exact diagonal 16x16 blocks of Aqk and Akk), `chunk_intra`
 (the rest that is local to a 64-token chunk: gate, cumsum, L2 norm, beta, off-diagonal blocks, the UT
-transform, W, U) and `chunk_scan` (the sequential state scan, fused with the output). Backward = the reverse state scan, then two per-chunk kernels (`chunk_bwd_state`: the
-value-dim contractions; `chunk_bwd_intra`: the key-dim work back to q, k, g / f, beta, A_log, dt_bias).
+transform, W, U) and `chunk_scan` (the sequential state scan, fused with the output). Backward = the
+reverse state scan, then `chunk_bwd_state` (per chunk: the value-dim contractions) and `chunk_bwd_intra`
+(per 16-token sub-chunk: the key-dim work back to q, k, beta; then per chunk: the reverse cumsum of the
+decay gradient and the gate backward to f / g, A_log, dt_bias).
 In training the forward keeps what the backward needs (chunk states, V', M, G, W, U, ...), so
 nothing is recomputed.
 
@@ -15,6 +17,7 @@ length chunk indexing is built on the device unless a host copy `cu_seqlens_cpu`
 from __future__ import annotations
 
 import torch
+import triton
 
 from kimi_linear.errors import KDAError
 from kimi_linear.ops.kda.chunk_bwd_intra import chunk_bwd_intra_launch
@@ -30,7 +33,7 @@ CONFIG = {
     "scan": dict(num_warps=4, num_stages=None, BV=None),
     "bwd_scan": dict(num_warps=4, num_stages=None, BV=None),
     "bwd_state": dict(num_warps=8, num_stages=1),
-    "bwd_intra": dict(num_warps=8, num_stages=1),
+    "bwd_intra": dict(num_warps=4, num_stages=1, gate_warps=4),
 }
 
 # dtype of the chunk states (and their gradients) kept for the backward: fp32 keeps the decay
@@ -95,7 +98,7 @@ def _launch_config(config: dict | None) -> dict:
         return CONFIG
     unknown = set(config) - set(CONFIG)
     if unknown:
-        raise KDAInputError(f"config: unknown kernels {sorted(unknown)}; known: {sorted(CONFIG)}")
+        raise KDAError(f"config: unknown kernels {sorted(unknown)}; known: {sorted(CONFIG)}")
     return {name: {**CONFIG[name], **config.get(name, {})} for name in CONFIG}
 
 
@@ -185,7 +188,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, initial_state, do, dht, bufs, id
         dQg=torch.empty(TT, H, K, device=dev, dtype=f32), dY=torch.empty(TT, H, K, device=dev, dtype=f32),
         dKd=torch.empty(TT, H, K, device=dev, dtype=f32), dAqk=torch.empty(TT, H, BT, device=dev, dtype=f32),
         dAkk=torch.empty(TT, H, BT, device=dev, dtype=f32), dgx=torch.empty(NS, H, K, device=dev, dtype=f32),
-        dbx=torch.empty(TT, H, device=dev, dtype=f32),
+        dbx=torch.empty(TT, H, device=dev, dtype=f32), dgl=torch.empty(NS, 4, H, K, device=dev, dtype=f32),
     )
     dh0 = torch.empty(idx.N, H, K, V, device=dev, dtype=f32) if initial_state is not None else None
     dq = torch.empty(B, T, H, K, device=dev, dtype=q.dtype)
@@ -195,7 +198,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, initial_state, do, dht, bufs, id
     dbeta = torch.empty(B, T, H, device=dev, dtype=beta.dtype)
     outs = dict(dq=dq, dk=dk, df=df, dbeta=dbeta)
     if use_gate:
-        outs.update(dA_part=torch.zeros(NS, H, device=dev, dtype=f32),
+        outs.update(dA_part=torch.zeros(NS, H, triton.cdiv(K, 32), device=dev, dtype=f32),
                     ddt_part=torch.zeros(NS, H, K, device=dev, dtype=f32))
     if TT > 0:
         dht_c = dht.contiguous() if dht is not None else None
@@ -209,7 +212,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, initial_state, do, dht, bufs, id
         dh0.copy_(dht)
     dA_log = ddt = None
     if use_gate:
-        dA_log = outs["dA_part"].sum(0).reshape(A_log.shape).to(A_log.dtype)
+        dA_log = outs["dA_part"].sum((0, 2)).reshape(A_log.shape).to(A_log.dtype)
         if dt_bias is not None:
             ddt = outs["ddt_part"].sum(0).reshape(dt_bias.shape).to(dt_bias.dtype)
     if dh0 is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.kda.chunk_utils import chunk_of_program, load_beta
+from kimi_linear.ops.kda.chunk_utils import chunk_of_program, load_beta, pair_rows
 
 
 @triton.jit
@@ -77,29 +77,27 @@ def chunk_kda_fwd_diag_kernel(
     zr = tl.zeros([BC, 1], dtype=tl.int32)
     m_bc = (zr == 0) & m_c[None, :]
     # ---- diagonal 16x16 block. Exact part: its two 8x8 diagonal blocks, one column per step (rows 0..7
-    # against column c, rows 8..15 against column 8 + c); columns collect in [16, BK] tiles of the loop's
-    # register layout (storing each as it comes would move it through shared memory every step).
+    # against column c, rows 8..15 against column 8 + c); step c's dots collect in column c of [16, 8]
+    # tiles (row r, column c holds the pair (r, c + 8 [r >= 8]))
     hi = o >= 8
-    Aq = tl.zeros([BC, BK], dtype=tl.float32)
-    Ak = tl.zeros([BC, BK], dtype=tl.float32)
+    c8 = tl.arange(0, 8)
+    Aq = tl.zeros([BC, 8], dtype=tl.float32)
+    Ak = tl.zeros([BC, 8], dtype=tl.float32)
     for c in range(8):
-        col = c + tl.where(hi, 8, 0)  # [16] column of each row, within the sub-chunk
-        m_col = r0 + col < n_valid
-        kc = tl.load(k_b + (r0 + col)[:, None] * s_k + cols[None, :], mask=m_col[:, None] & m_c[None, :],
-                     other=0.0).to(tl.float32)
-        if USE_L2:
-            kc = kc * tl.load(rk_b + (r0 + col) * H, mask=m_col, other=0.0)[:, None]
-        Gc = tl.load(G_b + (r0 + col)[:, None] * sHK + cols[None, :], mask=m_col[:, None] & m_c[None, :], other=0.0)
+        kc = pair_rows(k_b, r0 + c, s_k, cols, m_c, hi, n_valid, rk_b, H, USE_L2)
+        Gc = pair_rows(G_b, r0 + c, sHK, cols, m_c, hi, n_valid, rk_b, H, False)
         t = tl.exp2(tl.minimum(G - Gc, 0.0)) * kc
-        aq = tl.sum(qn * t, 1)
-        ak = tl.sum(kn * t, 1)
-        Aq = tl.where(cols[None, :] == col[:, None], aq[:, None], Aq)
-        Ak = tl.where(cols[None, :] == col[:, None], ak[:, None], Ak)
-    low_left = hi[:, None] & (cols[None, :] < 8)
-    m_16 = m_r[:, None] & (cols[None, :] < BC) & (~low_left)
-    p = rows[:, None] * sHA + r0 + cols[None, :]
-    tl.store(A_b + p, tl.where(o[:, None] >= cols[None, :], Aq, 0.0).to(A_b.dtype.element_ty), mask=m_16)
-    tl.store(S_b + p, tl.where(o[:, None] > cols[None, :], Ak * b[:, None], 0.0), mask=m_16)
+        Aq = tl.where(c8[None, :] == c, tl.sum(qn * t, 1)[:, None], Aq)
+        Ak = tl.where(c8[None, :] == c, tl.sum(kn * t, 1)[:, None], Ak)
+    cc = c8[None, :] + tl.where(hi, 8, 0)[:, None]  # column of each entry within the sub-chunk
+    p = rows[:, None] * sHA + r0 + cc
+    tl.store(A_b + p, tl.where(o[:, None] >= cc, Aq, 0.0).to(A_b.dtype.element_ty), mask=m_r[:, None])
+    tl.store(S_b + p, tl.where(o[:, None] > cc, Ak * b[:, None], 0.0), mask=m_r[:, None])
+    # zeros in its upper-right 8x8 block (rows 0..7, columns 8..15)
+    pz = rows[:, None] * sHA + r0 + 8 + c8[None, :]
+    m_z = m_r[:, None] & (~hi)[:, None]
+    tl.store(A_b + pz, tl.zeros([BC, 8], dtype=A_b.dtype.element_ty), mask=m_z)
+    tl.store(S_b + pz, tl.zeros([BC, 8], dtype=tl.float32), mask=m_z)
     # rows 8..15 x columns 0..7 through the anchor G of row 7 (both exponent factors <= 1)
     a7 = tl.load(G_b + (r0 + 7) * sHK + zr + cols[None, :], mask=m_bc, other=0.0)
     E7 = tl.where(hi[:, None], tl.exp2(tl.minimum(G - a7, 0.0)), 0.0)

@@ -161,3 +161,16 @@ def load_beta(b_base, orow, m_r, s_b, USE_SIGMOID: tl.constexpr):
     if USE_SIGMOID:
         b = tl.sigmoid(b)
     return tl.where(m_r, b, 0.0)
+
+
+@triton.jit
+def pair_rows(x_b, r, stride, cols, m_c, hi, n_valid, r_b, H: tl.constexpr, USE_L2: tl.constexpr):
+    """[16, BK] fp32: row r (tiles rows 0..7) and row r + 8 (rows 8..15) of x, times their inverse norms
+    (fused norm); two row loads broadcast, not a gather."""
+    lo = tl.load(x_b + r * stride + cols, mask=m_c & (r < n_valid), other=0.0).to(tl.float32)
+    up = tl.load(x_b + (r + 8) * stride + cols, mask=m_c & (r + 8 < n_valid), other=0.0).to(tl.float32)
+    if USE_L2:
+        lo = lo * tl.load(r_b + r * H, mask=r < n_valid, other=0.0)
+        up = up * tl.load(r_b + (r + 8) * H, mask=r + 8 < n_valid, other=0.0)
+    return tl.where(hi[:, None], up[None, :], lo[None, :])
+

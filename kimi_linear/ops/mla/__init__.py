@@ -1,7 +1,9 @@
 """Multi-head latent attention (NoPE): MHA form for prefill, absorbed MQA form over the paged latent cache.
 
 Public entries (each runs the Triton kernel or the naive reference, `ops/dispatch.py`):
-- `mla_prefill`: a mixed flat batch (`prefill.py` / `naive.naive_mla_prefill`);
+- `mla_prefill`: a mixed flat batch (`prefill.py` / `naive.naive_mla_prefill`). The kernel has no
+  backward: when autograd needs an input, a cache-less pass on a kernel device (training on CUDA) runs
+  `sdpa.mla_prefill_sdpa` (one causal SDPA per document), anything else the naive form;
 - `mla_decode`: one query per sequence, CUDA-graph safe on the kernel path (`decode.py` /
   `naive.naive_mla_decode`);
 - `write_latent_cache`: new latents into their paged-cache slots (`cache_write.py` / `naive.write_latent`).
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kimi_linear.ops.dispatch import use_triton
+from kimi_linear.ops.dispatch import needs_grad, use_triton
 from kimi_linear.ops.mla.naive import (
     gather_latent,
     mla_attention_absorbed,
@@ -22,8 +24,9 @@ from kimi_linear.ops.mla.naive import (
     naive_mla_prefill,
     write_latent,
 )
+from kimi_linear.ops.mla.sdpa import mla_prefill_sdpa
 
-__all__ = ["mla_prefill", "mla_decode", "write_latent_cache", "naive_mla_prefill", "naive_mla_decode",
+__all__ = ["mla_prefill", "mla_prefill_sdpa", "mla_decode", "write_latent_cache", "naive_mla_prefill", "naive_mla_decode",
            "mla_attention_mha", "mla_attention_absorbed", "gather_latent", "write_latent"]
 
 
@@ -37,6 +40,10 @@ def mla_prefill(q: torch.Tensor, latent: torch.Tensor, cache: torch.Tensor | Non
     block_tables int32 [N, max_blocks]; query_lens / context_lens host lists [N]; w_kv_b [H * (Dn + Dv), R].
     `launch` (kernel path only): `key_chunk`.
     """
+    if needs_grad(q, latent, w_kv_b):
+        if use_triton(q) and (cache is None or not any(context_lens)):
+            return mla_prefill_sdpa(q, latent, query_lens, w_kv_b, v_head_dim, scale)
+        return naive_mla_prefill(q, latent, cache, block_tables, query_lens, context_lens, w_kv_b, v_head_dim, scale)
     if use_triton(q):
         from kimi_linear.ops.mla.prefill import mla_prefill as kernel
 

@@ -4,8 +4,10 @@ Public entries (each runs the Triton kernel or the naive reference, `ops/dispatc
 no backward, so under autograd the naive forms run; both never sync with the host on the kernel path):
 - `select_experts`: the router (`routing.py` / `naive.sigmoid_grouped_topk`);
 - `fused_experts`: the routed experts, plus shared experts folded into the stacks (`fused_moe.py` /
-  `naive.naive_fused_experts`).
-`sigmoid_grouped_topk` and `naive_moe_experts` are the references. The kernels are imported on first use:
+  `naive.naive_fused_experts`). Under autograd: torch's differentiable grouped GEMM
+  (`grouped.grouped_moe_experts`) where it serves (CUDA, bf16 compute), else the naive expert loop.
+`sigmoid_grouped_topk` and `naive_moe_experts` are the references; `router_scores` (the fp32 sigmoid
+scores, also under autocast) feeds the training balance loss. The kernels are imported on first use:
 importing the package never needs triton.
 """
 
@@ -13,10 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from kimi_linear.ops.dispatch import use_kernel
-from kimi_linear.ops.moe.naive import naive_fused_experts, naive_moe_experts, sigmoid_grouped_topk
+from kimi_linear.ops.dispatch import needs_grad, use_kernel
+from kimi_linear.ops.moe.grouped import grouped_moe_experts, grouped_supported
+from kimi_linear.ops.moe.naive import naive_fused_experts, naive_moe_experts, router_scores, sigmoid_grouped_topk
 
-__all__ = ["select_experts", "fused_experts", "sigmoid_grouped_topk", "naive_moe_experts", "naive_fused_experts"]
+__all__ = ["select_experts", "fused_experts", "router_scores", "grouped_moe_experts", "grouped_supported", "sigmoid_grouped_topk", "naive_moe_experts", "naive_fused_experts"]
 
 
 def select_experts(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
@@ -45,6 +48,10 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     unweighted, topk_weights), for the next norm to sum (`ops.norm.fused_rms_norm`'s branch_weights); the
     naive path always returns y.
     """
+    if needs_grad(x, w13, w2, topk_weights) and grouped_supported(x, w13, w2):
+        k = topk_ids.shape[1] - num_shared
+        y = grouped_moe_experts(x, w13, w2, topk_weights[:, :k], topk_ids[:, :k])
+        return naive_fused_experts(x, w13, w2, topk_weights, topk_ids, num_shared, routed=y)
     if use_kernel(x, w13, w2, topk_weights):
         from kimi_linear.ops.moe.fused_moe import fused_moe as kernel
 

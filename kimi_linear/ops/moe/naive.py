@@ -20,13 +20,18 @@ import torch
 import torch.nn.functional as F
 
 
+def router_scores(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """sigmoid(x @ gate_weight^T) [N, E] in fp32, also under autocast (the router's logits stay fp32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.sigmoid(x.float() @ gate_weight.float().t())
+
+
 def sigmoid_grouped_topk(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
                          num_expert_group: int = 1, topk_group: int = 1, renormalize: bool = True,
                          scaling: float = 1.0, biased_weights: bool = False, num_shared: int = 0):
     """x [N, D] -> (topk_weights [N, k + S] fp32, topk_ids [N, k + S] int64); num_shared = S > 0 appends S
     shared-expert slots (ids E .. E + S - 1, weight 1.0)."""
-    logits = x.float() @ gate_weight.float().t()
-    scores = torch.sigmoid(logits)
+    scores = router_scores(x, gate_weight)
     choice = scores + bias.float() if bias is not None else scores
     N, E = choice.shape
     if num_expert_group > 1:
@@ -64,11 +69,12 @@ def naive_moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
 
 
 def naive_fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                        topk_ids: torch.Tensor, num_shared: int = 0) -> torch.Tensor:
-    """The routed experts (`naive_moe_experts`), then the last `num_shared` experts of the stacks as shared
-    experts (every token, weight 1), each added to the rounded routed sum as the reference model does."""
+                        topk_ids: torch.Tensor, num_shared: int = 0, routed: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed experts (`naive_moe_experts`, or their sum `routed` [N, D] computed elsewhere), then the
+    last `num_shared` experts of the stacks as shared experts (every token, weight 1), each added to the
+    rounded routed sum as the reference model does."""
     k = topk_ids.shape[1] - num_shared
-    y = naive_moe_experts(x, w13, w2, topk_weights[:, :k], topk_ids[:, :k])
+    y = naive_moe_experts(x, w13, w2, topk_weights[:, :k], topk_ids[:, :k]) if routed is None else routed
     E = w13.shape[0] - num_shared
     for s in range(E, E + num_shared):
         gate, up = F.linear(x, w13[s]).chunk(2, dim=-1)

@@ -1,0 +1,47 @@
+"""Differentiable MLA prefill over packed documents (training): the MHA form, one causal SDPA per document.
+
+Each document attends only to itself, from its first token (no cache): the latents are expanded
+through kv_b_proj into per-head keys [k_nope ; k_pe] and values, then
+`torch.nn.functional.scaled_dot_product_attention(is_causal=True)` runs per document, so torch picks its
+fused attention kernels (flash / memory-efficient / cuDNN on CUDA) and autograd their backward. The
+per-document launches cost one host loop over the documents (their lengths are host lists already).
+Same shapes and result as `naive.naive_mla_prefill` without a cache; output in q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kimi_linear.errors import MLAError
+
+
+def mla_prefill_sdpa(q: torch.Tensor, latent: torch.Tensor, query_lens: list[int], w_kv_b: torch.Tensor,
+                     v_head_dim: int, scale: float) -> torch.Tensor:
+    """q [T, H, Dn + Dr], latent [T, R + Dr] (documents back to back, `query_lens` host list),
+    w_kv_b [H * (Dn + Dv), R] -> o [T, H, Dv] in q's dtype."""
+    T, H, Dqk = q.shape
+    R = w_kv_b.shape[1]
+    Dr = latent.shape[1] - R
+    Dn = Dqk - Dr
+    if sum(query_lens) != T or latent.shape[0] != T or Dn < 0 or w_kv_b.shape[0] != H * (Dn + v_head_dim):
+        raise MLAError(f"mla_prefill_sdpa: q {tuple(q.shape)}, latent {tuple(latent.shape)}, w_kv_b "
+                       f"{tuple(w_kv_b.shape)} and query_lens (sum {sum(query_lens)}) do not fit together")
+    kv = F.linear(latent[:, :R], w_kv_b).view(T, H, Dn + v_head_dim)
+    dtype = kv.dtype  # the compute dtype (autocast's, or the parameters')
+    k = torch.cat([kv[..., :Dn], latent[:, None, R:].to(dtype).expand(T, H, Dr)], dim=-1)
+    v = kv[..., Dn:]
+    qc = q.to(dtype)
+    outs = []
+    start = 0
+    for n in query_lens:
+        if n == 0:
+            continue
+        sl = slice(start, start + n)
+        o = F.scaled_dot_product_attention(qc[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
+                                           is_causal=True, scale=scale)
+        outs.append(o.transpose(0, 1))
+        start += n
+    if not outs:
+        return q.new_zeros(0, H, v_head_dim)
+    return torch.cat(outs, 0).to(q.dtype)
