@@ -11,7 +11,19 @@ import logging
 import os
 
 from kimi_linear.cli.engine_args import add_engine_args, engine_kwargs
+from kimi_linear.server.defaults import DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_SHUTDOWN_TIMEOUT_S
 from kimi_linear.server.tool_parsers import TOOL_PARSERS, check_tool_flags
+
+
+def _non_negative(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,8 +37,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in the `model` field (default: the folder's name)")
     g.add_argument("--api-key", default=os.environ.get("KIMI_LINEAR_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1 routes (or set KIMI_LINEAR_API_KEY)")
+                   help="require `Authorization: Bearer KEY` on /v1 routes, /tokenize and /detokenize "
+                        "(or set KIMI_LINEAR_API_KEY)")
     g.add_argument("--max-queue-len", type=int, default=4096, help="waiting requests beyond which new ones get 503")
+    g.add_argument("--max-request-body-bytes", type=_non_negative(int), default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                   help="request bodies larger than this get 413 (0: no limit)")
+    g.add_argument("--shutdown-timeout", type=_non_negative(float), default=DEFAULT_SHUTDOWN_TIMEOUT_S, metavar="SECONDS",
+                   help="on SIGTERM / SIGINT, wait this long for requests in flight to finish, then end the "
+                        "rest with an error (streams get an error event and [DONE])")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--uvicorn-log-level", default=None,
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -53,5 +71,6 @@ def run(args: argparse.Namespace) -> int:
     names = args.served_model_name or [os.path.basename(os.path.normpath(kwargs["model"]))]
     serve(kwargs, names, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_queue_len,
           log_level=args.log_level, uvicorn_log_level=args.uvicorn_log_level, log_requests=args.log_requests,
-          tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice)
+          tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+          max_request_body_bytes=args.max_request_body_bytes or None, shutdown_timeout=args.shutdown_timeout)
     return 0

@@ -40,7 +40,8 @@ import torch
 
 from kimi_linear.config import ModelConfig, parse_dtype
 from kimi_linear.engine.block_hash import HASH_ALGOS
-from kimi_linear.errors import ConfigError, KimiLinearError
+from kimi_linear.errors import ConfigError, KimiLinearError, ValidationError
+from kimi_linear.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -308,10 +309,19 @@ def eos_token_ids(model_config: ModelConfig, generation_config: dict) -> frozens
 
 def default_sampling_kwargs(generation_config: dict) -> dict:
     """SamplingParams defaults taken from generation_config.json (vLLM's `--generation-config auto`)."""
-    out = {}
+    out, source = {}, {}
     for src, dst in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
                      ("repetition_penalty", "repetition_penalty"), ("min_p", "min_p"),
                      ("max_new_tokens", "max_tokens")):
         if generation_config.get(src) is not None:
             out[dst] = generation_config[src]
+            source[dst] = src
+    # An invalid default would make every request that leaves the field out a 400 naming a field the client
+    # never sent: refuse it here, at load, naming the file's key.
+    try:
+        SamplingParams(**out)
+    except ValidationError as e:
+        key = source.get(e.param, e.param)
+        raise ConfigError(f"{GENERATION_CONFIG}.{key}", f"invalid sampling default {key}="
+                                                         f"{generation_config.get(key)!r}: {e}") from None
     return out

@@ -12,7 +12,8 @@ finishes requests with "abort".
 Per step, after the runner sampled: prompt-logprob rows go to the first sequence's processor; each
 new token is accepted by the sequence's grammar matcher (structured output: a terminated grammar
 finishes the sequence with "stop", a rejected token - constraints that exclude every token - with
-"abort"), then handed to its processor, which may finish it on a stop string.
+"abort"), then handed to its processor, which may finish it on a stop string. A token sampled from
+non-finite logits (NaN / inf) is dropped and finishes its sequence with "error".
 """
 
 from __future__ import annotations
@@ -297,6 +298,10 @@ class LLMEngine:
             self._num_generated_tokens += len(changed)
             now = time.monotonic()
             for req in changed:
+                if not sampled[req.request_id].is_finite:
+                    self._finish_error(req)
+                    touched.add(req.parent_id)
+                    continue
                 m = self._states[req.parent_id].metrics
                 if m is not None:
                     m.first_token_time = m.first_token_time or now
@@ -339,6 +344,15 @@ class LLMEngine:
                 req.status, req.stop_reason = status, stop_reason
         else:
             self.scheduler.finish(req, status, stop_reason=stop_reason)
+
+    def _finish_error(self, req: Request) -> None:
+        logger.error("request %s: the model produced non-finite logits (NaN or inf); finishing it with an error",
+                     req.request_id)
+        if req.is_finished:
+            req.status = RequestStatus.FINISHED_ERROR
+        else:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+        req.output_token_ids.pop()  # the token drawn from those logits means nothing
 
     def _advance_grammar(self, req: Request, token: int) -> None:
         if not req.matcher.accept(token):

@@ -47,6 +47,7 @@ class SampleResult:
     logprob: float  # raw logprob of the sampled token
     top: list[tuple[int, float]] | None = None  # (token id, logprob) of the top `logprobs`, best first
     rank: int | None = None  # rank of the sampled token in the raw distribution (1 = top), if logprobs
+    is_finite: bool = True  # False: the logits held NaN / inf, the token means nothing
 
 
 @dataclass
@@ -231,6 +232,7 @@ class ModelRunner:
             output_token_ids=[r.output_token_ids for r in requests],
             eos_token_ids=sorted(requests[0].eos_token_ids), bitmask=self._fill_bitmask(requests))
         so = self.sampler(logits, batch)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         tokens = so.token_ids.tolist()
         lps = so.logprobs.tolist()
         ranks = so.ranks.tolist() if so.ranks is not None else None
@@ -240,7 +242,8 @@ class ModelRunner:
         for i, r in enumerate(requests):
             k = r.sampling_params.logprobs
             top = list(zip(top_ids[i][:k], top_lps[i][:k])) if (k and top_ids is not None) else None
-            results[r.request_id] = SampleResult(tokens[i], lps[i], top, ranks[i] if ranks is not None else None)
+            results[r.request_id] = SampleResult(tokens[i], lps[i], top, ranks[i] if ranks is not None else None,
+                                                 is_finite=finite[i])
         return results
 
     def execute(self, out: SchedulerOutput) -> StepResult:

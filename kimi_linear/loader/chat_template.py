@@ -10,7 +10,9 @@ prompt:
 
 Tools are declared as `<|im_system|>tool_declare<|im_middle|>{json}<|im_end|>` and assistant tool calls
 use the K2 section markers. Templates render in a sandboxed jinja2 environment configured like
-Hugging Face's (trim_blocks, lstrip_blocks, loopcontrols, `raise_exception`, a non-ASCII `tojson`).
+Hugging Face's (trim_blocks, lstrip_blocks, loopcontrols, `raise_exception`, a non-ASCII `tojson`),
+bounded in time and output size (`template_limits.py`); every way a template can fail is a
+ValidationError (400), never a server error.
 
 Invariant: every message reaching a template has a known `role` and a string `content` (text parts
 joined with "\\n"; assistant messages with only tool calls have content "").
@@ -134,10 +136,10 @@ def _strftime_now(fmt: str) -> str:
 def compile_template(source: str):
     """The compiled jinja2 template (cached). Raises ValidationError(param="chat_template") if it is invalid."""
     import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    from kimi_linear.loader.template_limits import BoundedEnvironment
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -145,6 +147,9 @@ def compile_template(source: str):
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise ValidationError(f"chat template is not valid jinja2 (line {e.lineno}): {e.message}",
+                              param="chat_template") from None
+    except (RecursionError, MemoryError) as e:
+        raise ValidationError(f"chat template is too deeply nested or too large to compile ({type(e).__name__})",
                               param="chat_template") from None
 
 
@@ -157,6 +162,8 @@ def render_chat(messages: Any, template: str | None = None, *, add_generation_pr
     excludes `add_generation_prompt`."""
     import jinja2
 
+    from kimi_linear.loader.template_limits import TemplateLimitError, render_bounded
+
     msgs = validate_messages(messages)
     if continue_final_message and add_generation_prompt:
         raise ValidationError("continue_final_message and add_generation_prompt cannot both be set",
@@ -168,11 +175,22 @@ def render_chat(messages: Any, template: str | None = None, *, add_generation_pr
     if reserved:
         raise ValidationError(f"chat_template_kwargs cannot set {sorted(reserved)}", param="chat_template_kwargs")
     tmpl = compile_template(template if template is not None else DEFAULT_CHAT_TEMPLATE)
+    context = {"bos_token": bos_token, "eos_token": eos_token, **kwargs, "messages": msgs, "tools": tools,
+               "add_generation_prompt": add_generation_prompt}
     try:
-        text = tmpl.render(messages=msgs, tools=tools, add_generation_prompt=add_generation_prompt,
-                           bos_token=bos_token, eos_token=eos_token, **kwargs)
+        text = render_bounded(tmpl, context)
+    except ValidationError:  # the template's raise_exception()
+        raise
     except jinja2.TemplateError as e:
         raise ValidationError(f"chat template failed to render: {e}", param="chat_template") from None
+    except TemplateLimitError as e:
+        raise ValidationError(f"chat template: {e}", param="chat_template") from None
+    except MemoryError:
+        raise ValidationError("chat template ran out of memory while rendering", param="chat_template") from None
+    except Exception as e:  # noqa: BLE001 - any failure of a template is the template's (include without a
+        # loader, a type error inside an expression, a recursion): a 400 naming it, never a 500
+        raise ValidationError(f"chat template failed to render: {type(e).__name__}: {e}",
+                              param="chat_template") from None
     if continue_final_message:
         final = msgs[-1]["content"].strip()
         cut = text.rfind(final) if final else -1

@@ -2,8 +2,9 @@
 
 Loading streams the shards named by the index (never by glob order), one tensor at a time, straight
 onto the parameters' device and dtype (safetensors reads onto that device), so the weights are never
-held twice. Every problem is a CheckpointError naming the tensor (missing, unexpected, wrong shape)
-or the file (missing, truncated, corrupt).
+held twice. Every problem is a CheckpointError naming the tensor (missing, unexpected, wrong shape,
+NaN / inf values: a model with them would serve garbage as if fine) or the file (missing, truncated,
+corrupt).
 
 Saving writes official tensor names (experts unstacked) in the model dtype, except A_log and dt_bias
 which stay fp32, with shards of at most `max_shard_bytes`.
@@ -55,6 +56,14 @@ def checkpoint_shards(path: str) -> "OrderedDict[str, list[str]]":
     raise CheckpointError(f"no {INDEX_NAME} or {SINGLE_NAME} in {path}", file=path)
 
 
+def check_finite(t: torch.Tensor, name: str, file: str) -> None:
+    """Raise CheckpointError if the floating-point tensor `t` holds NaN or inf."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"tensor {name} in {file} has {bad} non-finite values (NaN or inf) of {t.numel()}",
+                              tensor=name, file=file)
+
+
 @torch.no_grad()
 def load_weights(model, path: str | os.PathLike, progress: bool = True) -> None:
     """Fill `model`'s parameters from the checkpoint folder `path` (strict: every tensor must match)."""
@@ -94,6 +103,7 @@ def load_weights(model, path: str | os.PathLike, progress: bool = True) -> None:
                     except Exception as e:
                         raise CheckpointError(f"cannot read tensor {raw_name} from {file} (truncated or corrupt "
                                               f"file?): {e}", tensor=raw_name, file=file) from None
+                    check_finite(t, raw_name, file)
                     dst = params[pname].data
                     (dst[index] if index is not None else dst).copy_(t)
                     seen.add(name)

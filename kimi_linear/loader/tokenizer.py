@@ -136,10 +136,17 @@ class KimiTokenizer:
                 raise CheckpointError(f"{cfg_file}: bad added_tokens_decoder entry {k!r}", file=cfg_file)
             added[int(k)] = content
         template = _template_from_config(cfg.get("chat_template"))
+        template_origin = cfg_file
         tmpl_file = os.path.join(path, "chat_template.jinja")
         if os.path.isfile(tmpl_file):
-            with open(tmpl_file, encoding="utf-8") as f:
-                template = f.read()
+            try:
+                with open(tmpl_file, encoding="utf-8") as f:
+                    template = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{tmpl_file} cannot be read: {e}", file=tmpl_file) from None
+            template_origin = tmpl_file
+        if template is not None:
+            check_chat_template(template, template_origin)
         return cls(ranks, added, _token_content(cfg.get("bos_token")), _token_content(cfg.get("eos_token")),
                    _token_content(cfg.get("pad_token")), template, unk_token=_token_content(cfg.get("unk_token")))
 
@@ -215,6 +222,17 @@ class KimiTokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+def check_chat_template(template: str, file: str) -> None:
+    """Refuse, at load, a checkpoint chat template that does not compile or cannot render a one-message
+    conversation: else every chat request would get a 400 about a template the client never sent."""
+    from kimi_linear.loader.chat_template import render_chat
+
+    try:
+        render_chat([{"role": "user", "content": "hello"}], template)
+    except ValidationError as e:
+        raise CheckpointError(f"{file}: the chat template cannot be used: {e}", file=file) from None
 
 
 def _template_from_config(value) -> str | None:

@@ -8,14 +8,16 @@ our own bugs are 500s.
 Request ids (as vLLM): an incoming `X-Request-Id` header becomes the request's id (`cmpl-<it>`,
 `chatcmpl-<it>`) and is echoed in the response's `X-Request-Id`; without one the response carries the
 generated id. Every response is logged on `kimi_linear.server.access` with its request id.
+
+Request ids, the API key and the body-size limit are pure ASGI middleware (`middleware.py`), so a
+client's disconnect reaches the handlers; bodies are decoded and validated off the event loop
+(`request_body.py`), and so are tokenization and chat templates, so a huge request never stalls others.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import secrets
-import time
-import uuid
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -27,7 +29,11 @@ from kimi_linear.errors import KimiLinearError
 from kimi_linear.server.engine_client import AsyncEngineClient
 from kimi_linear.server.errors import error_response, exception_response
 from kimi_linear.server.metrics import ServerMetrics
+from kimi_linear.server.middleware import GuardMiddleware, RequestIdMiddleware
+from kimi_linear.server.openapi import install_openapi
 from kimi_linear.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from kimi_linear.server.request_body import parse_body
+from kimi_linear.server.safe_text import SafeJSONResponse, dumps, int_list_json, redact_paths
 from kimi_linear.server.serving import MAX_REQUEST_ID_LEN, now
 from kimi_linear.server.serving_chat import ServingChat
 from kimi_linear.server.serving_completions import ServingCompletions
@@ -44,6 +50,7 @@ class ServerSettings:
     log_requests: bool = False  # log each request's id, prompt length and sampling params
     tool_call_parser: str | None = None  # --tool-call-parser (server/tool_parsers)
     enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: tool_choice "auto" parses the output
+    max_request_body_bytes: int | None = None  # larger bodies get 413 (None: no limit)
 
 
 def _param_of(loc: tuple) -> str | None:
@@ -54,7 +61,7 @@ def _param_of(loc: tuple) -> str | None:
 def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
     from kimi_linear import __version__
 
-    app = FastAPI(title="kimi_linear", version=__version__)
+    app = FastAPI(title="kimi_linear", version=__version__, default_response_class=SafeJSONResponse)
     chat = ServingChat(client, settings.served_model_names, settings.log_requests,
                        tool_call_parser=settings.tool_call_parser,
                        enable_auto_tool_choice=settings.enable_auto_tool_choice)
@@ -79,50 +86,28 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
         return exception_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        return error_response(str(exc.detail), exc.status_code)
+    async def _http(request: Request, exc: StarletteHTTPException):  # 404, 405 (with Allow), 413
+        return error_response(str(exc.detail), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
         logger.exception("internal error on %s", request.url.path)
         return error_response(f"internal server error: {type(exc).__name__}", 500)
 
-    # ------------------------------------------------------------------ auth
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token.encode(), settings.api_key.encode()):
-                return error_response("invalid or missing API key", 401)
-        return await call_next(request)
+    # ------------------------------------------------------------------ auth, body limit
+    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_request_body_bytes)
 
-    # Added after _auth, so it wraps it: 401s get their id and access-log line too.
-    @app.middleware("http")
-    async def _request_id(request: Request, call_next):
-        incoming = request.headers.get("x-request-id")
-        t0 = time.perf_counter()
-        if incoming is not None and not 0 < len(incoming) <= MAX_REQUEST_ID_LEN:
-            response = error_response(f"the X-Request-Id header must have 1 to {MAX_REQUEST_ID_LEN} characters",
-                                      400, "X-Request-Id")
-        else:
-            request.state.incoming_request_id = incoming
-            response = await call_next(request)
-        rid = incoming or getattr(request.state, "request_id", None) or uuid.uuid4().hex
-        response.headers["X-Request-Id"] = rid
-        peer = f"{request.client.host}:{request.client.port}" if request.client else "-"
-        access_logger.info('%s "%s %s" %d request_id=%s %.1fms', peer, request.method, request.url.path,
-                           response.status_code, rid, (time.perf_counter() - t0) * 1e3)
-        return response
+    # Added after the guard, so it wraps it: 401s / 413s get their id and access-log line too.
+    app.add_middleware(RequestIdMiddleware, max_len=MAX_REQUEST_ID_LEN, access_logger=access_logger)
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health():
-        if client.dead is not None:
-            return error_response(f"the engine died: {client.dead}", 503)
+        if client.dead is not None:  # unauthenticated: no file paths of the server in the message
+            return error_response(redact_paths(f"the engine died: {client.dead}"), 503)
         if not client.ready.is_set():
             return error_response("Loading model", 503)
-        return Response(status_code=200)
+        return SafeJSONResponse({"status": "ok"})
 
     @app.get("/version")
     async def version():
@@ -148,24 +133,36 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
         return model_card(model_id)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+    async def chat_completions(raw: Request):
+        req = await parse_body(raw, ChatCompletionRequest)
         return await chat.create(req, raw)
 
     @app.post("/v1/completions")
-    async def create_completion(req: CompletionRequest, raw: Request):
+    async def create_completion(raw: Request):
+        req = await parse_body(raw, CompletionRequest)
         return await completions.create(req, raw)
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
-        return tokenization.tokenize(req)
+    async def tokenize(raw: Request):
+        req = await parse_body(raw, TokenizeRequest)
+        return await asyncio.to_thread(_tokenize, req)
+
+    def _tokenize(req: TokenizeRequest) -> Response:  # in a worker thread, the answer rendered here too:
+        out = tokenization.tokenize(req)              # FastAPI would walk a dict's millions of ids on the loop
+        ids = out.pop("tokens")
+        return Response(f'{{"tokens":{int_list_json(ids)},{dumps(out)[1:]}', media_type="application/json")
 
     @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest):
-        return tokenization.detokenize(req)
+    async def detokenize(raw: Request):
+        req = await parse_body(raw, DetokenizeRequest)
+        return await asyncio.to_thread(lambda: SafeJSONResponse(tokenization.detokenize(req)))  # rendered off the loop
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
         return tokenization.tokenizer_info()
 
+    install_openapi(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+                          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest},
+                    api_key=bool(settings.api_key))
     return app
 

@@ -10,6 +10,12 @@ If a step raises, the engine is dead: every pending request gets an EngineDeadEr
 Hooks feed the metrics and the startup log: `on_ready(engine)` once the model is loaded, `on_step(stats)`
 after every engine step (the engine's `EngineStats`), `on_finished(output, times)` per finished request
 (client-side arrival and streamed-token gaps; the engine's own timestamps are in `output.metrics`).
+
+Admission: a streamed response must get its 503 before its 200, so handlers `admit` their request ids
+(a place each, counted against the limit) before the response starts; `generate` takes the place over
+and `release` frees the places of responses that never started. Shutdown: `begin_drain` refuses new
+requests (503); `cut_all` ends every request still in flight with an EngineDeadError (its stream then
+closes with an error event and [DONE]) and aborts it in the engine.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class AsyncEngineClient:
         self._commands: queue.Queue = queue.Queue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
+        self._admitted: dict[str, _Stream] = {}  # places taken by `admit`, not yet used by `generate`
+        self._draining: str | None = None  # why new requests are refused (the server is shutting down)
         self._times: dict[str, RequestTimes] = {}
         self._lock = threading.Lock()
         self.ready = threading.Event()
@@ -101,28 +109,76 @@ class AsyncEngineClient:
         return eng.stats()
 
     # ------------------------------------------------------------------ requests (event-loop side)
-    def check_available(self) -> None:
+    def check_available(self, num_requests: int = 1) -> None:
+        if self._draining is not None:
+            raise EngineDeadError(self._draining)
         if self.dead is not None:
             raise EngineDeadError(f"the engine died: {self.dead}")
         if not self.ready.is_set():
             raise EngineDeadError("the model is still loading")
-        if len(self._streams) >= self.max_waiting + self.engine.max_num_seqs:
+        if len(self._streams) + num_requests > self.max_waiting + self.engine.max_num_seqs:
             raise OverloadedError(f"the server is overloaded ({len(self._streams)} requests in flight); "
                                   f"retry later")
 
     def in_flight(self, request_id: str) -> bool:
         return request_id in self._streams
 
+    def admit(self, request_ids: list[str]) -> None:
+        """Take a place for each request now (OverloadedError / EngineDeadError if none is free): what a
+        streamed response does before it starts. `generate` uses the place; `release` gives it back."""
+        self.check_available(len(request_ids))
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            for rid in request_ids:
+                if rid in self._streams:
+                    raise ValidationError(f"request id {rid!r} is already in use by a running request",
+                                          param="X-Request-Id")
+            for rid in request_ids:
+                self._admitted[rid] = self._streams[rid] = _Stream(loop)
+                self._times[rid] = RequestTimes(time.monotonic())
+
+    def release(self, request_ids: list[str]) -> None:
+        """Give back the places of admitted requests that never reached `generate`."""
+        with self._lock:
+            for rid in request_ids:
+                if self._admitted.pop(rid, None) is not None:
+                    self._streams.pop(rid, None)
+                    self._times.pop(rid, None)
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests admitted or running (their responses not finished)."""
+        return len(self._streams)
+
+    def begin_drain(self, reason: str = "the server is shutting down") -> None:
+        """Refuse new requests from now on (503 with `reason`); those in flight go on."""
+        self._draining = reason
+
+    def cut_all(self, reason: str) -> int:
+        """End every request in flight with EngineDeadError(reason) and abort it. Returns how many."""
+        with self._lock:
+            items = list(self._streams.items())
+            self._streams.clear()
+            self._times.clear()
+            self._admitted.clear()
+        for rid, st in items:
+            self.abort(rid)
+            st.put(EngineDeadError(reason))
+        return len(items)
+
     async def generate(self, request_id: str, processed, stream: bool = True) -> AsyncIterator:
         """Yield the request's RequestOutputs as the engine produces them (the last one finished)."""
-        self.check_available()
-        st = _Stream(asyncio.get_running_loop())
         with self._lock:
-            if request_id in self._streams:
-                raise ValidationError(f"request id {request_id!r} is already in use by a running request",
-                                      param="X-Request-Id")
-            self._streams[request_id] = st
-            self._times[request_id] = RequestTimes(time.monotonic())
+            st = self._admitted.pop(request_id, None)
+        if st is None:
+            self.check_available()
+            st = _Stream(asyncio.get_running_loop())
+            with self._lock:
+                if request_id in self._streams:
+                    raise ValidationError(f"request id {request_id!r} is already in use by a running request",
+                                          param="X-Request-Id")
+                self._streams[request_id] = st
+                self._times[request_id] = RequestTimes(time.monotonic())
         self._commands.put(("add", request_id, processed, stream))
         self._wake.set()
         finished = False

@@ -7,9 +7,9 @@ accepted and ignored, as vLLM and the OpenAI SDK's `extra_body` users expect.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from kimi_linear.engine.config import MAX_LOGPROBS_LIMIT
 from kimi_linear.errors import ValidationError
@@ -17,6 +17,15 @@ from kimi_linear.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 OPENAI_COMPLETION_MAX_TOKENS = 16  # /v1/completions' max_tokens when the request leaves it out (OpenAI's default)
+MAX_N = 128  # choices per request (OpenAI's limit): n = 10**9 made the engine build 10**9 sequences
+
+# /v1/completions' prompt: a string, a list of strings, token ids or a list of token-id lists. Validated as
+# "str or list" here and element by element in `CompletionRequest.prompts()`: pydantic's union of the four
+# list types took seconds (holding the GIL) on a long token-id list. The schema documents the four forms.
+_INT_ARRAY = {"type": "array", "items": {"type": "integer"}}
+PromptInput = Annotated[Union[str, list], WithJsonSchema({"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "string"}}, _INT_ARRAY,
+    {"type": "array", "items": _INT_ARRAY}]})]
 
 
 class _Base(BaseModel):
@@ -44,7 +53,7 @@ class _SamplingFields(_Base):
     """Sampling fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM extras)."""
 
     model: str | None = None
-    n: int = 1
+    n: int = Field(1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -212,7 +221,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: PromptInput
     max_tokens: int | None = OPENAI_COMPLETION_MAX_TOKENS
     logprobs: int | None = None
     echo: bool = False
@@ -236,11 +245,11 @@ class CompletionRequest(_SamplingFields):
             out: list = [p]
         elif not p:
             raise ValidationError("prompt must not be empty", param="prompt")
-        elif all(isinstance(x, int) for x in p):
+        elif all(type(x) is int for x in p):
             out = [list(p)]
         elif all(isinstance(x, str) for x in p):
             out = list(p)
-        elif all(isinstance(x, list) for x in p):
+        elif all(isinstance(x, list) and all(type(t) is int for t in x) for x in p):
             out = [list(x) for x in p]
         else:
             raise ValidationError("prompt must be a string, a list of strings, a list of token ids or a "

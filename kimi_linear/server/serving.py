@@ -22,6 +22,7 @@ from fastapi import Request
 from kimi_linear.engine.llm_engine import ContextLengthError
 from kimi_linear.errors import NotFoundError, ValidationError
 from kimi_linear.server.engine_client import AsyncEngineClient
+from kimi_linear.server.errors import GenerationError
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ class ServingBase:
                 f"completion.", param="max_tokens" if P < M else what) from None
 
     async def run(self, request_id: str, processed, raw: Request, stream: bool) -> AsyncIterator:
-        """The request's outputs; when the HTTP client disconnects, the request is aborted."""
+        """The request's outputs; when the HTTP client disconnects, the request is aborted. A sequence the
+        engine finished with "error" (non-finite logits) raises GenerationError (a 500, or an error event)."""
         if self.log_requests:
             logger.info("request %s: %d prompt tokens, %s", request_id, len(processed.prompt_token_ids),
                         processed.params)
@@ -88,7 +90,7 @@ class ServingBase:
             async for out in gen:
                 if out.finished:
                     self._log_finished(request_id, out)
-                yield out
+                yield _checked(out)
             return
         # Non-streaming: watch the connection while waiting for the final output.
         task = asyncio.ensure_future(_last(gen))
@@ -99,7 +101,7 @@ class ServingBase:
                     out = task.result()
                     if out is not None:
                         self._log_finished(request_id, out)
-                    yield out
+                    yield _checked(out)
                     return
                 if await raw.is_disconnected():
                     task.cancel()
@@ -173,6 +175,13 @@ def prompt_logprobs_json(prompt_logprobs: list | None) -> list | None:
     return [None if entry is None else
             {str(tid): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
              for tid, lp in entry.items()} for entry in prompt_logprobs]
+
+
+def _checked(out):
+    if out is not None and any(c.finish_reason == "error" for c in out.outputs):
+        raise GenerationError("the model produced non-finite logits (NaN or inf) for this request; its output "
+                              "is meaningless and was dropped")
+    return out
 
 
 def _finite(x: float) -> float:

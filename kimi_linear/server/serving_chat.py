@@ -14,14 +14,16 @@ Either way `finish_reason` is "tool_calls" when a call was made and the output e
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from kimi_linear.errors import KimiLinearError, ValidationError
+from kimi_linear.server.admission import admitted_stream
 from kimi_linear.server.errors import error_body, status_of
 from kimi_linear.server.protocol import ChatCompletionRequest
+from kimi_linear.server.safe_text import SafeJSONResponse as JSONResponse
 from kimi_linear.server.serving import ServingBase, now, prompt_logprobs_json
 from kimi_linear.server.sse import DONE, sse
 from kimi_linear.server.tool_calls import (ToolPlan, apply_plan, delta_tool_calls, finish_reason, message_tool_calls,
@@ -48,11 +50,16 @@ class ServingChat(ServingBase):
         plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, messages, self.tokenizer,
                           self.tool_call_parser, self.enable_auto_tool_choice, self._tool_parsers)
         strip = apply_plan(plan, params)
-        text = apply_chat_template(self.tokenizer, messages, chat_template=req.chat_template,
-                                   add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                                   continue_final_message=req.continue_final_message, tools=req.tools,
-                                   chat_template_kwargs=req.chat_template_kwargs)
-        ids = self.tokenizer.encode(text)
+
+        def render_and_encode():  # in a worker thread: a long conversation must not block the event loop
+            text = apply_chat_template(
+                self.tokenizer, messages, chat_template=req.chat_template,
+                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                continue_final_message=req.continue_final_message, tools=req.tools,
+                chat_template_kwargs=req.chat_template_kwargs)
+            return text, self.tokenizer.encode(text)
+
+        text, ids = await asyncio.to_thread(render_and_encode)
         try:
             processed = await self.process(ids, text, params, "messages")
         except ValidationError as e:
@@ -63,7 +70,7 @@ class ServingChat(ServingBase):
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = self._stream(rid, model, processed, raw, params.n, num_top, req.logprobs, include_usage, plan,
                                strip)
-            return StreamingResponse(gen, media_type="text/event-stream")
+            return admitted_stream(self.client, [rid], gen)
         final = None
         async for out in self.run(rid, processed, raw, stream=False):
             final = out

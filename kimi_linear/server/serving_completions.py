@@ -13,11 +13,12 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from kimi_linear.errors import KimiLinearError, ValidationError
+from kimi_linear.server.admission import admitted_stream
 from kimi_linear.server.errors import error_body, status_of
 from kimi_linear.server.protocol import CompletionRequest
+from kimi_linear.server.safe_text import SafeJSONResponse as JSONResponse
 from kimi_linear.server.serving import ServingBase, now, prompt_logprobs_json
 from kimi_linear.server.sse import DONE, sse
 
@@ -37,19 +38,12 @@ class ServingCompletions(ServingBase):
         if req.echo and req.stream:
             raise ValidationError("echo is not supported with stream", param="echo")
         processed = []
-        for p in req.prompts():
-            if isinstance(p, str):
-                if self.tokenizer is None:
-                    raise ValidationError("this model has no tokenizer: send token-id prompts", param="prompt")
-                ids, text = self.tokenizer.encode(p), p
-            else:
-                ids = p
-                text = self.tokenizer.decode(ids) if self.tokenizer is not None and req.echo else None
+        for ids, text in await asyncio.to_thread(self._encode_prompts, req):
             processed.append(await self.process(ids, text, params, "prompt"))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(rid, model, processed, raw, params.n, req.logprobs, include_usage),
-                                     media_type="text/event-stream")
+            gen = self._stream(rid, model, processed, raw, params.n, req.logprobs, include_usage)
+            return admitted_stream(self.client, [f"{rid}-{k}" for k in range(len(processed))], gen)
         finals = await asyncio.gather(*(self._final(f"{rid}-{k}", p, raw) for k, p in enumerate(processed)))
         if any(f is None for f in finals):
             return JSONResponse({}, status_code=499)
@@ -84,6 +78,18 @@ class ServingCompletions(ServingBase):
                       "total_tokens": prompt_tokens + completion_tokens,
                       "prompt_tokens_details": {"cached_tokens": cached_tokens}},
         })
+
+    def _encode_prompts(self, req: CompletionRequest) -> list[tuple[list[int], str | None]]:
+        """(token ids, text) of each prompt; runs in a worker thread (long prompts must not block the loop)."""
+        out = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValidationError("this model has no tokenizer: send token-id prompts", param="prompt")
+                out.append((self.tokenizer.encode(p), p))
+            else:
+                out.append((p, self.tokenizer.decode(p) if self.tokenizer is not None and req.echo else None))
+        return out
 
     async def _final(self, rid: str, processed, raw: Request):
         last = None

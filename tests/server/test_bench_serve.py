@@ -11,6 +11,8 @@ import pytest
 from kimi_linear.cli.bench_serve import build_requests
 from kimi_linear.cli.main import build_parser, main
 
+AUTH = {"Authorization": "Bearer test-key"}
+
 
 def test_bench_serve_prints_table(server, capsys):
     rc = main(["bench", "serve", "--base-url", server.url, "--api-key", "test-key", "--num-prompts", "4",
@@ -81,7 +83,7 @@ def test_bad_goodput_is_a_clear_error(server, slo):
 
 def test_random_prompts_span_the_vocabulary_without_special_tokens(server):
     tok = server.client.engine.tokenizer
-    reqs = build_requests(_args(base_url=server.url, num_prompts=8, random_input_len=64), server.url, {})
+    reqs = build_requests(_args(base_url=server.url, num_prompts=8, random_input_len=64), server.url, AUTH)
     ids = [t for r in reqs for t in r.prompt]
     assert len(ids) == 8 * 64 and max(ids) > 255
     assert all(0 <= t < tok.num_base_tokens for t in ids)  # every special id is >= num_base_tokens
@@ -90,7 +92,7 @@ def test_random_prompts_span_the_vocabulary_without_special_tokens(server):
 def test_prefix_repetition_dataset(server, capsys):
     args = _args(dataset_name="prefix-repetition", num_prompts=6, prefix_repetition_prefix_len=5,
                  prefix_repetition_suffix_len=3, prefix_repetition_num_prefixes=2, prefix_repetition_output_len=2)
-    reqs = build_requests(args, server.url, {})
+    reqs = build_requests(args, server.url, AUTH)
     prefixes = [tuple(r.prompt[:5]) for r in reqs]
     assert len(set(prefixes)) == 2 and sorted(prefixes.count(p) for p in set(prefixes)) == [3, 3]
     assert all(r.prompt_len == 8 and r.output_len == 2 for r in reqs)
@@ -111,7 +113,7 @@ def test_sharegpt_file(server, tmp_path, capsys):
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(data))
     tok = server.client.engine.tokenizer
-    reqs = build_requests(_args(dataset_name="sharegpt", dataset_path=str(path), num_prompts=2), server.url, {})
+    reqs = build_requests(_args(dataset_name="sharegpt", dataset_path=str(path), num_prompts=2), server.url, AUTH)
     assert sorted(r.prompt for r in reqs) == [data[0]["conversations"][0]["value"],
                                              data[3]["conversations"][0]["value"]]
     for r in reqs:

@@ -45,7 +45,7 @@ def test_no_prompt_logprobs_unless_asked(oai):
 def test_chat_prompt_logprobs_top_level(oai, server):
     msgs = [{"role": "user", "content": "Tell me a story."}]
     r = oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, extra_body={"prompt_logprobs": 1})
-    ids = httpx.post(server.url + "/tokenize", json={"messages": msgs}).json()["tokens"]
+    ids = httpx.post(server.url + "/tokenize", json={"messages": msgs}, headers=AUTH).json()["tokens"]
     _check_prompt_logprobs(r.model_extra["prompt_logprobs"], ids, 1)
     assert r.usage.prompt_tokens == len(ids)
 
@@ -109,7 +109,8 @@ def test_tokenizer_info_as_lm_eval_reads_it(server):
     assert "{%" in info["chat_template"]
     # lm-eval finds the EOS / BOS ids by tokenizing their strings without special tokens added
     for name in ("eos", "bos"):
-        r = httpx.post(server.url + "/tokenize", json={"prompt": info[f"{name}_token"], "add_special_tokens": False})
+        r = httpx.post(server.url + "/tokenize", json={"prompt": info[f"{name}_token"], "add_special_tokens": False},
+                       headers=AUTH)
         assert r.json()["tokens"] == [getattr(tok, f"{name}_token_id")]
-    r = httpx.post(server.url + "/detokenize", json={"tokens": tok.encode("hello world")})
+    r = httpx.post(server.url + "/detokenize", json={"tokens": tok.encode("hello world")}, headers=AUTH)
     assert r.json() == {"prompt": "hello world"}
