@@ -117,20 +117,28 @@ def _fingerprint(lengths: Sequence[int]) -> int:
 
 
 # --------------------------------------------------------------------------- training stream
-class PackedLoader:
-    """`for batch in loader:` yields, per optimizer step, this rank's `rows_per_step` PackedRows, forever."""
+class _RowSource:
+    """What both loaders are configured with: the documents, the row shape and this rank's share."""
 
-    def __init__(self, docs: Sequence[Document], seq_len: int, rows_per_step: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True, pad_token_id: int = 0):
+    def __init__(self, docs: Sequence[Document], seq_len: int, rows_per_step: int, rank: int, world_size: int,
+                 pad_token_id: int):
         _check(docs, seq_len, rows_per_step, rank, world_size)
         self.docs = docs
         self.seq_len = seq_len
         self.rows_per_step = rows_per_step
         self.rank = rank
         self.world_size = world_size
+        self.pad_token_id = pad_token_id
+
+
+class PackedLoader(_RowSource):
+    """`for batch in loader:` yields, per optimizer step, this rank's `rows_per_step` PackedRows, forever."""
+
+    def __init__(self, docs: Sequence[Document], seq_len: int, rows_per_step: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, pad_token_id: int = 0):
+        super().__init__(docs, seq_len, rows_per_step, rank, world_size, pad_token_id)
         self.seed = seed
         self.shuffle = shuffle
-        self.pad_token_id = pad_token_id
         self.lengths = [len(d) for d in docs]
         self.fingerprint = _fingerprint(self.lengths)
         self.epoch = 0  # the stream position: row `row` of epoch `epoch` is the next one
@@ -192,18 +200,12 @@ class PackedLoader:
 
 
 # --------------------------------------------------------------------------- evaluation
-class EvalLoader:
+class EvalLoader(_RowSource):
     """One pass over `docs` in order: `len(loader)` steps of `rows_per_step` rows for this rank each."""
 
     def __init__(self, docs: Sequence[Document], seq_len: int, rows_per_step: int, rank: int = 0,
                  world_size: int = 1, pad_token_id: int = 0):
-        _check(docs, seq_len, rows_per_step, rank, world_size)
-        self.docs = docs
-        self.seq_len = seq_len
-        self.rows_per_step = rows_per_step
-        self.rank = rank
-        self.world_size = world_size
-        self.pad_token_id = pad_token_id
+        super().__init__(docs, seq_len, rows_per_step, rank, world_size, pad_token_id)
         self.rows = pack_greedy([len(d) for d in docs], range(len(docs)), seq_len)
 
     def __len__(self) -> int:
