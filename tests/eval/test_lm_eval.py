@@ -40,10 +40,11 @@ def offline(at_root, tiny_checkpoint):
 @pytest.fixture(scope="module")
 def remote(at_root, eval_server):
     mp = pytest.MonkeyPatch()
-    mp.setenv("OPENAI_API_KEY", API_KEY)  # local-completions sends it as the bearer token
+    mp.setenv("OPENAI_API_KEY", API_KEY)  # local-completions sends it as the bearer token; the remote tokenizer
+    # sends auth_token to /tokenize, which needs the key too
     try:
         yield _evaluate("local-completions", f"model=tiny,base_url={eval_server.url}/v1/completions,"
-                                             f"tokenizer_backend=remote,max_length=256,max_retries=1")
+                                             f"tokenizer_backend=remote,auth_token={API_KEY},max_length=256,max_retries=1")
     finally:
         mp.undo()
 
