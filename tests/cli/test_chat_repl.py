@@ -129,7 +129,7 @@ def test_terminal_session_with_readline_history(tiny_checkpoint):
     master, slave = pty.openpty()
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "TERM": "xterm"}
     proc = subprocess.Popen([sys.executable, "-m", "kimi_linear", "chat", str(tiny_checkpoint), "--device", "cpu",
-                             "--max-model-len", "512", "--max-tokens", "400", "--ignore-eos"],
+                             "--max-model-len", "1024", "--max-tokens", "400", "--ignore-eos"],
                             stdin=slave, stdout=slave, stderr=slave, env=env, preexec_fn=_controlling_tty)
     os.close(slave)
     buf = bytearray()
