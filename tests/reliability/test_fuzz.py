@@ -11,7 +11,7 @@ import httpx
 import pytest
 from harness import LoopbackServer
 
-schemathesis = pytest.importorskip("schemathesis")
+schemathesis = pytest.importorskip("schemathesis", reason="a dev dependency (pyproject [dev])")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 EXAMPLES = 25  # per operation

@@ -187,7 +187,7 @@ def test_load_errors(model, tiny_checkpoint, tmp_path):
 
 
 def test_peft_loads_our_adapter_on_transformers(model, tokens, tiny_checkpoint, tmp_path):
-    peft = pytest.importorskip("peft")
+    peft = pytest.importorskip("peft", reason="optional: the PEFT-compatibility check needs peft (pip install peft)")
     transformers = pytest.importorskip("transformers")
     apply_lora(model, RANK, ALPHA, TARGETS)
     randomize_adapters(model)
