@@ -59,8 +59,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _apply_quick(args: argparse.Namespace) -> None:
+    """--quick's settings, for every flag left at its default."""
+    defaults = vars(_defaults())
     for key, value in QUICK.items():
-        setattr(args, key, _csv(int)(value) if key == "lengths" else value)
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, _csv(int)(value) if key == "lengths" else value)
+
+
+def _defaults() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_args(p)
+    return p.parse_args([])
 
 
 def validate(args: argparse.Namespace) -> None:
