@@ -43,7 +43,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "(0: one after another in this process)")
     p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per step (sequences = this / length)")
     p.add_argument("--min-batch", type=int, default=8, help="at least this many sequences per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warm-up (default: 1e-3)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate after warm-up (default: 2e-3)")
     p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps")
     p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at the end)")
     p.add_argument("--eval-sequences", type=int, default=128, help="held-out sequences per evaluation")

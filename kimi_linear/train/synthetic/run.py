@@ -1,7 +1,7 @@
 """The synthetic suite: every (task, length, mixer) run as its own worker process, then the table and plots.
 
-`plan(...)` lists the `RunSpec`s; `run_suite(...)` warms the Triton cache once in this process (one short
-step of each linear mixer, so the workers load compiled kernels instead of compiling them all at once), then
+`plan(...)` lists the `RunSpec`s; `run_suite(...)` warms the Triton cache once (two steps of each linear mixer
+in one worker process, so the workers load compiled kernels instead of all compiling them at once), then
 starts the workers (`worker.py`), at most `workers` at a time on the one device, each with its own step and
 wall-clock budget, all within the suite's `budget_s` (a run started late gets what is left, and a worker still
 alive `GRACE_S` after its budget is killed). Every worker appends its evaluations to OUT/curves.jsonl as it
@@ -32,23 +32,37 @@ def plan(tasks, lengths, mixers, **spec_fields) -> list[RunSpec]:
             for n in sorted(lengths, reverse=True) for t in tasks for m in mixers]
 
 
-def warm_up(specs: list[RunSpec], device: str) -> None:
-    """Compile the kernels once: two steps of each linear mixer at the shortest length (CUDA only)."""
-    import torch
-
-    from kimi_linear.train.synthetic.train_one import train_one
-
-    if not device.startswith("cuda"):
-        return
+def warm_up(specs: list[RunSpec], out_dir: str, env: dict) -> None:
+    """Compile the kernels once, before the workers start: two steps of each linear mixer at the shortest length,
+    each in a worker process of its own (so this process never holds a CUDA context; the Triton cache on disk is
+    what the workers share). Its records go to a scratch file that is then removed."""
+    scratch = os.path.join(out_dir, "warmup.jsonl")
     seen = set()
     for s in sorted(specs, key=lambda s: s.seq_len):
-        if s.mixer in seen:
+        if s.mixer in seen or s.mixer == "mla":  # full attention compiles no Triton kernel in training
             continue
         seen.add(s.mixer)
         t0 = time.perf_counter()
         w = RunSpec(**{**s.to_dict(), "steps": 2, "eval_every": 2, "eval_sequences": s.batch, "wall_s": 120})
-        train_one(w, torch.device(device), lambda rec: None)
+        subprocess.run([sys.executable, "-m", "kimi_linear.train.synthetic.worker", json.dumps(w.to_dict()), scratch],
+                       env=env, timeout=240)
         logger.info("warm-up %s: %.1f s", s.mixer, time.perf_counter() - t0)
+    if os.path.exists(scratch):
+        os.remove(scratch)
+
+
+def _exclusive_gpu() -> bool:
+    """Whether the GPU runs in an exclusive compute mode (one process at a time), per nvidia-smi."""
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        mode = subprocess.run(["nvidia-smi", "--query-gpu=compute_mode", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "exclusive" in mode.lower()
 
 
 def run_suite(specs: list[RunSpec], out_dir: str, workers: int, budget_s: float, device: str = "auto",
@@ -63,9 +77,12 @@ def run_suite(specs: list[RunSpec], out_dir: str, workers: int, budget_s: float,
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
-    if warmup:
-        warm_up(specs, device)
     env = {**os.environ, "KIMI_LINEAR_SYNTHETIC_DEVICE": device, "PYTHONUNBUFFERED": "1"}
+    if device.startswith("cuda") and workers > 1 and _exclusive_gpu():
+        logger.warning("the GPU is in an exclusive compute mode: one run at a time")
+        workers = 1
+    if warmup and device.startswith("cuda"):
+        warm_up(specs, out_dir, env)
     pending = list(specs)
     running: list[tuple[subprocess.Popen, RunSpec, float, float]] = []
     while pending or running:

@@ -38,7 +38,7 @@ class RunSpec:
     wall_s: float = 300.0
     batch_tokens: int = 16384  # sequences per step = max(batch_tokens // seq_len, min_batch)
     min_batch: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup_steps: int = 50
     eval_every: int = 50
     eval_sequences: int = 128
