@@ -21,7 +21,7 @@ import time
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = os.path.join("docs", "synthetic")
-QUICK = dict(lengths="16,32", steps=2, eval_every=2, eval_sequences=8, batch_tokens=128, min_batch=4,
+QUICK = dict(lengths="16,32", steps=2, eval_every=2, eval_sequences=4, batch_tokens=32, min_batch=2,
              hidden_size=64, workers=0, curves_length=32, run_wall_s=60.0, budget_s=300.0, warmup_steps=2)
 
 
