@@ -22,9 +22,9 @@ Steps (one command each; `prepare` needs the package, `train` needs nothing but 
   DATA/heldout_sample.jsonl: the first `SAMPLE_PASSAGES` held-out passages, shipped with the model.
 - train: `kimi-linear train --preset demo` on DATA (TRAIN_FLAGS) within a wall-clock budget: a probe run of
   `PROBE_STEPS` steps measures the step time, which sets --steps (so the schedule's decay fits the budget);
-  an HF folder is exported every `SAVE_EVERY` steps, so a run cut short still leaves its latest export; then
-  RUN/model is the last
-  export in bf16 plus words.txt and heldout_sample.jsonl, and RUN/result.json its held-out perplexity (all
+  an HF folder is exported every `SAVE_EVERY` steps (the held-out loss measured every 200), so a run cut short
+  still leaves an export; then RUN/model is the export of the lowest held-out loss (`pick_export`) in bf16
+  (shards of at most 15 MiB) plus words.txt and heldout_sample.jsonl, and RUN/result.json its held-out perplexity (all
   held-out passages), the same-shape random model's, and a greedy sample of `SAMPLE_PROMPT`.
 - install: copy RUN/model into the package (`DEMO_DIR`), which makes it the default model.
 
@@ -53,7 +53,7 @@ CHAT_EVERY = 10
 SAMPLE_PASSAGES = 8
 SAMPLE_PROMPT = "And God said"
 SAVE_EVERY = 100
-PROBE_STEPS, PROBE_TIMEOUT_S = 6, 60.0
+PROBE_STEPS, PROBE_TIMEOUT_S = 6, 90.0  # the probe's first steps also compile the Triton kernels
 STARTUP_S = 15.0  # the training process's start (imports, tokenization, model) before its first step
 MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 100, 3000, 600
 WORDS_FILE = "words.txt"
@@ -202,13 +202,34 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
 
 
 # --------------------------------------------------------------------------- train
-def _latest_export(run: str) -> str | None:
-    final = os.path.join(run, "hf", "final")
-    if os.path.isfile(os.path.join(final, "config.json")) and glob.glob(os.path.join(final, "*.safetensors")):
-        return final
-    steps = sorted(d for d in glob.glob(os.path.join(run, "hf", "step-*"))
-                   if os.path.isfile(os.path.join(d, "model.safetensors.index.json")))
-    return steps[-1] if steps else None
+def _exports(run: str) -> dict[int | str, str]:
+    """The complete HF exports of a run: step number (or "final") -> folder."""
+    out: dict[int | str, str] = {}
+    for d in glob.glob(os.path.join(run, "hf", "*")):
+        if not glob.glob(os.path.join(d, "*.safetensors")) or not os.path.isfile(os.path.join(d, "config.json")):
+            continue
+        name = os.path.basename(d)
+        if name == "final":
+            out["final"] = d
+        elif name.startswith("step-") and os.path.isfile(os.path.join(d, "model.safetensors.index.json")):
+            out[int(name[5:])] = d
+    return out
+
+
+def pick_export(run: str, records: list[dict]) -> str | None:
+    """The export to ship: the one at the step of the lowest held-out loss among the steps that have an export
+    (the final export counts as the last step), else the latest export."""
+    exports = _exports(run)
+    if not exports:
+        return None
+    last = max((r["step"] for r in records), default=0)
+    by_step = {(last if k == "final" else k): v for k, v in exports.items()}
+    if "final" in exports:
+        by_step[last] = exports["final"]
+    evals = [(r["eval_loss"], r["step"]) for r in records if "eval_loss" in r and r["step"] in by_step]
+    if evals:
+        return by_step[min(evals)[1]]
+    return by_step[max(by_step)]
 
 
 def _reshard(src: str, dst: str, max_shard_bytes: int) -> None:
@@ -281,7 +302,7 @@ def train(data: str, out: str, budget_s: float, extra: list[str] | None = None, 
     flags += ["--steps", str(steps)]
     rc = _run(_train_cmd(data, out, flags), budget_s - (time.perf_counter() - t0))
     train_s = time.perf_counter() - t0
-    src = _latest_export(out)
+    src = pick_export(out, _read_metrics(out))
     if src is None:
         raise SystemExit(f"training left no export (exit: {rc})")
     model_dir = os.path.join(out, "model")

@@ -93,3 +93,16 @@ def test_packaged_files_fit_the_limits():
     assert sum(sizes.values()) <= 30 * 10 ** 6 and max(sizes.values()) <= 16 * 1024 ** 2, sizes
     cfg = json.load(open(os.path.join(demo_model.DEMO_DIR, "config.json")))
     assert cfg["vocab_size"] == 4352
+
+
+def test_pick_export_takes_the_lowest_heldout_loss(tmp_path):
+    for name in ("step-000100", "step-000200", "final"):
+        d = tmp_path / "hf" / name
+        d.mkdir(parents=True)
+        for f in ("config.json", "model.safetensors.index.json", "model-00001-of-00001.safetensors"):
+            (d / f).write_text("{}")
+    records = [{"step": 100, "loss": 3.0}, {"step": 200, "eval_loss": 2.0}, {"step": 300, "loss": 1.0},
+               {"step": 300, "eval_loss": 2.5}]
+    assert demo_model.pick_export(str(tmp_path), records).endswith("step-000200")
+    assert demo_model.pick_export(str(tmp_path), records[:1] + records[2:3]).endswith("final")
+    assert demo_model.pick_export(str(tmp_path / "none"), records) is None
