@@ -12,6 +12,7 @@ task x length x mixer beside the report's numbers), table.png and curves_<N>.png
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -128,7 +129,13 @@ def run(args: argparse.Namespace) -> int:
         curves = os.path.join(args.out, "curves.jsonl")
         if os.path.abspath(args.report_from) != os.path.abspath(curves):
             shutil.copyfile(args.report_from, curves)
-        payload = _write_outputs(curves, args.out, command, None, args.curves_length)
+        made_by, made_on = command, None  # the run's own command and device when its results.json is beside
+        beside = os.path.join(os.path.dirname(os.path.abspath(args.report_from)), "results.json")
+        if os.path.isfile(beside):
+            with open(beside, encoding="utf-8") as f:
+                previous = json.load(f)
+            made_by, made_on = previous.get("command") or command, previous.get("device")
+        payload = _write_outputs(curves, args.out, made_by, made_on, args.curves_length)
         print(f"wrote the table and figures of {len(payload['runs'])} runs to {args.out}")
         return 0
     from kimi_linear.train.synthetic.run import plan, run_suite
