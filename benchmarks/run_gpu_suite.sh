@@ -26,7 +26,7 @@ for part in $parts; do
     # the demo model (kimi_linear/tools/demo_model.py) from the prepared corpus + tokenizer in $DEMO_DATA
     # (made here by `python -m kimi_linear.tools.demo_model prepare --out .gpu_synth18/demo_data`, carried along)
     demo) timeout 240 python3 -m kimi_linear.tools.demo_model train --data "${DEMO_DATA:-.gpu_synth18/demo_data}" \
-        --out /tmp/kimi_linear_demo_run --results "$OUT/demo" --budget-s 195 2>&1 | tail -60 ;;
+        --out /tmp/kimi_linear_demo_run --results "$OUT/demo" --budget-s 185 2>&1 | tail -60 ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -314,6 +314,10 @@ def train(data: str, out: str, budget_s: float, extra: list[str] | None = None, 
     _reshard(src, model_dir, 15 * 1024 ** 2)
     for name in (WORDS_FILE, HELDOUT_SAMPLE_FILE):
         shutil.copy(os.path.join(data, name), os.path.join(model_dir, name))
+    if results is not None:  # the model first: a limit hit while evaluating still leaves it
+        os.makedirs(results, exist_ok=True)
+        shutil.copytree(model_dir, os.path.join(results, "model"), dirs_exist_ok=True)
+        shutil.copy(os.path.join(out, "metrics.jsonl"), os.path.join(results, "metrics.jsonl"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = _load(model_dir, device)
     ppl, num = heldout_perplexity(model, tok, os.path.join(data, "heldout.jsonl"))
@@ -332,10 +336,7 @@ def train(data: str, out: str, budget_s: float, extra: list[str] | None = None, 
     with open(os.path.join(out, "result.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     if results is not None:
-        os.makedirs(results, exist_ok=True)
-        shutil.copytree(model_dir, os.path.join(results, "model"), dirs_exist_ok=True)
-        for name in ("result.json", "metrics.jsonl"):
-            shutil.copy(os.path.join(out, name), os.path.join(results, name))
+        shutil.copy(os.path.join(out, "result.json"), os.path.join(results, "result.json"))
     print(json.dumps(result, indent=1))
     return result
 
