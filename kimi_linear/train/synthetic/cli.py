@@ -123,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     command = "kimi-linear synthetic " + " ".join(shlex.quote(a) for a in (sys.argv[2:] if len(sys.argv) > 2 else []))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    label = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
     os.makedirs(args.out, exist_ok=True)
     if args.report_from is not None:
         curves = os.path.join(args.out, "curves.jsonl")
@@ -149,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         curves = _run_inline(specs, args.out, device, args.budget_s)
     else:
         curves = run_suite(specs, args.out, args.workers, args.budget_s, device)
+    # named only now: asking CUDA for the name makes a context, which this process must not hold while workers run
+    label = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
     payload = _write_outputs(curves, args.out, command, label, args.curves_length)
     from kimi_linear.train.synthetic.report import RESULTS_MD
 
