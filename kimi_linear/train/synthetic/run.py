@@ -45,7 +45,7 @@ def warm_up(specs: list[RunSpec], out_dir: str, env: dict) -> None:
         t0 = time.perf_counter()
         w = RunSpec(**{**s.to_dict(), "steps": 2, "eval_every": 2, "eval_sequences": s.batch, "wall_s": 120})
         subprocess.run([sys.executable, "-m", "kimi_linear.train.synthetic.worker", json.dumps(w.to_dict()), scratch],
-                       env=env, timeout=240)
+                       env=env, timeout=150)
         logger.info("warm-up %s: %.1f s", s.mixer, time.perf_counter() - t0)
     if os.path.exists(scratch):
         os.remove(scratch)
