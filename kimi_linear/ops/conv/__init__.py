@@ -13,7 +13,7 @@ import torch
 
 from kimi_linear.ops.conv.naive import naive_causal_conv1d
 from kimi_linear.ops.conv.varlen import causal_conv1d_varlen
-from kimi_linear.ops.dispatch import needs_grad, use_triton
+from kimi_linear.ops.dispatch import training_forms, use_triton
 
 __all__ = ["causal_conv1d", "naive_causal_conv1d", "causal_conv1d_varlen"]
 
@@ -29,7 +29,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tenso
     `decode`: every sequence has exactly one token and a conv_state, so the kernel path takes its one-launch
     decode kernel (the result is the same either way).
     """
-    if needs_grad(x, weight):
+    if training_forms(x, weight):
         if conv_state is None and state_indices is None:
             return causal_conv1d_varlen(x, weight, cu_seqlens, activation)
         return naive_causal_conv1d(x, weight, conv_state, cu_seqlens, state_indices, activation)
