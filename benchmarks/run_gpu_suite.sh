@@ -2,7 +2,9 @@
 # Every GPU check and timing in one go (the device gives each command at most 10 minutes):
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
-# parts: tests kda kda_decode mla moe engine prefix_on prefix_off (default: tests kda_decode engine)
+# parts: tests kda kda_decode mla moe engine prefix_on prefix_off soak (default: tests kda_decode engine)
+# soak: benchmarks/soak.py on a 48b-a3b-e64 dummy-weight server, 256 clients; startup + traffic + drain +
+# report + shutdown bounded to 285 s by --time-budget (traffic up to 200 s), report in $OUT/soak.json.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
@@ -20,6 +22,7 @@ for part in $parts; do
     engine) timeout 330 python3 -m benchmarks.engine_decode --steps 32 --json "$OUT/engine_decode.json" 2>&1 | tail -40 ;;
     prefix_on) timeout 570 python3 -m benchmarks.prefix_cache --modes on --json "$OUT/prefix_cache_on.json" 2>&1 | tail -30 ;;
     prefix_off) timeout 570 python3 -m benchmarks.prefix_cache --modes off --json "$OUT/prefix_cache_off.json" 2>&1 | tail -30 ;;
+    soak) timeout 300 python3 -m benchmarks.soak --preset 48b-a3b-e64 --concurrency 256 --duration 200 --time-budget 285 --startup-timeout 150 --drain-reserve 45 --sample-every 15 --out "$OUT/soak.json" 2>&1 | tail -45 ;;
     *) echo "unknown part $part" ;;
   esac
 done
