@@ -35,7 +35,8 @@ class FlatCache:
 
     def __init__(self, model, num_seqs: int, gen: torch.Generator):
         self.model = model
-        self.cache = model.make_cache(NUM_BLOCKS, BLOCK, NUM_SLOTS, "cpu", torch.float32)
+        self.device = next(model.parameters()).device
+        self.cache = model.make_cache(NUM_BLOCKS, BLOCK, NUM_SLOTS, self.device, torch.float32)
         for t in self.cache.tensors:  # unused slots and blocks are NaN: a wrong read shows
             for x in (t if isinstance(t, tuple) else (t,)):
                 x.fill_(float("nan"))
@@ -54,18 +55,20 @@ class FlatCache:
             slots.extend(self.tables[r][p // BLOCK] * BLOCK + p % BLOCK for p in range(start, start + q))
             seq_lens.append(start + q)
         width = max(len(self.tables[r]) for r in rows)
+
+        def t(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
         return ForwardContext(
-            cu_seqlens=torch.tensor(cu, dtype=torch.int32), query_lens=list(query_lens),
+            cu_seqlens=t(cu, torch.int32), query_lens=list(query_lens),
             context_lens=[self.lengths[r] for r in rows], is_decode=all(q == 1 for q in query_lens),
-            cache=self.cache, state_indices=torch.tensor([self.slots[r] for r in rows], dtype=torch.int32),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=torch.tensor([self.tables[r][:width] for r in rows], dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32), max_seq_len=max(seq_lens),
-            split_decodes=split)
+            cache=self.cache, state_indices=t([self.slots[r] for r in rows], torch.int32),
+            slot_mapping=t(slots, torch.int64), block_tables=t([self.tables[r][:width] for r in rows], torch.int32),
+            seq_lens=t(seq_lens, torch.int32), max_seq_len=max(seq_lens), split_decodes=split)
 
     def step(self, rows: list[int], tokens: list[torch.Tensor], split: bool = True) -> torch.Tensor:
         ctx = self.context(rows, [t.numel() for t in tokens], split)
-        hidden = self.model.forward_flat(torch.cat(tokens), ctx)
+        hidden = self.model.forward_flat(torch.cat(tokens).to(self.device), ctx)
         for r, t in zip(rows, tokens):
             self.lengths[r] += t.numel()
         return self.model.compute_logits(hidden)
@@ -229,3 +232,21 @@ def test_engine_tokens_equal_with_and_without_the_split(tiny_checkpoint, monkeyp
                                                           use_tqdm=False)]
     assert seen["mixed"] > 0, "the run had no mixed step"
     assert split == chunked
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_mixed_batch_split_equals_all_chunked_and_cpu(tiny_checkpoint, model):
+    """On CUDA (the kernels, eager mixed path): the split rows equal the all-chunked rows and the CPU naive rows."""
+    gpu = KimiLinearForCausalLM.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.float32, progress=False)
+    order = ORDERS["decodes first"]
+    split, split_state, _ = _mixed(gpu, order, True)
+    chunked, chunked_state, _ = _mixed(gpu, order, False)
+    ref, _, _ = _mixed(model, order, True)
+    for r in order:
+        kind = "decode" if STEP[r] == 1 else "prefill"
+        assert_close(f"GPU row {r} ({kind}): split vs all-chunked", chunked[r].cpu(), split[r].cpu(), 1e-3)
+        assert_close(f"GPU row {r} ({kind}): split vs CPU naive", ref[r], split[r].cpu(), 1e-3)
+        for i, (a, b) in enumerate(zip(chunked_state[r], split_state[r])):
+            assert_close(f"GPU row {r} ({kind}): cache tensor {i}", a.cpu(), b.cpu(), 1e-3)
