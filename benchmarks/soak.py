@@ -177,6 +177,18 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def _proc_rss_mb(pid: int) -> float | None:
+    """VmRSS of `pid` from /proc (Linux), when psutil is not installed."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def memory_sample(pid: int | None) -> dict:
     sample = {"t": time.time()}
     if pid is not None:
@@ -184,15 +196,25 @@ def memory_sample(pid: int | None) -> dict:
             import psutil
 
             sample["rss_mb"] = psutil.Process(pid).memory_info().rss / 2**20
-        except Exception:  # noqa: BLE001 - psutil missing or the process gone
-            pass
+        except Exception:  # noqa: BLE001 - psutil missing (the GPU image may lack it) or the process gone
+            rss = _proc_rss_mb(pid)
+            if rss is not None:
+                sample["rss_mb"] = rss
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
             sample["gpu_used_mb"] = sum(float(x) for x in out.stdout.split())
-    except (OSError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.TimeoutExpired, ValueError):
         pass
+    if "gpu_used_mb" not in sample and "torch" in sys.modules:  # no nvidia-smi: the driver's figure via torch
+        torch = sys.modules["torch"]
+        try:
+            if torch.cuda.is_available():
+                free, total = torch.cuda.mem_get_info()
+                sample["gpu_used_mb"] = (total - free) / 2**20
+        except Exception:  # noqa: BLE001 - no usable device
+            pass
     return sample
 
 

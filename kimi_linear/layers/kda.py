@@ -16,7 +16,7 @@ For inference (no autograd) the projections of x run as one GEMM over their tied
 one batched GEMM (`layers/fused.py`); q|k|v, f, beta and the gate are views of those outputs (no copies);
 a decode step's conv is one launch (`decode=True`) and the gated norm one kernel.
 A mixed batch runs per run of rows (`ForwardContext.row_runs`): its decode rows take the decode conv and
-the fused recurrent kernel (exactly what they compute in a pure decode step), its prefill rows the chunked
+the fused recurrent kernel (the kernels of a pure decode step), its prefill rows the chunked
 kernel; the projections, the gate and the output norm stay one call over the whole batch.
 """
 
@@ -146,13 +146,12 @@ class KimiDeltaAttention(nn.Module):
         qkv, f, b, gate, w_conv = self._projections(x)
         g, dt_bias = self._gate(f)
         beta = b.reshape(1, N, H)
-        if ctx.is_decode or ctx.cache is None:
+        runs = [(0, N, ctx)] if ctx.is_decode or ctx.cache is None else ctx.row_runs()
+        if len(runs) == 1:
             o = self._mix(qkv, g, beta, dt_bias, w_conv, ctx)
         else:  # a mixed batch: decode rows through the decode kernels, prefill rows chunked
-            runs = ctx.row_runs()
             o = torch.cat([self._mix(qkv[t0:t1], g[:, t0:t1], beta[:, t0:t1], dt_bias, w_conv, sub)
-                           for t0, t1, sub in runs], dim=1) if len(runs) > 1 else \
-                self._mix(qkv, g, beta, dt_bias, w_conv, ctx)
+                           for t0, t1, sub in runs], dim=1)
 
         o, gate = o.view(N, H, K), gate.view(N, H, K)
         o = fused_gated_rms_norm(o, gate, self.o_norm.weight, self.eps)

@@ -18,11 +18,13 @@ A mixed batch (not `is_decode`, with a cache) is cut by `row_runs()` into contig
 one kind, from the host `query_lens`: decode rows (one new token, read from the cached state) and
 prefill rows; each run is a sub-context over its rows and tokens (`rows(lo, hi)`), so the token mixers
 run the decode kernels on the decode rows and the prefill kernels on the others, in the same forward,
-and a decode row computes exactly what it computes in a pure decode step. The scheduler puts the
-decodes first, so an engine step is at most two runs. `split_decodes=False` keeps the whole batch one
-prefill run (the path before the split: the reference of the tests and of `benchmarks/mixed_latency.py`). `extras` is scratch that a decode kernel may keep across
-steps under its own key (`ops/mla/decode.py`: "mla_decode_ws"); the CUDA-graph runner hands each batch
-size its own dict (`engine/cuda_graph.py`).
+and a decode row takes the kernels it takes in a pure decode step. The scheduler puts the
+decodes first, so an engine step is two runs (three when a new request's one-token chunk follows).
+`split_decodes=False` keeps the whole batch one prefill run (the path before the split: the reference
+of the tests and of `benchmarks/mixed_latency.py`).
+
+`extras` is scratch that a decode kernel may keep across steps under its own key (`ops/mla/decode.py`:
+"mla_decode_ws"); the CUDA-graph runner hands each batch size its own dict (`engine/cuda_graph.py`).
 
 Layers never import this module at run time (it belongs to the model): they use the attributes above.
 """

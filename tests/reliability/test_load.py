@@ -45,6 +45,11 @@ def test_soak_smoke_then_32_clients_2_rounds(tiny_checkpoint, soak, tmp_path):
                            "--server-pid", str(os.getpid()), "--out", str(out)])
         check_report(smoke)
         assert smoke["sent"] == 16 and json.loads(out.read_text())["sent"] == 16 and len(smoke["memory"]) >= 2
+        saved = json.loads(out.read_text())
+        for key in ("sent", "completed", "lost", "cut", "num_5xx", "latency_p50_s", "latency_p99_s", "rss_mb",
+                    "gpu_used_mb", "memory", "tokens_exact", "leaks", "startup_s", "total_s"):
+            assert key in saved, key
+        assert saved["rss_mb"] is not None and all("rss_mb" in m for m in saved["memory"])
 
         generated0 = eng.stats().num_generated_tokens
         rss0 = psutil.Process(os.getpid()).memory_info().rss
