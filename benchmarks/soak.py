@@ -274,7 +274,8 @@ async def run_traffic(url: str, concurrency: int, *, duration: float | None = No
         sampling.cancel()
     wall = time.perf_counter() - t_start
     # the engine empties right after the last answer (and a cut request is aborted): poll the gauges briefly
-    poll_until = time.perf_counter() + (30.0 if deadline is None else max(2.0, min(30.0, deadline - time.perf_counter())))
+    poll_s = 30.0 if deadline is None else max(2.0, min(30.0, deadline - time.perf_counter()))
+    poll_until = time.perf_counter() + poll_s
     after = scrape(url)
     while any(after.get(g, 0.0) for g in GAUGES) and time.perf_counter() < poll_until:
         time.sleep(0.1)
@@ -455,7 +456,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--duration", type=float, default=None,
                     help="seconds of traffic (default 30 minutes; --smoke: 2 rounds instead)")
     ap.add_argument("--time-budget", type=float, default=None,
-                    help="seconds of wall time for the whole run: startup, traffic, in-flight requests, report, shutdown")
+                    help="seconds of wall time for the whole run: startup, traffic, in-flight requests, report, "
+                         "shutdown")
     ap.add_argument("--drain-reserve", type=float, default=60.0,
                     help="with --time-budget: seconds kept after the traffic for the requests in flight and the gauges")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="client timeout of one request (s)")

@@ -3,7 +3,8 @@
 through the all-chunked path of before, and the decode requests' greedy tokens are the same both ways.
 
 The bound is on this process's CPU time per gap (the wall clock of a shared CI machine is noise), with a wide
-margin: the smoke run measures ~3.5x, the test asks for 1.5x."""
+margin: the smoke run (8 decodes at a 128-token context beside a 256-token prompt) measures 3.4-3.7x, the
+test asks for 1.5x."""
 
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ def test_decode_gap_under_a_long_prefill_is_smaller_with_the_split(bench, tmp_pa
     assert json.loads(out.read_text())["tokens_equal"] is True
     assert result["tokens_equal"]
     chunked, split = result["modes"]["chunked"], result["modes"]["split"]
-    window = -(-256 // (68 - 4))  # the smoke prompt's chunks beside 4 decodes
+    window = -(-256 // (72 - 8))  # the smoke prompt's chunks beside 8 decodes
     assert chunked["mixed_steps"] == split["mixed_steps"] == window
     for r in result["rounds"]["split"] + result["rounds"]["chunked"]:
-        assert r["num_gaps"] == 4 * window  # every decode request got a token in every mixed step
+        assert r["num_gaps"] == 8 * window  # every decode request got a token in every mixed step
     assert result["chunked_over_split"]["gap_p50_cpu"] > 1.5, result["modes"]
     assert split["ttft_cpu_ms"] < chunked["ttft_cpu_ms"]
