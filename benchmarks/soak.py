@@ -37,6 +37,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -380,16 +381,22 @@ def launch(args) -> tuple[subprocess.Popen, str, int]:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + args.startup_timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            print_log_tail(log.name)
-            raise SystemExit(f"serve exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url, vocab
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                print_log_tail(log.name)
+                raise SystemExit(f"serve exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    return proc, url, vocab
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+    except BaseException:  # a signal or ^C while the server starts: do not leave it running
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
     proc.kill()
     proc.wait()
     print_log_tail(log.name)
@@ -415,6 +422,10 @@ def stop_server(proc: subprocess.Popen, wait_s: float) -> None:
         print(f"serve did not exit {wait_s:.0f} s after SIGTERM: killed", flush=True)
         proc.kill()
         proc.wait()
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(f"soak: signal {signum}, stopping the server")
 
 
 def print_report(rep: dict) -> None:
@@ -500,6 +511,8 @@ def main(argv: list[str] | None = None) -> dict:
     proc = None
     startup_s = None
     if args.url is None:
+        # a SIGTERM (the suite's `timeout`) unwinds through the `finally` below, so the server never outlives us
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         proc, url, vocab = launch(args)
         pid = proc.pid
         startup_s = time.perf_counter() - t_begin
