@@ -2,7 +2,9 @@
 # Every GPU check and timing in one go (the device gives each command at most 10 minutes):
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
-# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic demo (default: tests kda_decode engine)
+# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic demo soak (default: tests kda_decode engine)
+# soak: benchmarks/soak.py on a 48b-a3b-e64 dummy-weight server, 256 clients; startup + traffic + drain +
+# report + shutdown bounded to 285 s by --time-budget (traffic up to 200 s), report in $OUT/soak.json.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
@@ -27,6 +29,7 @@ for part in $parts; do
     # (made here by `python -m kimi_linear.tools.demo_model prepare --out .gpu_synth18/demo_data`, carried along)
     demo) timeout 240 python3 -m kimi_linear.tools.demo_model train --data "${DEMO_DATA:-.gpu_synth18/demo_data}" \
         --out /tmp/kimi_linear_demo_run --results "$OUT/demo" --budget-s 185 2>&1 | tail -60 ;;
+    soak) timeout 300 python3 -m benchmarks.soak --preset 48b-a3b-e64 --concurrency 256 --duration 200 --time-budget 285 --startup-timeout 150 --drain-reserve 45 --sample-every 15 --out "$OUT/soak.json" 2>&1 | tail -45 ;;
     *) echo "unknown part $part" ;;
   esac
 done
