@@ -7,7 +7,8 @@ Lifetime: load weights -> size the caches from the model's cache specs (`memory.
 state slots handed out this step, restore the slots of prefix-cache hits from their snapshots, copy new
 block ids into the block table, then either the decode path (`DecodeRunner`: static padded buffers, graph replay) when
 every sequence computes one token, or an eager flat forward (prefill chunks, mixed batches, whose decode
-rows the layers still run on the decode kernels: `ForwardContext.row_runs`), and
+rows the layers still run on the decode kernels: `ForwardContext.row_runs`; KIMI_LINEAR_SPLIT_MIXED_DECODES=0
+runs every row of a mixed batch chunked instead, a debugging switch), and
 then copy the slots that the scheduler snapshots this step (eager device copies after the forward, never
 inside a captured graph), and finally sample the rows whose step reached their last token
 (`engine/sampler.py`).
@@ -22,6 +23,7 @@ rows at a time, so a long chunk never holds [T, vocab] logits.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +74,7 @@ class ModelRunner:
         self.device = config.torch_device
         self.dtype = config.torch_dtype(model_config)
         self.block_size = config.block_size
+        self.split_decodes = os.environ.get("KIMI_LINEAR_SPLIT_MIXED_DECODES", "1") != "0"
         user_len = config.max_model_len is not None
         max_model_len = config.resolve_max_model_len(model_config)
         free_at_start = 0
@@ -181,7 +184,7 @@ class ModelRunner:
             context_lens=batch.context_lens, is_decode=False, cache=self.cache, state_indices=state_indices,
             slot_mapping=t(batch.slot_mapping, torch.int64),
             block_tables=self.block_table.rows(state_indices, cdiv(max_seq_len, self.block_size)),
-            seq_lens=t(batch.seq_lens, torch.int32), max_seq_len=max_seq_len)
+            seq_lens=t(batch.seq_lens, torch.int32), max_seq_len=max_seq_len, split_decodes=self.split_decodes)
         hidden = self.model.forward_flat(t(batch.input_ids, torch.int64), ctx)
         batch.prompt_logprob_rows = self._prompt_logprobs(batch, lambda idx: self.model.compute_logits(hidden[idx]))
         if not batch.sample_index:
