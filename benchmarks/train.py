@@ -6,27 +6,32 @@ Rows (each a model shape and a sequence length):
   48b-4l-4k, 48b-4l-32k   the 48B-A3B shape (256 experts, hidden 2304) with 4 layers (3 KDA + 1 MLA): per-layer cost
 Each implementation trains the same thing: fp32 master weights, bf16 autocast, one row of seq_len tokens per
 step (one document, labels = the next tokens), loss = mean token cross-entropy, backward, grad-norm clip 1.0,
-torch AdamW (foreach), zero_grad. Ours runs `model(ids, cu_seqlens=, labels=)` (chunked linear + CE, the
+torch AdamW (fused on CUDA, foreach on the CPU; the same optimizer object and settings for both), zero_grad. Ours runs `model(ids, cu_seqlens=, labels=)` (chunked linear + CE, the
 Triton KDA training kernels); the peer is transformers' KimiLinearForCausalLM built from the same config.json
 (transformers uses fla's chunk_kda / fused ops when `fla` is importable, which the table reports).
 
 Per row and implementation: median step time over --steps timed steps after --warmup steps, tokens/s, MFU
 (FLOPs per token from the config, `train/metrics.py`: active parameters incl. attention, x3 for backward;
 the bf16 dense peak of the device), and peak allocated memory over the timed steps (weights, gradients and
-optimizer state included). A failure (OOM, a missing kernel) is caught per row and implementation and printed
-with its reason; the table then shows ours beside the peer as ratios (tokens/s ours / peer, memory ours / peer).
+optimizer state included). A failure (OOM, a missing kernel, `--timeout-per-impl` seconds passed) is caught
+per row and implementation and printed with its reason; the table then shows ours beside the peer as ratios
+(tokens/s ours / peer, memory ours / peer). Each row prints as it finishes and `--out` is rewritten after
+every row, so a run cut short keeps the rows done.
 
     python -m benchmarks.train [--rows 1b-4k,1b-32k] [--steps 5] [--warmup 2] [--grad-checkpointing] [--out r.json]
+                               [--timeout-per-impl 120] [--profile K]
     python -m benchmarks.train --smoke      # tiny shapes on the CPU (CI): both implementations, 2 steps
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
 import os
+import signal
 import statistics
 import tempfile
 import time
@@ -126,7 +131,8 @@ def measure(impl: str, cfg_dict: dict, seq_len: int, device: torch.device, steps
             grad_checkpointing: bool, profile: int = 0) -> dict:
     model, loss_fn = IMPLS[impl](copy.deepcopy(cfg_dict), device, grad_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    fused = device.type == "cuda"  # one multi-tensor kernel per step on the GPU; identical for both sides
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused, foreach=not fused)
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab = cfg_dict["vocab_size"]
     use_bf16 = device.type == "cuda"
@@ -178,6 +184,30 @@ def print_profile(step, impl: str, seq_len: int, top: int) -> None:
             f"x{e.count:<5} {e.key[:110]}")
 
 
+class ImplTimeout(Exception):
+    """One implementation's measurement ran past --timeout-per-impl."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise ImplTimeout in the main thread after `seconds` (0 = no limit; SIGALRM, so POSIX main thread only).
+    A CUDA kernel already launched runs on; the next Python bytecode raises."""
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise ImplTimeout(f"timed out after {seconds:g} s (--timeout-per-impl)")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def run_row(name: str, cfg_dict: dict, seq_len: int, device: torch.device, args) -> dict:
     config = ModelConfig.from_dict(cfg_dict)
     row = {"row": name, "seq_len": seq_len, "params_b": config.num_parameters() / 1e9,
@@ -187,16 +217,20 @@ def run_row(name: str, cfg_dict: dict, seq_len: int, device: torch.device, args)
             row[impl] = {"error": "not run (--impls)"}
             continue
         log(f"{name}: {impl} ...")
+        t0 = time.perf_counter()
         try:
-            row[impl] = measure(impl, cfg_dict, seq_len, device, args.steps, args.warmup, args.grad_checkpointing,
-                                args.profile)
+            with time_limit(args.timeout_per_impl):
+                row[impl] = measure(impl, cfg_dict, seq_len, device, args.steps, args.warmup,
+                                    args.grad_checkpointing, args.profile)
+        except ImplTimeout as e:
+            row[impl] = {"error": str(e)}
         except torch.cuda.OutOfMemoryError as e:
             row[impl] = {"error": f"OOM: {str(e).splitlines()[0]}"}
         except Exception as e:  # a missing kernel, a peer incompatibility: report it and go on
             row[impl] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
             if args.verbose:
                 traceback.print_exc()
-        log(f"{name}: {impl}: {row[impl]}")
+        log(f"{name}: {impl}: {row[impl]} ({time.perf_counter() - t0:.0f} s)")
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -246,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON")
     p.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
     p.add_argument("--impls", default="ours,peer", help="which implementations to run (ours, peer)")
+    p.add_argument("--timeout-per-impl", type=float, default=0, metavar="S",
+                   help="give up on one implementation of one row after S seconds (build, autotuning and steps "
+                        "included; 0 = no limit); it is reported as failed and the next one runs")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="after the timed steps, profile one more step and print the K costliest kernels")
     args = p.parse_args(argv)
@@ -264,12 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     fla = import_fla("fla.ops.kda") is not None
     log(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; "
         f"peer: transformers + {'fla kernels' if fla else 'its torch fallbacks (fla not importable)'}")
-    results = [run_row(name, make(), seq, device, args) for name, (make, seq) in rows.items()]
+    results = []
+    for name, (make, seq) in rows.items():
+        results.append(run_row(name, make(), seq, device, args))
+        print(table(results[-1:]), flush=True)
+        if args.out:  # after every row: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump({"device": str(device), "peer_uses_fla": fla, "steps": args.steps, "warmup": args.warmup,
+                           "grad_checkpointing": args.grad_checkpointing, "rows": results}, f, indent=2)
     print(table(results))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": str(device), "peer_uses_fla": fla, "steps": args.steps, "warmup": args.warmup,
-                       "grad_checkpointing": args.grad_checkpointing, "rows": results}, f, indent=2)
         log(f"wrote {args.out}")
     return 0
 
