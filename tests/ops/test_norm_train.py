@@ -53,3 +53,25 @@ def test_train_norm_bf16_output_and_errors():
     assert_close("stream", ref_s, s, 1e-6)
     with pytest.raises(NormError, match="residual"):
         rms_norm_train(x, w, 1e-6, residual=r[:3])
+
+
+@pytest.mark.parametrize("N, H, K, dtype", [(5, 3, 32, torch.float32), (300, 2, 16, torch.float32),
+                                            (7, 2, 24, torch.bfloat16)])
+def test_train_gated_norm_matches_naive(N, H, K, dtype):
+    from kimi_linear.ops.norm import gated_rms_norm
+    from kimi_linear.ops.norm.gated_norm_train import gated_rms_norm_train
+
+    gen = torch.Generator().manual_seed(4)
+    wide = torch.randn(N, 2 * H * K, generator=gen).to(dtype)  # x and gate as strided views of one projection
+    x, g = wide[:, :H * K].view(N, H, K), wide[:, H * K:].view(N, H, K)
+    w = 1 + 0.1 * torch.randn(K, generator=gen)
+
+    def run(fn):
+        xx, gg, ww = (t.detach().clone().requires_grad_() for t in (x, g, w))
+        y = fn(xx, gg, ww, 1e-5)
+        (y.float() * torch.randn(y.shape, generator=torch.Generator().manual_seed(9))).sum().backward()
+        return [y.detach().float(), xx.grad.float(), gg.grad.float(), ww.grad.float()]
+
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, a, b in zip(("y", "grad x", "grad gate", "grad weight"), run(gated_rms_norm), run(gated_rms_norm_train)):
+        assert_close(f"gated norm {name}", a, b, tol)

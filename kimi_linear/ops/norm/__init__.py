@@ -6,7 +6,8 @@ kernels have no backward):
 - `fused_rms_norm`: `rmsnorm.py` / `naive.naive_fused_rms_norm`; under autograd on a kernel device a
   plain [N, D] norm, with or without the residual add, runs the differentiable training kernels
   (`rmsnorm_train.py`, whose output is in the autocast dtype under autocast), anything else the naive form;
-- `fused_gated_rms_norm`: `gated_norm.py` / `naive.gated_rms_norm`.
+- `fused_gated_rms_norm`: `gated_norm.py` / `naive.gated_rms_norm`; under autograd on a kernel device the
+  differentiable training kernel (`gated_norm_train.py`).
 `rms_norm`, `gated_rms_norm` and `l2norm` are the references. The kernels are imported on first use:
 importing the package never needs triton.
 """
@@ -51,6 +52,10 @@ def fused_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tens
 
     x, gate: [N, H, K] (unit last stride on the kernel path); weight: [K] shared by all heads.
     """
+    if use_triton(x) and needs_grad(x, gate, weight):
+        from kimi_linear.ops.norm.gated_norm_train import gated_rms_norm_train
+
+        return gated_rms_norm_train(x, gate, weight, eps)
     if use_kernel(x, gate, weight):
         from kimi_linear.ops.norm.gated_norm import fused_gated_rms_norm as kernel
 
