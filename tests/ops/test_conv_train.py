@@ -46,6 +46,17 @@ def test_conv_train_bf16_and_one_document():
         assert_close(f"bf16 train conv {name}", a, b, 2e-2)
 
 
+def test_conv_train_reads_a_row_strided_view():
+    gen = torch.Generator().manual_seed(3)
+    wide = torch.randn(20, 100, generator=gen)
+    w = torch.randn(64, 4, generator=gen)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    ref = _grads(lambda a, b: naive_causal_conv1d(a[:, 10:74], b, None, cu), wide, w)
+    got = _grads(lambda a, b: causal_conv1d_train(a[:, 10:74], b, cu), wide, w)
+    for name, a, b in zip(("output", "grad of the wide input", "grad weight"), ref, got):
+        assert_close(f"strided train conv {name}", a, b, 1e-5)
+
+
 def test_conv_train_rejects_bad_inputs():
     from kimi_linear.errors import ConvError
 

@@ -6,7 +6,8 @@ weight [C, W], column W - 1 multiplying the current token; every document starts
 (tap j of token t reads token t - (W - 1) + j only when that token lies in t's document, i.e. when
 W - 1 - j <= pos[t], pos = the token's offset in its document). fp32 math, output in x's dtype.
 
-`ShortConvFunction` keeps only x, the weight and pos for the backward (the torch form keeps ~10 fp32
+x may be a row-strided view (unit channel stride), e.g. the q|k|v columns of a wider projection output:
+it is read in place. `ShortConvFunction` keeps only x, the weight and pos for the backward (the torch form keeps ~10 fp32
 copies of the [T, C] row); two launches, grid (token blocks, channel blocks), no host sync:
 - `_conv_train_fwd_kernel`: y[t] = act(sum_j w[:, j] x[t - (W - 1) + j]);
 - `_conv_train_bwd_kernel`: recomputes the pre-activation a at t .. t + W - 1, da = dy * act'(a), then
@@ -27,7 +28,7 @@ BT, BC = 32, 128  # tokens x channels per program
 
 
 @triton.jit
-def _conv_train_fwd_kernel(x, w, pos, y, T, C, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+def _conv_train_fwd_kernel(x, w, pos, y, T, C, SX, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                            SILU: tl.constexpr):
     o_t = tl.program_id(0) * BT + tl.arange(0, BT)
     o_c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -39,7 +40,7 @@ def _conv_train_fwd_kernel(x, w, pos, y, T, C, W: tl.constexpr, BT: tl.constexpr
         back = W - 1 - j
         src = o_t - back
         ok = m_t & (p >= back)
-        xv = tl.load(x + src.to(tl.int64)[:, None] * C + o_c[None, :], mask=ok[:, None] & m_c[None, :], other=0.0)
+        xv = tl.load(x + src.to(tl.int64)[:, None] * SX + o_c[None, :], mask=ok[:, None] & m_c[None, :], other=0.0)
         wv = tl.load(w + o_c * W + j, mask=m_c, other=0.0).to(tl.float32)
         acc += xv.to(tl.float32) * wv[None, :]
     if SILU:
@@ -49,7 +50,7 @@ def _conv_train_fwd_kernel(x, w, pos, y, T, C, W: tl.constexpr, BT: tl.constexpr
 
 
 @triton.jit
-def _conv_train_bwd_kernel(x, w, pos, dy, dx, dw_part, T, C, W: tl.constexpr, BT: tl.constexpr,
+def _conv_train_bwd_kernel(x, w, pos, dy, dx, dw_part, T, C, SX, W: tl.constexpr, BT: tl.constexpr,
                            BC: tl.constexpr, SILU: tl.constexpr):
     pid_t = tl.program_id(0)
     o_t = pid_t * BT + tl.arange(0, BT)
@@ -66,7 +67,7 @@ def _conv_train_bwd_kernel(x, w, pos, dy, dx, dw_part, T, C, W: tl.constexpr, BT
         for j in tl.static_range(W):
             back = W - 1 - j
             ok = m_s & (ps >= back)
-            xv = tl.load(x + (ts - back).to(tl.int64)[:, None] * C + o_c[None, :], mask=ok[:, None] & m_c[None, :],
+            xv = tl.load(x + (ts - back).to(tl.int64)[:, None] * SX + o_c[None, :], mask=ok[:, None] & m_c[None, :],
                          other=0.0).to(tl.float32)
             wv = tl.load(w + o_c * W + j, mask=m_c, other=0.0).to(tl.float32)
             a += xv * wv[None, :]
@@ -83,7 +84,7 @@ def _conv_train_bwd_kernel(x, w, pos, dy, dx, dw_part, T, C, W: tl.constexpr, BT
             for j in tl.static_range(W):
                 back = W - 1 - j
                 ok = m_t & (ps >= back)
-                xv = tl.load(x + (o_t - back).to(tl.int64)[:, None] * C + o_c[None, :],
+                xv = tl.load(x + (o_t - back).to(tl.int64)[:, None] * SX + o_c[None, :],
                              mask=ok[:, None] & m_c[None, :], other=0.0).to(tl.float32)
                 tl.store(dw_part + pid_t.to(tl.int64) * C * W + o_c * W + j, tl.sum(g * xv, 0), mask=m_c)
     tl.store(dx + o_t.to(tl.int64)[:, None] * C + o_c[None, :], dxa.to(dx.dtype.element_ty),
@@ -106,10 +107,10 @@ class ShortConvFunction(torch.autograd.Function):
         T, C = x.shape
         W = weight.shape[-1]
         w = weight.reshape(C, W).contiguous()
-        y = torch.empty_like(x)
+        y = torch.empty(T, C, dtype=x.dtype, device=x.device)
         if T:
             grid = (triton.cdiv(T, BT), triton.cdiv(C, BC))
-            _conv_train_fwd_kernel[grid](x, w, pos, y, T, C, W=W, BT=BT, BC=BC, SILU=silu, num_warps=4)
+            _conv_train_fwd_kernel[grid](x, w, pos, y, T, C, x.stride(0), W=W, BT=BT, BC=BC, SILU=silu, num_warps=4)
         ctx.save_for_backward(x, w, pos)
         ctx.silu = silu
         ctx.w_shape, ctx.w_dtype = weight.shape, weight.dtype
@@ -121,11 +122,11 @@ class ShortConvFunction(torch.autograd.Function):
         T, C = x.shape
         W = w.shape[1]
         dy = dy.contiguous()
-        dx = torch.empty_like(x)
+        dx = torch.empty(T, C, dtype=x.dtype, device=x.device)
         nb = triton.cdiv(T, BT)
         dw_part = torch.empty(nb, C, W, dtype=torch.float32, device=x.device)
         if T:
-            _conv_train_bwd_kernel[(nb, triton.cdiv(C, BC))](x, w, pos, dy, dx, dw_part, T, C, W=W, BT=BT, BC=BC,
+            _conv_train_bwd_kernel[(nb, triton.cdiv(C, BC))](x, w, pos, dy, dx, dw_part, T, C, x.stride(0), W=W, BT=BT, BC=BC,
                                                              SILU=ctx.silu, num_warps=4)
         dw = dw_part.sum(0).reshape(ctx.w_shape).to(ctx.w_dtype)
         return dx, dw, None, None
@@ -144,5 +145,6 @@ def causal_conv1d_train(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch
         raise ConvError(f"causal_conv1d_train: kernel width {W} not supported (1 .. 4)")
     if activation not in (None, "silu"):
         raise ConvError(f"causal_conv1d_train: unsupported activation {activation!r}")
-    x = x.contiguous()
+    if x.stride(1) != 1:
+        x = x.contiguous()  # rows may be strided (a view of a wider projection output): read in place
     return ShortConvFunction.apply(x, weight, positions(T, cu_seqlens, x.device), activation == "silu")

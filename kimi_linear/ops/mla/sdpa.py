@@ -47,4 +47,4 @@ def mla_prefill_sdpa(q: torch.Tensor, latent: torch.Tensor, query_lens: list[int
         start += n
     if not outs:
         return q.new_zeros(0, H, v_head_dim)
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, 0)).to(q.dtype)
+    return (outs[0].contiguous() if len(outs) == 1 else torch.cat(outs, 0)).to(q.dtype)
