@@ -61,7 +61,8 @@ def _accumulate(dw: torch.Tensor, d: torch.Tensor, hc: torch.Tensor) -> torch.Te
         return dw.addmm_(d.t(), hc)
     if dw.is_cuda and _ADDMM_FP32 != [False]:
         try:  # one GEMM that reads and writes dw in fp32 (no bf16 product, no fp32 copy of it, no add)
-            out = torch.addmm(dw, d.t(), hc, out_dtype=torch.float32)
+            with torch.autocast(dw.device.type, enabled=False):  # never let autocast cast the fp32 sum
+                out = torch.addmm(dw, d.t(), hc, out_dtype=torch.float32)
             if not _ADDMM_FP32:
                 _ADDMM_FP32.append(True)
             return out

@@ -92,7 +92,7 @@ class _DispatchUp(torch.autograd.Function):
         x, row_tok, pair_row, w13t, offs = ctx.saved_tensors
         N, k = pair_row.shape
         with torch.enable_grad():
-            xs = x.index_select(0, row_tok).requires_grad_()
+            xs = x.detach().index_select(0, row_tok).requires_grad_()
             w = w13t.detach().requires_grad_(ctx.needs_input_grad[3])
             h = torch._grouped_mm(xs, w, offs=offs)
             leaves = (xs, w) if ctx.needs_input_grad[3] else (xs,)
