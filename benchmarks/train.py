@@ -19,7 +19,7 @@ per row and implementation and printed with its reason; the table then shows our
 every row, so a run cut short keeps the rows done.
 
     python -m benchmarks.train [--rows 1b-4k,1b-32k] [--steps 5] [--warmup 2] [--grad-checkpointing] [--out r.json]
-                               [--timeout-per-impl 120] [--profile K]
+                               [--timeout-per-impl 120] [--profile K]      (a row NAME:gc: that row checkpointed)
     python -m benchmarks.train --smoke      # tiny shapes on the CPU (CI): both implementations, 2 steps
 """
 
@@ -80,6 +80,7 @@ ROWS = {
     "48b-4l-32k": (shape_48b, 32768),
 }
 SMOKE_ROWS = {"tiny-64": (tiny, 64)}
+GC_SUFFIX = ":gc"  # a row name with this suffix runs both implementations with activation checkpointing
 
 
 # ---------------------------------------------------------------- the two implementations
@@ -210,8 +211,9 @@ def time_limit(seconds: float):
 
 def run_row(name: str, cfg_dict: dict, seq_len: int, device: torch.device, args) -> dict:
     config = ModelConfig.from_dict(cfg_dict)
+    gc_row = args.grad_checkpointing or name.endswith(GC_SUFFIX)
     row = {"row": name, "seq_len": seq_len, "params_b": config.num_parameters() / 1e9,
-           "flops_per_token": flops_per_token(config, seq_len)}
+           "flops_per_token": flops_per_token(config, seq_len), "grad_checkpointing": gc_row}
     for impl in ("ours", "peer"):
         if impl not in args.impls:
             row[impl] = {"error": "not run (--impls)"}
@@ -220,8 +222,7 @@ def run_row(name: str, cfg_dict: dict, seq_len: int, device: torch.device, args)
         t0 = time.perf_counter()
         try:
             with time_limit(args.timeout_per_impl):
-                row[impl] = measure(impl, cfg_dict, seq_len, device, args.steps, args.warmup,
-                                    args.grad_checkpointing, args.profile)
+                row[impl] = measure(impl, cfg_dict, seq_len, device, args.steps, args.warmup, gc_row, args.profile)
         except ImplTimeout as e:
             row[impl] = {"error": str(e)}
         except torch.cuda.OutOfMemoryError as e:
@@ -248,7 +249,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'row':<12} {'seq':>6} {'params':>7} | {'ours tok/s':>10} {'MFU':>6} {'mem GB':>7} | "
+    head = (f"{'row':<14} {'seq':>6} {'params':>7} | {'ours tok/s':>10} {'MFU':>6} {'mem GB':>7} | "
             f"{'peer tok/s':>10} {'MFU':>6} {'mem GB':>7} | {'speedup':>7} {'mem':>5}")
     lines = [head, "-" * len(head)]
     errors = []
@@ -263,7 +264,7 @@ def table(rows: list[dict]) -> str:
                 mfu = None if m["mfu"] is None else 100 * m["mfu"]
                 cells.append(f"{m['tokens_per_s']:>10.0f} {_fmt(mfu, '5.1f') + '%' if mfu is not None else '-':>6} "
                              f"{_fmt(m['peak_memory_gb'], '7.1f'):>7}")
-        lines.append(f"{r['row']:<12} {r['seq_len']:>6} {r['params_b']:>6.2f}B | {cells[0]} | {cells[1]} | "
+        lines.append(f"{r['row']:<14} {r['seq_len']:>6} {r['params_b']:>6.2f}B | {cells[0]} | {cells[1]} | "
                      f"{_fmt(r.get('speedup'), '6.2f') + 'x' if r.get('speedup') else '-':>7} "
                      f"{_fmt(r.get('memory_ratio'), '4.2f'):>5}")
     return "\n".join(lines + [f"  {e}" for e in errors])
@@ -271,7 +272,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n")[0])
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help=f"comma-separated rows of {', '.join(ROWS)}; NAME{GC_SUFFIX} runs that row with activation "
+                        "checkpointing in both implementations")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in both")
@@ -293,10 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         rows, args.steps, args.warmup = SMOKE_ROWS, 2, 1
         device = torch.device(args.device or "cpu")
     else:
-        unknown = [r for r in args.rows.split(",") if r not in ROWS]
-        if unknown:
-            p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-        rows = {r: ROWS[r] for r in args.rows.split(",")}
+        names = [r.strip() for r in args.rows.split(",") if r.strip()]
+        unknown = [r for r in names if r.removesuffix(GC_SUFFIX) not in ROWS]
+        if unknown or not names:
+            p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)} (each optionally with {GC_SUFFIX})")
+        rows = {r: ROWS[r.removesuffix(GC_SUFFIX)] for r in names}
         device = torch.device(args.device or "cuda")
     fla = import_fla("fla.ops.kda") is not None
     log(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; "
