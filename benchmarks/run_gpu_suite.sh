@@ -2,7 +2,8 @@
 # Every GPU check and timing in one go (the device gives each command at most 10 minutes):
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
-# parts: tests kda kda_decode mla moe engine prefix_on prefix_off (default: tests kda_decode engine)
+# parts: tests kda kda_decode mla moe engine prefix_on prefix_off train (default: tests kda_decode engine)
+# train (<= 325 s): the training kernels compiled against their references (<= 50 s), then benchmarks.train
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
@@ -20,6 +21,11 @@ for part in $parts; do
     engine) timeout 330 python3 -m benchmarks.engine_decode --steps 32 --json "$OUT/engine_decode.json" 2>&1 | tail -40 ;;
     prefix_on) timeout 570 python3 -m benchmarks.prefix_cache --modes on --json "$OUT/prefix_cache_on.json" 2>&1 | tail -30 ;;
     prefix_off) timeout 570 python3 -m benchmarks.prefix_cache --modes off --json "$OUT/prefix_cache_off.json" 2>&1 | tail -30 ;;
+    train)
+      timeout 50 python3 -m pytest -q -p no:cacheprovider tests/ops/test_conv_train.py tests/ops/test_norm_train.py \
+        tests/ops/test_linear_cross_entropy.py tests/models/test_training_forward.py -k "train or kernel or gpu" 2>&1 | tail -8
+      timeout 270 python3 -m benchmarks.train --rows "${TRAIN_ROWS:-1b-4k,1b-32k,48b-4l-4k}" --steps 3 --warmup 1 \
+        --profile 12 --timeout-per-impl 90 --out "$OUT/train.json" 2>&1 | tail -80 ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -82,8 +82,9 @@ def test_bad_inputs_fail_clearly():
 
 
 @pytest.mark.parametrize("V", [50, 9000])  # one block of the row, and several with a ragged last one
-def test_kernel_path_matches_full_logits(monkeypatch, V):
-    """The Triton chunk step (`softmax_grad.py`) under the interpreter: loss and both gradients."""
+def test_kernel_path_matches_full_logits(monkeypatch, V, device):
+    """The Triton chunk step (`softmax_grad.py`; compiled on CUDA, the interpreter on the CPU): loss and both
+    gradients against the full fp32 logits on the CPU."""
     monkeypatch.setenv("KIMI_LINEAR_TRITON_ON_CPU", "1")
     N, D = 11, 8
     gen = torch.Generator().manual_seed(5)
@@ -91,7 +92,7 @@ def test_kernel_path_matches_full_logits(monkeypatch, V):
     y = torch.randint(0, V, (N,), generator=gen)
     y[1] = -100
     ref = _run(naive_linear_cross_entropy, h, w, y)
-    got = _run(linear_cross_entropy, h, w, y, chunk=3)
+    got = [t.cpu() for t in _run(linear_cross_entropy, h.to(device), w.to(device), y.to(device), chunk=3)]
     assert_close("loss_sum (kernel)", ref[0], got[0], 1e-6)
     assert_close("grad hidden (kernel)", ref[2], got[2], 1e-5)
     assert_close("grad weight (kernel)", ref[3], got[3], 1e-5)
