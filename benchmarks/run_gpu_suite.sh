@@ -23,7 +23,7 @@ for part in $parts; do
     prefix_off) timeout 570 python3 -m benchmarks.prefix_cache --modes off --json "$OUT/prefix_cache_off.json" 2>&1 | tail -30 ;;
     train)
       timeout 50 python3 -m pytest -q -p no:cacheprovider tests/ops/test_conv_train.py tests/ops/test_norm_train.py \
-        tests/ops/test_linear_cross_entropy.py tests/models/test_training_forward.py -k "train or kernel or gpu" 2>&1 | tail -8
+        tests/ops/test_linear_cross_entropy.py tests/models/test_training_forward.py::test_gpu_training_call_matches_cpu 2>&1 | tail -8
       timeout 270 python3 -m benchmarks.train --rows "${TRAIN_ROWS:-1b-4k,1b-32k,48b-4l-4k}" --steps 3 --warmup 1 \
         --profile 12 --timeout-per-impl 90 --out "$OUT/train.json" 2>&1 | tail -80 ;;
     *) echo "unknown part $part" ;;
