@@ -3,6 +3,8 @@ of rounds), then the accounting: nothing lost, no 5xx, token counts exact, the e
 memory flat over time.
 
     python -m benchmarks.soak --preset 48b-a3b-e64 --concurrency 256 --duration 1800   # H200, dummy weights
+    python -m benchmarks.soak --preset 48b-a3b-e64 --concurrency 256 --duration 200 --time-budget 285 \
+        --startup-timeout 150 --out $OUT/soak.json        # the GPU suite's `soak` part: all of it within 300 s
     python -m benchmarks.soak --smoke                                                 # CPU, tiny, seconds
 
 By default the server is the real CLI (`kimi-linear serve`) in a subprocess on a preset folder written
@@ -17,8 +19,14 @@ run the usage the clients received must equal the server's counters (generation_
 the per-request prompt / generation histograms).
 
 Report (stdout, and JSON with --out): requests sent / completed / lost, errors by status, 5xx, p50 / p99
-latency (and time to first token of streams), tokens per second, and memory over time (server RSS, GPU
-memory in use) with the gauges read at each sample; at the end the gauges must be back to 0.
+latency (and time to first token of streams), tokens per second, the server's startup time, and memory over
+time (server RSS, GPU memory in use: a table of the samples) with the gauges read at each sample; at the
+end the gauges must be back to 0.
+
+`--time-budget S` bounds the whole run (server startup, traffic, the requests still in flight, the report,
+the server's shutdown) to S seconds of wall time: the traffic lasts min(--duration, what the startup left
+minus --drain-reserve), a request still unanswered at the budget's end (less 20 s for the shutdown) is cut
+by the client and counted apart ("cut", not "lost"), and a server that does not exit in time is killed.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +48,8 @@ import httpx
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a"]}
 GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "kda_state_usage_perc")
+CUT = "cut at the run's time budget"
+SHUTDOWN_RESERVE_S = 20.0  # of --time-budget: kept for the server's shutdown
 
 
 # ---------------------------------------------------------------- requests
@@ -167,6 +178,18 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def _proc_rss_mb(pid: int) -> float | None:
+    """VmRSS of `pid` from /proc (Linux), when psutil is not installed."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def memory_sample(pid: int | None) -> dict:
     sample = {"t": time.time()}
     if pid is not None:
@@ -174,15 +197,25 @@ def memory_sample(pid: int | None) -> dict:
             import psutil
 
             sample["rss_mb"] = psutil.Process(pid).memory_info().rss / 2**20
-        except Exception:  # noqa: BLE001 - psutil missing or the process gone
-            pass
+        except Exception:  # noqa: BLE001 - psutil missing (the GPU image may lack it) or the process gone
+            rss = _proc_rss_mb(pid)
+            if rss is not None:
+                sample["rss_mb"] = rss
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
             sample["gpu_used_mb"] = sum(float(x) for x in out.stdout.split())
-    except (OSError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.TimeoutExpired, ValueError):
         pass
+    if "gpu_used_mb" not in sample and "torch" in sys.modules:  # no nvidia-smi: the driver's figure via torch
+        torch = sys.modules["torch"]
+        try:
+            if torch.cuda.is_available():
+                free, total = torch.cuda.mem_get_info()
+                sample["gpu_used_mb"] = (total - free) / 2**20
+        except Exception:  # noqa: BLE001 - no usable device
+            pass
     return sample
 
 
@@ -190,9 +223,10 @@ def memory_sample(pid: int | None) -> dict:
 async def run_traffic(url: str, concurrency: int, *, duration: float | None = None, rounds: int | None = None,
                       per_round: int = 1, seed: int = 0, vocab: int, has_tokenizer: bool, max_tokens: int,
                       pid: int | None = None, sample_every: float = 10.0, timeout: float = 600.0,
-                      api_key: str | None = None) -> dict:
+                      api_key: str | None = None, deadline: float | None = None) -> dict:
     """Mixed traffic from `concurrency` clients, for `duration` seconds, or for `rounds` rounds in which each
-    client sends the same `per_round` requests again (so seeded outputs can be compared across rounds)."""
+    client sends the same `per_round` requests again (so seeded outputs can be compared across rounds).
+    `deadline` (a time.perf_counter() value): requests unanswered then are cut (Result problem CUT)."""
     assert (duration is None) != (rounds is None)
     before = scrape(url)
     results: list[tuple[int, int, Spec, Result]] = []
@@ -203,35 +237,48 @@ async def run_traffic(url: str, concurrency: int, *, duration: float | None = No
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as client:
 
+        async def one(spec: Spec) -> Result:
+            if deadline is None:
+                return await send(client, url, spec)
+            t0 = time.perf_counter()
+            if t0 >= deadline:
+                return Result(None, 0.0, problem=CUT)
+            try:
+                return await asyncio.wait_for(send(client, url, spec), timeout=deadline - t0)
+            except asyncio.TimeoutError:
+                return Result(None, time.perf_counter() - t0, problem=CUT)
+
         async def worker(c: int):
             if rounds is not None:
                 specs = [make_spec(random.Random(seed * 1_000_003 + c * 1009 + j), vocab, has_tokenizer, max_tokens)
                          for j in range(per_round)]
                 for _ in range(rounds):
                     for j, spec in enumerate(specs):
-                        results.append((c, j, spec, await send(client, url, spec)))
+                        results.append((c, j, spec, await one(spec)))
                 return
             rng = random.Random(seed * 1_000_003 + c)
             i = 0
             while time.perf_counter() < stop_at:
                 spec = make_spec(rng, vocab, has_tokenizer, max_tokens)
-                results.append((c, i, spec, await send(client, url, spec)))
+                results.append((c, i, spec, await one(spec)))
                 i += 1
 
         async def sampler():
             while True:
                 await asyncio.sleep(sample_every)
                 g = await asyncio.to_thread(scrape, url)
-                memory.append({**memory_sample(pid), **{k: g.get(k, 0.0) for k in GAUGES}})
+                m = await asyncio.to_thread(memory_sample, pid)  # nvidia-smi off the event loop
+                memory.append({**m, **{k: g.get(k, 0.0) for k in GAUGES}})
 
         sampling = asyncio.ensure_future(sampler())
         await asyncio.gather(*(worker(c) for c in range(concurrency)))
         sampling.cancel()
     wall = time.perf_counter() - t_start
-    # the engine empties right after the last answer: poll the gauges briefly
-    deadline = time.time() + 30
+    # the engine empties right after the last answer (and a cut request is aborted): poll the gauges briefly
+    poll_s = 30.0 if deadline is None else max(2.0, min(30.0, deadline - time.perf_counter()))
+    poll_until = time.perf_counter() + poll_s
     after = scrape(url)
-    while any(after.get(g, 0.0) for g in GAUGES) and time.time() < deadline:
+    while any(after.get(g, 0.0) for g in GAUGES) and time.perf_counter() < poll_until:
         time.sleep(0.1)
         after = scrape(url)
     memory.append({**memory_sample(pid), **{g: after.get(g, 0.0) for g in GAUGES}})
@@ -247,10 +294,11 @@ def _pct(xs: list[float], q: float) -> float | None:
 
 def summarize(results, before: dict, after: dict, memory: list[dict], wall: float, rounds: int | None) -> dict:
     ok = [r for _, _, _, r in results if r.status == 200 and r.problem is None]
+    cut = [r for _, _, _, r in results if r.problem == CUT]
     statuses: dict[str, int] = {}
     for _, _, _, r in results:
         statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
-    problems = [f"{s.path} {r.problem}" for _, _, s, r in results if r.problem]
+    problems = [f"{s.path} {r.problem}" for _, _, s, r in results if r.problem and r.problem != CUT]
     prompt = sum(r.prompt_tokens for _, _, _, r in results if r.status == 200)
     completion = sum(r.completion_tokens for _, _, _, r in results if r.status == 200)
     # per finished request, as the usage counts them (prompt_tokens_total counts every sequence's prefill,
@@ -272,13 +320,14 @@ def summarize(results, before: dict, after: dict, memory: list[dict], wall: floa
     gpu = [m["gpu_used_mb"] for m in memory if "gpu_used_mb" in m]
     return {
         "sent": len(results), "completed": len(ok),
-        "lost": sum(1 for _, _, _, r in results if r.status is None),
+        "lost": sum(1 for _, _, _, r in results if r.status is None and r.problem != CUT), "cut": len(cut),
         "statuses": statuses, "num_5xx": sum(n for s, n in statuses.items() if s.startswith("5")),
         "problems": problems[:20], "num_problems": len(problems),
         "usage_prompt_tokens": prompt, "usage_completion_tokens": completion,
         "server_prompt_tokens": d_prompt, "server_generation_tokens": d_gen,
         "server_request_generation_tokens": d_req_gen,
-        "tokens_exact": prompt == d_prompt and completion == d_gen == d_req_gen,
+        # a cut request's tokens were generated but never reported to its client: nothing to check then
+        "tokens_exact": (prompt == d_prompt and completion == d_gen == d_req_gen) if not cut else None,
         "seeded_requests": num_seeded, "seeded_mismatches": seeded_mismatch,
         "gauges_after": {g: after.get(g, 0.0) for g in GAUGES},
         "leaks": any(after.get(g, 0.0) for g in GAUGES),
@@ -332,22 +381,61 @@ def launch(args) -> tuple[subprocess.Popen, str, int]:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + args.startup_timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"serve exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url, vocab
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                print_log_tail(log.name)
+                raise SystemExit(f"serve exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    return proc, url, vocab
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+    except BaseException:  # a signal or ^C while the server starts: do not leave it running
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
     proc.kill()
-    raise SystemExit(f"serve did not become healthy in {args.startup_timeout} s; see {log.name}")
+    proc.wait()
+    print_log_tail(log.name)
+    raise SystemExit(f"serve did not become healthy in {args.startup_timeout:.0f} s; see {log.name}")
+
+
+def print_log_tail(path: str, lines: int = 30) -> None:
+    try:
+        with open(path, errors="replace") as f:
+            tail = f.readlines()[-lines:]
+    except OSError:
+        return
+    print(f"--- last {len(tail)} lines of {path} ---", flush=True)
+    print("".join(tail), end="", flush=True)
+
+
+def stop_server(proc: subprocess.Popen, wait_s: float) -> None:
+    """SIGTERM (the server drains and exits), then SIGKILL if it has not exited within `wait_s` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=max(1.0, wait_s))
+    except subprocess.TimeoutExpired:
+        print(f"serve did not exit {wait_s:.0f} s after SIGTERM: killed", flush=True)
+        proc.kill()
+        proc.wait()
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(f"soak: signal {signum}, stopping the server")
 
 
 def print_report(rep: dict) -> None:
-    print(f"sent {rep['sent']}, completed {rep['completed']}, lost {rep['lost']}, 5xx {rep['num_5xx']}, "
-          f"statuses {rep['statuses']}, problems {rep['num_problems']}", flush=True)
+    start = rep.get("startup_s")
+    print(f"=== soak: {rep['config'].get('preset')} on {rep['config'].get('device')}, concurrency "
+          f"{rep['config'].get('concurrency')}" + (f", server startup {start:.1f} s" if start is not None else ""),
+          flush=True)
+    print(f"sent {rep['sent']}, completed {rep['completed']}, lost {rep['lost']}, cut at the time budget "
+          f"{rep.get('cut', 0)}, 5xx {rep['num_5xx']}, statuses {rep['statuses']}, problems {rep['num_problems']}",
+          flush=True)
     print(f"tokens: usage prompt {rep['usage_prompt_tokens']} / server {rep['server_prompt_tokens']:.0f}, usage "
           f"completion {rep['usage_completion_tokens']} / server {rep['server_generation_tokens']:.0f} "
           f"(exact: {rep['tokens_exact']}); gauges after {rep['gauges_after']}", flush=True)
@@ -356,6 +444,14 @@ def print_report(rep: dict) -> None:
           f" s, p99 {p(rep['ttft_p99_s'])} s; {rep['requests_per_s']:.2f} req/s, "
           f"{rep['generation_tokens_per_s']:.1f} generated tok/s over {rep['wall_s']:.1f} s", flush=True)
     print(f"memory: RSS MB {rep['rss_mb']}, GPU used MB {rep['gpu_used_mb']}", flush=True)
+    mem = rep["memory"]
+    if mem:
+        print("memory over time:    t s   RSS MB   GPU MB  running  waiting  kv usage  kda slots", flush=True)
+        f = lambda x, d=0: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
+        for m in mem:
+            print(f"                 {m['t'] - mem[0]['t']:>6.0f} {f(m.get('rss_mb')):>8} {f(m.get('gpu_used_mb')):>8} "
+                  f"{f(m.get('num_requests_running')):>8} {f(m.get('num_requests_waiting')):>8} "
+                  f"{f(m.get('kv_cache_usage_perc'), 3):>9} {f(m.get('kda_state_usage_perc'), 3):>10}", flush=True)
     for problem in rep["problems"][:5]:
         print(f"  problem: {problem}", flush=True)
 
@@ -368,7 +464,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--server-pid", type=int, default=None, help="with --url: the server's process, for RSS")
     ap.add_argument("--api-key", default=None, help="with --url: the server's API key")
     ap.add_argument("--concurrency", type=int, default=256)
-    ap.add_argument("--duration", type=float, default=1800.0, help="seconds of traffic (default 30 minutes)")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="seconds of traffic (default 30 minutes; --smoke: 2 rounds instead)")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds of wall time for the whole run: startup, traffic, in-flight requests, report, "
+                         "shutdown")
+    ap.add_argument("--drain-reserve", type=float, default=60.0,
+                    help="with --time-budget: seconds kept after the traffic for the requests in flight and the gauges")
+    ap.add_argument("--request-timeout", type=float, default=600.0, help="client timeout of one request (s)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="instead of --duration: rounds in which each client sends the same requests again")
     ap.add_argument("--per-round", type=int, default=1, help="with --rounds: requests per client and round")
@@ -385,31 +488,58 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--serve-arg", dest="serve_args", action="append", default=[],
                     help="extra flag for `kimi-linear serve` (repeatable)")
     args = ap.parse_args(argv)
+    if args.rounds is not None and args.duration is not None:
+        raise SystemExit("give --duration or --rounds, not both")
     if args.smoke:
         args.preset, args.device, args.concurrency, args.max_tokens = "tiny", "cpu", 8, 8
         args.max_num_seqs, args.max_model_len, args.sample_every = 8, 512, 2.0
-        if args.rounds is None:
+        if args.rounds is None and args.duration is None:
             args.rounds = 2
         args.startup_timeout = min(args.startup_timeout, 300.0)
+    if args.rounds is None and args.duration is None:
+        args.duration = 1800.0
+    t_begin = time.perf_counter()
+    budget_end = deadline = None
+    if args.time_budget is not None:
+        budget_end = t_begin + args.time_budget
+        deadline = budget_end - SHUTDOWN_RESERVE_S
+        room = args.time_budget - SHUTDOWN_RESERVE_S - args.drain_reserve
+        if room <= 10:
+            raise SystemExit(f"--time-budget {args.time_budget:.0f} s leaves no time for traffic after the "
+                             f"{SHUTDOWN_RESERVE_S:.0f} s shutdown and {args.drain_reserve:.0f} s drain reserves")
+        args.startup_timeout = min(args.startup_timeout, room - 10)
     proc = None
+    startup_s = None
     if args.url is None:
+        # a SIGTERM (the suite's `timeout`) unwinds through the `finally` below, so the server never outlives us
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         proc, url, vocab = launch(args)
         pid = proc.pid
+        startup_s = time.perf_counter() - t_begin
+        print(f"server healthy after {startup_s:.1f} s", flush=True)
     else:
         url, pid = args.url.rstrip("/"), args.server_pid
         vocab = args.vocab_size or (vocab_of(args.model) if args.model else None)
         if not vocab:
             raise SystemExit("with --url, give --vocab-size or --model (token-id prompts must stay in the vocabulary)")
+    duration = args.duration
+    if duration is not None and deadline is not None:
+        duration = min(duration, budget_end - SHUTDOWN_RESERVE_S - args.drain_reserve - time.perf_counter())
+        print(f"traffic for {duration:.0f} s (--duration {args.duration:.0f}, --time-budget {args.time_budget:.0f})",
+              flush=True)
     try:
-        rep = asyncio.run(run_traffic(url, args.concurrency, duration=None if args.rounds else args.duration,
+        rep = asyncio.run(run_traffic(url, args.concurrency, duration=duration,
                                       rounds=args.rounds, per_round=args.per_round, seed=args.seed, vocab=vocab,
                                       has_tokenizer=has_tokenizer(url, args.api_key), max_tokens=args.max_tokens,
-                                      pid=pid, sample_every=args.sample_every, api_key=args.api_key))
+                                      pid=pid, sample_every=args.sample_every, api_key=args.api_key,
+                                      timeout=args.request_timeout, deadline=deadline))
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=120)
+            stop_server(proc, 120.0 if budget_end is None else min(120.0, budget_end - time.perf_counter()))
     rep["config"] = {k: v for k, v in vars(args).items() if k != "serve_args"}
+    rep["startup_s"] = startup_s
+    rep["traffic_s"] = duration
+    rep["total_s"] = time.perf_counter() - t_begin
     print_report(rep)
     if args.out:
         with open(args.out, "w") as f:

@@ -6,7 +6,8 @@ Lifetime: load weights -> size the caches from the model's cache specs (`memory.
 `BlockTable` -> capture decode CUDA graphs (unless eager or on the CPU). Per step (`execute`): zero the
 state slots handed out this step, restore the slots of prefix-cache hits from their snapshots, copy new
 block ids into the block table, then either the decode path (`DecodeRunner`: static padded buffers, graph replay) when
-every sequence computes one token, or an eager flat forward (prefill chunks, mixed batches), and
+every sequence computes one token, or an eager flat forward (prefill chunks, mixed batches, whose decode
+rows the layers still run on the decode kernels: `ForwardContext.row_runs`), and
 then copy the slots that the scheduler snapshots this step (eager device copies after the forward, never
 inside a captured graph), and finally sample the rows whose step reached their last token
 (`engine/sampler.py`).

@@ -15,6 +15,9 @@ On CUDA the Triton kernels run; on the CPU the naive ops with the same call sign
 For inference (no autograd) the projections of x run as one GEMM over their tied rows and f_b / g_b as
 one batched GEMM (`layers/fused.py`); q|k|v, f, beta and the gate are views of those outputs (no copies);
 a decode step's conv is one launch (`decode=True`) and the gated norm one kernel.
+A mixed batch runs per run of rows (`ForwardContext.row_runs`): its decode rows take the decode conv and
+the fused recurrent kernel (the kernels of a pure decode step), its prefill rows the chunked
+kernel; the projections, the gate and the output norm stay one call over the whole batch.
 """
 
 from __future__ import annotations
@@ -147,26 +150,41 @@ class KimiDeltaAttention(nn.Module):
         N = x.shape[0]
         H, K = self.num_heads, self.head_dim
         C = H * K
+        qkv, f, b, gate, w_conv = self._projections(x)
+        g, dt_bias = self._gate(f)
+        beta = b.reshape(1, N, H)
+        runs = [(0, N, ctx)] if ctx.is_decode or ctx.cache is None else ctx.row_runs()
+        if len(runs) == 1:
+            o = self._mix(qkv, g, beta, dt_bias, w_conv, ctx)
+        else:  # a mixed batch: decode rows through the decode kernels, prefill rows chunked
+            o = torch.cat([self._mix(qkv[t0:t1], g[:, t0:t1], beta[:, t0:t1], dt_bias, w_conv, sub)
+                           for t0, t1, sub in runs], dim=1)
+
+        o, gate = o.view(N, H, K), gate.view(N, H, K)
+        o = fused_gated_rms_norm(o, gate, self.o_norm.weight, self.eps)
+        return self.o_proj(o.reshape(N, C))
+
+    def _mix(self, qkv, g, beta, dt_bias, w_conv, ctx: ForwardContext) -> torch.Tensor:
+        """Short conv + delta rule over the rows of `ctx` (one kind): qkv [T, 3C] pre-conv, g [1, T, H, K]
+        gate input, beta [1, T, H] logits -> o [1, T, H, K]. Decode rows (`ctx.is_decode`) take the
+        one-launch decode conv and the fused recurrent kernel, anything else the chunked kernel."""
+        T = qkv.shape[0]
+        H, K = self.num_heads, self.head_dim
+        C = H * K
         cache = ctx.cache
         recurrent, conv_state = cache.tensors[self.layer_idx] if cache is not None else (None, None)
         state_indices = ctx.state_indices if cache is not None else None
         decode = ctx.is_decode and recurrent is not None
 
-        qkv, f, b, gate, w_conv = self._projections(x)
         qkv = causal_conv1d(qkv, w_conv, conv_state, ctx.cu_seqlens, state_indices, activation="silu",
                             decode=decode and conv_state is not None)
-        q, k, v = (t.reshape(1, N, H, K) for t in qkv.split(C, dim=-1))
-
-        g, dt_bias = self._gate(f)
+        q, k, v = (t.reshape(1, T, H, K) for t in qkv.split(C, dim=-1))
         kwargs = dict(initial_state=recurrent, output_final_state=False, cu_seqlens=ctx.cu_seqlens,
                       use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log,
                       dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True, state_indices=state_indices)
         fn = kda_ops.fused_recurrent_kda if decode else kda_ops.chunk_kda
-        o, _ = fn(q, k, v, g, b.reshape(1, N, H), **kwargs)
-
-        o, gate = o.view(N, H, K), gate.view(N, H, K)
-        o = fused_gated_rms_norm(o, gate, self.o_norm.weight, self.eps)
-        return self.o_proj(o.reshape(N, C))
+        o, _ = fn(q, k, v, g, beta, **kwargs)
+        return o
 
 
 class GatedDeltaNet(KimiDeltaAttention):

@@ -1,8 +1,9 @@
 """Multi-head latent attention layer with NoPE (spec section 5), over a flat batch.
 
 Per token the layer caches [kv_a_layernorm(c) (R) ; k_pe (Dr)] into the paged latent cache. Prefill
-and mixed batches use the MHA form (latents expanded through kv_b_proj); pure decode batches use the
-absorbed MQA form over the latent cache. Both are exact rewrites of the same attention.
+rows use the MHA form (latents expanded through kv_b_proj); decode rows (pure decode batches, and the
+decode rows of a mixed batch, `ForwardContext.row_runs`) use the absorbed MQA form over the latent cache,
+so a decode row never expands its whole context. Both are exact rewrites of the same attention.
 For inference q_proj and kv_a_proj_with_mqa run as one GEMM over their tied rows (`layers/fused.py`),
 and the latent norm + k_pe copy is one kernel (`RMSNorm.with_tail`).
 The op entries (`ops.mla.mla_decode`, `ops.mla.mla_prefill`) pick the kernels on CUDA (split-KV decode
@@ -68,10 +69,15 @@ class MultiHeadLatentAttention(nn.Module):
         scatter = (cache, ctx.slot_mapping) if cache is not None else None
         latent = self.kv_a_layernorm.with_tail(ckv, self.qk_rope_head_dim, scatter)  # [N, R + Dr], cached
 
-        if ctx.is_decode and cache is not None:
-            o = self._decode(q, cache, ctx)
-        else:
+        if cache is None:
             o = self._prefill(q, latent, cache, ctx)
+        elif ctx.is_decode:
+            o = self._decode(q, cache, ctx)
+        else:  # a mixed batch: decode rows absorbed over the cache, prefill rows in the MHA form
+            runs = ctx.row_runs()
+            parts = [self._decode(q[t0:t1], cache, sub) if sub.is_decode else
+                     self._prefill(q[t0:t1], latent[t0:t1], cache, sub) for t0, t1, sub in runs]
+            o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return self.o_proj(o.reshape(N, H * self.v_head_dim))
 
     def _prefill(self, q, latent, cache, ctx: ForwardContext) -> torch.Tensor:

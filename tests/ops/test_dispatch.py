@@ -116,6 +116,16 @@ def test_autograd_dispatch(entry, kernel_device, monkeypatch):
     assert calls == [entry[4] if isinstance(entry[4], str) else "train"]
 
 
+@pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
+def test_autocast_takes_the_training_forms(entry, kernel_device, monkeypatch):
+    """Without grad but under autocast (an fp32 model evaluated during bf16 training) each entry runs what it
+    runs under autograd: the inference kernels expect one dtype, the training forms promote mixed ones."""
+    fn, calls = _record(monkeypatch, entry)
+    with torch.no_grad(), torch.autocast(kernel_device.type, dtype=torch.bfloat16):
+        fn(*entry[3](kernel_device))
+    assert calls == [entry[4] if isinstance(entry[4], str) else "train"]
+
+
 # ------------------------------------------------------------------------------------------ boundaries
 
 

@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import pathlib
+import time
 
 import psutil
 import pytest
@@ -44,6 +45,11 @@ def test_soak_smoke_then_32_clients_2_rounds(tiny_checkpoint, soak, tmp_path):
                            "--server-pid", str(os.getpid()), "--out", str(out)])
         check_report(smoke)
         assert smoke["sent"] == 16 and json.loads(out.read_text())["sent"] == 16 and len(smoke["memory"]) >= 2
+        saved = json.loads(out.read_text())
+        for key in ("sent", "completed", "lost", "cut", "num_5xx", "latency_p50_s", "latency_p99_s", "rss_mb",
+                    "gpu_used_mb", "memory", "tokens_exact", "leaks", "startup_s", "total_s"):
+            assert key in saved, key
+        assert saved["rss_mb"] is not None and all("rss_mb" in m for m in saved["memory"])
 
         generated0 = eng.stats().num_generated_tokens
         rss0 = psutil.Process(os.getpid()).memory_info().rss
@@ -63,5 +69,13 @@ def test_soak_smoke_then_32_clients_2_rounds(tiny_checkpoint, soak, tmp_path):
         # The CPU allocator warms up for a few hundred requests (RSS then stays flat: ~1.25 GB after ~400
         # requests of this mix); a leak of the size of a request's cache or outputs would pass this bound.
         assert rss1 - rss0 < 512 * 2**20, (rss0, rss1)
+
+        # soak.py's --time-budget: a request still unanswered at the deadline is cut by the client (counted
+        # apart, not lost) and the server aborts it when its connection closes
+        cut = asyncio.run(soak.run_traffic(srv.url, 4, duration=0.5, seed=2, vocab=eng.vocab_size, has_tokenizer=True,
+                                           max_tokens=400, deadline=time.perf_counter() + 1.5, sample_every=5.0))
+        assert cut["cut"] > 0 and cut["lost"] == 0 and cut["num_5xx"] == 0, cut["statuses"]
+        assert cut["tokens_exact"] is None or cut["cut"] == 0
+        assert srv.engine_idle(timeout=30) and srv.client.num_in_flight == 0
     finally:
         srv.stop()

@@ -14,7 +14,7 @@ import torch
 
 from kimi_linear.ops.conv.naive import naive_causal_conv1d
 from kimi_linear.ops.conv.varlen import causal_conv1d_varlen
-from kimi_linear.ops.dispatch import needs_grad, use_triton
+from kimi_linear.ops.dispatch import training_forms, use_triton
 
 __all__ = ["causal_conv1d", "naive_causal_conv1d", "causal_conv1d_varlen"]
 
@@ -30,7 +30,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tenso
     `decode`: every sequence has exactly one token and a conv_state, so the kernel path takes its one-launch
     decode kernel (the result is the same either way).
     """
-    if needs_grad(x, weight):
+    if training_forms(x, weight):
         if conv_state is None and state_indices is None:
             if use_triton(x) and weight.shape[-1] <= 4:
                 from kimi_linear.ops.conv.short_conv_train import causal_conv1d_train

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kimi_linear.ops.dispatch import needs_grad, use_triton
+from kimi_linear.ops.dispatch import training_forms, use_triton
 from kimi_linear.ops.mla.naive import (
     gather_latent,
     mla_attention_absorbed,
@@ -40,7 +40,7 @@ def mla_prefill(q: torch.Tensor, latent: torch.Tensor, cache: torch.Tensor | Non
     block_tables int32 [N, max_blocks]; query_lens / context_lens host lists [N]; w_kv_b [H * (Dn + Dv), R].
     `launch` (kernel path only): `key_chunk`.
     """
-    if needs_grad(q, latent, w_kv_b):
+    if training_forms(q, latent, w_kv_b):
         if use_triton(q) and (cache is None or not any(context_lens)):
             return mla_prefill_sdpa(q, latent, query_lens, w_kv_b, v_head_dim, scale)
         return naive_mla_prefill(q, latent, cache, block_tables, query_lens, context_lens, w_kv_b, v_head_dim, scale)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kimi_linear.ops.dispatch import needs_grad, use_kernel
+from kimi_linear.ops.dispatch import training_forms, use_kernel
 from kimi_linear.ops.moe.grouped import grouped_moe_experts, grouped_supported
 from kimi_linear.ops.moe.naive import naive_fused_experts, naive_moe_experts, router_scores, sigmoid_grouped_topk
 
@@ -48,7 +48,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     unweighted, topk_weights), for the next norm to sum (`ops.norm.fused_rms_norm`'s branch_weights); the
     naive path always returns y.
     """
-    if needs_grad(x, w13, w2, topk_weights) and grouped_supported(x, w13, w2):
+    if training_forms(x, w13, w2, topk_weights) and grouped_supported(x, w13, w2):
         k = topk_ids.shape[1] - num_shared
         y = grouped_moe_experts(x, w13, w2, topk_weights[:, :k], topk_ids[:, :k])
         return naive_fused_experts(x, w13, w2, topk_weights, topk_ids, num_shared, routed=y)
