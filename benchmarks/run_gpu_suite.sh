@@ -2,7 +2,8 @@
 # Every GPU check and timing in one go (the device gives each command at most 10 minutes):
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
-# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic demo soak (default: tests kda_decode engine)
+# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic demo soak train (default: tests kda_decode engine)
+# train (<= 325 s): the training kernels compiled against their references (<= 50 s), then benchmarks.train
 # soak: benchmarks/soak.py on a 48b-a3b-e64 dummy-weight server, 256 clients; startup + traffic + drain +
 # report + shutdown bounded to 285 s by --time-budget (traffic up to 200 s), report in $OUT/soak.json.
 set -u
@@ -30,6 +31,11 @@ for part in $parts; do
     demo) timeout 240 python3 -m kimi_linear.tools.demo_model train --data "${DEMO_DATA:-.gpu_synth18/demo_data}" \
         --out /tmp/kimi_linear_demo_run --results "$OUT/demo" --budget-s 185 2>&1 | tail -60 ;;
     soak) timeout 300 python3 -m benchmarks.soak --preset 48b-a3b-e64 --concurrency 256 --duration 200 --time-budget 285 --startup-timeout 150 --drain-reserve 45 --sample-every 15 --out "$OUT/soak.json" 2>&1 | tail -45 ;;
+    train)
+      timeout 50 python3 -m pytest -q -p no:cacheprovider tests/ops/test_conv_train.py tests/ops/test_norm_train.py \
+        tests/ops/test_linear_cross_entropy.py tests/models/test_training_forward.py::test_gpu_training_call_matches_cpu 2>&1 | tail -8
+      timeout 270 python3 -m benchmarks.train --rows "${TRAIN_ROWS:-1b-4k,1b-32k,48b-4l-4k}" --steps 3 --warmup 1 \
+        --profile 12 --timeout-per-impl 90 --out "$OUT/train.json" 2>&1 | tail -80 ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -6,27 +6,32 @@ Rows (each a model shape and a sequence length):
   48b-4l-4k, 48b-4l-32k   the 48B-A3B shape (256 experts, hidden 2304) with 4 layers (3 KDA + 1 MLA): per-layer cost
 Each implementation trains the same thing: fp32 master weights, bf16 autocast, one row of seq_len tokens per
 step (one document, labels = the next tokens), loss = mean token cross-entropy, backward, grad-norm clip 1.0,
-torch AdamW (foreach), zero_grad. Ours runs `model(ids, cu_seqlens=, labels=)` (chunked linear + CE, the
+torch AdamW (fused on CUDA, foreach on the CPU; the same optimizer object and settings for both), zero_grad. Ours runs `model(ids, cu_seqlens=, labels=)` (chunked linear + CE, the
 Triton KDA training kernels); the peer is transformers' KimiLinearForCausalLM built from the same config.json
 (transformers uses fla's chunk_kda / fused ops when `fla` is importable, which the table reports).
 
 Per row and implementation: median step time over --steps timed steps after --warmup steps, tokens/s, MFU
 (FLOPs per token from the config, `train/metrics.py`: active parameters incl. attention, x3 for backward;
 the bf16 dense peak of the device), and peak allocated memory over the timed steps (weights, gradients and
-optimizer state included). A failure (OOM, a missing kernel) is caught per row and implementation and printed
-with its reason; the table then shows ours beside the peer as ratios (tokens/s ours / peer, memory ours / peer).
+optimizer state included). A failure (OOM, a missing kernel, `--timeout-per-impl` seconds passed) is caught
+per row and implementation and printed with its reason; the table then shows ours beside the peer as ratios
+(tokens/s ours / peer, memory ours / peer). Each row prints as it finishes and `--out` is rewritten after
+every row, so a run cut short keeps the rows done.
 
     python -m benchmarks.train [--rows 1b-4k,1b-32k] [--steps 5] [--warmup 2] [--grad-checkpointing] [--out r.json]
+                               [--timeout-per-impl 120] [--profile K]      (a row NAME:gc: that row checkpointed)
     python -m benchmarks.train --smoke      # tiny shapes on the CPU (CI): both implementations, 2 steps
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
 import os
+import signal
 import statistics
 import tempfile
 import time
@@ -75,6 +80,7 @@ ROWS = {
     "48b-4l-32k": (shape_48b, 32768),
 }
 SMOKE_ROWS = {"tiny-64": (tiny, 64)}
+GC_SUFFIX = ":gc"  # a row name with this suffix runs both implementations with activation checkpointing
 
 
 # ---------------------------------------------------------------- the two implementations
@@ -126,7 +132,8 @@ def measure(impl: str, cfg_dict: dict, seq_len: int, device: torch.device, steps
             grad_checkpointing: bool, profile: int = 0) -> dict:
     model, loss_fn = IMPLS[impl](copy.deepcopy(cfg_dict), device, grad_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    fused = device.type == "cuda"  # one multi-tensor kernel per step on the GPU; identical for both sides
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused, foreach=not fused)
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab = cfg_dict["vocab_size"]
     use_bf16 = device.type == "cuda"
@@ -178,25 +185,53 @@ def print_profile(step, impl: str, seq_len: int, top: int) -> None:
             f"x{e.count:<5} {e.key[:110]}")
 
 
+class ImplTimeout(Exception):
+    """One implementation's measurement ran past --timeout-per-impl."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise ImplTimeout in the main thread after `seconds` (0 = no limit; SIGALRM, so POSIX main thread only).
+    A CUDA kernel already launched runs on; the next Python bytecode raises."""
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise ImplTimeout(f"timed out after {seconds:g} s (--timeout-per-impl)")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def run_row(name: str, cfg_dict: dict, seq_len: int, device: torch.device, args) -> dict:
     config = ModelConfig.from_dict(cfg_dict)
+    gc_row = args.grad_checkpointing or name.endswith(GC_SUFFIX)
     row = {"row": name, "seq_len": seq_len, "params_b": config.num_parameters() / 1e9,
-           "flops_per_token": flops_per_token(config, seq_len)}
+           "flops_per_token": flops_per_token(config, seq_len), "grad_checkpointing": gc_row}
     for impl in ("ours", "peer"):
         if impl not in args.impls:
             row[impl] = {"error": "not run (--impls)"}
             continue
         log(f"{name}: {impl} ...")
+        t0 = time.perf_counter()
         try:
-            row[impl] = measure(impl, cfg_dict, seq_len, device, args.steps, args.warmup, args.grad_checkpointing,
-                                args.profile)
+            with time_limit(args.timeout_per_impl):
+                row[impl] = measure(impl, cfg_dict, seq_len, device, args.steps, args.warmup, gc_row, args.profile)
+        except ImplTimeout as e:
+            row[impl] = {"error": str(e)}
         except torch.cuda.OutOfMemoryError as e:
             row[impl] = {"error": f"OOM: {str(e).splitlines()[0]}"}
         except Exception as e:  # a missing kernel, a peer incompatibility: report it and go on
             row[impl] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
             if args.verbose:
                 traceback.print_exc()
-        log(f"{name}: {impl}: {row[impl]}")
+        log(f"{name}: {impl}: {row[impl]} ({time.perf_counter() - t0:.0f} s)")
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -214,7 +249,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'row':<12} {'seq':>6} {'params':>7} | {'ours tok/s':>10} {'MFU':>6} {'mem GB':>7} | "
+    head = (f"{'row':<14} {'seq':>6} {'params':>7} | {'ours tok/s':>10} {'MFU':>6} {'mem GB':>7} | "
             f"{'peer tok/s':>10} {'MFU':>6} {'mem GB':>7} | {'speedup':>7} {'mem':>5}")
     lines = [head, "-" * len(head)]
     errors = []
@@ -229,7 +264,7 @@ def table(rows: list[dict]) -> str:
                 mfu = None if m["mfu"] is None else 100 * m["mfu"]
                 cells.append(f"{m['tokens_per_s']:>10.0f} {_fmt(mfu, '5.1f') + '%' if mfu is not None else '-':>6} "
                              f"{_fmt(m['peak_memory_gb'], '7.1f'):>7}")
-        lines.append(f"{r['row']:<12} {r['seq_len']:>6} {r['params_b']:>6.2f}B | {cells[0]} | {cells[1]} | "
+        lines.append(f"{r['row']:<14} {r['seq_len']:>6} {r['params_b']:>6.2f}B | {cells[0]} | {cells[1]} | "
                      f"{_fmt(r.get('speedup'), '6.2f') + 'x' if r.get('speedup') else '-':>7} "
                      f"{_fmt(r.get('memory_ratio'), '4.2f'):>5}")
     return "\n".join(lines + [f"  {e}" for e in errors])
@@ -237,7 +272,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n")[0])
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help=f"comma-separated rows of {', '.join(ROWS)}; NAME{GC_SUFFIX} runs that row with activation "
+                        "checkpointing in both implementations")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in both")
@@ -246,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON")
     p.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
     p.add_argument("--impls", default="ours,peer", help="which implementations to run (ours, peer)")
+    p.add_argument("--timeout-per-impl", type=float, default=0, metavar="S",
+                   help="give up on one implementation of one row after S seconds (build, autotuning and steps "
+                        "included; 0 = no limit); it is reported as failed and the next one runs")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="after the timed steps, profile one more step and print the K costliest kernels")
     args = p.parse_args(argv)
@@ -256,20 +296,25 @@ def main(argv: list[str] | None = None) -> int:
         rows, args.steps, args.warmup = SMOKE_ROWS, 2, 1
         device = torch.device(args.device or "cpu")
     else:
-        unknown = [r for r in args.rows.split(",") if r not in ROWS]
-        if unknown:
-            p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-        rows = {r: ROWS[r] for r in args.rows.split(",")}
+        names = [r.strip() for r in args.rows.split(",") if r.strip()]
+        unknown = [r for r in names if r.removesuffix(GC_SUFFIX) not in ROWS]
+        if unknown or not names:
+            p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)} (each optionally with {GC_SUFFIX})")
+        rows = {r: ROWS[r.removesuffix(GC_SUFFIX)] for r in names}
         device = torch.device(args.device or "cuda")
     fla = import_fla("fla.ops.kda") is not None
     log(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; "
         f"peer: transformers + {'fla kernels' if fla else 'its torch fallbacks (fla not importable)'}")
-    results = [run_row(name, make(), seq, device, args) for name, (make, seq) in rows.items()]
+    results = []
+    for name, (make, seq) in rows.items():
+        results.append(run_row(name, make(), seq, device, args))
+        print(table(results[-1:]), flush=True)
+        if args.out:  # after every row: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump({"device": str(device), "peer_uses_fla": fla, "steps": args.steps, "warmup": args.warmup,
+                           "grad_checkpointing": args.grad_checkpointing, "rows": results}, f, indent=2)
     print(table(results))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": str(device), "peer_uses_fla": fla, "steps": args.steps, "warmup": args.warmup,
-                       "grad_checkpointing": args.grad_checkpointing, "rows": results}, f, indent=2)
         log(f"wrote {args.out}")
     return 0
 

@@ -112,7 +112,8 @@ class KimiDeltaAttention(nn.Module):
         """x [N, D] -> (qkv [N, 3C] pre-conv, f [N, G] gate input, beta logits [N, H], gate [N, C], conv weight [3C, W]).
 
         Inference: one GEMM over the tied [q; k; v; f_a; g_a; b] rows, one batched GEMM for f_b and g_b,
-        the outputs used as views (no copies). Under autograd: the separate projections."""
+        the outputs used as views (no copies). Under autograd: one GEMM over the six weights concatenated
+        for this call (the parameters stay separate), then f_b and g_b."""
         N = x.shape[0]
         H, K = self.num_heads, self.head_dim
         C = H * K
@@ -120,7 +121,13 @@ class KimiDeltaAttention(nn.Module):
         w_in = fused_weight(self, "in", groups["in"])
         w_fg = fused_weight(self, "fg", groups["fg"]) if w_in is not None and "fg" in groups else None
         w_conv = fused_weight(self, "conv", groups["conv"]) if w_in is not None else None
-        if w_in is None or w_conv is None or (w_fg is None and not self.per_head_gate) or needs_grad(x):
+        if needs_grad(x, *groups["in"]):
+            # training: one GEMM over the six weights concatenated (each read through `.weight`, so LoRA's
+            # parametrized weights take part); the outputs are views (the conv reads q|k|v in place)
+            proj = F.linear(x, torch.cat(groups["in"], 0))  # [N, 3C + 2K + H]
+            qkv, fa, ga, b = proj.split([3 * C, K, K, H], dim=-1)
+            return qkv, self.f_b_proj(fa), b, self.g_b_proj(ga), self.conv_weight()
+        if w_in is None or w_conv is None or (w_fg is None and not self.per_head_gate):
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
             return (qkv, self.f_b_proj(self.f_a_proj(x)), self.b_proj(x), self.g_b_proj(self.g_a_proj(x)),
                     self.conv_weight())

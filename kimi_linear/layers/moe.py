@@ -107,8 +107,9 @@ class MoE(nn.Module):
         topk_weights, topk_ids = self.gate(x, num_shared=num_shared)
         if self.training:
             routed = topk_ids[:, :self.config.num_experts_per_token]
-            self.tokens_per_expert = torch.bincount(routed.reshape(-1), minlength=self.config.num_experts
-                                                    ).to(torch.float32).detach()
+            flat = routed.reshape(-1)  # counted by a scatter-add: bincount would sync with the host
+            self.tokens_per_expert = torch.zeros(self.config.num_experts, dtype=torch.float32, device=x.device
+                                                 ).scatter_add_(0, flat, torch.ones(flat.shape, device=x.device)).detach()
             if self.aux_loss_coef > 0:
                 self._aux_loss = self._balance_loss(x, routed, cu_seqlens)
         separate_shared = num_shared == 0 and self.shared_experts is not None

@@ -34,8 +34,9 @@ def _t(device, *shape):
 
 # (public entry, kernel (module, name), naive (module, name), args(device), under autograd): what runs when
 # autograd needs the inputs on a kernel device: "kernel" (chunk_kda's has a backward; the recurrent KDA,
-# MLA decode and cache-write kernels serve inference paths only), "naive" (the norm and MoE entries), or the
-# (module, name) of a differentiable torch form (the cache-less conv and MLA prefill of training).
+# MLA decode and cache-write kernels serve inference paths only), "naive" (the router and MoE entries), or the
+# (module, name) of a differentiable training form (the cache-less conv's and the norms' training kernels,
+# the per-document SDPA MLA prefill).
 ENTRIES = [
     ("kimi_linear.ops.kda:chunk_kda", ("kimi_linear.ops.kda.chunk", "chunk_kda"),
      ("kimi_linear.ops.kda", "naive_chunk_kda"), lambda d: [_t(d, 1, 2, 1, 4)] * 4 + [_t(d, 1, 2, 1)], "kernel"),
@@ -43,7 +44,7 @@ ENTRIES = [
      ("kimi_linear.ops.kda", "naive_recurrent_kda"), lambda d: [_t(d, 1, 2, 1, 4)] * 4 + [_t(d, 1, 2, 1)], "kernel"),
     ("kimi_linear.ops.conv:causal_conv1d", ("kimi_linear.ops.conv.short_conv", "causal_conv1d"),
      ("kimi_linear.ops.conv", "naive_causal_conv1d"), lambda d: [_t(d, 3, 4), _t(d, 4, 2)],
-     ("kimi_linear.ops.conv", "causal_conv1d_varlen")),
+     ("kimi_linear.ops.conv.short_conv_train", "causal_conv1d_train")),
     ("kimi_linear.ops.mla:mla_prefill", ("kimi_linear.ops.mla.prefill", "mla_prefill"),
      ("kimi_linear.ops.mla", "naive_mla_prefill"),
      lambda d: [_t(d, 2, 1, 8), _t(d, 2, 8), None, None, [2], [0], _t(d, 8, 4), 4, 0.5],
@@ -54,9 +55,11 @@ ENTRIES = [
     ("kimi_linear.ops.mla:write_latent_cache", ("kimi_linear.ops.mla.cache_write", "write_latent_cache"),
      ("kimi_linear.ops.mla", "write_latent"), lambda d: [_t(d, 2, 4, 8), _t(d, 1), _t(d, 1, 8)], "kernel"),
     ("kimi_linear.ops.norm:fused_rms_norm", ("kimi_linear.ops.norm.rmsnorm", "fused_rms_norm"),
-     ("kimi_linear.ops.norm", "naive_fused_rms_norm"), lambda d: [_t(d, 2, 8), _t(d, 8), 1e-6], "naive"),
+     ("kimi_linear.ops.norm", "naive_fused_rms_norm"), lambda d: [_t(d, 2, 8), _t(d, 8), 1e-6],
+     ("kimi_linear.ops.norm.rmsnorm_train", "rms_norm_train")),
     ("kimi_linear.ops.norm:fused_gated_rms_norm", ("kimi_linear.ops.norm.gated_norm", "fused_gated_rms_norm"),
-     ("kimi_linear.ops.norm", "gated_rms_norm"), lambda d: [_t(d, 2, 1, 8), _t(d, 2, 1, 8), _t(d, 8), 1e-6], "naive"),
+     ("kimi_linear.ops.norm", "gated_rms_norm"), lambda d: [_t(d, 2, 1, 8), _t(d, 2, 1, 8), _t(d, 8), 1e-6],
+     ("kimi_linear.ops.norm.gated_norm_train", "gated_rms_norm_train")),
     ("kimi_linear.ops.moe:select_experts", ("kimi_linear.ops.moe.routing", "fused_sigmoid_grouped_topk"),
      ("kimi_linear.ops.moe", "sigmoid_grouped_topk"), lambda d: [_t(d, 2, 8), _t(d, 4, 8), _t(d, 4), 2], "naive"),
     ("kimi_linear.ops.moe:fused_experts", ("kimi_linear.ops.moe.fused_moe", "fused_moe"),

@@ -79,3 +79,20 @@ def test_bad_inputs_fail_clearly():
         linear_cross_entropy(h, w, torch.tensor([0, 1]))
     with pytest.raises(OpError, match="weight"):
         linear_cross_entropy(h, torch.randn(5, 3), torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("V", [50, 9000])  # one block of the row, and several with a ragged last one
+def test_kernel_path_matches_full_logits(monkeypatch, V, device):
+    """The Triton chunk step (`softmax_grad.py`; compiled on CUDA, the interpreter on the CPU): loss and both
+    gradients against the full fp32 logits on the CPU."""
+    monkeypatch.setenv("KIMI_LINEAR_TRITON_ON_CPU", "1")
+    N, D = 11, 8
+    gen = torch.Generator().manual_seed(5)
+    h, w = torch.randn(N, D, generator=gen), torch.randn(V, D, generator=gen)
+    y = torch.randint(0, V, (N,), generator=gen)
+    y[1] = -100
+    ref = _run(naive_linear_cross_entropy, h, w, y)
+    got = [t.cpu() for t in _run(linear_cross_entropy, h.to(device), w.to(device), y.to(device), chunk=3)]
+    assert_close("loss_sum (kernel)", ref[0], got[0], 1e-6)
+    assert_close("grad hidden (kernel)", ref[2], got[2], 1e-5)
+    assert_close("grad weight (kernel)", ref[3], got[3], 1e-5)

@@ -2,9 +2,10 @@
 
 Public entry: `causal_conv1d`, which runs the Triton kernel (`short_conv.py`, imported on first use:
 importing the package never needs triton) or the naive reference (`naive.naive_causal_conv1d`), see
-`ops/dispatch.py`. The kernel has no backward: when autograd needs x or the weight, a pass without a
-state pool (training) runs the vectorised torch form (`varlen.causal_conv1d_varlen`, on any device),
-one with a state pool the naive form.
+`ops/dispatch.py`. The inference kernel has no backward: when autograd needs x or the weight, a pass
+without a state pool (training) runs the Triton training kernels with their own backward
+(`short_conv_train.causal_conv1d_train`) on a kernel device, the vectorised torch form
+(`varlen.causal_conv1d_varlen`) elsewhere; one with a state pool the naive form.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tenso
     """
     if training_forms(x, weight):
         if conv_state is None and state_indices is None:
+            if use_triton(x) and weight.shape[-1] <= 4:
+                from kimi_linear.ops.conv.short_conv_train import causal_conv1d_train
+
+                return causal_conv1d_train(x, weight, cu_seqlens, activation)
             return causal_conv1d_varlen(x, weight, cu_seqlens, activation)
         return naive_causal_conv1d(x, weight, conv_state, cu_seqlens, state_indices, activation)
     if use_triton(x):

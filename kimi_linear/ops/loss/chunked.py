@@ -11,6 +11,10 @@ the sum over chunks in fp32). The forward thus does all the
 matmuls that a forward plus backward would (3 x N x D x V), stores d_hidden [N, D] and d_weight [V, D]
 (only for the inputs that need them) instead of the logits, and the backward scales them by the
 incoming gradient. Peak extra memory is two [chunk, V] buffers.
+On a kernel device (CUDA) the chunk's cross-entropy and softmax - onehot run as one Triton launch in
+place on the compute-dtype logits (`softmax_grad.py`; no fp32 copy, so the chunk holds twice the rows
+in the same bytes), and each chunk's d_weight product accumulates straight into the fp32 sum
+(`torch.addmm(out_dtype=float32)`, falling back to product-then-add where torch lacks it).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from kimi_linear.errors import OpError
+from kimi_linear.ops.dispatch import use_triton
 
 # Rows per chunk: the fp32 logits of one chunk take about this many bytes (2 GiB at 4096 x 163840 x 4
 # would be too much; 256 MiB gives ~400 rows at the real vocabulary).
@@ -47,6 +52,25 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
         raise OpError(f"linear_cross_entropy: labels must be an integer tensor, got {labels.dtype}")
 
 
+_ADDMM_FP32: list[bool] = []  # whether torch.addmm(out_dtype=float32) serves bf16 operands here (tried once)
+
+
+def _accumulate(dw: torch.Tensor, d: torch.Tensor, hc: torch.Tensor) -> torch.Tensor:
+    """dw (fp32) + d^T @ hc, the product in the compute dtype of d and hc with fp32 accumulation."""
+    if d.dtype == torch.float32:
+        return dw.addmm_(d.t(), hc)
+    if dw.is_cuda and _ADDMM_FP32 != [False]:
+        try:  # one GEMM that reads and writes dw in fp32 (no bf16 product, no fp32 copy of it, no add)
+            with torch.autocast(dw.device.type, enabled=False):  # never let autocast cast the fp32 sum
+                out = torch.addmm(dw, d.t(), hc, out_dtype=torch.float32)
+            if not _ADDMM_FP32:
+                _ADDMM_FP32.append(True)
+            return out
+        except (RuntimeError, TypeError):
+            _ADDMM_FP32[:] = [False]
+    return dw.add_((d.t() @ hc).float())
+
+
 def _chunks(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int, dtype: torch.dtype,
             grad_h: bool, grad_w: bool):
     """Loss sum and (d_hidden [n, D] in dtype, d_weight [V, D] fp32) of the rows h [n, D] with targets y."""
@@ -55,24 +79,30 @@ def _chunks(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int, dtype
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     dh = torch.empty(n, h.shape[1], dtype=dtype, device=h.device) if grad_h else None
     dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grad_w else None
+    kernel = (grad_h or grad_w) and use_triton(h)
+    if kernel:  # the chunk's logits exist only in the compute dtype: twice the rows in the same bytes
+        from kimi_linear.ops.loss.softmax_grad import softmax_xent_
+
+        chunk = chunk * 4 // torch.empty((), dtype=dtype).element_size()
     for s in range(0, n, chunk):
         hc = h[s:s + chunk].to(dtype)
         yc = y[s:s + chunk]
-        logits = (hc @ wc.t()).float()  # [c, V]
-        lse = torch.logsumexp(logits, dim=-1)
-        loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-        if not (grad_h or grad_w):
-            continue
-        d = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-        d[torch.arange(d.shape[0], device=d.device), yc] -= 1.0
-        d = d.to(dtype)
+        if kernel:
+            d = hc @ wc.t()  # [c, V] in the compute dtype, overwritten with softmax - onehot
+            loss += softmax_xent_(d, yc).sum()
+        else:
+            logits = (hc @ wc.t()).float()  # [c, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if not (grad_h or grad_w):
+                continue
+            d = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            d[torch.arange(d.shape[0], device=d.device), yc] -= 1.0
+            d = d.to(dtype)
         if grad_h:
             dh[s:s + chunk] = d @ wc
         if grad_w:
-            if dtype == torch.float32:
-                dw.addmm_(d.t(), hc)
-            else:  # the chunk's product in the compute dtype (fp32 accumulation inside), summed in fp32
-                dw += (d.t() @ hc).float()
+            dw = _accumulate(dw, d, hc)
     return loss, dh, dw
 
 

@@ -2,9 +2,12 @@
 
 Each document attends only to itself, from its first token (no cache): the latents are expanded
 through kv_b_proj into per-head keys [k_nope ; k_pe] and values, then
-`torch.nn.functional.scaled_dot_product_attention(is_causal=True)` runs per document, so torch picks its
-fused attention kernels (flash / memory-efficient / cuDNN on CUDA) and autograd their backward. The
-per-document launches cost one host loop over the documents (their lengths are host lists already).
+`torch.nn.functional.scaled_dot_product_attention(is_causal=True)` runs per document on 4-D
+[1, H, n, D] views, so torch picks its fused attention kernels (memory-efficient / cuDNN on CUDA; flash
+needs equal q and v head dims) and autograd their backward: only the output and the log-sum-exp are kept,
+never the [H, n, n] attention matrix. (3-D inputs would send every call to the fp32 math fallback, which
+materialises the scores in fp32 and saves them.) The per-document launches cost one host loop over the
+documents (their lengths are host lists already); one document is one call.
 Same shapes and result as `naive.naive_mla_prefill` without a cache; output in q's dtype.
 """
 
@@ -38,10 +41,10 @@ def mla_prefill_sdpa(q: torch.Tensor, latent: torch.Tensor, query_lens: list[int
         if n == 0:
             continue
         sl = slice(start, start + n)
-        o = F.scaled_dot_product_attention(qc[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
-                                           is_causal=True, scale=scale)
-        outs.append(o.transpose(0, 1))
+        o = F.scaled_dot_product_attention(qc[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None],
+                                           v[sl].transpose(0, 1)[None], is_causal=True, scale=scale)
+        outs.append(o[0].transpose(0, 1))
         start += n
     if not outs:
         return q.new_zeros(0, H, v_head_dim)
-    return torch.cat(outs, 0).to(q.dtype)
+    return (outs[0].contiguous() if len(outs) == 1 else torch.cat(outs, 0)).to(q.dtype)

@@ -19,11 +19,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kimi_linear.ops.moe.logits import fp32_logits
+
 
 def router_scores(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
-    """sigmoid(x @ gate_weight^T) [N, E] in fp32, also under autocast (the router's logits stay fp32)."""
-    with torch.autocast(x.device.type, enabled=False):
-        return torch.sigmoid(x.float() @ gate_weight.float().t())
+    """sigmoid(x @ gate_weight^T) [N, E] in fp32, also under autocast (the router's logits stay fp32;
+    `logits.fp32_logits` keeps x in its own dtype for the backward)."""
+    return torch.sigmoid(fp32_logits(x, gate_weight))
 
 
 def sigmoid_grouped_topk(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,

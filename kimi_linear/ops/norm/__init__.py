@@ -1,10 +1,14 @@
 """Normalisation ops: RMSNorm (with the residual add / MoE branch sum / latent tail folded in), the KDA
 gated output norm, L2 norm.
 
-Public entries (each runs the Triton kernel or the naive reference, `ops/dispatch.py`; the kernels have
-no backward, so under autograd the naive forms run):
-- `fused_rms_norm`: `rmsnorm.py` / `naive.naive_fused_rms_norm`;
-- `fused_gated_rms_norm`: `gated_norm.py` / `naive.gated_rms_norm`.
+Public entries (each runs the Triton kernel or the naive reference, `ops/dispatch.py`; the inference
+kernels have no backward):
+- `fused_rms_norm`: `rmsnorm.py` / `naive.naive_fused_rms_norm`; for the training forms (autograd, or
+  autocast: `dispatch.training_forms`) on a kernel device a
+  plain [N, D] norm, with or without the residual add, runs the differentiable training kernels
+  (`rmsnorm_train.py`, whose output is in the autocast dtype under autocast), anything else the naive form;
+- `fused_gated_rms_norm`: `gated_norm.py` / `naive.gated_rms_norm`; for the training forms on a kernel device the
+  differentiable training kernel (`gated_norm_train.py`).
 `rms_norm`, `gated_rms_norm` and `l2norm` are the references. The kernels are imported on first use:
 importing the package never needs triton.
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kimi_linear.ops.dispatch import use_kernel
+from kimi_linear.ops.dispatch import training_forms, use_kernel, use_triton
 from kimi_linear.ops.norm.naive import gated_rms_norm, l2norm, naive_fused_rms_norm, rms_norm
 
 __all__ = ["fused_rms_norm", "fused_gated_rms_norm", "rms_norm", "gated_rms_norm", "l2norm", "naive_fused_rms_norm"]
@@ -30,6 +34,13 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
     is also stored at flat row slots[n] of dst (negative = skip).
     Returns y [..., D + tail] in promote(weight, x) dtype; with `residual` the pair (y, new residual stream).
     """
+    if (branch_weights is None and not tail and scatter is None and x.dim() == 2 and use_triton(x)
+            and training_forms(x, weight, residual)):
+        from kimi_linear.ops.norm.rmsnorm_train import rms_norm_train
+
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        return rms_norm_train(x, weight, eps, residual=residual, out_dtype=out_dtype)
     if use_kernel(x, weight, residual, branch_weights):
         from kimi_linear.ops.norm.rmsnorm import fused_rms_norm as kernel
 
@@ -42,6 +53,10 @@ def fused_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tens
 
     x, gate: [N, H, K] (unit last stride on the kernel path); weight: [K] shared by all heads.
     """
+    if use_triton(x) and training_forms(x, gate, weight):
+        from kimi_linear.ops.norm.gated_norm_train import gated_rms_norm_train
+
+        return gated_rms_norm_train(x, gate, weight, eps)
     if use_kernel(x, gate, weight):
         from kimi_linear.ops.norm.gated_norm import fused_gated_rms_norm as kernel
 
