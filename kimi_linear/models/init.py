@@ -93,3 +93,5 @@ def init_weights(model, seed: int = 0) -> None:
             p.copy_(q)
             scale.copy_(s)
         del value
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the fp32 transients must not count as the engine's memory when it sizes the cache
