@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import copy_bandwidth
 from benchmarks.engine_decode import Timer, parse_count, run_variant
+from kimi_linear.ops.quant.fallback import fallbacks
 from kimi_linear.tools.presets import preset_config
 
 GiB = 1024 ** 3
@@ -47,7 +48,7 @@ def engine_info(engine, prompts: torch.Tensor) -> dict:
         logits = model(prompts.to(runner.device)).float().cpu()
     used = torch.cuda.memory_reserved(runner.device) if runner.device.type == "cuda" else 0
     return {"weight_bytes": weights, "kv_cache_dtype": str(runner.kv_cache_dtype).removeprefix("torch."),
-            "latent_bytes_per_token": sum(s.bytes_per_token for s in runner.cache.specs if s.paged),
+            "latent_bytes_per_token": sum(s.bytes_per_token for s in runner.cache.specs if s is not None and s.paged),
             "token_capacity": runner.sizing.token_capacity, "reserved_bytes": used, "logits": logits}
 
 
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
             a = report[f"{k}_vs_bf16_logits"]
             print(f"logits {k} vs bf16 ({B}x{T} prompt positions): greedy agreement {a['greedy_agreement']:.3f}, "
                   f"mean KL {a['mean_kl']:.4f}, relative error {a['logit_rel_err']:.4f}")
+    report["fallbacks"] = fallbacks()
+    print(f"FP8 fast paths that fell back: {report['fallbacks'] or 'none'}")
     for path in ([os.path.join(os.environ["OUT"], "fp8.json")] if os.environ.get("OUT") else []) + \
             ([args.json] if args.json else []):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -418,19 +418,33 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     P = N * k
     direct = tiles is None and P <= DIRECT_MAX_PAIRS
     t = tiles or (DIRECT_TILES if direct else pick_tiles(P, E))
+    a_fp8 = w_fp8 and (not direct if act_fp8 is None else act_fp8)
+    if a_fp8 and act_fp8 is None:  # the FP8 x FP8 MMAs by default: weight-only if they cannot compile here
+        from kimi_linear.ops.quant.fallback import first_try
+
+        def run(a8: bool):
+            return _launch(x, w13, w2, topk_weights, topk_ids, t, direct, N, D, E, I, k, w13_scale, w2_scale,
+                           block, w_fp8, a8, reduce)
+
+        return first_try("fused_moe_a8", lambda: run(True), lambda: run(False))
+    return _launch(x, w13, w2, topk_weights, topk_ids, t, direct, N, D, E, I, k, w13_scale, w2_scale, block,
+                   w_fp8, a_fp8, reduce)
+
+
+def _launch(x, w13, w2, topk_weights, topk_ids, t: MoETiles, direct: bool, N, D, E, I, k, w13_scale, w2_scale,
+            block, w_fp8: bool, a_fp8: bool, reduce: bool):
     BM = t.block_m
     E_P = triton.next_power_of_2(E)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     if direct:
         sorted_pairs = start = count = topk_ids  # unused in direct mode
-        num_m = P
-        R = P
+        num_m = N * k
+        R = N * k
     else:
         sorted_pairs, start, count = moe_align(topk_ids, E, BM)
         R = sorted_pairs.numel()
         num_m = triton.cdiv(R, BM)
-
-    a_fp8 = w_fp8 and (not direct if act_fp8 is None else act_fp8)
+    P = N * k
     q = _fp8_launch(w_fp8, a_fp8, block)
     x_in, xs = x, x
     if a_fp8:
