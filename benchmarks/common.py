@@ -113,3 +113,49 @@ def import_fla(module: str):
     except Exception as e:  # not installed, or broken
         print(f"fla not available: {e!r}", flush=True)
         return None
+
+
+class CompileLog:
+    """Counts Triton JIT compilations (kernel name and seconds) through Triton's runtime hooks, so a
+    benchmark can tell a one-time compile from a steady cost: `log = CompileLog.install()`, then
+    `log.take()` returns and clears [(kernel, seconds), ...] since the last take. Inert (empty) until
+    `install()` and where the installed Triton has no such hooks."""
+
+    def __init__(self):
+        self._events: list[tuple[str, float]] = []
+        self._t0: float | None = None
+
+    def install(self) -> "CompileLog":
+        try:
+            from triton import knobs
+        except ImportError:
+            return self
+
+        def before(**kw):
+            self._t0 = time.perf_counter()
+            return False  # never skip the compile
+
+        def after(**kw):
+            fn = kw.get("fn")
+            name = getattr(fn, "name", None) or str(kw.get("repr", "?")).split("[")[0]
+            self._events.append((name, time.perf_counter() - self._t0 if self._t0 else 0.0))
+            self._t0 = None
+
+        knobs.runtime.jit_cache_hook = before
+        knobs.runtime.jit_post_compile_hook = after
+        return self
+
+    def take(self) -> list[tuple[str, float]]:
+        out, self._events = self._events, []
+        return out
+
+    @staticmethod
+    def summary(events: list[tuple[str, float]]) -> str:
+        if not events:
+            return "0 compiles"
+        by: dict[str, list[float]] = {}
+        for name, s in events:
+            by.setdefault(name, []).append(s)
+        top = sorted(by.items(), key=lambda kv: -sum(kv[1]))[:6]
+        return (f"{len(events)} compiles, {sum(s for _, s in events):.1f} s: "
+                + ", ".join(f"{n} x{len(v)} {sum(v):.1f}s" for n, v in top))

@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from benchmarks.common import log
+from benchmarks.common import CompileLog, log
 from kimi_linear import LLM, SamplingParams
 from kimi_linear.tools.presets import preset_config
 
@@ -106,8 +106,11 @@ def run_ttft(llm, mode: str, args, device: str) -> list[dict]:
         r = chat_turns(engine, f"ttft{C}", context, args, vocab, C, device)
         after = engine.stats()
         r.update(mode=mode, computed_tokens=after.num_scheduled_tokens - before.num_scheduled_tokens)
+        compiles = COMPILES.take()
+        r["compiles"] = len(compiles)
+        r["compile_s"] = sum(s for _, s in compiles)
         log(f"[{mode}] context {C}: turn-1 TTFT {r['ttft1_s'] * 1e3:.1f} ms, turn-2 TTFT {r['ttft2_s'] * 1e3:.1f} ms "
-            f"({r['cached2']} of {r['prompt2']} prompt tokens cached)")
+            f"({r['cached2']} of {r['prompt2']} prompt tokens cached); {CompileLog.summary(compiles)}")
         rows.append(r)
     return rows
 
@@ -120,7 +123,8 @@ def run_multiturn(llm, mode: str, args, device: str) -> dict:
     params = SamplingParams(temperature=0, max_tokens=args.answer, ignore_eos=True)
     before = engine.stats()
     prompt_tokens = generated = 0
-    turn_s = []
+    turn_s, turn_compile_s = [], []
+    COMPILES.take()
     sync(device)
     t0 = time.perf_counter()
     for turn in range(args.turns):
@@ -132,10 +136,13 @@ def run_multiturn(llm, mode: str, args, device: str) -> dict:
         generated += sum(len(o.outputs[0].token_ids) for o in outs)
         convs = [c + list(o.outputs[0].token_ids) + random_tokens(args.msg, 5000 + 100 * turn + i, vocab)
                  for i, (c, o) in enumerate(zip(convs, outs))]
-        log(f"[{mode}] multiturn turn {turn + 1}/{args.turns}: {turn_s[-1]:.2f} s")
+        compiles = COMPILES.take()
+        turn_compile_s.append(sum(s for _, s in compiles))
+        log(f"[{mode}] multiturn turn {turn + 1}/{args.turns}: {turn_s[-1]:.2f} s; {CompileLog.summary(compiles)}")
     wall = time.perf_counter() - t0
     after = engine.stats()
     res = {"mode": mode, "conversations": args.conversations, "turns": args.turns, "wall_s": wall, "turn_s": turn_s,
+           "turn_compile_s": turn_compile_s,
            "prompt_tokens": prompt_tokens, "generated_tokens": generated,
            "computed_tokens": after.num_scheduled_tokens - before.num_scheduled_tokens,
            "cached_tokens": after.prefix_cache_hits - before.prefix_cache_hits,
@@ -144,6 +151,9 @@ def run_multiturn(llm, mode: str, args, device: str) -> dict:
     log(f"[{mode}] multiturn: {wall:.2f} s, {res['output_tok_per_s']:.1f} output tok/s, "
         f"{res['computed_tokens']} tokens computed for {prompt_tokens} prompt tokens, {res['cached_tokens']} cached")
     return res
+
+
+COMPILES = CompileLog()  # installed by main(): Triton compiles per part and turn, to tell one-time costs from steady ones
 
 
 def warm_up(llm, args, device: str) -> None:
@@ -207,10 +217,10 @@ def print_summary(report: dict) -> None:
     print("\nmode  context  prompt-2  cached-2  turn-1 TTFT ms  turn-2 TTFT ms")
     for r in report["ttft"]:
         t1 = f"{r['ttft1_s'] * 1e3:.1f}" if r.get("ttft1_s") else "-"
-        print(f"{r['mode']:<5} {r['context']:>8} {r['prompt2']:>9} {r['cached2']:>9} {t1:>15} "
+        print(f"{r['mode'] + ('#' + str(r['repeat'] + 1) if r.get('repeat') else ''):<5} {r['context']:>8} {r['prompt2']:>9} {r['cached2']:>9} {t1:>15} "
               f"{r['ttft2_s'] * 1e3:>15.1f}")
     for r in report["multiturn"]:
-        print(f"multiturn {r['mode']:<4}: {r['conversations']} conversations x {r['turns']} turns in "
+        print(f"multiturn {r['mode'] + ('#' + str(r['repeat'] + 1) if r.get('repeat') else ''):<4}: {r['conversations']} conversations x {r['turns']} turns in "
               f"{r['wall_s']:.2f} s, {r['total_tok_per_s']:.0f} tok/s (prompt + output), "
               f"{r['output_tok_per_s']:.1f} output tok/s, {r['computed_tokens']} tokens computed")
     q = report["ratios"]
@@ -268,9 +278,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the parts this many times per engine (the cache reset between): the first run "
+                         "pays the one-time Triton compiles, which are logged per part and turn")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="print the summary and ratios of earlier runs' JSON "
                                                                "files (e.g. one per mode) and write them merged")
     args = ap.parse_args(argv)
+    COMPILES.install()
     if args.merge:
         return merge(args)
     defaults = dict(preset="48b-a3b", dtype="bfloat16", contexts="32K,128K", msg=128, answer=128, conversations=64,
@@ -324,16 +338,21 @@ def main(argv: list[str] | None = None) -> dict:
                     report["errors"].append({"mode": mode, "part": "warmup", "error": repr(e)})
                     log(f"[{mode}] warm-up failed: {e!r}")
                     continue
-                for part in parts:
-                    try:
-                        if part == "ttft":
-                            report["ttft"] += run_ttft(llm, mode, args, args.device)
-                        else:
-                            report["multiturn"].append(run_multiturn(llm, mode, args, args.device))
-                    except Exception as e:
-                        report["errors"].append({"mode": mode, "part": part, "error": repr(e)})
-                        log(f"[{mode}] {part} failed: {e!r}")
-                    save(report, args)
+                log(f"[{mode}] warm-up: {CompileLog.summary(COMPILES.take())}")
+                for rep in range(args.repeat):
+                    if rep:  # the same part again, cold cache, warm kernels
+                        llm.llm_engine.reset_prefix_cache()
+                    for part in parts:
+                        try:
+                            if part == "ttft":
+                                rows = run_ttft(llm, mode, args, args.device)
+                                report["ttft"] += [dict(r, repeat=rep) for r in rows]
+                            else:
+                                report["multiturn"].append(dict(run_multiturn(llm, mode, args, args.device), repeat=rep))
+                        except Exception as e:
+                            report["errors"].append({"mode": mode, "part": part, "error": repr(e)})
+                            log(f"[{mode}] {part} failed: {e!r}")
+                        save(report, args)
             finally:
                 release(llm, args.device)
     save(report, args)

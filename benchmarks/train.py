@@ -123,7 +123,7 @@ IMPLS = {"ours": build_ours, "peer": build_peer}
 
 # ---------------------------------------------------------------- one measurement
 def measure(impl: str, cfg_dict: dict, seq_len: int, device: torch.device, steps: int, warmup: int,
-            grad_checkpointing: bool) -> dict:
+            grad_checkpointing: bool, profile: int = 0) -> dict:
     model, loss_fn = IMPLS[impl](copy.deepcopy(cfg_dict), device, grad_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
@@ -151,6 +151,8 @@ def measure(impl: str, cfg_dict: dict, seq_len: int, device: torch.device, steps
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
+    if profile:
+        print_profile(step, impl, seq_len, profile)
     sec = statistics.median(times)
     tps = seq_len / sec
     config = ModelConfig.from_dict(cfg_dict)
@@ -162,14 +164,32 @@ def measure(impl: str, cfg_dict: dict, seq_len: int, device: torch.device, steps
     return result
 
 
+def print_profile(step, impl: str, seq_len: int, top: int) -> None:
+    """One more step under torch.profiler: the `top` kernels by total device time, and the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events)
+    log(f"profile {impl} seq {seq_len}: device time {total / 1e3:.1f} ms in {sum(e.count for e in events)} kernels")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        log(f"  {e.self_device_time_total / 1e3:8.2f} ms {100 * e.self_device_time_total / max(total, 1):5.1f}% "
+            f"x{e.count:<5} {e.key[:110]}")
+
+
 def run_row(name: str, cfg_dict: dict, seq_len: int, device: torch.device, args) -> dict:
     config = ModelConfig.from_dict(cfg_dict)
     row = {"row": name, "seq_len": seq_len, "params_b": config.num_parameters() / 1e9,
            "flops_per_token": flops_per_token(config, seq_len)}
     for impl in ("ours", "peer"):
+        if impl not in args.impls:
+            row[impl] = {"error": "not run (--impls)"}
+            continue
         log(f"{name}: {impl} ...")
         try:
-            row[impl] = measure(impl, cfg_dict, seq_len, device, args.steps, args.warmup, args.grad_checkpointing)
+            row[impl] = measure(impl, cfg_dict, seq_len, device, args.steps, args.warmup, args.grad_checkpointing,
+                                args.profile)
         except torch.cuda.OutOfMemoryError as e:
             row[impl] = {"error": f"OOM: {str(e).splitlines()[0]}"}
         except Exception as e:  # a missing kernel, a peer incompatibility: report it and go on
@@ -225,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     p.add_argument("--out", default=None, help="write the results as JSON")
     p.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
+    p.add_argument("--impls", default="ours,peer", help="which implementations to run (ours, peer)")
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="after the timed steps, profile one more step and print the K costliest kernels")
     args = p.parse_args(argv)
+    args.impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    if not args.impls or set(args.impls) - set(IMPLS):
+        p.error(f"--impls takes a comma-separated subset of {', '.join(IMPLS)}")
     if args.smoke:
         rows, args.steps, args.warmup = SMOKE_ROWS, 2, 1
         device = torch.device(args.device or "cpu")
