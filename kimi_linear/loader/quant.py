@@ -4,7 +4,7 @@ the loader (`loader/safetensors.py`) applies through a `QuantLoadPlan`.
 - Serialized FP8 checkpoints (`loader/quant_config.py` accepted their `quantization_config`): a module is
   FP8 when its weight tensor is float8_e4m3fn in the checkpoint (its header tells, before anything is
   allocated); everything else stays as the checkpoint has it. A float8 weight needs its scale
-  (`weight_scale` [N, 1] per channel or [1] per tensor, stored repeated per channel; `weight_scale_inv`
+  (`weight_scale` [N, 1] (or [N]) per channel or [1] per tensor, stored repeated per channel; `weight_scale_inv`
   [ceil(N / BN), ceil(K / BK)] per block): a missing one is a "missing tensor" error naming it, a scale
   of the wrong shape or dtype, non-finite or not positive, a "malformed scale" error naming it. Modules
   the model keeps in its dtype (`models/quant.KEEP_PLAIN`: kv_b_proj, routers, embedding) are
@@ -101,7 +101,8 @@ class QuantLoadPlan:
 
     def accepts_shape(self, name: str, got: tuple, shape: tuple) -> bool:
         """A per-tensor compressed-tensors scale ([] or [1]) where the model stores one per channel."""
-        return name.endswith("weight_scale") and got in ((), (1,)) and len(shape) == 2 and shape[1] == 1
+        return (name.endswith("weight_scale") and len(shape) == 2 and shape[1] == 1
+                and got in ((), (1,), (shape[0],)))
 
     def convert(self, name: str, t: torch.Tensor, dst: torch.Tensor, index, shape: tuple, params: dict,
                 pname: str, file: str) -> tuple[torch.Tensor | None, str | None]:
@@ -147,8 +148,11 @@ class QuantLoadPlan:
             N, K = wshape
             expected = (N, 1) if block is None else (-(-N // block[0]), -(-K // block[1]))
         s = s.float()
-        if tuple(s.shape) in ((), (1,)) and len(expected) == 2 and expected[1] == 1 and block is None:
-            s = s.reshape(1, 1).expand(expected[0], 1)
+        if len(expected) == 2 and expected[1] == 1 and block is None:
+            if tuple(s.shape) in ((), (1,)):  # per tensor
+                s = s.reshape(1, 1).expand(expected[0], 1)
+            elif tuple(s.shape) == (expected[0],):  # per channel, stored 1-D
+                s = s.reshape(expected[0], 1)
         if tuple(s.shape) != tuple(expected):
             raise CheckpointError(f"malformed scale {name} in {file}: shape {list(s.shape)}, expected "
                                   f"{list(expected)}", tensor=name, file=file)
