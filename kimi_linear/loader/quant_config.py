@@ -56,7 +56,7 @@ def _want(cfg: dict, key: str, allowed, where: str, required: bool = True):
 
 
 def _compressed_tensors(q: dict) -> QuantScheme:
-    fmt = _want(q, "format", CT_FORMATS, KEY)
+    _want(q, "format", CT_FORMATS, KEY)
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise ConfigError(f"{KEY}.config_groups", f"must be a non-empty object of quantization groups, got {groups!r}")
@@ -95,7 +95,6 @@ def _compressed_tensors(q: dict) -> QuantScheme:
     ignore = q.get("ignore") or []
     if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
         raise ConfigError(f"{KEY}.ignore", f"must be a list of module names, got {ignore!r}")
-    del fmt
     return QuantScheme("compressed-tensors", None, tuple(ignore))
 
 

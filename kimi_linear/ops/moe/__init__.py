@@ -6,6 +6,8 @@ no backward, so under autograd the naive forms run; both never sync with the hos
 - `fused_experts`: the routed experts, plus shared experts folded into the stacks (`fused_moe.py` /
   `naive.naive_fused_experts`). Under autograd: torch's differentiable grouped GEMM
   (`grouped.grouped_moe_experts`) where it serves (CUDA, bf16 compute), else the naive expert loop.
+FP8 expert stacks (float8_e4m3fn with fp32 scales) take `fused_experts(..., w13_scale=, w2_scale=, block=)`:
+the kernel reads the fp8 bytes, the naive path runs the dequantized experts.
 `sigmoid_grouped_topk` and `naive_moe_experts` are the references; `router_scores` (the fp32 sigmoid
 scores, also under autocast) feeds the training balance loss. The kernels are imported on first use:
 importing the package never needs triton.

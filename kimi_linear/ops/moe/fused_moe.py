@@ -21,6 +21,13 @@ Row tiles past expert_start[E] exit at once. Expert ids must lie in [0, E) (not 
 Direct mode (P <= DIRECT_MAX_PAIRS, the decode case): no align launch; row tile p is pair p alone, its
 expert read from topk_ids[p], h and y indexed by pair (duplicate experts are read once per pair).
 `reduce=False` returns the unweighted [N, k, D] pair outputs instead of launching the sum.
+FP8 stacks (float8_e4m3fn w13 / w2 with fp32 scales per output row or per block, `fused_moe(w13_scale=,
+w2_scale=, block=)`): the GEMM kernels read the fp8 bytes. Weight-only (decode, direct mode): each weight
+tile is upcast in registers to x's dtype and the per-row scales multiply the accumulator at the end (block
+scales: each K tile's partial product, BLOCK_K dividing the block width). FP8 x FP8 (prefill): x and h are
+quantized per token first (`_per_token_fp8`, torch ops, no sync) and the per-token scales join the weight
+scales on the accumulator. If the FP8 x FP8 kernels cannot be compiled here, weight-only serves instead
+(`ops/quant/fallback.py`, logged once).
 """
 
 from __future__ import annotations
