@@ -16,7 +16,9 @@ counts the bytes a step must move in the parameters' own dtypes):
 3. "fp8-kv8": engine 1 with `kv_cache_dtype="fp8"` (float8_e4m3fn latent cache, half the bytes).
 Logits of a fixed prompt set (random ids, seeded) come from the fp8 and bf16 engines' models (`model(ids)`,
 no cache); reported: greedy agreement, mean KL(bf16 || fp8) and the relative logit error of FP8 vs bf16.
-The floor is bytes / copy bandwidth measured in the same run (benchmarks/common.py).
+The floor is bytes / copy bandwidth measured in the same run (benchmarks/common.py). First, the decode GEMMs
+of the shape alone (M = 1: bf16 cuBLAS vs the FP8 path, the decode MoE bf16 vs FP8) as fractions of that
+bandwidth, a guide for the kernels' tuning.
 """
 
 from __future__ import annotations
@@ -55,6 +57,54 @@ def engine_info(engine, prompts: torch.Tensor | None) -> dict:
             "token_capacity": runner.sizing.token_capacity, "reserved_bytes": used, "logits": logits}
 
 
+def decode_gemms(base: dict, bandwidth: float, device="cuda", bench=None) -> list[dict]:
+    """Batch-1 decode GEMMs of the shape, bf16 F.linear (cuBLAS) vs the FP8 path (`ops.quant.fp8_linear`), and the
+    decode MoE (k routed + the shared expert) bf16 vs FP8: ms each and the fraction of the copy bandwidth their
+    weight bytes reach (CUDA only; a guide for the kernels' tuning)."""
+    from benchmarks.common import bench_ms
+    from kimi_linear.ops.moe.fused_moe import fused_moe
+
+    bench_ms = bench or bench_ms
+    from kimi_linear.ops.quant import fp8_linear, quantize_fp8
+
+    D, H, K = base["hidden_size"], base["linear_attn_config"]["num_heads"], base["linear_attn_config"]["head_dim"]
+    Hm = base["num_attention_heads"]
+    mla_in = Hm * (base["qk_nope_head_dim"] + base["qk_rope_head_dim"]) + base["kv_lora_rank"] + base["qk_rope_head_dim"]
+    shapes = {"kda in": (3 * H * K + 2 * K + H, D), "mla in": (mla_in, D), "o_proj": (D, H * K),
+              "dense gate_up": (2 * base["intermediate_size"], D), "dense down": (D, base["intermediate_size"])}
+    rows = []
+    x = torch.randn(1, D, device=device, dtype=torch.bfloat16)
+    for name, (N, Kd) in shapes.items():
+        w = torch.randn(N, Kd, device=device, dtype=torch.bfloat16) / Kd ** 0.5
+        q, sc = quantize_fp8(w)
+        xi = torch.randn(1, Kd, device=device, dtype=torch.bfloat16)
+        t_bf = bench_ms(lambda: torch.nn.functional.linear(xi, w))
+        t_f8 = bench_ms(lambda: fp8_linear(xi, q, sc))
+        rows.append({"gemm": name, "N": N, "K": Kd, "bf16_ms": t_bf, "fp8_ms": t_f8,
+                     "bf16_bw_frac": 2 * N * Kd / (t_bf * 1e-3) / bandwidth, "fp8_bw_frac": N * Kd / (t_f8 * 1e-3) / bandwidth})
+    E, I, k = base["num_experts"] + 1, base["moe_intermediate_size"], base["num_experts_per_token"] + 1
+    w13 = torch.randn(E, 2 * I, D, device=device, dtype=torch.bfloat16) / D ** 0.5
+    w2 = torch.randn(E, D, I, device=device, dtype=torch.bfloat16) / I ** 0.5
+    q13, s13 = zip(*(quantize_fp8(w13[e]) for e in range(E)))
+    q2, s2 = zip(*(quantize_fp8(w2[e]) for e in range(E)))
+    q13, s13, q2, s2 = torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
+    ids = torch.cat([torch.randperm(E - 1, device=device)[:k - 1], torch.tensor([E - 1], device=device)])[None]
+    tw = torch.rand(1, k, device=device)
+    t_bf = bench_ms(lambda: fused_moe(x, w13, w2, tw, ids, reduce=False))
+    t_f8 = bench_ms(lambda: fused_moe(x, q13, q2, tw, ids, reduce=False, w13_scale=s13, w2_scale=s2))
+    nbytes = k * 3 * I * D
+    rows.append({"gemm": f"moe decode ({k} experts)", "N": 3 * I, "K": D, "bf16_ms": t_bf, "fp8_ms": t_f8,
+                 "bf16_bw_frac": 2 * nbytes / (t_bf * 1e-3) / bandwidth, "fp8_bw_frac": nbytes / (t_f8 * 1e-3) / bandwidth})
+    del w13, w2, q13, q2
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    print("decode GEMM (M=1)         bf16 ms  (of copy BW)   fp8 ms  (of copy BW)   bf16 / fp8")
+    for r in rows:
+        print(f"{r['gemm']:<24} {r['bf16_ms']:>8.4f}  ({r['bf16_bw_frac']:>5.0%})  {r['fp8_ms']:>8.4f}  "
+              f"({r['fp8_bw_frac']:>5.0%})   {r['bf16_ms'] / r['fp8_ms']:.2f}x", flush=True)
+    return rows
+
+
 def agreement(ref: torch.Tensor, got: torch.Tensor) -> dict:
     return {"greedy_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
             "mean_kl": F.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
@@ -72,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="memory budget of the FP8 engines (gpu_memory_utilization = budget / device memory)")
     ap.add_argument("--bf16-utilization", type=float, default=0.92)
     ap.add_argument("--skip-bf16", action="store_true", help="no bf16 engine (GPUs without room for 98 GB)")
+    ap.add_argument("--skip-gemms", action="store_true", help="no per-GEMM decode timings before the engines")
     ap.add_argument("--prompts", default="4x64", help="logit-agreement prompt set: BATCHxLENGTH random ids")
     ap.add_argument("--device", default=None)
     ap.add_argument("--block-size", type=int, default=64)
@@ -90,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     util = min(0.95, args.budget_gib * GiB / total) if total else 0.9
     print(f"device {gpu} ({total / GiB:.1f} GiB); copy bandwidth {bandwidth / 1e12:.3f} TB/s; FP8 engines at "
           f"gpu_memory_utilization {util:.3f} = {util * total / GiB:.1f} GiB", flush=True)
+    gemms = decode_gemms(base, bandwidth) if device.type == "cuda" and not args.skip_gemms else []
     common = argparse.Namespace(device=str(device), dtype="bfloat16", steps=args.steps, warmup=args.warmup,
                                 max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=util,
                                 enforce_eager=False, block_size=args.block_size, contexts=contexts)
@@ -145,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"({q['fp8_over_fp8kv8_tpot']:.2f}x faster)")
         print(msg)
     report = {"device": gpu, "copy_bandwidth_Bps": bandwidth, "preset": args.preset, "fp8_utilization": util,
-              "results": rows, "ratios": ratios,
+              "results": rows, "ratios": ratios, "decode_gemms": gemms,
               "engines": {k: {kk: vv for kk, vv in v.items() if kk != "logits"} for k, v in info.items()}}
     for k, v in report["engines"].items():
         print(f"[{k}] weights {v['weight_bytes'] / 1e9:.2f} GB; capacity {v['token_capacity']} tokens; "
