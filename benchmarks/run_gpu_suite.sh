@@ -2,7 +2,8 @@
 # Every GPU check and timing in one go (the device gives each command at most 10 minutes):
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
-# parts: tests kda kda_decode mla moe engine prefix_on prefix_off fp8 fp8_tests (default: tests kda_decode engine)
+# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic demo fp8 fp8_tests
+#   (default: tests kda_decode engine)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
@@ -22,6 +23,13 @@ for part in $parts; do
     engine) timeout 330 python3 -m benchmarks.engine_decode --steps 32 --json "$OUT/engine_decode.json" 2>&1 | tail -40 ;;
     prefix_on) timeout 570 python3 -m benchmarks.prefix_cache --modes on --json "$OUT/prefix_cache_on.json" 2>&1 | tail -30 ;;
     prefix_off) timeout 570 python3 -m benchmarks.prefix_cache --modes off --json "$OUT/prefix_cache_off.json" 2>&1 | tail -30 ;;
+    # the report's synthetic tasks: 36 runs (3 tasks x 256..2048 x KDA/GDN/MLA) as parallel processes, 320 s budget
+    synthetic) mkdir -p "$OUT/synthetic"
+      timeout 400 python3 -m kimi_linear synthetic --out "$OUT/synthetic" --budget-s 320 2>&1 | tee "$OUT/synthetic/log.txt" | tail -40 ;;
+    # the demo model (kimi_linear/tools/demo_model.py) from the prepared corpus + tokenizer in $DEMO_DATA
+    # (made here by `python -m kimi_linear.tools.demo_model prepare --out .gpu_synth18/demo_data`, carried along)
+    demo) timeout 240 python3 -m kimi_linear.tools.demo_model train --data "${DEMO_DATA:-.gpu_synth18/demo_data}" \
+        --out /tmp/kimi_linear_demo_run --results "$OUT/demo" --budget-s 185 2>&1 | tail -60 ;;
     *) echo "unknown part $part" ;;
   esac
 done

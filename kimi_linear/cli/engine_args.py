@@ -1,5 +1,5 @@
 """Engine flags shared by `serve`, `generate`, `chat` (offline) and `bench latency|throughput`, with
-vLLM's names; and the embedded default model used when no MODEL_DIR is given.
+vLLM's names; and the default model used when no MODEL_DIR is given (the packaged demo model).
 
 The flags are generated from the `EngineConfig` dataclass: one per field, named `--` + the field name
 with `-` (`max_num_seqs` -> `--max-num-seqs`), its default the field's default, its help the field's
@@ -61,7 +61,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_optional: bool = True) -> 
     g = p.add_argument_group("model and engine")
     if model_optional:
         g.add_argument("model", nargs="?", default=None,
-                       help="checkpoint folder (default: a built-in tiny demo model, created on first use)")
+                       help="checkpoint folder (default: the built-in demo model, trained on the King James Bible)")
     else:
         g.add_argument("model", nargs="?", default=None, help="checkpoint folder")
     g.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
@@ -83,9 +83,15 @@ def add_engine_args(p: argparse.ArgumentParser, model_optional: bool = True) -> 
 
 
 def resolve_model(model: str | None) -> str:
-    """The given folder, or the embedded default: a tiny checkpoint written once to the cache dir."""
+    """The given folder, or the default: the packaged demo model (`tools/demo_model.default_model_dir`), and
+    while the package holds none, a random tiny checkpoint written once to the cache dir."""
     if model is not None:
         return model
+    from kimi_linear.tools.demo_model import default_model_dir
+
+    demo = default_model_dir()
+    if demo is not None:
+        return demo
     from kimi_linear.tools.create import create_checkpoint
 
     cache = os.environ.get("KIMI_LINEAR_CACHE") or os.path.join(

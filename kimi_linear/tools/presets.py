@@ -4,6 +4,9 @@
 - `48b-a3b-e64`: the same with 64 routed experts: identical bytes per decoded token, ~28 GB of weights.
 - `small`: ~190M parameters, the real head sizes (KDA 128, MLA 128 + 64 / 512 latent), 12 layers.
 - `tiny`: ~1M parameters, 4 layers (3 KDA + 1 MLA, first layer dense, 16 experts), for tests.
+- `demo`: ~12M parameters, 6 layers (4 KDA + 2 MLA, first layer dense, 8 experts of width 192, top-2 + 1
+  shared), a 4352-token vocabulary (4096 BPE ranks + 256 specials): the shipped demo model's shape
+  (`tools/demo_model.py`, trained on the King James Bible with its own tokenizer).
 """
 
 from __future__ import annotations
@@ -102,10 +105,20 @@ _SMALL = dict(
     linear_attn_config={**_hybrid_lists(12), "num_heads": 6, "head_dim": 128, "short_conv_kernel_size": 4},
 )
 
+# Special ids of a 4096-rank tokenizer (base + 0, 2, 255); bf16 weights are ~24 MB.
+_DEMO = dict(
+    vocab_size=4352, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
+    head_dim=64, intermediate_size=1024, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+    v_head_dim=64, num_experts=8, num_experts_per_token=2, num_shared_experts=1, moe_intermediate_size=192,
+    model_max_length=8192, bos_token_id=4096, eos_token_id=4098, pad_token_id=4351,
+    linear_attn_config={**_hybrid_lists(6), "num_heads": 4, "head_dim": 64, "short_conv_kernel_size": 4},
+)
+
 
 PRESETS = {
     "tiny": lambda: _derived(**copy.deepcopy(_TINY)),
     "small": lambda: _derived(**copy.deepcopy(_SMALL)),
+    "demo": lambda: _derived(**copy.deepcopy(_DEMO)),
     "48b-a3b": lambda: _derived(drop_auto_map=False),
     "48b-a3b-e64": lambda: _derived(drop_auto_map=False, num_experts=64),
 }

@@ -157,9 +157,11 @@ def special_token_names(num_base_tokens: int) -> dict[int, str]:
 
 def write_tokenizer(out_dir: str | os.PathLike, vocab_size: int, bos_token_id: int | None = None,
                     eos_token_id: int | None = None, pad_token_id: int | None = None,
-                    model_max_length: int | None = None) -> None:
+                    model_max_length: int | None = None, ranks: dict[bytes, int] | None = None) -> None:
     """Write `tiktoken.model`, `tokenizer_config.json` and `chat_template.jinja` for a model whose
-    vocabulary is `vocab_size` = base ranks + 256 specials (Kimi layout; bos/eos/pad must name ids in it)."""
+    vocabulary is `vocab_size` = base ranks + 256 specials (Kimi layout; bos/eos/pad must name ids in it).
+    `ranks`: the base ranks to write (default: `build_ranks`, trained on the embedded corpus); they must be
+    exactly `vocab_size - 256` of them."""
     from kimi_linear.loader.chat_template import DEFAULT_CHAT_TEMPLATE
 
     num_base = vocab_size - NUM_RESERVED_SPECIAL_TOKENS
@@ -170,7 +172,12 @@ def write_tokenizer(out_dir: str | os.PathLike, vocab_size: int, bos_token_id: i
                                    f"({num_base}..{vocab_size - 1})")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    write_ranks(os.path.join(out_dir, TIKTOKEN_FILE), build_ranks(num_base))
+    if ranks is None:
+        ranks = build_ranks(num_base)
+    elif sorted(ranks.values()) != list(range(num_base)):
+        raise ConfigError("vocab_size", f"the given ranks are not exactly the {num_base} base ranks 0..{num_base - 1} "
+                                        f"of a {vocab_size}-token vocabulary")
+    write_ranks(os.path.join(out_dir, TIKTOKEN_FILE), ranks)
     named = set(KIMI_SPECIAL_OFFSETS.values())
     cfg = {
         "added_tokens_decoder": {str(i): {"content": n, "lstrip": False, "normalized": False, "rstrip": False,
