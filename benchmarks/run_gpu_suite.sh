@@ -19,7 +19,7 @@ for part in $parts; do
     mla) timeout 330 python3 -m benchmarks.mla_decode --shapes 1x4096,1x131072,1x1048576,8x131072 --timeout 80 --variants "${MLA_VARIANTS:-default,bh16,s3,bh16/s3}" 2>&1 | tail -45 ;;
     moe) timeout 150 python3 -m benchmarks.moe 2>&1 | tail -30 ;;
     fp8) timeout 420 python3 -m benchmarks.fp8 --json "$OUT/fp8.json" 2>&1 | tail -60 ;;
-    fp8_tests) timeout 240 python3 -m pytest tests/quant -q -p no:cacheprovider 2>&1 | tail -25 ;;
+    fp8_tests) timeout 170 python3 -m pytest tests/quant -q -p no:cacheprovider 2>&1 | tail -25 ;;
     engine) timeout 330 python3 -m benchmarks.engine_decode --steps 32 --json "$OUT/engine_decode.json" 2>&1 | tail -40 ;;
     prefix_on) timeout 570 python3 -m benchmarks.prefix_cache --modes on --json "$OUT/prefix_cache_on.json" 2>&1 | tail -30 ;;
     prefix_off) timeout 570 python3 -m benchmarks.prefix_cache --modes off --json "$OUT/prefix_cache_off.json" 2>&1 | tail -30 ;;
