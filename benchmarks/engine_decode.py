@@ -25,6 +25,7 @@ import copy
 import gc
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -70,12 +71,14 @@ class Timer:
 
 
 # ---------------------------------------------------------------- bytes one decode step must move
-def step_bytes(model, context: int) -> dict:
+def step_bytes(model, context: int, kv_cache_dtype: torch.dtype | None = None) -> dict:
+    """Bytes one batch-1 decode step moves, in the parameters' own dtypes (FP8 weights count 1 byte, their
+    fp32 scales 4) and the latent cache's (`kv_cache_dtype`, default the model dtype)."""
     cfg = model.config
     weights = 0
     for name, p in model.named_parameters():
         b = p.numel() * p.element_size()
-        if name.endswith(("experts.w13_weight", "experts.w2_weight")):
+        if re.search(r"experts\.(w13|w2)_weight(_scale|_scale_inv)?$", name):
             b = b * cfg.num_experts_per_token // cfg.num_experts  # only the routed experts are read
         elif name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
             b = p.shape[1] * p.element_size()  # one row
@@ -83,7 +86,8 @@ def step_bytes(model, context: int) -> dict:
     H, K, W = cfg.kda_num_heads, cfg.kda_head_dim, cfg.conv_kernel_size
     item = model.dtype.itemsize
     kda = len(cfg.kda_layers) * 2 * (H * K * K * 4 + (W - 1) * 3 * H * K * item)
-    latent = len(cfg.mla_layers) * cfg.kv_cache_dim * item * (context + 1)  # read the context, write one
+    kv_item = (kv_cache_dtype or model.dtype).itemsize
+    latent = len(cfg.mla_layers) * cfg.kv_cache_dim * kv_item * (context + 1)  # read the context, write one
     return {"weights": weights, "kda_state": kda, "latent": latent, "total": weights + kda + latent}
 
 
@@ -151,28 +155,36 @@ def run_context(engine, context: int, steps: int, warmup: int, timer: Timer) -> 
             "replay_ms": replay_ms, "graph_vs_eager_rel_err": err, "generated": req.num_output_tokens}
 
 
-def run_variant(base: dict, variant: str, args, timer: Timer, bandwidth: float, tmp: str) -> list[dict]:
-    folder = os.path.join(tmp, variant)
+def run_variant(base: dict, variant: str, args, timer: Timer, bandwidth: float, tmp: str, label: str | None = None,
+                engine_kwargs: dict | None = None, contexts: list[int] | None = None, on_engine=None) -> list[dict]:
+    """Build the engine of `variant` (dummy weights), time each context, free it. `label` names the rows
+    (default: the variant), `engine_kwargs` add engine options (quantization, kv_cache_dtype, ...),
+    `on_engine(engine)` runs before the timings (its dict lands in the first row's "extra")."""
+    label = label or variant
+    folder = os.path.join(tmp, label)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(variant_config(base, variant), f)
-    contexts = args.contexts
+    contexts = contexts or args.contexts
     t0 = time.perf_counter()
     llm = LLM(folder, device=args.device, dtype=args.dtype, load_format="dummy",
               max_model_len=max(contexts) + args.steps + args.warmup + 8, max_num_seqs=1,
               max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager, block_size=args.block_size)
+              enforce_eager=args.enforce_eager, block_size=args.block_size, **(engine_kwargs or {}))
     engine = llm.llm_engine
-    print(f"[{variant}] engine ready in {time.perf_counter() - t0:.1f} s: {engine.runner.sizing.token_capacity} "
+    print(f"[{label}] engine ready in {time.perf_counter() - t0:.1f} s: {engine.runner.sizing.token_capacity} "
           f"cache tokens, graphs {sorted(engine.runner.decode.graphs)}", flush=True)
+    extra = on_engine(engine) if on_engine else None
     rows = []
     for ctx in contexts:
         r = run_context(engine, ctx, args.steps, args.warmup, timer)
-        nbytes = step_bytes(engine.runner.model, ctx)
+        nbytes = step_bytes(engine.runner.model, ctx, engine.runner.kv_cache_dtype)
         floor_ms = nbytes["total"] / bandwidth * 1e3
-        r.update(variant=variant, bytes=nbytes, floor_ms=floor_ms, tpot_over_floor=r["tpot_ms"] / floor_ms,
+        r.update(variant=label, bytes=nbytes, floor_ms=floor_ms, tpot_over_floor=r["tpot_ms"] / floor_ms,
                  replay_over_floor=(r["replay_ms"] / floor_ms) if r["replay_ms"] else None)
-        print(f"[{variant}] ctx {ctx:>8}: TPOT {r['tpot_ms']:.3f} ms (floor {floor_ms:.3f} ms, "
+        if extra is not None and not rows:
+            r["extra"] = extra
+        print(f"[{label}] ctx {ctx:>8}: TPOT {r['tpot_ms']:.3f} ms (floor {floor_ms:.3f} ms, "
               f"{r['tpot_over_floor']:.2f}x), graph vs eager err {r['graph_vs_eager_rel_err']}", flush=True)
         rows.append(r)
     llm.shutdown()
@@ -180,7 +192,7 @@ def run_variant(base: dict, variant: str, args, timer: Timer, bandwidth: float, 
     gc.collect()
     if torch.device(args.device).type == "cuda":
         torch.cuda.empty_cache()
-        print(f"[{variant}] freed: {torch.cuda.memory_allocated() / 2 ** 30:.2f} GiB still allocated", flush=True)
+        print(f"[{label}] freed: {torch.cuda.memory_allocated() / 2 ** 30:.2f} GiB still allocated", flush=True)
     return rows
 
 

@@ -2,7 +2,8 @@
 # Every GPU check and timing in one go (the device gives each command at most 10 minutes):
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
-# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic demo soak train (default: tests kda_decode engine)
+# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic demo soak train fp8 fp8_tests
+#   (default: tests kda_decode engine)
 # train (<= 325 s): the training kernels compiled against their references (<= 50 s), then benchmarks.train
 # soak: benchmarks/soak.py on a 48b-a3b-e64 dummy-weight server, 256 clients; startup + traffic + drain +
 # report + shutdown bounded to 285 s by --time-budget (traffic up to 200 s), report in $OUT/soak.json.
@@ -14,12 +15,14 @@ parts=${*:-tests kda_decode engine}
 for part in $parts; do
   echo "=== $part ==="
   case $part in
-    tests) timeout 240 python3 -m pytest tests/ops tests/models tests/engine -m gpu -q -p no:cacheprovider 2>&1 | tail -25 ;;
+    tests) timeout 240 python3 -m pytest tests/ops tests/models tests/engine tests/quant -m gpu -q -p no:cacheprovider 2>&1 | tail -25 ;;
     profile) timeout 200 python3 -m benchmarks.profile_decode --context 4096 --json "$OUT/profile_4k.json" 2>&1 | tail -60 ;;
     kda) timeout 300 python3 -m benchmarks.kda 2>&1 | tail -40 ;;
     kda_decode) timeout 150 python3 -m benchmarks.kda_decode --json "$OUT/kda_decode.json" 2>&1 | tail -30 ;;
     mla) timeout 330 python3 -m benchmarks.mla_decode --shapes 1x4096,1x131072,1x1048576,8x131072 --timeout 80 --variants "${MLA_VARIANTS:-default,bh16,s3,bh16/s3}" 2>&1 | tail -45 ;;
     moe) timeout 150 python3 -m benchmarks.moe 2>&1 | tail -30 ;;
+    fp8) timeout 420 python3 -m benchmarks.fp8 --json "$OUT/fp8.json" 2>&1 | tail -60 ;;
+    fp8_tests) timeout 170 python3 -m pytest tests/quant -q -p no:cacheprovider 2>&1 | tail -25 ;;
     engine) timeout 330 python3 -m benchmarks.engine_decode --steps 32 --json "$OUT/engine_decode.json" 2>&1 | tail -40 ;;
     prefix_on) timeout 570 python3 -m benchmarks.prefix_cache --modes on --json "$OUT/prefix_cache_on.json" 2>&1 | tail -30 ;;
     prefix_off) timeout 570 python3 -m benchmarks.prefix_cache --modes off --json "$OUT/prefix_cache_off.json" 2>&1 | tail -30 ;;

@@ -87,6 +87,10 @@ class NormError(OpError):
     """Normalisation ops (`ops.norm`)."""
 
 
+class QuantError(OpError):
+    """FP8 quantization ops (`ops.quant`)."""
+
+
 class DataError(KimiLinearError, ValueError):
     """Training data that cannot be used (`kimi_linear.train.data`): a bad jsonl line, an empty file, a document
     longer than the sequence length. `file` and `line` (1-based) locate it; the message starts with them."""

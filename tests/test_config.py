@@ -153,7 +153,8 @@ def test_engine_block_size_must_be_a_power_of_two(tmp_path):
 
 @pytest.mark.parametrize("kw,key,text", [
     (dict(tensor_parallel_size=2), "tensor_parallel_size", "tensor parallelism is not supported yet"),
-    (dict(quantization="fp8"), "quantization", "quantization is not supported yet"),
+    (dict(quantization="int4"), "quantization", "supported: 'fp8'"),
+    (dict(kv_cache_dtype="int8"), "kv_cache_dtype", "'auto' or 'fp8'"),
     (dict(max_logprobs=21), "max_logprobs", "[0, 20]"),
     (dict(max_logprobs=-1), "max_logprobs", "[0, 20]"),
     (dict(enable_prefix_caching="yes"), "enable_prefix_caching", "true or false"),

@@ -11,6 +11,7 @@ The fixes:
 - `tl.dot` of bf16 operands multiplies their raw uint16 bit patterns: upcast them to fp32 first;
 - fp32 -> bf16 casts truncate (and its round-to-nearest mode drops the carry): round half to even,
   as the GPU does, so that bf16 errors measured on the CPU are the kernels', not the interpreter's;
+  likewise casts to float8_e4m3fn (round half to even, saturating at +-448, as torch and the GPU do);
 - a kernel scalar is a 1-element numpy array and numpy 2.x refuses `int()` of it, which breaks
   `range(start, end)` loops whose bounds are computed in the kernel: read the single element;
 - nested jit calls re-patch triton.language each time: skip that while a kernel is running;
@@ -73,11 +74,26 @@ def apply() -> None:
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         return interpreter.TensorHandle(bits.astype(np.uint16).reshape(np.shape(src.data)), dst_type.scalar)
 
+    def to_fp8_rne(src, dst_type):
+        import torch
+
+        data = np.ascontiguousarray(src.data)
+        if src.dtype.scalar == tl.bfloat16:  # stored as its uint16 bit pattern
+            data = (data.astype(np.uint32) << 16).view(np.float32)
+        t = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(torch.float8_e4m3fn)
+        return interpreter.TensorHandle(t.view(torch.uint8).numpy().reshape(np.shape(src.data)), dst_type.scalar)
+
+    def fp8_rne(src, dst_type) -> bool:
+        return (dst_type.scalar == tl.float8e4nv
+                and src.dtype.scalar in (tl.float32, tl.bfloat16, tl.float16))
+
     cast_impl = builder.cast_impl
 
     def patched_cast(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
             return to_bf16_rne(src, dst_type)
+        if fp8_rne(src, dst_type):
+            return to_fp8_rne(src, dst_type)
         return cast_impl(self, src, dst_type)
 
     builder.cast_impl = patched_cast
@@ -86,6 +102,8 @@ def apply() -> None:
     def patched_fp_to_fp(self, src, dst_type, rounding_mode):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
             return to_bf16_rne(src, dst_type)
+        if fp8_rne(src, dst_type):
+            return to_fp8_rne(src, dst_type)
         return fp_to_fp(self, src, dst_type, rounding_mode)
 
     builder.create_fp_to_fp = patched_fp_to_fp  # (create_fp_trunc already goes through cast_impl)

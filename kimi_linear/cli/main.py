@@ -25,8 +25,8 @@ class CommandParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from kimi_linear import __version__
-    from kimi_linear.cli import (bench_offline, bench_serve, chat_cmd, generate_cmd, init_cmd, serve_cmd, synthetic_cmd,
-                                 train_cmd)
+    from kimi_linear.cli import (bench_offline, bench_serve, chat_cmd, generate_cmd, init_cmd, quantize_cmd, serve_cmd,
+                                 synthetic_cmd, train_cmd)
 
     parser = argparse.ArgumentParser(prog="kimi-linear", description="Kimi Linear: model, engine and server.")
     parser.add_argument("--version", action="version", version=f"kimi-linear {__version__}")
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_parser(bench_sub)
     bench_offline.add_parsers(bench_sub)
     init_cmd.add_parser(sub)
+    quantize_cmd.add_parser(sub)
     train_cmd.add_parser(sub)
     synthetic_cmd.add_parser(sub)
     return parser

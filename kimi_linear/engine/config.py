@@ -18,8 +18,9 @@ Prefix caching (`engine/prefix_cache.py`), on by default as in vLLM: `enable_pre
 snapshot pool; `num_state_snapshots_override` fixes its size instead, 0 allowed).
 
 vLLM compatibility fields accept what vLLM recipes pass: `trust_remote_code` (no effect: the model code
-is built in), `tensor_parallel_size` (1 only) and `quantization` (none only); `notices()` lists the
-one-line notices the engine logs for them.
+is built in) and `tensor_parallel_size` (1 only); `notices()` lists the one-line notices the engine logs.
+FP8 (`loader/quant.py`): `quantization="fp8"` quantizes a bf16 checkpoint on load (FP8 checkpoints need no
+flag); `kv_cache_dtype="fp8"` stores the MLA latent cache in float8_e4m3fn.
 `generation_config`: "auto" (the checkpoint's generation_config.json gives the sampling defaults),
 "vllm" (no sampling defaults; EOS ids still come from the checkpoint's file, as in vLLM) or a folder
 to read generation_config.json from. `chat_template`: a file path or an inline template.
@@ -95,7 +96,11 @@ class EngineConfig:
     # ---- vLLM compatibility: accepted so vLLM recipes run; see notices()
     trust_remote_code: bool = knob(False, "accepted for vLLM compatibility; no effect (the model code is built in)")
     tensor_parallel_size: int = knob(1, "GPUs to shard the model over; only 1 is supported yet", aliases=("-tp",))
-    quantization: str | None = knob(None, "accepted with no value or 'none' only: quantization is not supported yet")
+    quantization: str | None = knob(None, "fp8: quantize the checkpoint's linear and expert weights to FP8 per output "
+                                          "channel while loading (FP8 checkpoints load as FP8 without it)",
+                                    choices=("fp8", "none"))
+    kv_cache_dtype: str = knob("auto", "MLA latent cache dtype: auto (the model dtype) or fp8 (float8_e4m3fn, "
+                                       "static scale 1.0: half the bytes)", choices=("auto", "fp8", "fp8_e4m3"))
 
     def __post_init__(self):
         def pos_int(name: str, optional: bool = False):
@@ -154,9 +159,10 @@ class EngineConfig:
             raise ConfigError("tensor_parallel_size", f"tensor parallelism is not supported yet: it must be 1, "
                                                       f"got {self.tensor_parallel_size}")
         q = self.quantization
-        if q is not None and (not isinstance(q, str) or q.lower() != "none"):
-            raise ConfigError("quantization", f"quantization is not supported yet (got {q!r}); leave it unset: "
-                                              f"the checkpoint's dtype is used")
+        if q is not None and (not isinstance(q, str) or q.lower() not in ("none", "fp8")):
+            raise ConfigError("quantization", f"supported: 'fp8' (quantize on load) or none, got {q!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
+            raise ConfigError("kv_cache_dtype", f"must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
         g = self.generation_config
         if not isinstance(g, (str, os.PathLike)):
             raise ConfigError("generation_config", f"must be 'auto', 'vllm' or a folder, got {g!r}")
@@ -190,6 +196,10 @@ class EngineConfig:
         if self.dtype is None or self.dtype == "auto":
             return model_config.torch_dtype
         return parse_dtype(self.dtype, "dtype")
+
+    def cache_dtype(self, model_config: ModelConfig) -> torch.dtype:
+        """The MLA latent cache's dtype: the model dtype, or float8_e4m3fn for kv_cache_dtype fp8."""
+        return torch.float8_e4m3fn if self.kv_cache_dtype in ("fp8", "fp8_e4m3") else self.torch_dtype(model_config)
 
     @property
     def use_cuda_graphs(self) -> bool:

@@ -85,11 +85,12 @@ class ModelRunner:
 
         self.model = KimiLinearForCausalLM.from_pretrained(
             config.model, device=self.device, dtype=self.dtype, load_format=config.load_format,
-            seed=config.seed, progress=False, config=model_config)
+            seed=config.seed, progress=False, config=model_config, quantization=config.quantization)
         self.model.requires_grad_(False)  # inference only: the fused kernels have no backward
         table_width = cdiv(max_model_len, self.block_size)
         table_bytes = table_width * 4
-        specs = self.model.cache_specs(self.model.config, self.dtype)  # make_cache allocates the same
+        self.kv_cache_dtype = config.cache_dtype(model_config)
+        specs = self.model.cache_specs(self.model.config, self.dtype, self.kv_cache_dtype)  # make_cache: the same
         if self.device.type == "cuda":
             sizing = cuda_sizing(self.model, specs, self.device, config, max_model_len,
                                  free_at_start, table_bytes, max_model_len if user_len else self.block_size)
@@ -100,7 +101,7 @@ class ModelRunner:
         sizing.log(self.max_model_len)
 
         self.cache = self.model.make_cache(sizing.num_blocks, self.block_size, sizing.num_slots, self.device,
-                                           self.dtype)
+                                           self.dtype, self.kv_cache_dtype)
         self.snapshots = SlotSnapshots(self.cache, sizing.num_snapshots)
         self.block_table = BlockTable(sizing.num_slots, cdiv(self.max_model_len, self.block_size), self.device)
         self.max_num_seqs = min(config.max_num_seqs, sizing.num_slots)

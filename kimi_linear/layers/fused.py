@@ -30,6 +30,9 @@ import contextvars
 
 import torch
 
+from kimi_linear.layers.linear import Fp8Weight, fp8_scale_of
+from kimi_linear.ops.quant import FP8
+
 _FUSION_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("kimi_linear_fusion_off", default=False)
 
 
@@ -88,10 +91,29 @@ def tie(params: list[torch.Tensor]) -> torch.Tensor | None:
     return flat
 
 
-def fused_weight(owner: object, key: str, params: list[torch.Tensor]) -> torch.Tensor | None:
-    """The spanning tensor of the group for an inference forward (see the module docstring), else None."""
+def fused_weight(owner: object, key: str, params: list[torch.Tensor]) -> torch.Tensor | Fp8Weight | None:
+    """The spanning tensor of the group for an inference forward (see the module docstring), else None;
+    an `Fp8Weight` for a group of FP8 weights."""
     if needs_grad(*params) or _FUSION_OFF.get() or any(type(p.data) is not torch.Tensor for p in params):
         return None
+    if params[0].dtype == FP8:
+        return _fused_fp8(owner, key, params)
+    return _fused_plain(owner, key, params)
+
+
+def _fused_fp8(owner: object, key: str, params: list[torch.Tensor]) -> Fp8Weight | None:
+    scales = [fp8_scale_of(p) for p in params]
+    if any(s is None for s in scales) or len({s[1] for s in scales}) != 1:
+        return None
+    block = scales[0][1]
+    if block is not None and any(p.shape[-2] % block[0] for p in params[:-1]):
+        return None  # a block of scales would straddle two members
+    w = _fused_plain(owner, key, params)
+    s = _fused_plain(owner, key + "/scale", [sc for sc, _ in scales]) if w is not None else None
+    return Fp8Weight(w, s, block) if s is not None else None
+
+
+def _fused_plain(owner: object, key: str, params: list[torch.Tensor]) -> torch.Tensor | None:
     ptrs = tuple(p.data_ptr() for p in params)
     cache = owner.__dict__.setdefault("_fused_weights", {})
     hit = cache.get(key)

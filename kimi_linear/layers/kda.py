@@ -25,12 +25,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kimi_linear.config import ModelConfig
 from kimi_linear.layers.cache_spec import SlotCacheSpec, TensorSpec
 from kimi_linear.layers.fused import fused_weight, needs_grad
+from kimi_linear.layers.linear import Fp8Weight, linear
 from kimi_linear.ops import kda as kda_ops
 from kimi_linear.ops.conv import causal_conv1d
 from kimi_linear.ops.norm import fused_gated_rms_norm
@@ -131,9 +131,9 @@ class KimiDeltaAttention(nn.Module):
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
             return (qkv, self.f_b_proj(self.f_a_proj(x)), self.b_proj(x), self.g_b_proj(self.g_a_proj(x)),
                     self.conv_weight())
-        proj = F.linear(x, w_in)  # [N, 3C + 2K + H]
+        proj = linear(x, w_in)  # [N, 3C + 2K + H]
         qkv, fg_in, b = proj.split([3 * C, 2 * K, H], dim=-1)
-        if w_fg is None:  # GDN: f_b and g_b differ in size
+        if w_fg is None or isinstance(w_fg, Fp8Weight):  # GDN: f_b and g_b differ in size; FP8: two GEMMs
             return qkv, self.f_b_proj(fg_in[:, :K]), b, self.g_b_proj(fg_in[:, K:]), w_conv
         fg = torch.bmm(fg_in.view(N, 2, K).transpose(0, 1), w_fg.view(2, C, K).transpose(1, 2))  # [2, N, C]
         return qkv, fg[0], b, fg[1], w_conv

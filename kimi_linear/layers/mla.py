@@ -15,12 +15,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kimi_linear.config import ModelConfig
 from kimi_linear.layers.cache_spec import PagedCacheSpec, TensorSpec
 from kimi_linear.layers.fused import fused_weight, needs_grad
+from kimi_linear.layers.linear import linear
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.ops import mla as mla_ops
 
@@ -47,9 +47,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
 
     @staticmethod
-    def cache_spec(config: ModelConfig, dtype: torch.dtype) -> PagedCacheSpec:
-        """Per token, in the paged cache: the normalised latent (R) then the shared key part (Dr), in `dtype`."""
-        return PagedCacheSpec(TensorSpec("latent", (config.kv_cache_dim,), dtype))
+    def cache_spec(config: ModelConfig, dtype: torch.dtype, kv_cache_dtype: torch.dtype | None = None) -> PagedCacheSpec:
+        """Per token, in the paged cache: the normalised latent (R) then the shared key part (Dr), in `dtype`,
+        or in `kv_cache_dtype` (float8_e4m3fn: 1 byte per value, a static scale of 1.0: the latent is RMS-
+        normalised and k_pe of unit size, well inside e4m3's range; writes saturate at +-448)."""
+        return PagedCacheSpec(TensorSpec("latent", (config.kv_cache_dim,), kv_cache_dtype or dtype))
 
     def fused_groups(self) -> dict[str, list[torch.Tensor]]:
         """Parameter groups tied for inference (`layers/fused.py`): the two projections of x."""
@@ -60,7 +62,7 @@ class MultiHeadLatentAttention(nn.Module):
         H = self.num_heads
         w = fused_weight(self, "in", self.fused_groups()["in"])
         if w is not None and not needs_grad(x):
-            out = F.linear(x, w)  # [N, H * (Dn + Dr) + R + Dr], one GEMM; q and ckv are views
+            out = linear(x, w)  # [N, H * (Dn + Dr) + R + Dr], one GEMM; q and ckv are views
             q, ckv = out[:, :H * self.qk_head_dim], out[:, H * self.qk_head_dim:]
         else:
             q, ckv = self.q_proj(x), self.kv_a_proj_with_mqa(x)

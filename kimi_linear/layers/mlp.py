@@ -1,6 +1,7 @@
 """Dense SwiGLU MLP (layer 0's `mlp` and the MoE's `shared_experts`): down(silu(gate(x)) * up(x)).
 
-For inference gate_proj and up_proj run as one GEMM over their tied rows (`layers/fused.py`).
+For inference gate_proj and up_proj run as one GEMM over their tied rows (`layers/fused.py`; FP8 projections
+(`layers/linear.py`) tie their scales alike).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi_linear.layers.fused import fused_weight, needs_grad
+from kimi_linear.layers.linear import linear
 
 
 class SwiGLUMLP(nn.Module):
@@ -27,5 +29,5 @@ class SwiGLUMLP(nn.Module):
         w = fused_weight(self, "gate_up", self.fused_groups()["gate_up"])
         if w is None or needs_grad(x):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, w).chunk(2, dim=-1)
+        gate, up = linear(x, w).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

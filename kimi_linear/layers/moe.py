@@ -38,8 +38,10 @@ from torch import nn
 
 from kimi_linear.config import ModelConfig
 from kimi_linear.layers.fused import fused_weight
+from kimi_linear.layers.linear import Fp8Weight, scale_shape
 from kimi_linear.layers.mlp import SwiGLUMLP
 from kimi_linear.ops.moe import fused_experts, router_scores, select_experts
+from kimi_linear.ops.quant import FP8
 
 
 class Router(nn.Module):
@@ -58,13 +60,42 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
+    """The routed experts' stacks. FP8 (`to_fp8`): float8_e4m3fn stacks with fp32 scales `w13_weight_scale`
+    [E, 2I, 1] / `w2_weight_scale` [E, D, 1] per output row, or `*_weight_scale_inv` per `block`."""
+
+    block: tuple[int, int] | None = None
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
         self.w13_weight = nn.Parameter(torch.empty(E, 2 * I, D))
         self.w2_weight = nn.Parameter(torch.empty(E, D, I))
 
+    @property
+    def is_fp8(self) -> bool:
+        return self.w13_weight.dtype == FP8
+
+    def to_fp8(self, block: tuple[int, int] | None) -> None:
+        """Replace the stacks by FP8 parameters (uninitialised, on the stacks' device) and their scales."""
+        E, I2, D = self.w13_weight.shape
+        dev = self.w13_weight.device
+        self.block = tuple(block) if block is not None else None
+        suffix = "scale" if block is None else "scale_inv"
+        for name, (N, K) in (("w13_weight", (I2, D)), ("w2_weight", (D, I2 // 2))):
+            setattr(self, name, nn.Parameter(torch.empty(E, N, K, dtype=FP8, device=dev), requires_grad=False))
+            setattr(self, f"{name}_{suffix}", nn.Parameter(
+                torch.empty(E, *scale_shape(N, K, block), dtype=torch.float32, device=dev), requires_grad=False))
+
+    def fp8_stacks(self) -> tuple[Fp8Weight, Fp8Weight]:
+        suffix = "scale" if self.block is None else "scale_inv"
+        return (Fp8Weight(self.w13_weight, getattr(self, f"w13_weight_{suffix}"), self.block),
+                Fp8Weight(self.w2_weight, getattr(self, f"w2_weight_{suffix}"), self.block))
+
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if self.is_fp8:
+            w13, w2 = self.fp8_stacks()
+            return fused_experts(x, w13.weight, w2.weight, topk_weights, topk_ids, w13_scale=w13.scale,
+                                 w2_scale=w2.scale, block=self.block)
         return fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
 
 
@@ -88,14 +119,21 @@ class MoE(nn.Module):
         return {"w13": [self.experts.w13_weight, se.gate_proj.weight, se.up_proj.weight],
                 "w2": [self.experts.w2_weight, se.down_proj.weight]}
 
-    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(w13 [E + S, 2I, D], w2 [E + S, D, I], S): with the shared expert folded in when tied, else S = 0."""
+    def _stacked(self):
+        """(w13 [E + S, 2I, D], w2 [E + S, D, I], S): with the shared expert folded in when tied, else S = 0.
+        FP8 experts give `Fp8Weight` stacks (weights and scales folded alike)."""
         groups = self.fused_groups()
         w13 = fused_weight(self, "w13", groups["w13"]) if groups else None
         w2 = fused_weight(self, "w2", groups["w2"]) if w13 is not None else None
-        if w13 is None or w2 is None:
+        fp8 = self.experts.is_fp8
+        if w13 is None or w2 is None or fp8 != isinstance(w13, Fp8Weight):
+            if fp8:
+                w13, w2 = self.experts.fp8_stacks()
+                return w13, w2, 0
             return self.experts.w13_weight, self.experts.w2_weight, 0
         E, I2, D = self.experts.w13_weight.shape
+        if fp8:
+            return w13.view_experts(E + 1), w2.view_experts(E + 1), 1
         return w13.view(E + 1, I2, D), w2.view(E + 1, D, I2 // 2), 1
 
     def forward(self, x: torch.Tensor, reduce: bool = True, cu_seqlens: torch.Tensor | None = None):
@@ -113,7 +151,12 @@ class MoE(nn.Module):
             if self.aux_loss_coef > 0:
                 self._aux_loss = self._balance_loss(x, routed, cu_seqlens)
         separate_shared = num_shared == 0 and self.shared_experts is not None
-        y = fused_experts(x, w13, w2, topk_weights, topk_ids, num_shared, reduce=reduce or separate_shared)
+        if isinstance(w13, Fp8Weight):
+            y = fused_experts(x, w13.weight, w2.weight, topk_weights, topk_ids, num_shared,
+                              reduce=reduce or separate_shared, w13_scale=w13.scale, w2_scale=w2.scale,
+                              block=w13.block)
+        else:
+            y = fused_experts(x, w13, w2, topk_weights, topk_ids, num_shared, reduce=reduce or separate_shared)
         if isinstance(y, tuple):  # the kernel's unreduced pair
             return y
         if separate_shared:

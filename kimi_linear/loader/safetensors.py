@@ -65,13 +65,14 @@ def check_finite(t: torch.Tensor, name: str, file: str) -> None:
 
 
 @torch.no_grad()
-def load_weights(model, path: str | os.PathLike, progress: bool = True) -> None:
-    """Fill `model`'s parameters from the checkpoint folder `path` (strict: every tensor must match)."""
+def load_weights(model, path: str | os.PathLike, progress: bool = True, plan=None) -> None:
+    """Fill `model`'s parameters from the checkpoint folder `path` (strict: every tensor must match).
+    `plan`: a `loader.quant.QuantLoadPlan` for FP8 models (scales, on-load quantization, dequantized pairs)."""
     path = os.fspath(path)
     layout = model.checkpoint_layout()
     params = dict(model.named_parameters())
     shards = checkpoint_shards(path)
-    expected_names = set(layout)
+    expected_names = set(layout) if plan is None else plan.expected_names(layout)
     seen: set[str] = set()
     device = next(iter(params.values())).device
     read_device = "cpu" if device.type == "meta" else str(device)
@@ -89,31 +90,49 @@ def load_weights(model, path: str | os.PathLike, progress: bool = True) -> None:
                         raise CheckpointError(f"tensor {raw_name} is listed in the index but absent from {file}",
                                               tensor=raw_name, file=file)
                     name = model.canonical_tensor_name(raw_name, model.config)
+                    if plan is not None and plan.consumes(name):
+                        done = plan.take(name, _read(f, raw_name, file), params, layout, file)
+                        if done:
+                            seen.add(done)
+                        bar.update(1)
+                        continue
                     if name not in layout:
                         raise CheckpointError(f"unexpected tensor {raw_name} in {file}: the model has no such "
                                               f"parameter", tensor=raw_name, file=file)
                     pname, index, shape = layout[name]
                     sl = f.get_slice(raw_name)
                     got = tuple(sl.get_shape())
-                    if got != shape:
+                    if got != shape and not (plan is not None and plan.accepts_shape(name, got, shape)):
                         raise CheckpointError(f"tensor {raw_name} has shape {list(got)}, expected {list(shape)}",
                                               tensor=raw_name, file=file)
-                    try:
-                        t = f.get_tensor(raw_name)
-                    except Exception as e:
-                        raise CheckpointError(f"cannot read tensor {raw_name} from {file} (truncated or corrupt "
-                                              f"file?): {e}", tensor=raw_name, file=file) from None
-                    check_finite(t, raw_name, file)
+                    t = _read(f, raw_name, file)
                     dst = params[pname].data
-                    (dst[index] if index is not None else dst).copy_(t)
+                    if plan is not None:
+                        t, extra = plan.convert(name, t, dst, index, shape, params, pname, file)
+                        if extra:
+                            seen.add(extra)
+                    else:
+                        check_finite(t, raw_name, file)
+                    if t is not None:
+                        (dst[index] if index is not None else dst).copy_(t)
                     seen.add(name)
                     bar.update(1)
     finally:
         bar.close()
+    if plan is not None:
+        plan.finish()
     missing = sorted(expected_names - seen)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"missing tensor {missing[0]}{more} in checkpoint {path}", tensor=missing[0])
+
+
+def _read(f, raw_name: str, file: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(raw_name)
+    except Exception as e:
+        raise CheckpointError(f"cannot read tensor {raw_name} from {file} (truncated or corrupt "
+                              f"file?): {e}", tensor=raw_name, file=file) from None
 
 
 def iter_checkpoint_tensors(model, dtype: torch.dtype | None = None, materialize=None):

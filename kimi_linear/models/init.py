@@ -63,10 +63,35 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 @torch.no_grad()
 def init_weights(model, seed: int = 0) -> None:
-    """Fill every parameter of `model` in place (on its device)."""
+    """Fill every parameter of `model` in place (on its device).
+
+    FP8 weights (`layers/linear.py`, FP8 expert stacks) get the value the bf16 model would get from the same
+    seed (the draws run in the same order: scales are skipped), quantized with their scale's layout, one
+    expert at a time for the stacks (a bounded fp32 transient)."""
+    from kimi_linear.layers.linear import fp8_scale_of
+    from kimi_linear.ops.quant import FP8, quantize_fp8
+
     device = next(model.parameters()).device
     gen = make_generator(seed, device)
     for name, p in model.named_parameters():
+        if name.endswith(("_scale", "_scale_inv")):
+            continue  # filled with its FP8 weight
         value = init_tensor(name, tuple(p.shape), model.config, gen)
-        if value is not None:
+        if value is None:
+            continue
+        if p.dtype != FP8:
             p.copy_(value)
+            continue
+        scale, block = fp8_scale_of(p)
+        if p.dim() == 3:
+            for e in range(p.shape[0]):
+                q, s = quantize_fp8(value[e], block)
+                p[e].copy_(q)
+                scale[e].copy_(s)
+        else:
+            q, s = quantize_fp8(value, block)
+            p.copy_(q)
+            scale.copy_(s)
+        del value
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the fp32 transients must not count as the engine's memory when it sizes the cache

@@ -31,6 +31,7 @@ import torch.utils.checkpoint
 
 from kimi_linear.config import ModelConfig, parse_dtype
 from kimi_linear.layers.fused import materialize, no_fusion, tie_all
+from kimi_linear.layers.linear import bind_fp8
 from kimi_linear.layers.kda import GatedDeltaNet, KimiDeltaAttention
 from kimi_linear.layers.mla import MultiHeadLatentAttention
 from kimi_linear.layers.mlp import SwiGLUMLP
@@ -39,6 +40,7 @@ from kimi_linear.layers.norm import Branch, RMSNorm
 from kimi_linear.models.cache import ModelCache
 from kimi_linear.models.context import ForwardContext
 from kimi_linear.models.outputs import TrainOutput
+from kimi_linear.models.quant import apply_fp8
 from kimi_linear.ops.loss import linear_cross_entropy
 
 IGNORE_INDEX = -100  # labels that take no loss
@@ -123,21 +125,28 @@ class KimiLinearForCausalLM(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config: ModelConfig, device: torch.device | str | None = None,
-                    dtype: torch.dtype | str | None = None) -> "KimiLinearForCausalLM":
+                    dtype: torch.dtype | str | None = None, fp8_modules=None,
+                    fp8_block: tuple[int, int] | None = None) -> "KimiLinearForCausalLM":
         """Build with uninitialised storage on `device` in `dtype` (A_log, dt_bias and the router's
-        correction bias stay fp32). Fill it with `load_weights` or `init_weights`."""
+        correction bias stay fp32). Fill it with `load_weights` or `init_weights`.
+        `fp8_modules`: names of modules built in FP8 instead (`models/quant.py`; float8_e4m3fn weights with
+        fp32 scales per output channel, or per `fp8_block`), never allocated in `dtype` first."""
         device = torch.device(device or "cpu")
         dtype = parse_dtype(dtype, "dtype") if dtype is not None else config.torch_dtype
         with torch.device("meta"):
             model = cls(config)
         for name, p in model.named_parameters():
             p.data = p.data.to(torch.float32 if FP32_PARAMS.search(name) else dtype)
+        if fp8_modules:
+            with torch.device("meta"):
+                apply_fp8(model, fp8_modules, fp8_block)
         materialize(model, device)  # to_empty, with each fused group allocated as one tensor
         for b in model.buffers():  # statistics (MoE tokens_per_expert) start at zero
             b.zero_()
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.tie_fused_weights()  # no-op unless a group could not be placed as one tensor
+        bind_fp8(model)  # FP8 weights know their scales (the fused views tie those too)
         model.dtype = dtype
         return model.eval()
 
@@ -152,12 +161,17 @@ class KimiLinearForCausalLM(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str | None = None,
                         dtype: torch.dtype | str | None = None, load_format: str = "auto",
                         seed: int = 0, progress: bool = True, config: ModelConfig | None = None,
-                        **config_overrides) -> "KimiLinearForCausalLM":
+                        quantization: str | None = None, **config_overrides) -> "KimiLinearForCausalLM":
         """Load a Hugging Face checkpoint folder (config.json + safetensors) straight onto `device`.
 
         dtype: None/"auto" = the checkpoint's dtype. load_format: "auto" reads the weights, "dummy"
         fills random well-scaled weights from config.json alone (same shapes, for benchmarks).
+        FP8: a checkpoint with a `quantization_config` (compressed-tensors FP8 or block-wise "fp8") loads
+        its FP8 tensors as they are; `quantization="fp8"` quantizes a bf16 checkpoint's projections and
+        experts per output channel while loading, tensor by tensor (with "dummy": the random weights are
+        drawn as for the bf16 model, then quantized). See `loader/quant.py`.
         """
+        from kimi_linear.loader.quant import plan_quantized_load
         from kimi_linear.loader.safetensors import load_weights
         from kimi_linear.models.init import init_weights
 
@@ -165,29 +179,34 @@ class KimiLinearForCausalLM(nn.Module):
             config = ModelConfig.from_pretrained(path, **config_overrides)
         if dtype == "auto":
             dtype = None
-        model = cls.from_config(config, device=device, dtype=dtype)
-        if load_format == "dummy":
-            init_weights(model, seed=seed)
-        elif load_format == "auto":
-            load_weights(model, path, progress=progress)
-        else:
+        if load_format not in ("auto", "dummy"):
             from kimi_linear.errors import ConfigError
             raise ConfigError("load_format", f"must be 'auto' or 'dummy', got {load_format!r}")
+        plan = plan_quantized_load(cls, config, path, quantization, read_checkpoint=load_format == "auto")
+        model = cls.from_config(config, device=device, dtype=dtype,
+                                fp8_modules=plan.fp8_modules if plan else None, fp8_block=plan.block if plan else None)
+        if load_format == "dummy":
+            init_weights(model, seed=seed)
+        else:
+            load_weights(model, path, progress=progress, plan=plan)
         return model
 
     # ------------------------------------------------------------------ cache
     @staticmethod
-    def cache_specs(config: ModelConfig, dtype: torch.dtype) -> list:
+    def cache_specs(config: ModelConfig, dtype: torch.dtype, kv_cache_dtype: torch.dtype | None = None) -> list:
         """The cache spec of each layer (`layers/cache_spec.py`), cache tensors in `dtype` except where a
-        layer fixes its own (KDA's fp32 recurrent state). Works from the config alone, so memory can be
-        sized before (or without) a model."""
-        return [MIXERS[kind].cache_spec(config, dtype) for kind in config.layer_types]
+        layer fixes its own (KDA's fp32 recurrent state); the MLA latent cache in `kv_cache_dtype` when
+        given (float8_e4m3fn: `--kv-cache-dtype fp8`). Works from the config alone, so memory can be sized
+        before (or without) a model."""
+        return [MultiHeadLatentAttention.cache_spec(config, dtype, kv_cache_dtype) if kind == "mla"
+                else MIXERS[kind].cache_spec(config, dtype) for kind in config.layer_types]
 
     def make_cache(self, num_blocks: int, block_size: int, num_slots: int, device: torch.device | str,
-                   dtype: torch.dtype) -> ModelCache:
+                   dtype: torch.dtype, kv_cache_dtype: torch.dtype | None = None) -> ModelCache:
         """Zeroed cache tensors for every layer: `num_blocks` blocks of `block_size` tokens for the paged
         layers, `num_slots` state slots for the others."""
-        return ModelCache(self.cache_specs(self.config, dtype), num_blocks, block_size, num_slots, device)
+        return ModelCache(self.cache_specs(self.config, dtype, kv_cache_dtype), num_blocks, block_size, num_slots,
+                          device)
 
     # ------------------------------------------------------------------ forward
     def forward_flat(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -277,15 +296,17 @@ class KimiLinearForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         I = self.config.moe_intermediate_size
         for name, p in params.items():
-            if name.endswith("experts.w13_weight"):
-                base = name[: -len("w13_weight")]
+            m = re.search(r"experts\.(w13|w2)_weight(_scale|_scale_inv)?$", name)
+            if m and m.group(1) == "w13":  # FP8 scales stack like the weights: w1 rows, then w3 rows
+                base, sfx = name[: m.start()] + "experts.", m.group(2) or ""
+                h = I if not sfx else p.shape[1] // 2
                 for e in range(p.shape[0]):
-                    layout[f"{base}{e}.w1.weight"] = (name, (e, slice(0, I)), (I, p.shape[2]))
-                    layout[f"{base}{e}.w3.weight"] = (name, (e, slice(I, 2 * I)), (I, p.shape[2]))
-            elif name.endswith("experts.w2_weight"):
-                base = name[: -len("w2_weight")]
+                    layout[f"{base}{e}.w1.weight{sfx}"] = (name, (e, slice(0, h)), (h, p.shape[2]))
+                    layout[f"{base}{e}.w3.weight{sfx}"] = (name, (e, slice(h, 2 * h)), (h, p.shape[2]))
+            elif m:
+                base, sfx = name[: m.start()] + "experts.", m.group(2) or ""
                 for e in range(p.shape[0]):
-                    layout[f"{base}{e}.w2.weight"] = (name, (e,), tuple(p.shape[1:]))
+                    layout[f"{base}{e}.w2.weight{sfx}"] = (name, (e,), tuple(p.shape[1:]))
             else:
                 layout[name] = (name, None, tuple(p.shape))
         if self.config.tie_word_embeddings:

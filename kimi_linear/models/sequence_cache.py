@@ -22,13 +22,14 @@ from kimi_linear.models.kimi_linear import KimiLinearForCausalLM
 
 class SequenceCache:
     def __init__(self, config: ModelConfig, batch_size: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, block_size: int = 64, initial_blocks: int | None = None):
+                 dtype: torch.dtype = torch.float32, block_size: int = 64, initial_blocks: int | None = None,
+                 kv_cache_dtype: torch.dtype | None = None):
         self.config = config
         self.batch_size = batch_size
         self.block_size = block_size
         self.device = torch.device(device)
         num_blocks = initial_blocks or max(4, 4 * batch_size)
-        specs = KimiLinearForCausalLM.cache_specs(config, dtype)
+        specs = KimiLinearForCausalLM.cache_specs(config, dtype, kv_cache_dtype)  # kv: the MLA latent cache
         self.storage = ModelCache(specs, num_blocks, block_size, batch_size, self.device)
         self.lengths = [0] * batch_size
         self.block_tables: list[list[int]] = [[] for _ in range(batch_size)]

@@ -98,9 +98,10 @@ def test_tensor_parallel_above_one_is_a_clear_error(tiny_checkpoint, capsys):
         assert rc == 2 and "tensor parallelism is not supported yet" in err and "--tensor-parallel-size" in err
 
 
-def test_quantization_is_a_clear_error(tiny_checkpoint, capsys):
-    rc, _, err = run_generate(capsys, str(tiny_checkpoint), "--device", "cpu", "--quantization", "fp8")
-    assert rc == 2 and "quantization is not supported yet" in err and "--quantization" in err
+def test_fp8_flags_run(tiny_checkpoint, capsys):
+    rc, _, _ = run_generate(capsys, str(tiny_checkpoint), "--device", "cpu", "--quantization", "fp8",
+                            "--kv-cache-dtype", "fp8", "--max-tokens", "2")
+    assert rc == 0
 
 
 def test_prefix_caching_runs_and_remote_code_logs_a_notice(tiny_checkpoint, capsys, caplog):

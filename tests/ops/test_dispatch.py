@@ -140,7 +140,7 @@ def _imports(tree: ast.AST) -> list[str]:
     return names
 
 
-OPS = {"kda", "conv", "mla", "moe", "norm"}
+OPS = {"kda", "conv", "mla", "moe", "norm", "quant"}
 
 
 def test_layers_call_only_the_public_op_entries():

@@ -21,7 +21,7 @@ def _write_latent_kernel(cache_ptr, slot_ptr, latent_ptr, stride_t, D: tl.conste
     offs = tl.arange(0, BLOCK_D)
     mask = (offs < D) & (slot >= 0)
     x = tl.load(latent_ptr + t * stride_t + offs, mask=mask)
-    tl.store(cache_ptr + slot * D + offs, x.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(cache_ptr + slot * D + offs, x.to(tl.float32).to(cache_ptr.dtype.element_ty), mask=mask)  # fp8 via fp32
 
 
 def write_latent_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, latent: torch.Tensor) -> None:

@@ -17,6 +17,8 @@ Design and invariants:
   writes o_lat in the model dtype, or zeros for a padding row (seq_len 0: nothing is read).
 - CUDA-graph safe: no host sync; the grid depends on shapes only; the split scratch lives in `extras`
   (reused across layers and steps while the shapes match) or is allocated by shape.
+- The cache may be float8_e4m3fn (`--kv-cache-dtype fp8`, static scale 1.0): tiles are upcast to the query's
+  dtype as they are loaded, so the kernel reads half the bytes and computes as for a bf16 cache.
 - Any power-of-two block size (tile rows are gathered per token, a tile may span several blocks); any
   seq_len from 0 up (int64 cache offsets, int32 positions); table entries past a length are never read.
 
@@ -90,8 +92,9 @@ def _mla_decode_split_kernel(
         else:
             blk = tl.load(table + pos // BS, mask=m_n, other=0).to(tl.int64)
         row = cache + blk * s_c_blk + (pos % BS).to(tl.int64) * s_c_tok
-        c = tl.load(row[:, None] + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
-        kp = tl.load(row[:, None] + R + o_p[None, :], mask=m_n[:, None] & m_p[None, :], other=0.0)
+        # an fp8 latent cache (static scale 1.0) is upcast in registers to the query's dtype
+        c = tl.load(row[:, None] + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0).to(q_l.dtype)
+        kp = tl.load(row[:, None] + R + o_p[None, :], mask=m_n[:, None] & m_p[None, :], other=0.0).to(q_l.dtype)
         s = tl.dot(q_l, tl.trans(c), input_precision=PREC)
         s = tl.dot(q_p, tl.trans(kp), s, input_precision=PREC)
         s = tl.where(m_n[None, :], s * scale_log2, float("-inf"))

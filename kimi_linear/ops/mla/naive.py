@@ -59,10 +59,13 @@ def write_latent(cache: torch.Tensor, slot_mapping: torch.Tensor, latent: torch.
     """cache [NB, BS, D] <- latent [T, D] at flat slots `slot_mapping` [T] (negative = skip)."""
     flat = cache.view(-1, cache.shape[-1])
     keep = slot_mapping >= 0
+    src = latent.to(cache.dtype)
+    if cache.element_size() == 1:  # a float8 cache: the CPU's index_copy_ has no fp8 kernel; copy the bytes
+        flat, src = flat.view(torch.uint8), src.view(torch.uint8)
     if bool(keep.all()):
-        flat.index_copy_(0, slot_mapping.long(), latent.to(cache.dtype))
+        flat.index_copy_(0, slot_mapping.long(), src)
     else:
-        flat.index_copy_(0, slot_mapping[keep].long(), latent[keep].to(cache.dtype))
+        flat.index_copy_(0, slot_mapping[keep].long(), src[keep])
 
 
 def gather_latent(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -6,6 +6,8 @@ no backward, so under autograd the naive forms run; both never sync with the hos
 - `fused_experts`: the routed experts, plus shared experts folded into the stacks (`fused_moe.py` /
   `naive.naive_fused_experts`). Under autograd: torch's differentiable grouped GEMM
   (`grouped.grouped_moe_experts`) where it serves (CUDA, bf16 compute), else the naive expert loop.
+FP8 expert stacks (float8_e4m3fn with fp32 scales) take `fused_experts(..., w13_scale=, w2_scale=, block=)`:
+the kernel reads the fp8 bytes, the naive path runs the dequantized experts.
 `sigmoid_grouped_topk` and `naive_moe_experts` are the references; `router_scores` (the fp32 sigmoid
 scores, also under autocast) feeds the training balance loss. The kernels are imported on first use:
 importing the package never needs triton.
@@ -37,7 +39,9 @@ def select_experts(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tenso
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, num_shared: int = 0, reduce: bool = True):
+                  topk_ids: torch.Tensor, num_shared: int = 0, reduce: bool = True,
+                  w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                  block: tuple[int, int] | None = None):
     """SwiGLU experts. x [N, D]; w13 [E, 2I, D] (rows: gate w1, then up w3); w2 [E, D, I]; topk_weights
     [N, k] fp32; topk_ids [N, k] in [0, E) -> y [N, D] in x's dtype.
 
@@ -47,7 +51,21 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     reduce=False lets the kernel path skip the weighted k-way sum and return the pair (y [N, k, D]
     unweighted, topk_weights), for the next norm to sum (`ops.norm.fused_rms_norm`'s branch_weights); the
     naive path always returns y.
+    FP8 stacks (w13, w2 float8_e4m3fn) come with their fp32 scales: [E, 2I, 1] / [E, D, 1] per output row,
+    or block scales [E, 2I / BN, ceil(D / BK)] / [E, D / BN, ceil(I / BK)] for block = (BN, BK). The kernel
+    reads the fp8 bytes (`fused_moe.py`); the naive path runs the dequantized experts in x's dtype.
     """
+    if w13.dtype == torch.float8_e4m3fn:
+        if use_kernel(x, topk_weights):
+            from kimi_linear.ops.moe.fused_moe import fused_moe as kernel
+
+            return kernel(x, w13, w2, topk_weights, topk_ids, reduce=reduce, w13_scale=w13_scale,
+                          w2_scale=w2_scale, block=block)
+        from kimi_linear.ops.quant import dequantize_fp8
+
+        w13 = dequantize_fp8(w13, w13_scale, block, x.dtype)
+        w2 = dequantize_fp8(w2, w2_scale, block, x.dtype)
+        return naive_fused_experts(x, w13, w2, topk_weights, topk_ids, num_shared)
     if training_forms(x, w13, w2, topk_weights) and grouped_supported(x, w13, w2):
         k = topk_ids.shape[1] - num_shared
         y = grouped_moe_experts(x, w13, w2, topk_weights[:, :k], topk_ids[:, :k])

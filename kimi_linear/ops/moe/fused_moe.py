@@ -21,6 +21,13 @@ Row tiles past expert_start[E] exit at once. Expert ids must lie in [0, E) (not 
 Direct mode (P <= DIRECT_MAX_PAIRS, the decode case): no align launch; row tile p is pair p alone, its
 expert read from topk_ids[p], h and y indexed by pair (duplicate experts are read once per pair).
 `reduce=False` returns the unweighted [N, k, D] pair outputs instead of launching the sum.
+FP8 stacks (float8_e4m3fn w13 / w2 with fp32 scales per output row or per block, `fused_moe(w13_scale=,
+w2_scale=, block=)`): the GEMM kernels read the fp8 bytes. Weight-only (decode, direct mode): each weight
+tile is upcast in registers to x's dtype and the per-row scales multiply the accumulator at the end (block
+scales: each K tile's partial product, BLOCK_K dividing the block width). FP8 x FP8 (prefill): x and h are
+quantized per token first (`_per_token_fp8`, torch ops, no sync) and the per-token scales join the weight
+scales on the accumulator. If the FP8 x FP8 kernels cannot be compiled here, weight-only serves instead
+(`ops/quant/fallback.py`, logged once).
 """
 
 from __future__ import annotations
@@ -178,10 +185,12 @@ def _tile_rows(start_ptr, count_ptr, row0, E, BLOCK_M: tl.constexpr, E_P: tl.con
 
 
 @triton.jit
-def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, start_ptr, count_ptr, ids_ptr, num_m, E, D: tl.constexpr,
+def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, start_ptr, count_ptr, ids_ptr, s_ptr, xs_ptr, s_se, s_sn,
+                   num_m, E, D: tl.constexpr,
                    I: tl.constexpr, TOPK: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   E_P: tl.constexpr, DIRECT: tl.constexpr):
+                   E_P: tl.constexpr, DIRECT: tl.constexpr, W_FP8: tl.constexpr = False, A_FP8: tl.constexpr = False,
+                   BLOCK_SCALE: tl.constexpr = False, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1):
     if DIRECT:
         num_n = tl.cdiv(I, BLOCK_N)
         pid_m = tl.program_id(0) // num_n
@@ -220,21 +229,41 @@ def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, start_ptr, count_ptr, ids_
             a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             bg = tl.load(wg_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
             bu = tl.load(wu_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
+        if W_FP8 and not A_FP8:  # fp8 weight bytes, upcast in registers (exact)
+            bg = bg.to(a.dtype)
+            bu = bu.to(a.dtype)
+        if BLOCK_SCALE:  # this K tile lies in one scale block: scale its partial product
+            s_row = s_ptr + e.to(tl.int64) * s_se + k0 // SBK
+            sg = tl.load(s_row + (offs_n // SBN) * s_sn, mask=nmask, other=0.0)
+            su = tl.load(s_row + ((I + offs_n) // SBN) * s_sn, mask=nmask, other=0.0)
+            acc_g += tl.dot(a, bg, input_precision=PREC) * sg[None, :]
+            acc_u += tl.dot(a, bu, input_precision=PREC) * su[None, :]
+        else:
+            acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
+            acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
+    if W_FP8 and not BLOCK_SCALE:  # per-channel weight scales
+        s_row = s_ptr + e.to(tl.int64) * s_se
+        acc_g = acc_g * tl.load(s_row + offs_n * s_sn, mask=nmask, other=0.0)[None, :]
+        acc_u = acc_u * tl.load(s_row + (I + offs_n) * s_sn, mask=nmask, other=0.0)[None, :]
+    if A_FP8:  # per-token activation scales
+        xs = tl.load(xs_ptr + tok, mask=rmask, other=0.0)
+        acc_g = acc_g * xs[:, None]
+        acc_u = acc_u * xs[:, None]
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * I + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
-def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, start_ptr, count_ptr, ids_ptr, num_m, E, D: tl.constexpr,
+def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, start_ptr, count_ptr, ids_ptr, s_ptr, hs_ptr, s_se, s_sn,
+                     num_m, E, D: tl.constexpr,
                      I: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     E_P: tl.constexpr, DIRECT: tl.constexpr):
+                     E_P: tl.constexpr, DIRECT: tl.constexpr, W_FP8: tl.constexpr = False, A_FP8: tl.constexpr = False,
+                     BLOCK_SCALE: tl.constexpr = False, SBN: tl.constexpr = 1, SBK: tl.constexpr = 1):
     if DIRECT:
         num_n = tl.cdiv(D, BLOCK_N)
         pid_m = tl.program_id(0) // num_n
@@ -267,9 +296,19 @@ def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, start_ptr, count_ptr, ids
             kmask = (k0 + offs_k) < I
             a = tl.load(h_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+        if W_FP8 and not A_FP8:
+            b = b.to(a.dtype)
+        if BLOCK_SCALE:
+            sw = tl.load(s_ptr + e.to(tl.int64) * s_se + (offs_n // SBN) * s_sn + k0 // SBK, mask=nmask, other=0.0)
+            acc += tl.dot(a, b, input_precision=PREC) * sw[None, :]
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PREC)
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if W_FP8 and not BLOCK_SCALE:
+        acc = acc * tl.load(s_ptr + e.to(tl.int64) * s_se + offs_n * s_sn, mask=nmask, other=0.0)[None, :]
+    if A_FP8:
+        acc = acc * tl.load(hs_ptr + rows, mask=rmask, other=0.0)[:, None]
     y_ptrs = y_ptr + pair[:, None] * D + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
@@ -284,6 +323,33 @@ def _moe_sum_kernel(y_ptr, w_ptr, out_ptr, D: tl.constexpr, TOPK: tl.constexpr, 
         w = tl.load(w_ptr + t * TOPK + j).to(tl.float32)
         acc += w * tl.load(y_ptr + (t * TOPK + j) * D + d, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * D + d, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ------------------------------------------------------------------------------------------ FP8 helpers
+def _fp8_launch(w_fp8: bool, a_fp8: bool, block: tuple[int, int] | None) -> dict:
+    """The FP8 constexprs of the GEMM kernels."""
+    if not w_fp8:
+        return {}
+    sbn, sbk = block if block is not None else (1, 1)
+    return dict(W_FP8=True, A_FP8=a_fp8, BLOCK_SCALE=block is not None, SBN=sbn, SBK=sbk)
+
+
+def _scale_tile_k(bk: int, block: tuple[int, int] | None) -> int:
+    """BLOCK_K shrunk (halving) until it divides the scale block width, so a K tile never straddles two."""
+    if block is None:
+        return bk
+    while bk > 16 and (bk > block[1] or block[1] % bk):
+        bk //= 2
+    if block[1] % bk:
+        raise MoEError(f"fused_moe: the scale block width {block[1]} must be a multiple of 16")
+    return bk
+
+
+def _per_token_fp8(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a [R, K] -> (fp8 [R, K], fp32 scale [R]): dynamic per-row quantization (torch ops, no host sync)."""
+    af = a.float()
+    scale = (af.abs().amax(dim=-1) / 448.0).clamp_min(1e-12)
+    return (af / scale[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
 
 
 # ------------------------------------------------------------------------------------------ public op
@@ -301,22 +367,51 @@ def _check(x, w13, w2, topk_weights, topk_ids):
                          f"must both be [N={N}, k]")
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise MoEError(f"fused_moe: topk_ids must be int32 or int64, got {topk_ids.dtype}")
-    if not (x.dtype == w13.dtype == w2.dtype):
-        raise MoEError(f"fused_moe: x, w13 and w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
+    fp8 = w13.dtype == torch.float8_e4m3fn
+    if not (x.dtype == w13.dtype == w2.dtype or (fp8 and w2.dtype == w13.dtype and x.dtype != w13.dtype)):
+        raise MoEError(f"fused_moe: x, w13 and w2 must share a dtype (or w13, w2 both float8_e4m3fn), got "
+                       f"{x.dtype}, {w13.dtype}, {w2.dtype}")
     if len({t.device for t in (x, w13, w2, topk_weights, topk_ids)}) != 1:
         raise MoEError("fused_moe: all tensors must be on one device")
 
 
+def _check_scales(w13, w2, w13_scale, w2_scale, block):
+    E, I2, D = w13.shape
+    I = I2 // 2
+    if block is None:
+        want13, want2 = (E, I2, 1), (E, D, 1)
+    else:
+        bn, bk = block
+        if I % bn or D % bn:
+            raise MoEError(f"fused_moe: block scales need I = {I} and D = {D} to be multiples of the block height {bn}")
+        want13, want2 = (E, I2 // bn, -(-D // bk)), (E, D // bn, -(-I // bk))
+    for name, s, want in (("w13_scale", w13_scale, want13), ("w2_scale", w2_scale, want2)):
+        if s is None or tuple(s.shape) != want or s.dtype != torch.float32 or s.stride(-1) != 1:
+            got = None if s is None else (s.dtype, tuple(s.shape))
+            raise MoEError(f"fused_moe: fp8 weights need {name} fp32 {list(want)} with a unit last stride, got {got}")
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, tiles: MoETiles | None = None, reduce: bool = True):
+              topk_ids: torch.Tensor, tiles: MoETiles | None = None, reduce: bool = True,
+              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              block: tuple[int, int] | None = None, act_fp8: bool | None = None):
     """Routed SwiGLU experts.
 
     x [N, D]; w13 [E, 2I, D] (rows: gate w1, then up w3); w2 [E, D, I]; topk_weights [N, k] (fp32);
     topk_ids [N, k] int32/int64 in [0, E) -> y [N, D] in x's dtype. `tiles` overrides `pick_tiles`.
     reduce=False skips the weighted k-way sum and returns (y_pairs [N, k, D] unweighted, topk_weights), for a
     consumer that folds the sum into its own kernel (`ops/norm/rmsnorm.py`'s branch_weights).
+
+    FP8 weights (w13, w2 float8_e4m3fn): w13_scale / w2_scale fp32 [E, 2I, 1] / [E, D, 1] per output row,
+    or [E, 2I / BN, ceil(D / BK)] / [E, D / BN, ceil(I / BK)] for block = (BN, BK). act_fp8: quantize the
+    activations per token (x before the up GEMM, h before the down GEMM) and run FP8 x FP8 MMAs; False
+    upcasts the weight tiles in registers and keeps x's dtype (weight bytes are what decode moves: the
+    default for direct mode, where the quantization launches would cost more than they save).
     """
     _check(x, w13, w2, topk_weights, topk_ids)
+    w_fp8 = w13.dtype == torch.float8_e4m3fn
+    if w_fp8:
+        _check_scales(w13, w2, w13_scale, w2_scale, block)
     N, D = x.shape
     E, I = w13.shape[0], w2.shape[2]
     k = topk_ids.shape[1]
@@ -330,31 +425,59 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     P = N * k
     direct = tiles is None and P <= DIRECT_MAX_PAIRS
     t = tiles or (DIRECT_TILES if direct else pick_tiles(P, E))
+    a_fp8 = w_fp8 and (not direct if act_fp8 is None else act_fp8)
+    if a_fp8 and act_fp8 is None:  # the FP8 x FP8 MMAs by default: weight-only if they cannot compile here
+        from kimi_linear.ops.quant.fallback import first_try
+
+        def run(a8: bool):
+            return _launch(x, w13, w2, topk_weights, topk_ids, t, direct, N, D, E, I, k, w13_scale, w2_scale,
+                           block, w_fp8, a8, reduce)
+
+        return first_try("fused_moe_a8", lambda: run(True), lambda: run(False))
+    return _launch(x, w13, w2, topk_weights, topk_ids, t, direct, N, D, E, I, k, w13_scale, w2_scale, block,
+                   w_fp8, a_fp8, reduce)
+
+
+def _launch(x, w13, w2, topk_weights, topk_ids, t: MoETiles, direct: bool, N, D, E, I, k, w13_scale, w2_scale,
+            block, w_fp8: bool, a_fp8: bool, reduce: bool):
     BM = t.block_m
     E_P = triton.next_power_of_2(E)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     if direct:
         sorted_pairs = start = count = topk_ids  # unused in direct mode
-        num_m = P
-        R = P
+        num_m = N * k
+        R = N * k
     else:
         sorted_pairs, start, count = moe_align(topk_ids, E, BM)
         R = sorted_pairs.numel()
         num_m = triton.cdiv(R, BM)
-
+    P = N * k
+    q = _fp8_launch(w_fp8, a_fp8, block)
+    x_in, xs = x, x
+    if a_fp8:
+        x_in, xs = _per_token_fp8(x)
     h = torch.empty(R, I, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = t.up
+    bk = _scale_tile_k(bk, block)
+    s13 = w13_scale if w_fp8 else x
     _moe_up_kernel[(num_m * triton.cdiv(I, bn),)](
-        x, w13, h, sorted_pairs, start, count, topk_ids, num_m, E, D, I, TOPK=k, PREC=prec,
+        x_in, w13, h, sorted_pairs, start, count, topk_ids, s13, xs, s13.stride(0) if w_fp8 else 0,
+        s13.stride(1) if w_fp8 else 0, num_m, E, D, I, TOPK=k, PREC=prec,
         EVEN_K=D % bk == 0, EVEN_N=I % bn == 0, BLOCK_M=BM, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t.group_m, E_P=E_P,
-        DIRECT=direct, num_warps=warps, num_stages=stages)
+        DIRECT=direct, num_warps=warps, num_stages=stages, **q)
 
+    h_in, hs = h, h
+    if a_fp8:
+        h_in, hs = _per_token_fp8(h)
     y = torch.empty(P, D, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = t.down
+    bk = _scale_tile_k(bk, block)
+    s2 = w2_scale if w_fp8 else x
     _moe_down_kernel[(num_m * triton.cdiv(D, bn),)](
-        h, w2, y, sorted_pairs, start, count, topk_ids, num_m, E, D, I, PREC=prec,
+        h_in, w2, y, sorted_pairs, start, count, topk_ids, s2, hs, s2.stride(0) if w_fp8 else 0,
+        s2.stride(1) if w_fp8 else 0, num_m, E, D, I, PREC=prec,
         EVEN_K=I % bk == 0, EVEN_N=D % bn == 0, BLOCK_M=BM, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t.group_m, E_P=E_P,
-        DIRECT=direct, num_warps=warps, num_stages=stages)
+        DIRECT=direct, num_warps=warps, num_stages=stages, **q)
     if not reduce:
         return y.view(N, k, D), topk_weights
 

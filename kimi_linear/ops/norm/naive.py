@@ -50,5 +50,8 @@ def naive_fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, resi
         dst, slots = scatter
         flat, rows = dst.view(-1, dst.shape[-1]), y.reshape(-1, y.shape[-1])
         keep = slots >= 0
-        flat.index_copy_(0, slots[keep].long(), rows[keep].to(dst.dtype))
+        src = rows[keep].to(dst.dtype)
+        if dst.element_size() == 1:  # float8 caches: the CPU's index_copy_ has no fp8 kernel; copy the bytes
+            flat, src = flat.view(torch.uint8), src.view(torch.uint8)
+        flat.index_copy_(0, slots[keep].long(), src)
     return y

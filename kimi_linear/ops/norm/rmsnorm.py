@@ -57,14 +57,15 @@ def _rms_norm_kernel(x, r, bw, w, y, r_out, dst, slots, sx_n, sx_k, sr_n, sy_n, 
     out = out.to(y.dtype.element_ty)
     tl.store(y + n * sy_n + o, out, mask=m)
     if SCATTER:
-        tl.store(p_dst + o, out.to(dst.dtype.element_ty), mask=m & (slot >= 0))
+        # through fp32: exact for a bf16 cache, one rounding (RNE, saturating) for an fp8 one
+        tl.store(p_dst + o, out.to(tl.float32).to(dst.dtype.element_ty), mask=m & (slot >= 0))
     if TAIL > 0:
         ot = tl.arange(0, BLOCK_T)
         mt = ot < TAIL
         t = tl.load(x + n * sx_n + D + ot, mask=mt, other=0.0).to(y.dtype.element_ty)
         tl.store(y + n * sy_n + D + ot, t, mask=mt)
         if SCATTER:
-            tl.store(p_dst + D + ot, t.to(dst.dtype.element_ty), mask=mt & (slot >= 0))
+            tl.store(p_dst + D + ot, t.to(tl.float32).to(dst.dtype.element_ty), mask=mt & (slot >= 0))
 
 
 def _num_warps(block: int) -> int:
