@@ -16,6 +16,12 @@ The fixes:
   `range(start, end)` loops whose bounds are computed in the kernel: read the single element;
 - nested jit calls re-patch triton.language each time: skip that while a kernel is running;
 - (Triton >= 3.9) masks computed from loaded scalars may be int32: masked loads / stores need bool.
+
+And one check the GPU makes only by crashing (or not at all): every active lane of a load or store must
+address bytes inside the storage of one of the kernel's tensor arguments (`bounds_check`; on unless
+KIMI_LINEAR_INTERPRETER_BOUNDS=0). The interpreter itself reads and writes any address, so an unmasked
+lane past a tensor's end passes silently on the CPU, while on the GPU it reads another tensor's bytes,
+corrupts them, or faults with "an illegal memory access".
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ PATCHED = [
     ("triton.runtime.interpreter", "InterpreterBuilder", "create_masked_store"),
     ("triton.runtime.interpreter", None, "_patch_lang_tensor"),
     ("triton.runtime.interpreter", None, "_patch_lang"),
+    ("triton.runtime.interpreter", "GridExecutor", "_init_args_hst"),
 ]
 
 
@@ -128,6 +135,9 @@ def apply() -> None:
 
     builder.create_masked_store = patched_masked_store
 
+    if os.environ.get("KIMI_LINEAR_INTERPRETER_BOUNDS", "1") != "0":
+        bounds_check(interpreter, np)
+
     patch_lang_tensor = interpreter._patch_lang_tensor
 
     def patched_lang_tensor(tensor, scope):
@@ -164,3 +174,73 @@ def apply() -> None:
         return _Scope(scope, top)
 
     interpreter._patch_lang = fast_patch_lang
+
+
+class OutOfBoundsAccess(IndexError):
+    """A kernel lane addressed memory outside all of its tensor arguments' storages."""
+
+
+def bounds_check(interpreter, np) -> None:
+    """Make every masked load / store of a launched kernel check its active lanes' addresses against the
+    storages of the launch's tensor arguments (raises OutOfBoundsAccess naming the kernel)."""
+    import torch
+
+    state = {"kernel": None, "ranges": None}
+    init_args = interpreter.GridExecutor._init_args_hst
+
+    def storages(arg, out):
+        if isinstance(arg, (tuple, list)):
+            for a in arg:
+                storages(a, out)
+        elif isinstance(arg, torch.Tensor):
+            st = arg.untyped_storage()
+            out.append((st.data_ptr(), st.data_ptr() + st.nbytes()))
+        elif hasattr(arg, "base") and isinstance(getattr(arg, "base"), torch.Tensor):  # a TensorDescriptor
+            storages(arg.base, out)
+
+    def patched_init_args(self, args_dev, kwargs):
+        args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
+        ranges: list = []
+        storages(list(args_hst) + list(kwargs_hst.values()), ranges)
+        state["kernel"] = getattr(self.fn, "__name__", "?")
+        state["ranges"] = sorted(set(ranges))
+        return args_hst, kwargs_hst
+
+    interpreter.GridExecutor._init_args_hst = patched_init_args
+
+    def check(ptrs, mask, what):
+        ranges = state["ranges"]
+        if ranges is None:
+            return
+        p = np.asarray(ptrs.data, dtype=np.uint64)
+        active = np.ones(p.shape, dtype=bool) if mask is None else np.asarray(mask.data, dtype=bool)
+        active = np.broadcast_to(active, p.shape)
+        if not active.any():
+            return
+        size = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+        q = p[active]
+        ok = np.zeros(q.shape, dtype=bool)
+        for lo, hi in ranges:
+            ok |= (q >= lo) & (q + size <= hi)
+        if not ok.all():
+            bad = q[~ok]
+            near = min(ranges, key=lambda r: min(abs(int(bad[0]) - r[0]), abs(int(bad[0]) - r[1])))
+            raise OutOfBoundsAccess(
+                f"{state['kernel']}: {bad.size} of {q.size} active lanes of a masked {what} address memory outside "
+                f"every tensor argument (first at byte {int(bad[0]) - near[0]:+d} from the storage "
+                f"[0, {near[1] - near[0]}) nearest to it)")
+
+    builder = interpreter.InterpreterBuilder
+    masked_load = builder.create_masked_load
+    masked_store = builder.create_masked_store
+
+    def checked_load(self, ptrs, mask, *args, **kwargs):
+        check(ptrs, mask, "load")
+        return masked_load(self, ptrs, mask, *args, **kwargs)
+
+    def checked_store(self, ptrs, value, mask, *args, **kwargs):
+        check(ptrs, mask, "store")
+        return masked_store(self, ptrs, value, mask, *args, **kwargs)
+
+    builder.create_masked_load = checked_load
+    builder.create_masked_store = checked_store

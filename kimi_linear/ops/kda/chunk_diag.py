@@ -99,7 +99,9 @@ def chunk_kda_fwd_diag_kernel(
     tl.store(A_b + pz, tl.zeros([BC, 8], dtype=A_b.dtype.element_ty), mask=m_z)
     tl.store(S_b + pz, tl.zeros([BC, 8], dtype=tl.float32), mask=m_z)
     # rows 8..15 x columns 0..7 through the anchor G of row 7 (both exponent factors <= 1)
-    a7 = tl.load(G_b + (r0 + 7) * sHK + zr + cols[None, :], mask=m_bc, other=0.0)
+    # (row r0 + 7 may lie past the sequence's end, even past the buffer's: then no row >= 8 exists and a7
+    # is unused, but the load must not touch memory there)
+    a7 = tl.load(G_b + (r0 + 7) * sHK + zr + cols[None, :], mask=m_bc & (r0 + 7 < n_valid), other=0.0)
     E7 = tl.where(hi[:, None], tl.exp2(tl.minimum(G - a7, 0.0)), 0.0)
     kb7 = tl.trans(tl.where(hi[:, None], 0.0, kn * tl.exp2(tl.minimum(a7 - G, 0.0))))
     sq = tl.dot(qn * E7, kb7)
