@@ -8,6 +8,8 @@ then on sys.path, so `kimi_linear` and `benchmarks` import without installing or
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import statistics
 import sys
 import time
@@ -159,3 +161,12 @@ class CompileLog:
         top = sorted(by.items(), key=lambda kv: -sum(kv[1]))[:6]
         return (f"{len(events)} compiles, {sum(s for _, s in events):.1f} s: "
                 + ", ".join(f"{n} x{len(v)} {sum(v):.1f}s" for n, v in top))
+
+
+def write_report(report: dict, name: str, path: str | None = None) -> None:
+    """Write `report` as JSON to $OUT/`name` (when $OUT is set: the device tool brings it back) and to `path`."""
+    paths = ([os.path.join(os.environ["OUT"], name)] if os.environ.get("OUT") else []) + ([path] if path else [])
+    for p in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+        with open(p, "w") as f:
+            json.dump(report, f, indent=2)

@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from benchmarks.common import copy_bandwidth, wall_ms
+from benchmarks.common import copy_bandwidth, wall_ms, write_report
 from kimi_linear import LLM, SamplingParams
 from kimi_linear.tools.presets import preset_config
 
@@ -253,11 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"device": gpu, "copy_bandwidth_Bps": bandwidth, "dtype": args.dtype,
               "preset": None if args.model else args.preset, "model": args.model, "steps": args.steps,
               "results": results, "ratios": ratios}
-    for path in ([os.path.join(os.environ["OUT"], "engine_decode.json")] if os.environ.get("OUT") else []) + \
-            ([args.json] if args.json else []):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(report, "engine_decode.json", args.json)
     return report
 
 

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import copy_bandwidth
+from benchmarks.common import copy_bandwidth, write_report
 from benchmarks.engine_decode import Timer, parse_count, run_variant
 from kimi_linear.ops.quant.fallback import fallbacks
 from kimi_linear.tools.presets import preset_config
@@ -208,11 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"mean KL {a['mean_kl']:.4f}, relative error {a['logit_rel_err']:.4f}")
     report["fallbacks"] = fallbacks()
     print(f"FP8 fast paths that fell back: {report['fallbacks'] or 'none'}")
-    for path in ([os.path.join(os.environ["OUT"], "fp8.json")] if os.environ.get("OUT") else []) + \
-            ([args.json] if args.json else []):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(report, "fp8.json", args.json)
     return report
 
 

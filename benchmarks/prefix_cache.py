@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from benchmarks.common import CompileLog, log
+from benchmarks.common import CompileLog, log, write_report
 from kimi_linear import LLM, SamplingParams
 from kimi_linear.tools.presets import preset_config
 
@@ -205,12 +205,7 @@ def ratios(report: dict) -> dict:
 
 def save(report: dict, args) -> None:
     report["ratios"] = ratios(report)
-    paths = ([os.path.join(os.environ["OUT"], "prefix_cache.json")] if os.environ.get("OUT") else []) + \
-        ([args.json] if args.json else [])
-    for path in paths:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(report, "prefix_cache.json", args.json)
 
 
 def print_summary(report: dict) -> None:
