@@ -202,26 +202,32 @@ def bounds_check(interpreter, np) -> None:
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
         ranges: list = []
         storages(list(args_hst) + list(kwargs_hst.values()), ranges)
+        ranges = sorted(set(ranges))
+        starts = np.array([lo for lo, _ in ranges], dtype=np.uint64)
+        # end of the furthest-reaching storage starting at or before each start (storages may overlap)
+        ends = np.maximum.accumulate(np.array([hi for _, hi in ranges], dtype=np.uint64)) if ranges else starts
         state["kernel"] = getattr(self.fn, "__name__", "?")
-        state["ranges"] = sorted(set(ranges))
+        state["ranges"] = (ranges, starts, ends)
         return args_hst, kwargs_hst
 
     interpreter.GridExecutor._init_args_hst = patched_init_args
 
     def check(ptrs, mask, what):
-        ranges = state["ranges"]
-        if ranges is None:
+        if state["ranges"] is None:
             return
+        ranges, starts, ends = state["ranges"]
         p = np.asarray(ptrs.data, dtype=np.uint64)
-        active = np.ones(p.shape, dtype=bool) if mask is None else np.asarray(mask.data, dtype=bool)
-        active = np.broadcast_to(active, p.shape)
-        if not active.any():
+        if mask is not None:
+            p = p[np.broadcast_to(np.asarray(mask.data, dtype=bool), p.shape)]
+        if p.size == 0:
             return
-        size = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
-        q = p[active]
-        ok = np.zeros(q.shape, dtype=bool)
-        for lo, hi in ranges:
-            ok |= (q >= lo) & (q + size <= hi)
+        size = np.uint64(max(1, ptrs.get_element_ty().primitive_bitwidth // 8))
+        q = p.reshape(-1)
+        if not ranges:
+            ok = np.zeros(q.shape, dtype=bool)
+        else:
+            i = np.searchsorted(starts, q, side="right").astype(np.int64) - 1
+            ok = (i >= 0) & (q + size <= ends[np.maximum(i, 0)])
         if not ok.all():
             bad = q[~ok]
             near = min(ranges, key=lambda r: min(abs(int(bad[0]) - r[0]), abs(int(bad[0]) - r[1])))
