@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import httpx
 import pytest
@@ -90,6 +91,10 @@ def test_generated_request_id_is_in_the_header_and_logs(client, logged):
                                                            max_tokens=2)
     rid = raw.parse().id
     assert re.fullmatch(r"chatcmpl-[0-9a-f]{32}", rid) and raw.headers["x-request-id"] == rid
+    # the access log line is written once the response has gone out: the client may see the body first
+    deadline = time.monotonic() + 5.0
+    while not any(f"request_id={rid} " in ln for ln in rec.lines) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert any(f"request_id={rid} " in ln for ln in rec.lines)
     r = httpx.get(srv.url + "/health")  # other routes get an id too
     assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
