@@ -190,6 +190,12 @@ def save_checkpoint(model, path: str | os.PathLike, max_shard_bytes: int = 2 * 1
     if shard:
         flush()
     bar.close()
+    name_shards(path, written, total)
+
+
+def name_shards(path: str, written: list[tuple[str, list[str]]], total: int) -> None:
+    """Rename the temporary shard files `written` [(file, tensor names)] in `path` to
+    model-0000i-of-0000n.safetensors and write the index (total_size `total` bytes)."""
     n = len(written)
     weight_map = {}
     for i, (tmp, names) in enumerate(written):

@@ -25,7 +25,7 @@ import torch
 
 from kimi_linear.config import ModelConfig
 from kimi_linear.errors import ConfigError
-from kimi_linear.loader.safetensors import INDEX_NAME, _safe_open, checkpoint_shards
+from kimi_linear.loader.safetensors import INDEX_NAME, _safe_open, checkpoint_shards, name_shards
 from kimi_linear.ops.quant import quantize_fp8
 
 FORMATS = ("compressed-tensors", "block")
@@ -105,14 +105,7 @@ def quantize_checkpoint(src: str, dst: str, fmt: str = "compressed-tensors", blo
                     total += nbytes
     if shard:
         flush()
-    n = len(written)
-    weight_map = {}
-    for i, (tmp, names) in enumerate(written):
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        os.replace(os.path.join(dst, tmp), os.path.join(dst, fname))
-        weight_map.update({k: fname for k in names})
-    with open(os.path.join(dst, INDEX_NAME), "w", encoding="utf-8") as fo:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fo, indent=2)
+    name_shards(dst, written, total)
     raw = dict(config.raw)
     raw["quantization_config"] = quantization_config(fmt, block_size, strategy)
     with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as fo:
