@@ -6,7 +6,8 @@ hands each request's outputs back to that request's asyncio queue. Loading happe
 so the server answers /health with 503 until the model is ready.
 
 If a step raises, the engine is dead: every pending request gets an EngineDeadError, /health turns
-503, and new requests are refused with 503. A full waiting queue refuses new requests with 503. A request id already in flight is a 400.
+503, new requests are refused with 503, and `died` is set (`serve` then stops the server and exits
+non-zero, as vLLM does, so that a supervisor restarts it). A full waiting queue refuses new requests with 503. A request id already in flight is a 400.
 Hooks feed the metrics and the startup log: `on_ready(engine)` once the model is loaded, `on_step(stats)`
 after every engine step (the engine's `EngineStats`), `on_finished(output, times)` per finished request
 (client-side arrival and streamed-token gaps; the engine's own timestamps are in `output.metrics`).
@@ -74,6 +75,7 @@ class AsyncEngineClient:
         self._lock = threading.Lock()
         self.ready = threading.Event()
         self.dead: str | None = None
+        self.died = threading.Event()  # set by a failed step after the model was ready (not by a failed load)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="kimi-linear-engine", daemon=True)
 
@@ -293,3 +295,4 @@ class AsyncEngineClient:
             self._times.clear()
         for st in streams:
             st.put(EngineDeadError(f"the engine died: {self.dead}"))
+        self.died.set()

@@ -37,6 +37,10 @@ class StartupError(KimiLinearError):
     """The model (weights, tokenizer, chat template, generation config) could not be loaded."""
 
 
+class EngineDiedError(KimiLinearError):
+    """An engine step failed while serving: the server stopped (a supervisor should restart it)."""
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to (host, port), not yet listening (uvicorn listens on it). Raises BindError."""
     try:
@@ -94,7 +98,8 @@ def serve(engine_kwargs: dict, served_model_names: list[str], host: str = "127.0
           enable_auto_tool_choice: bool = False, max_request_body_bytes: int | None = DEFAULT_MAX_REQUEST_BODY_BYTES,
           shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
     """Bind, start loading, serve until SIGTERM / SIGINT (then drain for up to `shutdown_timeout` s).
-    Raises BindError (busy port) before loading anything, StartupError when the model cannot be loaded."""
+    Raises BindError (busy port) before loading anything, StartupError when the model cannot be loaded,
+    EngineDiedError after a failed engine step (the requests in flight got their error first)."""
     import threading
 
     import uvicorn
@@ -114,17 +119,22 @@ def serve(engine_kwargs: dict, served_model_names: list[str], host: str = "127.0
                                 access_log=False)  # the app logs access itself
         server = DrainingServer(config, client, shutdown_timeout)
 
-        def stop_if_load_fails():
-            if not client.wait_ready():
-                server.should_exit = True
+        def stop_if_load_fails_or_engine_dies():
+            if client.wait_ready():
+                client.died.wait()
+                logger.error("the engine died (%s): stopping the server", client.dead)
+            server.should_exit = True
 
-        threading.Thread(target=stop_if_load_fails, name="kimi-linear-load-watch", daemon=True).start()
+        threading.Thread(target=stop_if_load_fails_or_engine_dies, name="kimi-linear-engine-watch",
+                         daemon=True).start()
         server.run(sockets=[sock])
     finally:
         client.shutdown()
         sock.close()
     if client.dead is not None and not client.ready.is_set():
         raise StartupError(client.dead)
+    if client.died.is_set():
+        raise EngineDiedError(f"the engine died while serving: {client.dead}")
 
 
 def finished_request_metrics(out, t, now: float) -> dict:
