@@ -1,6 +1,6 @@
 """Where the time of a batch-1 decode step goes: per-kernel GPU time from the torch profiler.
 
-    python -m benchmarks.profile_decode [--preset 48b-a3b-e64] [--context 4096] [--steps 5]
+    python -m benchmarks.profile_decode [--preset 48b-a3b-e64] [--context 4096] [--steps 5] [--quantization fp8]
 
 Builds the engine with random weights (like engine_decode.py), reaches the context through the
 engine's cache structures, then profiles `--steps` decode steps twice: eagerly (every kernel visible
@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 weights (as benchmarks/fp8.py)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -85,7 +87,8 @@ def main() -> None:
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(variant_config(preset_config(args.preset), args.variant), f)
     llm = LLM(tmp, dtype="bfloat16", load_format="dummy", max_model_len=args.context + 10 * args.steps + 64, max_num_seqs=1,
-              max_num_batched_tokens=2048)
+              max_num_batched_tokens=2048, quantization=args.quantization,
+              gpu_memory_utilization=args.gpu_memory_utilization)
     engine = llm.llm_engine
     prompt = [1] * args.context
     params = SamplingParams(temperature=0, max_tokens=10 * args.steps + 20, ignore_eos=True)

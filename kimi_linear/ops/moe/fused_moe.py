@@ -72,6 +72,16 @@ def pick_tiles(num_pairs: int, num_experts: int) -> MoETiles:
 DIRECT_TILES = MoETiles(16, (32, 128, 4, 3), (64, 128, 4, 3), 1)
 
 
+def direct_fp8_tiles() -> MoETiles:
+    """Direct-mode tiles for FP8 stacks: DIRECT_TILES unless a tuned file (`ops/quant/tuned.py`) lists them."""
+    from kimi_linear.ops.quant.tuned import tuned_tiles
+
+    up, down = tuned_tiles("moe_direct_fp8", "up"), tuned_tiles("moe_direct_fp8", "down")
+    if up is None and down is None:
+        return DIRECT_TILES
+    return MoETiles(16, up or DIRECT_TILES.up, down or DIRECT_TILES.down, 1)
+
+
 # ---------------------------------------------------------------------------------------------- align
 @triton.jit
 def _rank_chunk(ids_ptr, count_ptr, rank_ptr, start, P, BLOCK: tl.constexpr):
@@ -394,7 +404,8 @@ def _check_scales(w13, w2, w13_scale, w2_scale, block):
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, tiles: MoETiles | None = None, reduce: bool = True,
               w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              block: tuple[int, int] | None = None, act_fp8: bool | None = None):
+              block: tuple[int, int] | None = None, act_fp8: bool | None = None,
+              direct_tiles: MoETiles | None = None):
     """Routed SwiGLU experts.
 
     x [N, D]; w13 [E, 2I, D] (rows: gate w1, then up w3); w2 [E, D, I]; topk_weights [N, k] (fp32);
@@ -407,6 +418,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     activations per token (x before the up GEMM, h before the down GEMM) and run FP8 x FP8 MMAs; False
     upcasts the weight tiles in registers and keeps x's dtype (weight bytes are what decode moves: the
     default for direct mode, where the quantization launches would cost more than they save).
+    direct_tiles overrides the direct-mode tiles (tuning; FP8 stacks otherwise take `direct_fp8_tiles()`).
     """
     _check(x, w13, w2, topk_weights, topk_ids)
     w_fp8 = w13.dtype == torch.float8_e4m3fn
@@ -424,7 +436,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     topk_ids = topk_ids.contiguous()
     P = N * k
     direct = tiles is None and P <= DIRECT_MAX_PAIRS
-    t = tiles or (DIRECT_TILES if direct else pick_tiles(P, E))
+    if direct:
+        t = direct_tiles or (direct_fp8_tiles() if w_fp8 else DIRECT_TILES)
+    else:
+        t = tiles or pick_tiles(P, E)
     a_fp8 = w_fp8 and (not direct if act_fp8 is None else act_fp8)
     if a_fp8 and act_fp8 is None:  # the FP8 x FP8 MMAs by default: weight-only if they cannot compile here
         from kimi_linear.ops.quant.fallback import first_try

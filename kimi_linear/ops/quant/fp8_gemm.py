@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.errors import QuantError
+from kimi_linear.ops.quant.tuned import tuned_tiles
 
 
 @triton.jit
@@ -51,18 +52,21 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, s_xm, s_ym, s_sn,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
 
-def _tiles(M: int, N: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): narrow N tiles for GEMVs (many programs stream the weight)."""
+def _tiles(M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): narrow N tiles for GEMVs (many programs stream the
+    weight); for M <= 16 a tuned entry for (N, K) (`tuned.py`) wins."""
     if M <= 16:
-        return 16, 32 if N >= 4096 else 16, 256, 4
+        return tuned_tiles("fp8_gemm", f"{N}x{K}") or (16, 32 if N >= 4096 else 16, 256, 4, 3)
     if M <= 64:
-        return 64, 64, 128, 4
-    return 128, 128, 64, 8
+        return 64, 64, 128, 4, 3
+    return 128, 128, 64, 8, 3
 
 
-def fp8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None) -> torch.Tensor:
+def fp8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None,
+             tiles: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (unit last stride) @ (w [N, K] fp8 * scale)^T -> y [M, N] in x's dtype.
-    scale: fp32 [N, 1] (per channel) or [ceil(N / BN), ceil(K / BK)] for block = (BN, BK)."""
+    scale: fp32 [N, 1] (per channel) or [ceil(N / BN), ceil(K / BK)] for block = (BN, BK).
+    tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) overrides `_tiles` (tuning)."""
     M, K = x.shape
     N = w.shape[0]
     if w.shape[1] != K or w.dtype != torch.float8_e4m3fn or not w.is_contiguous():
@@ -70,7 +74,7 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple
     if x.stride(-1) != 1:
         x = x.contiguous()
     scale = scale if scale.dtype == torch.float32 else scale.float()
-    bm, bn, bk, warps = _tiles(M, N)
+    bm, bn, bk, warps, stages = tiles or _tiles(M, N, K)
     if block is None:
         if tuple(scale.shape) != (N, 1):
             raise QuantError(f"fp8_gemm: per-channel scale must be [{N}, 1], got {tuple(scale.shape)}")
@@ -94,5 +98,5 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple
     _fp8_gemm_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
         x, w, scale, y, M, N, K, x.stride(0), y.stride(0), s_sn,
         SBN=sbn, SBK=sbk, BLOCK_SCALE=block is not None, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=3)
+        num_warps=warps, num_stages=stages)
     return y
