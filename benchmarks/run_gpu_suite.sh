@@ -2,9 +2,14 @@
 # Every GPU check and timing in one go (the device gives each command at most 10 minutes):
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
-# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic demo soak train fp8 fp8_tests
+# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic demo soak train_tests train fp8 fp8_tests
+#   fp8_tiles profile profile_fp8
 #   (default: tests kda_decode engine)
-# train (<= 325 s): the training kernels compiled against their references (<= 50 s), then benchmarks.train
+# train_tests (<= 50 s): the training kernels compiled against their references
+# train (<= 540 s): benchmarks.train, ours vs transformers + fla at 1b-4k, 1b-32k, 1b-32k with checkpointing in
+#   both, 48b-4l-4k (set TRITON_CACHE_AUTOTUNING=1 FLA_CACHE_RESULTS=1: fla's first-use autotuning is ~4 min
+#   of the peer's first row)
+# fp8_tiles (<= 150 s): the FP8 decode kernels' tile sweep; profile_fp8 (<= 300 s): decode-step profiles, fp8 and bf16
 # soak: benchmarks/soak.py on a 48b-a3b-e64 dummy-weight server, 256 clients; startup + traffic + drain +
 # report + shutdown bounded to 285 s by --time-budget (traffic up to 200 s), report in $OUT/soak.json.
 set -u
@@ -34,11 +39,14 @@ for part in $parts; do
     demo) timeout 240 python3 -m kimi_linear.tools.demo_model train --data "${DEMO_DATA:-.gpu_synth18/demo_data}" \
         --out /tmp/kimi_linear_demo_run --results "$OUT/demo" --budget-s 185 2>&1 | tail -60 ;;
     soak) timeout 300 python3 -m benchmarks.soak --preset 48b-a3b-e64 --concurrency 256 --duration 200 --time-budget 285 --startup-timeout 150 --drain-reserve 45 --sample-every 15 --out "$OUT/soak.json" 2>&1 | tail -45 ;;
-    train)
-      timeout 50 python3 -m pytest -q -p no:cacheprovider tests/ops/test_conv_train.py tests/ops/test_norm_train.py \
-        tests/ops/test_linear_cross_entropy.py tests/models/test_training_forward.py::test_gpu_training_call_matches_cpu 2>&1 | tail -8
-      timeout 270 python3 -m benchmarks.train --rows "${TRAIN_ROWS:-1b-4k,1b-32k,48b-4l-4k}" --steps 3 --warmup 1 \
-        --profile 12 --timeout-per-impl 90 --out "$OUT/train.json" 2>&1 | tail -80 ;;
+    train_tests) timeout 50 python3 -m pytest -q -p no:cacheprovider tests/ops/test_conv_train.py tests/ops/test_norm_train.py \
+        tests/ops/test_linear_cross_entropy.py tests/models/test_training_forward.py::test_gpu_training_call_matches_cpu 2>&1 | tail -8 ;;
+    train) timeout 540 python3 -m benchmarks.train --rows "${TRAIN_ROWS:-1b-4k,1b-32k,1b-32k:gc,48b-4l-4k}" --steps 3 \
+        --warmup 1 --timeout-per-impl "${TRAIN_TIMEOUT_PER_IMPL:-300}" --out "$OUT/train.json" 2>&1 | grep -v Warning | tail -60 ;;
+    fp8_tiles) timeout 150 python3 -m benchmarks.fp8_tiles --out "$OUT/fp8_tiles.json" --budget-s 115 2>&1 | tail -14 ;;
+    profile_fp8) for q in fp8 bf16; do [ $q = fp8 ] && a="--quantization fp8" || a=""
+        timeout 150 python3 -m benchmarks.profile_decode --preset 48b-a3b --context 4096 --top 28 $a \
+          --json "$OUT/profile_$q.json" 2>&1 | sed -n '/=== graph/,$p'; done ;;
     *) echo "unknown part $part" ;;
   esac
 done
