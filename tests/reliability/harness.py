@@ -26,6 +26,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_health(url: str, timeout: float = 120) -> bool:
+    """Poll `url`/health until it answers 200 (True) or `timeout` s pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
 def check_envelope(r: httpx.Response, status: int) -> dict:
     """The OpenAI error envelope of `r`, which must have `status`."""
     assert r.status_code == status, (r.status_code, r.text[:500])

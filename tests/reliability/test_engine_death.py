@@ -10,7 +10,7 @@ import threading
 
 import httpx
 import pytest
-from harness import free_port
+from harness import free_port, wait_for_health
 
 from kimi_linear.engine.llm_engine import LLMEngine
 
@@ -32,16 +32,7 @@ def test_serve_exits_when_a_step_fails(tiny_checkpoint, monkeypatch):
     answers: dict[str, object] = {}
 
     def client():
-        import time
-
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        wait_for_health(url, timeout=60)
         body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 50, "ignore_eos": True}
         r = httpx.post(url + "/v1/completions", json=body, timeout=30)
         answers["plain"] = (r.status_code, r.json())

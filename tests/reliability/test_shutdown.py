@@ -13,7 +13,7 @@ import threading
 import time
 
 import httpx
-from harness import ServeProcess, free_port
+from harness import ServeProcess, free_port, wait_for_health
 
 LONG = {"model": "tiny", "prompt": [3, 4, 5, 6], "max_tokens": 1900, "ignore_eos": True, "stream": True}
 DRAIN_S = 3.0
@@ -105,14 +105,7 @@ def test_sigint_drains_without_tracebacks(tiny_checkpoint, caplog):
     seen: dict = {}
 
     def clients():
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        wait_for_health(url)
         seen.update(drain_scenario(url, lambda: os.kill(os.getpid(), signal.SIGINT)))
 
     worker = threading.Thread(target=clients, daemon=True)
