@@ -3,7 +3,7 @@
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
 # parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic demo soak train_tests train fp8 fp8_tests
-#   fp8_tiles profile profile_fp8
+#   fp8_tiles profile profile_fp8 long_ctx
 #   (default: tests kda_decode engine)
 # train_tests (<= 50 s): the training kernels compiled against their references
 # train (<= 540 s): benchmarks.train, ours vs transformers + fla at 1b-4k, 1b-32k, 1b-32k with checkpointing in
@@ -43,6 +43,8 @@ for part in $parts; do
         tests/ops/test_linear_cross_entropy.py tests/models/test_training_forward.py::test_gpu_training_call_matches_cpu 2>&1 | tail -8 ;;
     train) timeout 540 python3 -m benchmarks.train --rows "${TRAIN_ROWS:-1b-4k,1b-32k,1b-32k:gc,48b-4l-4k}" --steps 3 \
         --warmup 1 --timeout-per-impl "${TRAIN_TIMEOUT_PER_IMPL:-300}" --out "$OUT/train.json" 2>&1 | grep -v Warning | tail -60 ;;
+    # long_ctx (<= 400 s): 1M-context decode, hybrid vs all-MLA, each at the largest batch its cache holds
+    long_ctx) timeout 400 python3 -m benchmarks.long_context_throughput --json "$OUT/long_context_throughput.json" 2>&1 | tail -12 ;;
     fp8_tiles) timeout 150 python3 -m benchmarks.fp8_tiles --out "$OUT/fp8_tiles.json" --budget-s 115 2>&1 | tail -14 ;;
     profile_fp8) for q in fp8 bf16; do [ $q = fp8 ] && a="--quantization fp8" || a=""
         timeout 150 python3 -m benchmarks.profile_decode --preset 48b-a3b --context 4096 --top 28 $a \

@@ -49,3 +49,37 @@ def test_cpu_smoke(bench, tmp_path, monkeypatch):
     assert rows[("hybrid", 100)]["bytes"]["latent"] > rows[("hybrid", 40)]["bytes"]["latent"]
     assert rows[("mla", 40)]["bytes"]["kda_state"] == 0 < rows[("hybrid", 40)]["bytes"]["kda_state"]
     assert [q["context"] for q in report["ratios"]] == [40, 100]
+
+
+def test_long_context_throughput_cpu_smoke(tmp_path, monkeypatch):
+    """benchmarks/long_context_throughput.py: the batch is the most requests the pools hold (tiny on the CPU:
+    blocks for min(max_model_len * max_num_seqs, 2^18) tokens), every request decodes, the pools are empty after."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    lct = importlib.import_module("benchmarks.long_context_throughput")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    report = lct.main(["--preset", "tiny", "--contexts", "200", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                       "--dtype", "float32", "--block-size", "16", "--max-batch", "4"])
+    rows = {r["variant"]: r for r in report["rows"]}
+    # the CPU's default cache holds max_num_seqs requests of max_model_len: the --max-batch cap binds
+    assert rows["hybrid"]["batch"] == rows["mla"]["batch"] == 4
+    for r in rows.values():
+        assert abs(r["tokens_per_s"] - r["batch"] / r["step_ms"] * 1e3) < 1e-6 and r["per_token_ms"] > 0
+    assert report["ratios"][0]["context"] == 200
+    assert json.loads((tmp_path / "long_context_throughput.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+
+
+def test_long_context_largest_batch_is_bound_by_blocks_slots_and_cap(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    lct = importlib.import_module("benchmarks.long_context_throughput")
+
+    def engine(free_blocks, free_slots, mla_layers=(3,)):
+        return NS(scheduler=NS(block_pool=NS(block_size=64, num_free=free_blocks), state_pool=NS(num_free=free_slots)),
+                  runner=NS(model=NS(config=NS(mla_layers=mla_layers))))
+
+    per_req = -(-(1 << 20) // 64) + 1  # 1M tokens + 22 steps: 16,385 blocks
+    assert lct.largest_batch(engine(5 * per_req + 7, 256), 1 << 20, 22, 256) == 5  # blocks
+    assert lct.largest_batch(engine(50 * per_req, 3), 1 << 20, 22, 256) == 3  # KDA state slots
+    assert lct.largest_batch(engine(50 * per_req, 256), 1 << 20, 22, 8) == 8  # the cap
+    assert lct.largest_batch(engine(per_req - 1, 256), 1 << 20, 22, 8) == 0  # not one
