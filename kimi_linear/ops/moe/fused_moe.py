@@ -356,10 +356,11 @@ def _scale_tile_k(bk: int, block: tuple[int, int] | None) -> int:
 
 
 def _per_token_fp8(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """a [R, K] -> (fp8 [R, K], fp32 scale [R]): dynamic per-row quantization (torch ops, no host sync)."""
-    af = a.float()
-    scale = (af.abs().amax(dim=-1) / 448.0).clamp_min(1e-12)
-    return (af / scale[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+    """a [R, K] -> (fp8 [R, K], fp32 scale [R]): `ops.quant.quantize_per_token` (torch ops, no host sync)."""
+    from kimi_linear.ops.quant import quantize_per_token
+
+    q, scale = quantize_per_token(a)
+    return q, scale.view(-1)
 
 
 # ------------------------------------------------------------------------------------------ public op
