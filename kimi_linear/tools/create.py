@@ -1,8 +1,8 @@
 """Create a complete Hugging Face-format checkpoint folder from a preset (what `kimi-linear init` does).
 
 Writes config.json, generation_config.json, a Kimi-format tokenizer (tiktoken.model,
-tokenizer_config.json, chat_template.jinja; built for vocabularies of at most 32768 ids, i.e. the
-`tiny` and `small` presets) and, unless `weights=False`, random well-scaled weights as sharded
+tokenizer_config.json, chat_template.jinja; built for vocabularies of at most 4352 ids (MAX_BUILT_VOCAB), i.e. the
+`tiny`, `small` and `demo` presets) and, unless `weights=False`, random well-scaled weights as sharded
 safetensors with model.safetensors.index.json in the official tensor names and dtypes (by default
 for every preset but the 48b ones, which the engine can fill on the device with load_format="dummy").
 Weights are generated tensor by tensor on a meta-device model and streamed into shards, so even the
@@ -21,9 +21,8 @@ from kimi_linear.loader.safetensors import save_checkpoint
 from kimi_linear.models.init import init_tensor, make_generator
 from kimi_linear.models.kimi_linear import FP32_PARAMS, KimiLinearForCausalLM
 from kimi_linear.tools.presets import LARGE_PRESETS, preset_config
-from kimi_linear.tools.tokenizer import write_tokenizer
+from kimi_linear.tools.tokenizer import MAX_BUILT_VOCAB, write_tokenizer
 
-MAX_BUILT_VOCAB = 32768  # larger vocabularies (the 48b presets) get no built tokenizer: too slow to train
 
 
 def generation_config(config: ModelConfig) -> dict:
@@ -47,7 +46,7 @@ def create_checkpoint(out_dir: str | os.PathLike, preset: str | dict = "tiny", s
     """Write a checkpoint folder for `preset` (a preset name or an official-format config dict).
 
     `weights`: write random weights (default: unless `preset` names a 48b preset).
-    `tokenizer`: write a built tokenizer (default: when the vocabulary has at most 32768 ids)."""
+    `tokenizer`: write a built tokenizer (default: when the vocabulary has at most MAX_BUILT_VOCAB = 4352 ids)."""
     out_dir = os.fspath(out_dir)
     if weights is None:
         weights = default_weights(preset)

@@ -98,10 +98,10 @@ _TINY = dict(
                         "short_conv_kernel_size": 4},
 )
 _SMALL = dict(
-    vocab_size=32768, hidden_size=768, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=8,
+    vocab_size=4352, hidden_size=768, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=8,
     head_dim=96, intermediate_size=2048, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
     v_head_dim=128, num_experts=16, num_experts_per_token=4, num_shared_experts=1, moe_intermediate_size=224,
-    model_max_length=1048576, bos_token_id=32512, eos_token_id=32514, pad_token_id=32767,
+    model_max_length=1048576, bos_token_id=4096, eos_token_id=4098, pad_token_id=4351,
     linear_attn_config={**_hybrid_lists(12), "num_heads": 6, "head_dim": 128, "short_conv_kernel_size": 4},
 )
 

@@ -1,18 +1,16 @@
-"""Build small Kimi-format tokenizers (for the `tiny` and `small` presets) deterministically.
+"""Kimi-format tokenizer folders for the presets, and the BPE trainer that made the demo tokenizer.
 
-A tokenizer here is `num_base_tokens` BPE ranks (the 256 single bytes, ranks 0..255 in byte order,
-then the merges of a byte-level BPE trained by the `tokenizers` library on the embedded corpus
-`bpe_corpus.CORPUS`, pre-tokenised with the Kimi pattern) plus 256 special ids laid out like the real
-Kimi tokenizer's: the same names at the same offsets from the base vocabulary ([BOS] at +0, [EOS] +1,
+A preset's tokenizer is `num_base_tokens` BPE ranks plus 256 special ids laid out like the real Kimi
+tokenizer's: the same names at the same offsets from the base vocabulary ([BOS] at +0, [EOS] +1,
 <|im_end|> +2, ... [PAD] +255), the other slots `<|reserved_token_{id}|>`. Written as the files the
 loader reads (`loader/tokenizer.py`): tiktoken.model, tokenizer_config.json, chat_template.jinja.
 
-Invariants: the result is a pure function of (num_base_tokens, the corpus, the trainer of the
-installed `tokenizers`); ranks are the training merge order, and every merged token is reachable by
-tiktoken's merges (encoding its bytes as one piece gives exactly its own rank): a token that is not
-is skipped. When the corpus runs out of pairs, training restarts on the corpus plus a deterministic
-synthetic text (pseudo-words, numbers, identifiers from a fixed linear congruential generator) that
-doubles until the vocabulary is full.
+The base ranks are the first `num_base_tokens` ranks of the demo model's tokenizer
+(`kimi_linear/assets/demo/tiktoken.model`: 4096 ranks trained by `train_ranks` on the King James Bible,
+`tools/demo_model.py`). Ranks are the training merge order and every token was checked reachable with the
+ranks before it, so every prefix is itself a valid tokenizer; vocabularies larger than the demo's
+(MAX_BUILT_VOCAB) get no built tokenizer. `train_ranks` trains byte-level BPE ranks with the `tokenizers`
+library on given texts, pre-tokenised with the Kimi pattern.
 """
 
 from __future__ import annotations
@@ -34,7 +32,9 @@ KIMI_SPECIAL_OFFSETS = {
     254: "[UNK]", 255: "[PAD]",
 }
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-MAX_SYNTHETIC_DOUBLINGS = 12
+# The largest vocabulary a tokenizer is built for: the demo tokenizer's 4096 ranks + 256 specials. Larger
+# ones (the 48b presets' 163840) need their tokenizer folder (`--tokenizer`, a real checkpoint's files).
+MAX_BUILT_VOCAB = 4096 + NUM_RESERVED_SPECIAL_TOKENS
 
 
 # --------------------------------------------------------------------------- corpus
@@ -43,35 +43,6 @@ def pretokens(text: str) -> list[str]:
     import regex  # the `regex` module runs the Kimi pattern (V1 syntax has `&&` class intersection)
 
     return regex.findall(PAT_STR, text, flags=regex.V1)
-
-
-def _synthetic_text(num_words: int) -> str:
-    """Deterministic filler: pseudo-words, numbers and identifiers from a fixed LCG."""
-    state = 0x2545F491
-    onsets = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
-              "br", "ch", "cl", "dr", "gr", "pl", "sh", "st", "th", "tr"]
-    vowels = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "io"]
-    codas = ["", "", "n", "r", "s", "t", "l", "m", "ng", "ck"]
-
-    def rnd(n: int) -> int:
-        nonlocal state
-        state = (state * 6364136223846793005 + 1442695040888963407) % (1 << 64)
-        return (state >> 33) % n
-
-    out = []
-    for i in range(num_words):
-        word = "".join(onsets[rnd(len(onsets))] + vowels[rnd(len(vowels))] + codas[rnd(len(codas))]
-                       for _ in range(1 + rnd(4)))
-        kind = rnd(10)
-        if kind == 0:
-            word = word.capitalize()
-        elif kind == 1:
-            word = f"{word}_{onsets[rnd(len(onsets))]}{vowels[rnd(len(vowels))]}"
-        elif kind == 2:
-            word = str(rnd(1000))
-        out.append(word)
-        out.append("\n" if i % 17 == 16 else " ")
-    return "".join(out)
 
 
 # --------------------------------------------------------------------------- training
@@ -132,20 +103,17 @@ def train_ranks(texts: Iterable[str], num_base_tokens: int) -> dict[bytes, int]:
 
 
 def build_ranks(num_base_tokens: int) -> dict[bytes, int]:
-    """The BPE ranks of a preset tokenizer with `num_base_tokens` mergeable tokens (>= 256)."""
-    from kimi_linear.tools.bpe_corpus import CORPUS
+    """The BPE ranks of a preset tokenizer with `num_base_tokens` mergeable tokens: a prefix of the demo
+    tokenizer's ranks (256 <= num_base_tokens <= MAX_BUILT_VOCAB - 256)."""
+    from kimi_linear.loader.tokenizer import read_ranks
+    from kimi_linear.tools.demo_model import DEMO_DIR
 
-    if num_base_tokens < 256:
-        raise ConfigError("vocab_size", f"a byte-level tokenizer needs at least 256 base tokens, got {num_base_tokens}")
-    ranks = train_ranks([CORPUS], num_base_tokens)
-    num_words = 20_000
-    for _ in range(MAX_SYNTHETIC_DOUBLINGS):
-        if len(ranks) == num_base_tokens:
-            return ranks
-        # the corpus ran out of pairs: train again with synthetic text (deterministic, grows until enough)
-        ranks = train_ranks([CORPUS, _synthetic_text(num_words)], num_base_tokens)
-        num_words *= 2
-    raise ConfigError("vocab_size", f"could not train {num_base_tokens} BPE tokens (got {len(ranks)})")
+    if not 256 <= num_base_tokens <= MAX_BUILT_VOCAB - NUM_RESERVED_SPECIAL_TOKENS:
+        raise ConfigError("vocab_size", f"a built tokenizer has 256..{MAX_BUILT_VOCAB - NUM_RESERVED_SPECIAL_TOKENS} "
+                                        f"base tokens (a prefix of the demo tokenizer's ranks), asked for "
+                                        f"{num_base_tokens}: bring a tokenizer folder for this vocabulary")
+    ranks = read_ranks(os.path.join(DEMO_DIR, TIKTOKEN_FILE))
+    return {tok: r for tok, r in ranks.items() if r < num_base_tokens}
 
 
 # --------------------------------------------------------------------------- writing
@@ -160,7 +128,7 @@ def write_tokenizer(out_dir: str | os.PathLike, vocab_size: int, bos_token_id: i
                     model_max_length: int | None = None, ranks: dict[bytes, int] | None = None) -> None:
     """Write `tiktoken.model`, `tokenizer_config.json` and `chat_template.jinja` for a model whose
     vocabulary is `vocab_size` = base ranks + 256 specials (Kimi layout; bos/eos/pad must name ids in it).
-    `ranks`: the base ranks to write (default: `build_ranks`, trained on the embedded corpus); they must be
+    `ranks`: the base ranks to write (default: `build_ranks`, the demo tokenizer's first ranks); they must be
     exactly `vocab_size - 256` of them."""
     from kimi_linear.loader.chat_template import DEFAULT_CHAT_TEMPLATE
 

@@ -34,7 +34,7 @@ class TrainConfig:
     preset: str | None = field(default=None, metadata=_opt("train from scratch: a preset shape (tiny, small, ...)",
                                                            metavar="NAME"))
     tokenizer: str | None = field(default=None, metadata=_opt(
-        "folder with the tokenizer files (default: --model's; for --preset one is built, vocabularies <= 32768)",
+        "folder with the tokenizer files (default: --model's; for --preset one is built, vocabularies <= 4352)",
         metavar="DIR"))
     data: str | None = field(default=None, metadata=_opt(
         'training data: JSON lines, {"text": ...} (pre-training) or {"messages": [...]} (chat SFT)',

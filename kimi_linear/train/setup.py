@@ -1,7 +1,7 @@
 """What a run trains on and with: the tokenizer folder, the documents, and the fp32 model.
 
 - Tokenizer: --tokenizer, else --model's folder; for --preset one is built (tools/tokenizer.py, the same
-  files `kimi-linear init` writes) into OUT/tokenizer by rank 0, for vocabularies of at most 32768 ids.
+  files `kimi-linear init` writes) into OUT/tokenizer by rank 0, for vocabularies of at most 4352 ids (MAX_BUILT_VOCAB).
 - Model: --model loads the checkpoint in fp32 (master weights); --preset builds the preset's config with
   random well-scaled weights from --seed (`models.init.init_weights`). Either way `config_dict` is the
   official-format config.json dict that the export writes back.
@@ -19,7 +19,6 @@ from kimi_linear.errors import TrainConfigError
 from kimi_linear.train.args import TrainConfig
 from kimi_linear.train.distributed import DistInfo, barrier
 
-MAX_BUILT_VOCAB = 32768
 
 
 def source_config_dict(cfg: TrainConfig) -> dict:
@@ -38,6 +37,8 @@ def tokenizer_dir(cfg: TrainConfig, config: ModelConfig, config_dict: dict, info
         return cfg.tokenizer
     if cfg.model is not None:
         return cfg.model
+    from kimi_linear.tools.tokenizer import MAX_BUILT_VOCAB
+
     if config.vocab_size > MAX_BUILT_VOCAB:
         raise TrainConfigError("--tokenizer", f"--preset {cfg.preset} has a {config.vocab_size}-token vocabulary; "
                                               f"no tokenizer is built for more than {MAX_BUILT_VOCAB}: give --tokenizer DIR")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -73,15 +74,33 @@ def test_init_writes_a_complete_tokenizer(tmp_path):
     assert tok.decode(tok.encode(text)) == text
 
 
-@pytest.mark.slow
 def test_small_preset_tokenizer(tmp_path):
     create_checkpoint(tmp_path, "small", weights=False, progress=False)
     tok = load_tokenizer(tmp_path)
-    assert tok.vocab_size == 32768 and tok.num_base_tokens == 32512
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (32512, 32514, 32767)
-    _check_valid_ranks(tok._enc._mergeable_ranks, 32512)
-    # a real vocabulary: common English words are single tokens
-    assert len(tok.encode(" the model")) == 2
+    assert tok.vocab_size == 4352 and tok.num_base_tokens == 4096
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (4096, 4098, 4351)
+    _check_valid_ranks(tok._enc._mergeable_ranks, 4096)
+    # a real vocabulary (the demo tokenizer's, trained on the KJV): common English words are single tokens
+    assert len(tok.encode(" the earth")) == 2
+
+
+def test_preset_ranks_are_prefixes_of_the_demo_tokenizer():
+    from kimi_linear.loader.tokenizer import read_ranks
+    from kimi_linear.tools.demo_model import DEMO_DIR
+    from kimi_linear.tools.tokenizer import MAX_BUILT_VOCAB
+
+    demo = read_ranks(str(pathlib.Path(DEMO_DIR) / "tiktoken.model"))
+    assert len(demo) + 256 == MAX_BUILT_VOCAB
+    tiny = build_ranks(768)
+    assert tiny == {t: r for t, r in demo.items() if r < 768} and build_ranks(4096) == demo
+
+
+@pytest.mark.parametrize("n", [255, 4097])
+def test_build_ranks_out_of_range_names_vocab_size(n):
+    from kimi_linear.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="vocab_size"):
+        build_ranks(n)
 
 
 def test_large_presets_write_no_tokenizer(tmp_path):
