@@ -124,7 +124,22 @@ def test_none_renders_tools_and_parses_nothing(oai):
     assert isinstance(c.message.content, str)
 
 
-def test_required_calls_validate_against_the_schema(oai):
+@pytest.fixture(scope="module")
+def long_server(tiny_checkpoint):
+    """A server with room for the longer prompts of the tests below (tool declarations + a tool turn)."""
+    srv = RunningServer(str(tiny_checkpoint), max_model_len=1024)
+    srv.wait_healthy()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def long_oai(long_server):
+    return openai.OpenAI(base_url=long_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def test_required_calls_validate_against_the_schema(long_oai):
+    oai = long_oai
     r = oai.chat.completions.create(messages=MSG, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, **KW)
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.content is None
@@ -154,7 +169,8 @@ def test_named_function_streamed_as_openai_does(oai):
     assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls) > 2  # arguments in pieces
 
 
-def test_tool_result_turn(oai, server):
+def test_tool_result_turn(long_oai, long_server):
+    oai, server = long_oai, long_server
     call = {"id": "functions.get_weather:0", "type": "function",
             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}
     conv = MSG + [{"role": "assistant", "content": None, "tool_calls": [call]},
@@ -176,7 +192,8 @@ def test_tool_result_turn(oai, server):
 # --------------------------------------------------------------------------- --enable-auto-tool-choice
 @pytest.fixture(scope="module")
 def auto_oai(tiny_checkpoint):
-    srv = RunningServer(str(tiny_checkpoint), tool_call_parser="kimi_k2", enable_auto_tool_choice=True)
+    srv = RunningServer(str(tiny_checkpoint), tool_call_parser="kimi_k2", enable_auto_tool_choice=True,
+                        max_model_len=1024)  # the tool schemas in the prompt: ~500 tokens of JSON
     srv.wait_healthy()
     yield openai.OpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
     srv.stop()
