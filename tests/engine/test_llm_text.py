@@ -120,11 +120,11 @@ def test_stop_string_split_across_tokens_never_leaks(llm):
     base = llm.generate(prompt, greedy(16, ignore_eos=True), use_tqdm=False)[0].outputs[0]
     text = base.text
     # a stop string spanning a token boundary: starts inside one token's text and ends in a later one
-    bounds, pos = [], 0
-    for t in base.token_ids:
-        pos += len(tok.decode([t]))
-        bounds.append(pos)
-    cut = next(b for b in bounds[2:] if 1 <= b < len(text) - 1 and text.find(text[b - 1:b + 2]) == b - 1)
+    # (each prefix decoded whole, special ids skipped as in the output: a token may end inside a UTF-8
+    # character that the next one completes)
+    bounds = [len(tok.decode(base.token_ids[:i + 1], skip_special_tokens=True)) for i in range(len(base.token_ids))]
+    cut = next((b for b in bounds[2:] if 1 <= b < len(text) - 1 and text.find(text[b - 1:b + 2]) == b - 1), None)
+    assert cut is not None, (text, bounds, base.token_ids)
     stop = text[cut - 1:cut + 2]
     want = text[:cut - 1]
     seen = stream(llm, [prompt, prompt], [greedy(16, ignore_eos=True, stop=[stop]),
@@ -138,7 +138,8 @@ def test_stop_string_split_across_tokens_never_leaks(llm):
     # the token that completed the stop string is kept in token_ids (as vLLM does)
     n = len(plain[-1].outputs[0].token_ids)
     assert base.token_ids[:n] == plain[-1].outputs[0].token_ids
-    assert len(tok.decode(base.token_ids[:n])) >= cut + 2 > len(tok.decode(base.token_ids[:n - 1]))
+    dec = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    assert len(dec(base.token_ids[:n])) >= cut + 2 > len(dec(base.token_ids[:n - 1]))
     # the offline API gives the same final text
     same = llm.generate(prompt, greedy(16, ignore_eos=True, stop=[stop]), use_tqdm=False)[0].outputs[0]
     assert same.text == want and same.stop_reason == stop
@@ -175,10 +176,11 @@ def test_eos_and_stop_id_text_left_out_unless_asked(llm):
     out = llm.generate("Hello", greedy(8, ignore_eos=True, stop_token_ids=[sid]), use_tqdm=False)[0].outputs[0]
     k = base.token_ids.index(sid)
     assert out.token_ids == base.token_ids[:k + 1] and out.stop_reason == sid
-    assert out.text == tok.decode(base.token_ids[:k])
+    # outputs skip special tokens' text by default (skip_special_tokens=True, as vLLM)
+    assert out.text == tok.decode(base.token_ids[:k], skip_special_tokens=True)
     inc = llm.generate("Hello", greedy(8, ignore_eos=True, stop_token_ids=[sid], include_stop_str_in_output=True),
                        use_tqdm=False)[0].outputs[0]
-    assert inc.text == tok.decode(base.token_ids[:k + 1])
+    assert inc.text == tok.decode(base.token_ids[:k + 1], skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------- process_inputs
