@@ -68,3 +68,17 @@ class RunningServer:
         return False
 
 
+
+
+def serving(model: str, **kw):
+    """A started RunningServer(model, **kw), stopped when the generator closes (for pytest fixtures)."""
+    srv = RunningServer(model, **kw)
+    srv.wait_healthy()
+    yield srv
+    srv.stop()
+
+
+def openai_client(srv: RunningServer):
+    import openai
+
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)

@@ -21,7 +21,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from loopback import API_KEY, RunningServer
+from loopback import API_KEY, openai_client, serving
 
 H = {"Authorization": f"Bearer {API_KEY}"}
 MSG = [{"role": "user", "content": "What is the weather in Paris, and the time there?"}]
@@ -127,15 +127,12 @@ def test_none_renders_tools_and_parses_nothing(oai):
 @pytest.fixture(scope="module")
 def long_server(tiny_checkpoint):
     """A server with room for the longer prompts of the tests below (tool declarations + a tool turn)."""
-    srv = RunningServer(str(tiny_checkpoint), max_model_len=1024)
-    srv.wait_healthy()
-    yield srv
-    srv.stop()
+    yield from serving(str(tiny_checkpoint), max_model_len=1024)
 
 
 @pytest.fixture(scope="module")
 def long_oai(long_server):
-    return openai.OpenAI(base_url=long_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    return openai_client(long_server)
 
 
 def test_required_calls_validate_against_the_schema(long_oai):
@@ -192,11 +189,10 @@ def test_tool_result_turn(long_oai, long_server):
 # --------------------------------------------------------------------------- --enable-auto-tool-choice
 @pytest.fixture(scope="module")
 def auto_oai(tiny_checkpoint):
-    srv = RunningServer(str(tiny_checkpoint), tool_call_parser="kimi_k2", enable_auto_tool_choice=True,
-                        max_model_len=1024)  # the tool schemas in the prompt: ~500 tokens of JSON
-    srv.wait_healthy()
-    yield openai.OpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
-    srv.stop()
+    # the tool schemas in the prompt: ~500 tokens of JSON
+    for srv in serving(str(tiny_checkpoint), tool_call_parser="kimi_k2", enable_auto_tool_choice=True,
+                       max_model_len=1024):
+        yield openai_client(srv)
 
 
 def forced_output(text: str) -> dict:
