@@ -1,8 +1,8 @@
 """Tile sweep of the FP8 decode kernels (M = 1) on this GPU: `fp8_gemm` at the shape's decode GEMMs and the
 direct-mode FP8 fused MoE (k routed + the shared expert), each candidate timed in a CUDA graph (as the
 engine's decode step runs them) beside bf16 cuBLAS / the bf16 fused MoE and the bytes-over-bandwidth floor.
-Writes the winners (only where they beat the default by more than 3%) as the JSON that
-`KIMI_LINEAR_FP8_TILES` reads (`kimi_linear/ops/quant/tuned.py`).
+Writes the winners (only where they beat the default by more than 3%) as JSON: a change of the defaults
+(`ops/quant/fp8_gemm.py`'s `_tiles`, `ops/moe/fused_moe.py`'s DIRECT_TILES) is then measured in the engine.
 
     python -m benchmarks.fp8_tiles --out fp8_tiles.json [--preset 48b-a3b] [--budget-s 150]
 """
@@ -54,14 +54,14 @@ def main() -> None:
     shapes = {"kda in": (3 * H * K + 2 * K + H, D), "mla in": (mla_in, D), "o_proj": (D, H * K),
               "dense gate_up": (2 * base["intermediate_size"], D), "dense down": (D, base["intermediate_size"])}
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s; {len(GEMM_CANDIDATES)} GEMM and {2 * len(MOE_CANDIDATES)} MoE candidates")
-    tuned: dict = {"fp8_gemm": {}, "moe_direct_fp8": {}}
+    winners: dict = {"fp8_gemm": {}, "moe_direct_fp8": {}}
     print(f"{'gemm':<14} {'N x K':>12} {'bf16 us':>8} {'fp8 default us':>15} {'best us':>8} {'of BW':>6}  best tiles")
     for name, (N, Kd) in shapes.items():
         w = torch.randn(N, Kd, device="cuda", dtype=torch.bfloat16) / Kd ** 0.5
         q, sc = quantize_fp8(w)
         x = torch.randn(1, Kd, device="cuda", dtype=torch.bfloat16)
         t_bf = _time(lambda: torch.nn.functional.linear(x, w)) * 1e3
-        default = _tiles(1, N, Kd)
+        default = _tiles(1, N)
         t_def = _time(lambda: fp8_gemm(x, q, sc)) * 1e3
         best, t_best = default, t_def
         for c in GEMM_CANDIDATES:
@@ -73,7 +73,7 @@ def main() -> None:
         frac = N * Kd / (t_best * 1e-6) / bw
         print(f"{name:<14} {N:>5} x {Kd:<5} {t_bf:8.1f} {t_def:15.1f} {t_best:8.1f} {frac:6.0%}  {best}", flush=True)
         if t_best < 0.97 * t_def:
-            tuned["fp8_gemm"][f"{N}x{Kd}"] = list(best)
+            winners["fp8_gemm"][f"{N}x{Kd}"] = list(best)
         del w, q
     E, I, k = base["num_experts"] + 1, base["moe_intermediate_size"], base["num_experts_per_token"] + 1
     w13 = torch.randn(E, 2 * I, D, device="cuda", dtype=torch.bfloat16) / D ** 0.5
@@ -105,10 +105,10 @@ def main() -> None:
     print(f"{'moe direct':<14} {k:>5} experts {t_bf:8.1f} {t_def:15.1f} {t_best:8.1f} {nbytes / (t_best * 1e-6) / bw:6.0%}"
           f"  up {up} down {down}  (floor fp8 {nbytes / bw * 1e6:.1f} us, bf16 {2 * nbytes / bw * 1e6:.1f} us)")
     if t_best < 0.97 * t_def:
-        tuned["moe_direct_fp8"] = {"up": list(up), "down": list(down)}
+        winners["moe_direct_fp8"] = {"up": list(up), "down": list(down)}
     with open(args.out, "w") as f:
-        json.dump(tuned, f, indent=1)
-    print(f"wrote {args.out} after {time.time() - t0:.0f} s: {json.dumps(tuned)}")
+        json.dump(winners, f, indent=1)
+    print(f"wrote {args.out} after {time.time() - t0:.0f} s: {json.dumps(winners)}")
 
 
 if __name__ == "__main__":

@@ -117,42 +117,18 @@ def test_mla_decode_reads_an_fp8_cache(device, poison_empty):
     assert_close("fp8 vs fp32 cache", ref, naive_mla_decode(q, cache.float(), tables, lens, w, Dv, 0.1), 1e-6)
 
 
-def test_tuned_tiles_override_and_bad_files(device, tmp_path, monkeypatch):
-    """KIMI_LINEAR_FP8_TILES (ops/quant/tuned.py): listed tiles are used with the same results; a malformed
-    file is an error naming the file and the entry."""
-    import json
-
-    from kimi_linear.errors import QuantError
-    from kimi_linear.ops.quant import tuned
+def test_explicit_tiles_give_the_same_results(device):
+    """fp8_gemm(tiles=) and fused_moe(direct_tiles=) (what benchmarks/fp8_tiles.py sweeps) compute the same."""
+    from kimi_linear.ops.moe.fused_moe import MoETiles
 
     N, K = 48, 128
     q, s = quantize_fp8(torch.randn(N, K, device=device) / K**0.5)
     x = torch.randn(1, K, device=device)
-    ref = fp8_gemm(x, q, s)
-    good = tmp_path / "tiles.json"
-    good.write_text(json.dumps({"fp8_gemm": {f"{N}x{K}": [16, 32, 64, 4, 2]},
-                                "moe_direct_fp8": {"up": [16, 64, 4, 2]}}))
-    monkeypatch.setenv(tuned.ENV, str(good))
-    from kimi_linear.ops.quant.fp8_gemm import _tiles
-
-    assert _tiles(1, N, K) == (16, 32, 64, 4, 2) and _tiles(1, N, 2 * K) != (16, 32, 64, 4, 2)
-    assert_close("fp8_gemm with tuned tiles", ref, fp8_gemm(x, q, s), 1e-6)
-    from kimi_linear.ops.moe.fused_moe import DIRECT_TILES, direct_fp8_tiles
-
-    t = direct_fp8_tiles()
-    assert t.up == (16, 64, 4, 2) and t.down == DIRECT_TILES.down
+    assert_close("fp8_gemm with explicit tiles", fp8_gemm(x, q, s), fp8_gemm(x, q, s, tiles=(16, 32, 64, 4, 2)), 1e-6)
     q13, s13, q2, s2 = _fp8_experts(4, 64, 32, None, device)
     xm = torch.randn(1, 64, device=device).to(torch.bfloat16)
     ids, tw = torch.tensor([[0, 2]], device=device), torch.rand(1, 2, device=device)
-    monkeypatch.delenv(tuned.ENV)
     base = fused_moe(xm, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2)
-    monkeypatch.setenv(tuned.ENV, str(good))
-    assert_close("fused_moe with tuned tiles", base.float(), fused_moe(xm, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2), 1e-2)
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"fp8_gemm": {"48x128": [16, 32]}}))
-    monkeypatch.setenv(tuned.ENV, str(bad))
-    with pytest.raises(QuantError, match=r"bad\.json.*48x128.*5 positive integers"):
-        fp8_gemm(x, q, s)
-    monkeypatch.setenv(tuned.ENV, str(tmp_path / "missing.json"))
-    with pytest.raises(QuantError, match="missing.json: cannot read"):
-        fp8_gemm(x, q, s)
+    tiles = MoETiles(16, (16, 64, 4, 2), (32, 32, 4, 2), 1)
+    assert_close("fused_moe with explicit direct tiles", base.float(),
+                 fused_moe(xm, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, direct_tiles=tiles), 1e-2)

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.errors import MoEError
+from kimi_linear.ops.quant.naive import quantize_per_token
 
 SINGLE_PROGRAM_MAX_PAIRS = 4096
 _ALIGN_BLOCK = 1024
@@ -70,16 +71,6 @@ def pick_tiles(num_pairs: int, num_experts: int) -> MoETiles:
 # Direct mode (decode): one row tile per pair. Narrow up tiles and 3 stages keep every program resident
 # at once (9 pairs x 32 tiles = 288 programs, 3 per SM), so no second wave of heavy programs trails.
 DIRECT_TILES = MoETiles(16, (32, 128, 4, 3), (64, 128, 4, 3), 1)
-
-
-def direct_fp8_tiles() -> MoETiles:
-    """Direct-mode tiles for FP8 stacks: DIRECT_TILES unless a tuned file (`ops/quant/tuned.py`) lists them."""
-    from kimi_linear.ops.quant.tuned import tuned_tiles
-
-    up, down = tuned_tiles("moe_direct_fp8", "up"), tuned_tiles("moe_direct_fp8", "down")
-    if up is None and down is None:
-        return DIRECT_TILES
-    return MoETiles(16, up or DIRECT_TILES.up, down or DIRECT_TILES.down, 1)
 
 
 # ---------------------------------------------------------------------------------------------- align
@@ -357,8 +348,6 @@ def _scale_tile_k(bk: int, block: tuple[int, int] | None) -> int:
 
 def _per_token_fp8(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """a [R, K] -> (fp8 [R, K], fp32 scale [R]): `ops.quant.quantize_per_token` (torch ops, no host sync)."""
-    from kimi_linear.ops.quant import quantize_per_token
-
     q, scale = quantize_per_token(a)
     return q, scale.view(-1)
 
@@ -419,7 +408,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     activations per token (x before the up GEMM, h before the down GEMM) and run FP8 x FP8 MMAs; False
     upcasts the weight tiles in registers and keeps x's dtype (weight bytes are what decode moves: the
     default for direct mode, where the quantization launches would cost more than they save).
-    direct_tiles overrides the direct-mode tiles (tuning; FP8 stacks otherwise take `direct_fp8_tiles()`).
+    direct_tiles overrides DIRECT_TILES in direct mode (tile sweeps: benchmarks/fp8_tiles.py).
     """
     _check(x, w13, w2, topk_weights, topk_ids)
     w_fp8 = w13.dtype == torch.float8_e4m3fn
@@ -437,10 +426,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     topk_ids = topk_ids.contiguous()
     P = N * k
     direct = tiles is None and P <= DIRECT_MAX_PAIRS
-    if direct:
-        t = direct_tiles or (direct_fp8_tiles() if w_fp8 else DIRECT_TILES)
-    else:
-        t = tiles or pick_tiles(P, E)
+    t = (direct_tiles or DIRECT_TILES) if direct else (tiles or pick_tiles(P, E))
     a_fp8 = w_fp8 and (not direct if act_fp8 is None else act_fp8)
     if a_fp8 and act_fp8 is None:  # the FP8 x FP8 MMAs by default: weight-only if they cannot compile here
         from kimi_linear.ops.quant.fallback import first_try

@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from kimi_linear.errors import QuantError
-from kimi_linear.ops.quant.tuned import tuned_tiles
 
 
 @triton.jit
@@ -52,11 +51,11 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, s_xm, s_ym, s_sn,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
 
-def _tiles(M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
+def _tiles(M: int, N: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): narrow N tiles for GEMVs (many programs stream the
-    weight); for M <= 16 a tuned entry for (N, K) (`tuned.py`) wins."""
+    weight)."""
     if M <= 16:
-        return tuned_tiles("fp8_gemm", f"{N}x{K}") or (16, 32 if N >= 4096 else 16, 256, 4, 3)
+        return 16, 32 if N >= 4096 else 16, 256, 4, 3
     if M <= 64:
         return 64, 64, 128, 4, 3
     return 128, 128, 64, 8, 3
@@ -66,7 +65,7 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple
              tiles: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (unit last stride) @ (w [N, K] fp8 * scale)^T -> y [M, N] in x's dtype.
     scale: fp32 [N, 1] (per channel) or [ceil(N / BN), ceil(K / BK)] for block = (BN, BK).
-    tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) overrides `_tiles` (tuning)."""
+    tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) overrides `_tiles` (tile sweeps: benchmarks/fp8_tiles.py)."""
     M, K = x.shape
     N = w.shape[0]
     if w.shape[1] != K or w.dtype != torch.float8_e4m3fn or not w.is_contiguous():
@@ -74,7 +73,7 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple
     if x.stride(-1) != 1:
         x = x.contiguous()
     scale = scale if scale.dtype == torch.float32 else scale.float()
-    bm, bn, bk, warps, stages = tiles or _tiles(M, N, K)
+    bm, bn, bk, warps, stages = tiles or _tiles(M, N)
     if block is None:
         if tuple(scale.shape) != (N, 1):
             raise QuantError(f"fp8_gemm: per-channel scale must be [{N}, 1], got {tuple(scale.shape)}")
