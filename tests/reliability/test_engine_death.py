@@ -1,6 +1,6 @@
-"""A failed engine step while serving: the requests in flight end with an error (non-streaming: 503 in the
-envelope; streaming: an error event and [DONE]), then `serve` stops and raises EngineDiedError (the CLI
-exits non-zero), as vLLM does, instead of listening on and answering 503 forever with frozen gauges."""
+"""A failed engine step while serving: the request in flight ends with a 503 in the error envelope, then
+`serve` stops and raises EngineDiedError (the CLI exits non-zero), as vLLM does, instead of listening on and
+answering 503 forever with frozen gauges."""
 
 from __future__ import annotations
 
