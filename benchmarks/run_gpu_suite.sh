@@ -6,8 +6,8 @@
 #   fp8_tiles profile profile_fp8 long_ctx
 #   (default: tests kda_decode engine)
 # train_tests (<= 50 s): the training kernels compiled against their references
-# train (<= 540 s): benchmarks.train, ours vs transformers + fla at 1b-4k, 1b-32k, 1b-32k with checkpointing in
-#   both, 48b-4l-4k (set TRITON_CACHE_AUTOTUNING=1 FLA_CACHE_RESULTS=1: fla's first-use autotuning is ~4 min
+# train (<= 540 s): benchmarks.train, ours vs transformers + fla at 1b-4k, 1b-32k with checkpointing in both,
+#   1b-32k with ours checkpointing every 2nd / 4th layer (the peer every layer, measured once), 1b-32k, 48b-4l-4k (set TRITON_CACHE_AUTOTUNING=1 FLA_CACHE_RESULTS=1: fla's first-use autotuning is ~4 min
 #   of the peer's first row)
 # fp8_tiles (<= 150 s): the FP8 decode kernels' tile sweep; profile_fp8 (<= 300 s): decode-step profiles, fp8 and bf16
 # soak: benchmarks/soak.py on a 48b-a3b-e64 dummy-weight server, 256 clients; startup + traffic + drain +
@@ -41,7 +41,7 @@ for part in $parts; do
     soak) timeout 300 python3 -m benchmarks.soak --preset 48b-a3b-e64 --concurrency 256 --duration 200 --time-budget 285 --startup-timeout 150 --drain-reserve 45 --sample-every 15 --out "$OUT/soak.json" 2>&1 | tail -45 ;;
     train_tests) timeout 50 python3 -m pytest -q -p no:cacheprovider tests/ops/test_conv_train.py tests/ops/test_norm_train.py \
         tests/ops/test_linear_cross_entropy.py tests/models/test_training_forward.py::test_gpu_training_call_matches_cpu 2>&1 | tail -8 ;;
-    train) timeout 540 python3 -m benchmarks.train --rows "${TRAIN_ROWS:-1b-4k,1b-32k,1b-32k:gc,48b-4l-4k}" --steps 3 \
+    train) timeout 540 python3 -m benchmarks.train --rows "${TRAIN_ROWS:-1b-4k,1b-32k:gc,1b-32k:gc2,1b-32k:gc4,1b-32k,48b-4l-4k}" --steps 3 \
         --warmup 1 --timeout-per-impl "${TRAIN_TIMEOUT_PER_IMPL:-300}" --out "$OUT/train.json" 2>&1 | grep -v Warning | tail -60 ;;
     # long_ctx (<= 400 s): 1M-context decode, hybrid vs all-MLA, each at the largest batch its cache holds
     long_ctx) timeout 400 python3 -m benchmarks.long_context_throughput --json "$OUT/long_context_throughput.json" 2>&1 | tail -12 ;;

@@ -19,7 +19,10 @@ per row and implementation and printed with its reason; the table then shows our
 every row, so a run cut short keeps the rows done.
 
     python -m benchmarks.train [--rows 1b-4k,1b-32k] [--steps 5] [--warmup 2] [--grad-checkpointing] [--out r.json]
-                               [--timeout-per-impl 120] [--profile K]      (a row NAME:gc: that row checkpointed)
+                               [--timeout-per-impl 120] [--profile K]
+    a row NAME:gc runs both implementations with per-layer activation checkpointing; NAME:gcN checkpoints every
+    Nth layer in ours (selective, `--grad-checkpointing-every N`) and every layer in the peer (transformers
+    checkpoints all layers or none): ours at its memory / speed setting beside the peer's only one that fits
     python -m benchmarks.train --smoke      # tiny shapes on the CPU (CI): both implementations, 2 steps
 """
 
@@ -80,11 +83,23 @@ ROWS = {
     "48b-4l-32k": (shape_48b, 32768),
 }
 SMOKE_ROWS = {"tiny-64": (tiny, 64)}
-GC_SUFFIX = ":gc"  # a row name with this suffix runs both implementations with activation checkpointing
+GC_SUFFIX = ":gc"  # NAME:gc: both checkpoint every layer; NAME:gcN: ours every Nth layer, the peer every layer
+
+
+def split_row(name: str) -> tuple[str, int]:
+    """(base row, ours' checkpointing stride: 0 off, 1 every layer, N every Nth layer) of a row name."""
+    base, sep, tail = name.partition(GC_SUFFIX)
+    if not sep:
+        return name, 0
+    if tail == "":
+        return base, 1
+    if not tail.isdigit() or int(tail) < 1:
+        raise ValueError(f"row {name!r}: the suffix is {GC_SUFFIX} or {GC_SUFFIX}N with N >= 1")
+    return base, int(tail)
 
 
 # ---------------------------------------------------------------- the two implementations
-def build_ours(cfg_dict: dict, device: torch.device, grad_checkpointing: bool):
+def build_ours(cfg_dict: dict, device: torch.device, grad_checkpointing: int):
     from kimi_linear.models import KimiLinearForCausalLM
     from kimi_linear.models.init import init_weights
 
@@ -92,7 +107,7 @@ def build_ours(cfg_dict: dict, device: torch.device, grad_checkpointing: bool):
     init_weights(model, seed=0)
     model.train()
     if grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(every=grad_checkpointing)
 
     def loss_fn(ids: torch.Tensor) -> torch.Tensor:
         L = ids.shape[1]
@@ -105,7 +120,7 @@ def build_ours(cfg_dict: dict, device: torch.device, grad_checkpointing: bool):
     return model, loss_fn
 
 
-def build_peer(cfg_dict: dict, device: torch.device, grad_checkpointing: bool):
+def build_peer(cfg_dict: dict, device: torch.device, grad_checkpointing: int):
     import transformers
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +144,8 @@ IMPLS = {"ours": build_ours, "peer": build_peer}
 
 # ---------------------------------------------------------------- one measurement
 def measure(impl: str, cfg_dict: dict, seq_len: int, device: torch.device, steps: int, warmup: int,
-            grad_checkpointing: bool, profile: int = 0) -> dict:
+            grad_checkpointing: int, profile: int = 0) -> dict:
+    """`grad_checkpointing`: 0 off, N >= 1 every Nth layer (the peer takes any N >= 1 as every layer)."""
     model, loss_fn = IMPLS[impl](copy.deepcopy(cfg_dict), device, grad_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"  # one multi-tensor kernel per step on the GPU; identical for both sides
@@ -209,20 +225,30 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
+_PEER_RESULTS: dict[tuple[str, bool], dict] = {}  # (base row, checkpointed): the peer runs each once per call
+
+
 def run_row(name: str, cfg_dict: dict, seq_len: int, device: torch.device, args) -> dict:
     config = ModelConfig.from_dict(cfg_dict)
-    gc_row = args.grad_checkpointing or name.endswith(GC_SUFFIX)
+    base, every = split_row(name)
+    every = every or int(args.grad_checkpointing)
+    stride = {"ours": every, "peer": int(every > 0)}
     row = {"row": name, "seq_len": seq_len, "params_b": config.num_parameters() / 1e9,
-           "flops_per_token": flops_per_token(config, seq_len), "grad_checkpointing": gc_row}
+           "flops_per_token": flops_per_token(config, seq_len), "grad_checkpointing": every > 0,
+           "checkpoint_every": stride}
     for impl in ("ours", "peer"):
         if impl not in args.impls:
             row[impl] = {"error": "not run (--impls)"}
+            continue
+        if impl == "peer" and (base, stride["peer"] > 0) in _PEER_RESULTS:
+            row[impl] = _PEER_RESULTS[(base, stride["peer"] > 0)]
+            log(f"{name}: peer: the same configuration measured above, reused")
             continue
         log(f"{name}: {impl} ...")
         t0 = time.perf_counter()
         try:
             with time_limit(args.timeout_per_impl):
-                row[impl] = measure(impl, cfg_dict, seq_len, device, args.steps, args.warmup, gc_row, args.profile)
+                row[impl] = measure(impl, cfg_dict, seq_len, device, args.steps, args.warmup, stride[impl], args.profile)
         except ImplTimeout as e:
             row[impl] = {"error": str(e)}
         except torch.cuda.OutOfMemoryError as e:
@@ -232,6 +258,8 @@ def run_row(name: str, cfg_dict: dict, seq_len: int, device: torch.device, args)
             if args.verbose:
                 traceback.print_exc()
         log(f"{name}: {impl}: {row[impl]} ({time.perf_counter() - t0:.0f} s)")
+        if impl == "peer":
+            _PEER_RESULTS[(base, stride["peer"] > 0)] = row[impl]
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -274,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n")[0])
     p.add_argument("--rows", default=",".join(ROWS),
                    help=f"comma-separated rows of {', '.join(ROWS)}; NAME{GC_SUFFIX} runs that row with activation "
-                        "checkpointing in both implementations")
+                        f"checkpointing in both implementations, NAME{GC_SUFFIX}N every Nth layer in ours")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in both")
@@ -297,10 +325,15 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device or "cpu")
     else:
         names = [r.strip() for r in args.rows.split(",") if r.strip()]
-        unknown = [r for r in names if r.removesuffix(GC_SUFFIX) not in ROWS]
+        try:
+            bases = {r: split_row(r)[0] for r in names}
+        except ValueError as e:
+            p.error(str(e))
+        unknown = [r for r in names if bases[r] not in ROWS]
         if unknown or not names:
-            p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)} (each optionally with {GC_SUFFIX})")
-        rows = {r: ROWS[r.removesuffix(GC_SUFFIX)] for r in names}
+            p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)} (each optionally with {GC_SUFFIX} "
+                    f"or {GC_SUFFIX}N)")
+        rows = {r: ROWS[bases[r]] for r in names}
         device = torch.device(args.device or "cuda")
     fla = import_fla("fla.ops.kda") is not None
     log(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; "

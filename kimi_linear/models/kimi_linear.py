@@ -10,7 +10,7 @@
   aux_loss)` over one packed row of documents that never see each other (KDA state and conv window reset
   at each document start, MLA attention masked per document, MoE per token); the logits are never
   materialised whole (`ops.loss.linear_cross_entropy`). `model(input_ids [1, L], cu_seqlens=cu)` gives
-  the row's logits [1, L, vocab]. `gradient_checkpointing_enable()` recomputes each decoder layer in the
+  the row's logits [1, L, vocab]. `gradient_checkpointing_enable(every=N)` recomputes every Nth decoder layer in the
   backward; `set_moe_aux_loss_coef(coef)` turns on the MoE sequence-level balance loss.
 
 Parameter names equal the checkpoint's, except the routed experts, which are stacked per layer
@@ -96,14 +96,16 @@ class KimiLinearModel(nn.Module):
         self.layers = nn.ModuleList([KimiLinearDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        self.gradient_checkpointing_every = 1  # with checkpointing on, recompute layers 0, N, 2N, ...
         self.aux_losses: list[torch.Tensor] = []  # the MoE balance losses of the last forward
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         self.aux_losses = []
-        for layer in self.layers:
-            if checkpointing:
+        every = self.gradient_checkpointing_every
+        for i, layer in enumerate(self.layers):
+            if checkpointing and i % every == 0:
                 x, residual, aux = torch.utils.checkpoint.checkpoint(_run_layer, layer, x, ctx, residual,
                                                                      use_reentrant=False)
             else:
@@ -265,10 +267,14 @@ class KimiLinearForCausalLM(nn.Module):
         return TrainOutput(loss_sum=loss_sum, num_tokens=num_tokens, aux_loss=aux.float())
 
     # ------------------------------------------------------------------ training switches
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each decoder layer in the backward (non-reentrant `torch.utils.checkpoint`): only the
-        layers' inputs are kept between forward and backward."""
+    def gradient_checkpointing_enable(self, every: int = 1) -> None:
+        """Recompute decoder layers in the backward (non-reentrant `torch.utils.checkpoint`): only a recomputed
+        layer's input is kept between forward and backward. `every=N` recomputes layers 0, N, 2N, ... only and
+        keeps the others' activations (selective layer checkpointing: less recompute, less memory saved)."""
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"gradient checkpointing: every must be an int >= 1, got {every!r}")
         self.model.gradient_checkpointing = True
+        self.model.gradient_checkpointing_every = every
 
     def gradient_checkpointing_disable(self) -> None:
         self.model.gradient_checkpointing = False

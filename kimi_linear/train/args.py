@@ -62,6 +62,9 @@ class TrainConfig:
     muon_momentum: float = field(default=0.95, metadata=_opt("Muon's (Nesterov) momentum"))
     grad_clip: float = field(default=1.0, metadata=_opt("clip the global gradient norm (0: off)"))
     grad_checkpointing: bool = field(default=False, metadata=_opt("recompute each decoder layer in backward"))
+    grad_checkpointing_every: int = field(default=1, metadata=_opt(
+        "with --grad-checkpointing, recompute only every Nth decoder layer (layers 0, N, 2N, ...): less memory "
+        "saved for less recompute (torchtitan's selective layer checkpointing)"))
     moe_bias_update_rate: float = field(default=1e-3, metadata=_opt(
         "aux-loss-free balance: step of the router's e_score_correction_bias per optimizer step (0: off; LoRA "
         "runs leave the base model, biases included, unchanged)"))
@@ -152,6 +155,10 @@ class TrainConfig:
                             ("--aux-loss-coef", self.aux_loss_coef)):
             if value < 0:
                 raise TrainConfigError(flag, f"must not be negative, got {value}")
+        if self.grad_checkpointing_every < 1:
+            raise TrainConfigError("--grad-checkpointing-every", f"must be at least 1, got {self.grad_checkpointing_every}")
+        if self.grad_checkpointing_every > 1 and not self.grad_checkpointing:
+            raise TrainConfigError("--grad-checkpointing-every", "needs --grad-checkpointing")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise TrainConfigError("--batch-tokens", f"must be positive, got {self.batch_tokens}")
         self.rows_per_rank(world_size)

@@ -61,7 +61,7 @@ class Trainer:
 
             apply_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_list())
         if cfg.grad_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            self.model.gradient_checkpointing_enable(every=cfg.grad_checkpointing_every)
         if hasattr(self.model, "set_moe_aux_loss_coef"):
             self.model.set_moe_aux_loss_coef(cfg.aux_loss_coef)
         if info.distributed:

@@ -135,21 +135,29 @@ def test_moe_statistics_and_balance_loss_per_document():
         model.train()
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("every", [1, 2])
+def test_gradient_checkpointing_gives_the_same_gradients(every):
     model = tiny_model(seed=3)
     model.set_moe_aux_loss_coef(0.01)
     ids, cu, labels = packed_row(model.config.vocab_size, seed=3)
     out = model(ids, cu_seqlens=cu, labels=labels)
     (out.loss_sum / out.num_tokens + out.aux_loss).backward()
     ref = grads(model)
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(every=every)
+    assert model.model.gradient_checkpointing_every == every
     try:
         out2 = model(ids, cu_seqlens=cu, labels=labels)
         (out2.loss_sum / out2.num_tokens + out2.aux_loss).backward()
     finally:
         model.gradient_checkpointing_disable()
     assert out2.loss_sum.item() == out.loss_sum.item() and out2.aux_loss.item() == out.aux_loss.item()
-    assert_same_grads(ref, grads(model), 1e-6, "checkpointed vs plain")
+    assert_same_grads(ref, grads(model), 1e-6, f"checkpointed (every {every}) vs plain")
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, True])
+def test_gradient_checkpointing_stride_is_checked(every):
+    with pytest.raises(ValueError, match="every must be an int >= 1"):
+        tiny_model(seed=3).gradient_checkpointing_enable(every=every)
 
 
 def test_bf16_autocast_over_fp32_master_weights(model):

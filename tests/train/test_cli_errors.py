@@ -43,6 +43,10 @@ def test_unknown_flag_prints_the_subcommand_usage(capsys):
     (["--model", "{ckpt}", "--data", "{data}", "--out", "{out}", "--merge-lora"], "--merge-lora: needs a LoRA run"),
     (["--model", "{ckpt}", "--data", "{data}", "--out", "{out}", "--resume", "/no/ckpt"], "--resume: no such folder"),
     (["--plot", "/no/run"], "--plot: no metrics.jsonl in /no/run"),
+    (["--model", "{ckpt}", "--data", "{data}", "--out", "{out}", "--grad-checkpointing-every", "2"],
+     "--grad-checkpointing-every: needs --grad-checkpointing"),
+    (["--model", "{ckpt}", "--data", "{data}", "--out", "{out}", "--grad-checkpointing", "--grad-checkpointing-every",
+      "0"], "--grad-checkpointing-every: must be at least 1, got 0"),
 ])
 def test_bad_options(capsys, tmp_path, tiny_ckpt, text_data, argv, expect):
     argv = [a.format(ckpt=tiny_ckpt, data=text_data, out=tmp_path / "out") for a in argv]

@@ -22,3 +22,14 @@ def test_train_benchmark_smoke(tmp_path, capsys):
         assert "error" not in row[impl], row[impl]
         assert row[impl]["tokens_per_s"] > 0 and row[impl]["loss"] > 0
     assert row["speedup"] > 0
+
+
+def test_row_suffixes():
+    from benchmarks.train import split_row
+
+    assert split_row("1b-32k") == ("1b-32k", 0)
+    assert split_row("1b-32k:gc") == ("1b-32k", 1)
+    assert split_row("1b-32k:gc4") == ("1b-32k", 4)
+    for bad in ("1b-32k:gc0", "1b-32k:gcx"):
+        with pytest.raises(ValueError, match="the suffix is"):
+            split_row(bad)
