@@ -29,7 +29,7 @@ from kimi_linear.errors import ConvError
 
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N varies per batch: one compile
 def _conv_fwd_kernel(x, w, y, state, cu_seqlens, state_indices, T, N,
                      sx_t, sy_t, sw_c, sw_j, ss_n, ss_r,
                      C: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,

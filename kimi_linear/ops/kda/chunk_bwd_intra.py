@@ -47,7 +47,7 @@ def _grows(G_b, orow, m_r, sHK, cols, m_c):
     return tl.load(G_b + orow[:, None] * sHK + cols[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N varies per batch: one compile
 def chunk_kda_bwd_intra_kernel(
     q, k, beta, rq, rk, Gs, gam,
     dQg, dY, dKd, dAqk, dAkk, dbx,
@@ -193,7 +193,7 @@ def chunk_kda_bwd_intra_kernel(
     tl.store(dk + i_h * K + (tc + rows)[:, None] * s_dk + cols[None, :], dkn.to(dk.dtype.element_ty), mask=m_rc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N varies per batch: one compile
 def chunk_kda_bwd_gate_kernel(
     f, A_log, dt_bias, dG, dgx, dgl, df, dA_part, ddt_part,
     cu_seqlens, chunk_seq, chunk_offsets,

@@ -20,7 +20,7 @@ import triton.language as tl
 from kimi_linear.ops.kda.chunk_utils import chunk_of_program, load_beta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N varies per batch: one compile
 def chunk_kda_bwd_state_kernel(
     h, dh, vn, dvn, do, Mi, U, Wt, v, beta, gam,
     dv, dQg, dY, dKd, dAqk, dAkk, dgx, dbx,

@@ -33,7 +33,7 @@ def _rows(x_b, orow, m_r, stride, cols, m_c, r_b, H: tl.constexpr, USE_L2: tl.co
     return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N varies per batch: one compile
 def chunk_kda_fwd_diag_kernel(
     q, k, beta, Go, rq_o, rk_o, Aqk, Akk_s,
     cu_seqlens, chunk_seq, chunk_offsets,

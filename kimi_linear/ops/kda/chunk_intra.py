@@ -64,7 +64,7 @@ def _load_blk(A_h, tok, m_r, sHA, col0, BC: tl.constexpr):
     return load_tile(A_h + tok * sHA + col0, o, m_r, sHA, o, o < BC, True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N varies per batch: one compile
 def chunk_kda_fwd_prep_kernel(
     q, k, f, beta, A_log, dt_bias,
     Wt, Kd, Qg, Aqk, gam, Go, rq_o, rk_o,
@@ -141,7 +141,7 @@ def chunk_kda_fwd_prep_kernel(
     tl.store(A_b + ot[:, None] * sHA + ot[None, :], tl.zeros([BT, BT], dtype=dt), mask=m_t[:, None] & upper)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N varies per batch: one compile
 def chunk_kda_fwd_solve_kernel(
     v, beta, Wt, U, Mo, Akk_s,
     cu_seqlens, chunk_seq, chunk_offsets,

@@ -7,14 +7,21 @@ through kv_b_proj into per-head keys [k_nope ; k_pe] and values, then
 needs equal q and v head dims) and autograd their backward: only the output and the log-sum-exp are kept,
 never the [H, n, n] attention matrix. (3-D inputs would send every call to the fp32 math fallback, which
 materialises the scores in fp32 and saves them.) The per-document launches cost one host loop over the
-documents (their lengths are host lists already); one document is one call.
+documents (their lengths are host lists already); one document is one call. A row of several documents on
+CUDA runs on the memory-efficient backend only: cuDNN's attention builds an execution plan for every new
+sequence length (tens of ms each), and packed rows bring new document lengths at every step, which made the
+first hundred steps of a packed run several seconds each; one document per row (a fixed length) keeps torch's
+choice (cuDNN on Hopper, the fastest at long lengths).
 Same shapes and result as `naive.naive_mla_prefill` without a cache; output in q's dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kimi_linear.errors import MLAError
 
@@ -37,14 +44,18 @@ def mla_prefill_sdpa(q: torch.Tensor, latent: torch.Tensor, query_lens: list[int
     qc = q.to(dtype)
     outs = []
     start = 0
-    for n in query_lens:
-        if n == 0:
-            continue
-        sl = slice(start, start + n)
-        o = F.scaled_dot_product_attention(qc[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None],
-                                           v[sl].transpose(0, 1)[None], is_causal=True, scale=scale)
-        outs.append(o[0].transpose(0, 1))
-        start += n
+    several = sum(1 for n in query_lens if n) > 1
+    backends = (sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if several and q.is_cuda
+                else contextlib.nullcontext())
+    with backends:
+        for n in query_lens:
+            if n == 0:
+                continue
+            sl = slice(start, start + n)
+            o = F.scaled_dot_product_attention(qc[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None],
+                                               v[sl].transpose(0, 1)[None], is_causal=True, scale=scale)
+            outs.append(o[0].transpose(0, 1))
+            start += n
     if not outs:
         return q.new_zeros(0, H, v_head_dim)
     return (outs[0].contiguous() if len(outs) == 1 else torch.cat(outs, 0)).to(q.dtype)
