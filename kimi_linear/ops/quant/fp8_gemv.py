@@ -43,7 +43,7 @@ def split_k_counters(device: torch.device, n: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- split-K
 @triton.jit
-def _arrive(count_ptr, slot, SPLIT_K: tl.constexpr):
+def split_k_arrive(count_ptr, slot, SPLIT_K: tl.constexpr):
     """After this program stored its partials: count it in at counter `slot`; True for the last of SPLIT_K
     (which also resets the counter to 0). Barrier first, so every thread's partial is written before the
     release; the acquire orders the last program's reads of the others' partials after their stores."""
@@ -55,7 +55,7 @@ def _arrive(count_ptr, slot, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _sum_partials(part_ptr, offs, mask, stride, last, SPLIT_K: tl.constexpr):
+def split_k_sum(part_ptr, offs, mask, stride, last, SPLIT_K: tl.constexpr):
     """sum over s < SPLIT_K of part[s * stride + offs] in split order (fp32, read from L2), where `last`."""
     total = tl.load(part_ptr + offs, mask=mask & last, other=0.0, cache_modifier=".cg")
     for s in tl.static_range(1, SPLIT_K):
@@ -103,8 +103,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K, K_SP
     if SPLIT_K > 1:
         offs_p = offs_m[:, None] * N + offs_n[None, :]
         tl.store(part_ptr + pid_k * M * N + offs_p, acc, mask=mo)
-        last = _arrive(count_ptr, pid_n, SPLIT_K)
-        acc = _sum_partials(part_ptr, offs_p, mo, M * N, last, SPLIT_K)
+        last = split_k_arrive(count_ptr, pid_n, SPLIT_K)
+        acc = split_k_sum(part_ptr, offs_p, mo, M * N, last, SPLIT_K)
         mo = mo & last
     if not BLOCK_SCALE:
         acc = acc * tl.load(s_ptr + offs_n * s_sn, mask=mn, other=0.0)[None, :]
