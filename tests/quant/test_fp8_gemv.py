@@ -17,6 +17,7 @@ from kimi_linear.errors import MoEError
 from kimi_linear.ops.moe import naive_moe_experts
 from kimi_linear.ops.moe.fused_moe import MoETiles, fused_moe
 from kimi_linear.ops.moe.fused_moe_gemv import MoEGemvTiles
+from kimi_linear.ops.moe.fused_moe_gemv import gemv_tiles as moe_gemv_tiles
 from kimi_linear.ops.quant import dequantize_fp8, quantize_fp8
 from kimi_linear.ops.quant.fp8_gemm import fp8_gemm, use_gemv
 from kimi_linear.ops.quant.fp8_gemv import _COUNTERS, fp8_gemv, gemv_tiles
@@ -67,11 +68,15 @@ def test_split_k_is_deterministic_and_leaves_the_counters_at_zero(device, poison
 
 
 def test_gemv_tile_rule():
-    # narrow N: split-K until 4 programs per SM (or 2 K tiles per split); wide N: no split
-    assert gemv_tiles(1, 2304, 4096, num_sms=132) == (16, 256, 4, 4, 2)
-    assert gemv_tiles(1, 2304, 9216, num_sms=132) == (16, 256, 4, 4, 2)
-    assert gemv_tiles(1, 12576, 2304, num_sms=132)[2] == 1
+    # K tiles up to 512 wide that divide K; narrow N: split-K until 4 programs per SM (or 2 K tiles per split)
+    assert gemv_tiles(1, 2304, 4096, num_sms=132) == (16, 512, 4, 4, 2)
+    assert gemv_tiles(1, 2304, 9216, num_sms=132) == (16, 512, 4, 4, 2)
+    assert gemv_tiles(1, 12576, 2304, num_sms=132) == (16, 256, 1, 4, 2)  # 2304 = 9 x 256
     assert gemv_tiles(1, 48, 96, block_k_max=32)[1] == 32
+    assert gemv_tiles(1, 48, 100)[1] == 128  # no multiple of 16: a masked last tile
+    t = moe_gemv_tiles(9, 2304, 1024)
+    assert t.up == (16, 256, 1, 4, 2) and t.down == (16, 512, 1, 4, 2)  # 9 pairs x 64 / 144 column blocks
+    assert moe_gemv_tiles(1, 2304, 1024).up[2] == 4  # one pair: 64 column blocks, 9 K tiles of 256
 
 
 def test_fp8_gemm_dispatch(device, monkeypatch):

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.errors import MoEError
-from kimi_linear.ops.quant.fp8_gemv import split_k_arrive, split_k_counters, split_k_sum
+from kimi_linear.ops.quant.fp8_gemv import block_k_for, split_k_arrive, split_k_counters, split_k_for, split_k_sum
 
 
 @dataclass(frozen=True)
@@ -36,21 +36,12 @@ class MoEGemvTiles:
     down: tuple[int, int, int, int, int]
 
 
-def _split(programs: int, k_tiles: int, num_sms: int) -> int:
-    """Split-K doubled while the grid has fewer than 4 programs per SM and each split keeps >= 2 K tiles."""
-    split = 1
-    while programs * split < 4 * num_sms and k_tiles >= 4 * split:
-        split *= 2
-    return split
-
-
-def gemv_tiles(num_pairs: int, D: int, I: int, block_k_max: int = 256, num_sms: int = 132) -> MoEGemvTiles:
-    """The rule: 16-row tiles of 256 fp8 bytes along K (the up kernel reads two: gate and up), split-K where the
-    pairs' column blocks are too few for 4 programs per SM."""
-    bk_up = min(block_k_max, 256, max(16, triton.next_power_of_2(D)))
-    bk_down = min(block_k_max, 256, max(16, triton.next_power_of_2(I)))
-    up = (16, bk_up, _split(num_pairs * triton.cdiv(I, 16), triton.cdiv(D, bk_up), num_sms), 4, 2)
-    down = (16, bk_down, _split(num_pairs * triton.cdiv(D, 16), triton.cdiv(I, bk_down), num_sms), 4, 2)
+def gemv_tiles(num_pairs: int, D: int, I: int, block_k_max: int = 512, num_sms: int = 132) -> MoEGemvTiles:
+    """The rule of `ops/quant/fp8_gemv.py`: 16-row tiles up to 512 fp8 bytes wide dividing K (the up kernel reads
+    two per step, gate and up), split-K where the pairs' column blocks are too few for 4 programs per SM."""
+    bk_up, bk_down = block_k_for(D, block_k_max), block_k_for(I, block_k_max)
+    up = (16, bk_up, split_k_for(num_pairs * triton.cdiv(I, 16), triton.cdiv(D, bk_up), num_sms), 4, 2)
+    down = (16, bk_down, split_k_for(num_pairs * triton.cdiv(D, 16), triton.cdiv(I, bk_down), num_sms), 4, 2)
     return MoEGemvTiles(up, down)
 
 
@@ -186,7 +177,7 @@ def moe_gemv_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_id
     P = N * k
     dev = x.device
     num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
-    t = tiles or gemv_tiles(P, D, I, block[1] if block is not None else 256, num_sms)
+    t = tiles or gemv_tiles(P, D, I, block[1] if block is not None else 512, num_sms)
     sbn, sbk = block if block is not None else (1, 1)
     flags = dict(SBN=sbn, SBK=sbk, BLOCK_SCALE=block is not None)
 

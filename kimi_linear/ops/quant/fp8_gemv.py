@@ -112,18 +112,30 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K, K_SP
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mo)
 
 
-def gemv_tiles(M: int, N: int, K: int, block_k_max: int = 256, num_sms: int = 132) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) by a rule: 16 x 256-byte fp8 tiles (4 KB, one
-    16-byte vector per thread per row pair at 4 warps), and split-K doubled while the grid has fewer than
-    4 programs per SM and each split keeps at least 2 K tiles. block_k_max caps BLOCK_K (block scales)."""
-    bk = min(block_k_max, 256, max(16, triton.next_power_of_2(K)))
-    bn = 16
-    num_n = triton.cdiv(N, bn)
-    k_tiles = triton.cdiv(K, bk)
+def block_k_for(K: int, cap: int = 512) -> int:
+    """The widest power-of-two K tile <= cap (and >= 16) that divides K (so no tile needs a K mask: the loads
+    stay 16-byte vectors); for a K that is no multiple of 16, min(cap, 256) with a masked last tile."""
+    for bk in (512, 256, 128, 64, 32, 16):
+        if bk <= cap and K % bk == 0:
+            return bk
+    return max(16, min(cap, 256, triton.next_power_of_2(K)))
+
+
+def split_k_for(programs: int, k_tiles: int, num_sms: int) -> int:
+    """Split-K doubled while the grid has fewer than 4 programs per SM and each split keeps >= 2 K tiles."""
     split = 1
-    while num_n * split < 4 * num_sms and k_tiles >= 4 * split:
+    while programs * split < 4 * num_sms and k_tiles >= 4 * split:
         split *= 2
-    return bn, bk, split, 4, 2
+    return split
+
+
+def gemv_tiles(M: int, N: int, K: int, block_k_max: int = 512, num_sms: int = 132) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) by a rule: 16-row tiles up to 512 fp8 bytes wide
+    (`block_k_for`: 8 KB, 4 16-byte vectors per thread at 4 warps), split-K by `split_k_for`. block_k_max caps
+    BLOCK_K (block scales: the block width)."""
+    bk = block_k_for(K, block_k_max)
+    bn = 16
+    return bn, bk, split_k_for(triton.cdiv(N, bn), triton.cdiv(K, bk), num_sms), 4, 2
 
 
 def _num_sms(device: torch.device) -> int:
@@ -159,7 +171,7 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple
             raise QuantError(f"fp8_gemv: block width {sbk} must be a multiple of 16")
         if scale.stride(1) != 1:
             scale = scale.contiguous()
-    bn, bk, split, warps, stages = tiles or gemv_tiles(M, N, K, sbk if block is not None else 256,
+    bn, bk, split, warps, stages = tiles or gemv_tiles(M, N, K, sbk if block is not None else 512,
                                                        _num_sms(x.device))
     if block is not None:
         while bk > sbk or sbk % bk:
