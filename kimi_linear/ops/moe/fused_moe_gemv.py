@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from kimi_linear.errors import MoEError
-from kimi_linear.ops.quant.fp8_gemv import block_k_for, split_k_arrive, split_k_counters, split_k_for, split_k_sum
+from kimi_linear.ops.quant.fp8_gemv import (block_k_for, sm_count, split_k_arrive, split_k_counters, split_k_for,
+                                             split_k_sum)
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,7 @@ def moe_gemv_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_id
     k = topk_ids.shape[1]
     P = N * k
     dev = x.device
-    num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
-    t = tiles or gemv_tiles(P, D, I, block[1] if block is not None else 512, num_sms)
+    t = tiles or gemv_tiles(P, D, I, block[1] if block is not None else 512, sm_count(dev))
     sbn, sbk = block if block is not None else (1, 1)
     flags = dict(SBN=sbn, SBK=sbk, BLOCK_SCALE=block is not None)
 

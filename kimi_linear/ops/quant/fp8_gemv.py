@@ -29,6 +29,7 @@ from kimi_linear.errors import QuantError
 
 GEMV_MAX_M = 8  # rows of x up to which `fp8_gemm` takes this kernel on CUDA (ALU per weight byte grows with M)
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_SMS: dict[int, int] = {}
 
 
 def split_k_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -138,10 +139,14 @@ def gemv_tiles(M: int, N: int, K: int, block_k_max: int = 512, num_sms: int = 13
     return bn, bk, split_k_for(triton.cdiv(N, bn), triton.cdiv(K, bk), num_sms), 4, 2
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (132 elsewhere, an H100 / H200), cached: the tile rules read it per call."""
+    if device.type != "cuda":
+        return 132
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
 
 
 def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None,
@@ -172,7 +177,7 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple
         if scale.stride(1) != 1:
             scale = scale.contiguous()
     bn, bk, split, warps, stages = tiles or gemv_tiles(M, N, K, sbk if block is not None else 512,
-                                                       _num_sms(x.device))
+                                                       sm_count(x.device))
     if block is not None:
         while bk > sbk or sbk % bk:
             bk //= 2
