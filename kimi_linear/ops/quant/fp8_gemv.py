@@ -181,6 +181,8 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple
     if block is not None:
         while bk > sbk or sbk % bk:
             bk //= 2
+    if K == 0:
+        return torch.zeros(M, N, dtype=x.dtype, device=x.device)
     k_tiles = triton.cdiv(K, bk)
     split = max(1, min(split, k_tiles))
     k_split = triton.cdiv(k_tiles, split) * bk  # a multiple of BLOCK_K (and of the block width's divisor bk)
