@@ -27,7 +27,9 @@ tile is upcast in registers to x's dtype and the per-row scales multiply the acc
 scales: each K tile's partial product, BLOCK_K dividing the block width). FP8 x FP8 (prefill): x and h are
 quantized per token first (`_per_token_fp8`, torch ops, no sync) and the per-token scales join the weight
 scales on the accumulator. If the FP8 x FP8 kernels cannot be compiled here, weight-only serves instead
-(`ops/quant/fallback.py`, logged once).
+(`ops/quant/fallback.py`, logged once). FP8 weight-only direct mode on CUDA runs GEMV kernels instead of the
+up / down MMA kernels (`fused_moe_gemv.py`: tl.sum over fp8 weight tiles, split-K for few pairs; `gemv=`
+forces either; if they cannot be compiled here, the MMA kernels serve, logged once).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.errors import MoEError
+from kimi_linear.ops.moe.fused_moe_gemv import MoEGemvTiles, moe_gemv_pairs
 from kimi_linear.ops.quant.naive import quantize_per_token
 
 SINGLE_PROGRAM_MAX_PAIRS = 4096
@@ -395,7 +398,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               topk_ids: torch.Tensor, tiles: MoETiles | None = None, reduce: bool = True,
               w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
               block: tuple[int, int] | None = None, act_fp8: bool | None = None,
-              direct_tiles: MoETiles | None = None):
+              direct_tiles: MoETiles | MoEGemvTiles | None = None, gemv: bool | None = None):
     """Routed SwiGLU experts.
 
     x [N, D]; w13 [E, 2I, D] (rows: gate w1, then up w3); w2 [E, D, I]; topk_weights [N, k] (fp32);
@@ -408,7 +411,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     activations per token (x before the up GEMM, h before the down GEMM) and run FP8 x FP8 MMAs; False
     upcasts the weight tiles in registers and keeps x's dtype (weight bytes are what decode moves: the
     default for direct mode, where the quantization launches would cost more than they save).
-    direct_tiles overrides DIRECT_TILES in direct mode (tile sweeps: benchmarks/fp8_tiles.py).
+    gemv: FP8 weight-only direct mode's kernels: True the GEMVs (`fused_moe_gemv.py`), False the MMA kernels,
+    None the GEMVs on CUDA unless direct_tiles is a MoETiles. direct_tiles overrides, in direct mode, DIRECT_TILES (MoETiles, MMA kernels) or
+    `fused_moe_gemv.gemv_tiles` (MoEGemvTiles, GEMVs) (tile sweeps: benchmarks/fp8_tiles.py).
     """
     _check(x, w13, w2, topk_weights, topk_ids)
     w_fp8 = w13.dtype == torch.float8_e4m3fn
@@ -426,8 +431,30 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     topk_ids = topk_ids.contiguous()
     P = N * k
     direct = tiles is None and P <= DIRECT_MAX_PAIRS
-    t = (direct_tiles or DIRECT_TILES) if direct else (tiles or pick_tiles(P, E))
     a_fp8 = w_fp8 and (not direct if act_fp8 is None else act_fp8)
+    can_gemv = direct and w_fp8 and not a_fp8
+    if gemv and not can_gemv:
+        raise MoEError("fused_moe: gemv=True needs direct mode (no tiles, N * k <= DIRECT_MAX_PAIRS) and FP8 "
+                       "weights without act_fp8")
+    if gemv or (gemv is None and can_gemv and x.is_cuda and not isinstance(direct_tiles, MoETiles)):
+        if direct_tiles is not None and not isinstance(direct_tiles, MoEGemvTiles):
+            raise MoEError(f"fused_moe: the GEMVs take MoEGemvTiles, got {type(direct_tiles).__name__}")
+
+        def run_gemv():
+            return _reduce(moe_gemv_pairs(x, w13, w2, topk_ids, w13_scale, w2_scale, block, direct_tiles),
+                           topk_weights, N, k, D, reduce)
+
+        if gemv:
+            return run_gemv()
+        from kimi_linear.ops.quant.fallback import first_try
+
+        return first_try("fused_moe_gemv", run_gemv, lambda: _launch(
+            x, w13, w2, topk_weights, topk_ids, DIRECT_TILES, direct, N, D, E, I, k, w13_scale, w2_scale, block,
+            w_fp8, a_fp8, reduce))
+    if isinstance(direct_tiles, MoEGemvTiles):
+        raise MoEError("fused_moe: MoEGemvTiles given but the MMA kernels run (gemv=False, or not FP8 weight-only "
+                       "direct mode)")
+    t = (direct_tiles or DIRECT_TILES) if direct else (tiles or pick_tiles(P, E))
     if a_fp8 and act_fp8 is None:  # the FP8 x FP8 MMAs by default: weight-only if they cannot compile here
         from kimi_linear.ops.quant.fallback import first_try
 
@@ -480,10 +507,14 @@ def _launch(x, w13, w2, topk_weights, topk_ids, t: MoETiles, direct: bool, N, D,
         s2.stride(1) if w_fp8 else 0, num_m, E, D, I, PREC=prec,
         EVEN_K=I % bk == 0, EVEN_N=D % bn == 0, BLOCK_M=BM, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t.group_m, E_P=E_P,
         DIRECT=direct, num_warps=warps, num_stages=stages, **q)
+    return _reduce(y, topk_weights, N, k, D, reduce)
+
+
+def _reduce(y: torch.Tensor, topk_weights: torch.Tensor, N: int, k: int, D: int, reduce: bool):
+    """The pair outputs y [N * k, D] -> out [N, D] (weighted k-way sum, fp32), or (y [N, k, D], topk_weights)."""
     if not reduce:
         return y.view(N, k, D), topk_weights
-
-    out = torch.empty(N, D, dtype=x.dtype, device=x.device)
+    out = torch.empty(N, D, dtype=y.dtype, device=y.device)
     block_d = min(1024, triton.next_power_of_2(D))
     _moe_sum_kernel[(N, triton.cdiv(D, block_d))](y, topk_weights, out, D, TOPK=k, BLOCK_D=block_d, num_warps=4)
     return out

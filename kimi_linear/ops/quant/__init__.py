@@ -3,10 +3,12 @@
 Public entries (`ops/dispatch.py` picks the implementation):
 - `fp8_linear(x, w, scale, block)`: x [..., K] @ (w [N, K] fp8 * scale)^T in x's dtype. CUDA: per-channel
   weights with more than `SMALL_M` rows of x take `torch._scaled_mm` (x quantized per token, FP8 tensor
-  cores, `scaled_mm.py`); small M (decode) and block scales take the Triton kernel (`fp8_gemm.py`: fp8
-  weight bytes, upcast in registers). CPU: the dequantized GEMM (`naive.naive_fp8_linear`), i.e. exactly
-  the dequantized model. No path syncs with the host. A fast path that fails on this GPU / library
-  version falls back once, with a warning (`fallback.py`).
+  cores, `scaled_mm.py`); up to `fp8_gemv.GEMV_MAX_M` rows (decode) the Triton GEMV (`fp8_gemv.py`: fp8
+  weight tiles reduced with tl.sum, split-K for narrow N); other small M and block scales the Triton MMA
+  kernel (`fp8_gemm.py`: fp8 weight bytes, upcast in registers). Both Triton kernels are weight-only. CPU:
+  the dequantized GEMM (`naive.naive_fp8_linear`), i.e. exactly the dequantized model. No path syncs with
+  the host. A fast path that fails on this GPU / library version falls back once, with a warning
+  (`fallback.py`: a failing GEMV falls back to the MMA kernel, a failing MMA kernel to the naive GEMM).
 - `quantize_fp8`, `dequantize_fp8`, `quantize_per_token`: the references (`naive.py`), also used at load.
 Weights never need autograd here (inference only); under autograd the naive form runs.
 """
@@ -50,5 +52,12 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         if scaled_mm.supported(x2, w):
             return first_try("scaled_mm", lambda: scaled_mm.scaled_mm_linear(x2, w, scale),
                              lambda: fp8_gemm(x2, w, scale, block)).view(out)
-    return first_try("fp8_gemm", lambda: fp8_gemm(x2, w, scale, block),
-                     lambda: naive_fp8_linear(x2, w, scale, block)).view(out)
+    from kimi_linear.ops.quant.fp8_gemm import use_gemv
+
+    def triton_path():
+        if use_gemv(x2):
+            return first_try("fp8_gemv", lambda: fp8_gemm(x2, w, scale, block, gemv=True),
+                             lambda: fp8_gemm(x2, w, scale, block, gemv=False))
+        return fp8_gemm(x2, w, scale, block, gemv=False)
+
+    return first_try("fp8_gemm", triton_path, lambda: naive_fp8_linear(x2, w, scale, block)).view(out)

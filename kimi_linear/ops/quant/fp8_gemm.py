@@ -6,9 +6,10 @@ accumulation. Scales:
 - per output channel (scale [N, 1]): applied once to the accumulator at the end;
 - block-wise (scale [ceil(N / BN_s), ceil(K / BK_s)]): each K tile lies inside one scale block
   (BLOCK_K divides BK_s), so the tile's partial product is scaled by its block's value as it is added.
-No host sync and a grid fixed by shapes: CUDA-graph capturable. Used for small M (decode: a GEMV that is
-all weight bytes) and for block scales at any M; large-M per-channel GEMMs take `torch._scaled_mm`
-(`scaled_mm.py`).
+No host sync and a grid fixed by shapes: CUDA-graph capturable. Used for small M and for block scales at any
+M; large-M per-channel GEMMs take `torch._scaled_mm` (`scaled_mm.py`). On CUDA, M <= GEMV_MAX_M rows (decode:
+a GEMV that is all weight bytes) take the GEMV kernel instead (`fp8_gemv.py`: tl.sum over weight tiles, split-K),
+unless `gemv=False`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.errors import QuantError
+from kimi_linear.ops.quant.fp8_gemv import GEMV_MAX_M, fp8_gemv
 
 
 @triton.jit
@@ -61,11 +63,23 @@ def _tiles(M: int, N: int) -> tuple[int, int, int, int, int]:
     return 128, 128, 64, 8, 3
 
 
+def use_gemv(x: torch.Tensor) -> bool:
+    """Whether `fp8_gemm(gemv=None)` takes the GEMV kernel for x [M, K]: CUDA and M <= GEMV_MAX_M."""
+    return x.is_cuda and 0 < x.shape[0] <= GEMV_MAX_M
+
+
 def fp8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None,
-             tiles: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+             tiles: tuple[int, int, int, int, int] | None = None, gemv: bool | None = None) -> torch.Tensor:
     """x [M, K] (unit last stride) @ (w [N, K] fp8 * scale)^T -> y [M, N] in x's dtype.
     scale: fp32 [N, 1] (per channel) or [ceil(N / BN), ceil(K / BK)] for block = (BN, BK).
-    tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) overrides `_tiles` (tile sweeps: benchmarks/fp8_tiles.py)."""
+    gemv: True forces the GEMV kernel (`fp8_gemv.py`, M <= 16), False this file's MMA kernel; None picks the
+    GEMV where `use_gemv(x)` holds and no tiles are given. tiles overrides the chosen kernel's tile rule:
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the MMA kernel (`_tiles`), (BLOCK_N, BLOCK_K,
+    SPLIT_K, num_warps, num_stages) for the GEMV (`fp8_gemv.gemv_tiles`) (tile sweeps: benchmarks/fp8_tiles.py)."""
+    if gemv is None:
+        gemv = tiles is None and use_gemv(x)
+    if gemv:
+        return fp8_gemv(x, w, scale, block, tiles)
     M, K = x.shape
     N = w.shape[0]
     if w.shape[1] != K or w.dtype != torch.float8_e4m3fn or not w.is_contiguous():
