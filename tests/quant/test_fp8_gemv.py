@@ -128,7 +128,11 @@ def test_fused_moe_gemv_matches_dequantized(device, poison_empty, N, k, tiles, b
     assert_close(f"fused_moe gemv N={N} k={k} tiles={tiles}", ref, got, 1.5e-2)
     pairs, w = fused_moe(x, q13, q2, tw, ids, reduce=False, **kw)
     assert pairs.shape == (N, k, D) and torch.equal(w, tw)
-    assert torch.equal((pairs.float() * tw[..., None]).sum(1).to(x.dtype), got)
+    # the reduced output is the weighted sum of the pairs; within one bf16 ulp, not bit for bit: on CUDA the
+    # reduction kernel contracts multiply and add into FMAs (measured on the H200: the last bit differs in a few
+    # elements), where torch rounds the product first
+    summed = (pairs.float() * tw[..., None]).sum(1)
+    torch.testing.assert_close(got.float(), summed.to(x.dtype).float(), rtol=2 ** -7, atol=1e-3)
 
 
 def test_fused_moe_gemv_arguments(device):
