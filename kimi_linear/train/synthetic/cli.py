@@ -26,6 +26,11 @@ QUICK = dict(lengths="16,32", steps=2, eval_every=2, eval_sequences=4, batch_tok
              hidden_size=64, workers=0, curves_length=32, run_wall_s=60.0, budget_s=300.0, warmup_steps=2)
 
 
+def default_workers() -> int:
+    """Runs at once by default: a quarter of the CPU cores, 1 to 4 (each run is a process plus its data worker)."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
 def _csv(kind):
     def parse(text: str):
         return [kind(x) for x in text.split(",") if x.strip()]
@@ -40,14 +45,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-wall-s", type=float, default=300.0, help="wall-clock budget of each run, seconds")
     p.add_argument("--budget-s", type=float, default=320.0, help="wall-clock budget of the whole suite, seconds "
                    "(runs started late get what is left)")
-    p.add_argument("--workers", type=int, default=36, help="runs at once, each its own process on the device "
-                   "(0: one after another in this process)")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per step (sequences = this / length)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="runs at once, each its own process on "
+                   "the device (0: one after another in this process; default: a quarter of the CPU cores, 1 to 4: "
+                   "processes time-slice one GPU, so more runs at once only split it finer)")
+    p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per step (sequences = this / length)")
     p.add_argument("--min-batch", type=int, default=8, help="at least this many sequences per step")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate after warm-up (default: 2e-3)")
     p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps")
-    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at the end)")
-    p.add_argument("--eval-sequences", type=int, default=128, help="held-out sequences per evaluation")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the decoder's matrices "
+                   "(never the embedding or lm_head)")
+    p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end)")
+    p.add_argument("--eval-sequences", type=int, default=256, help="held-out sequences per evaluation")
     p.add_argument("--target-acc", type=float, default=0.99, help="stop a run once it reaches this accuracy")
     p.add_argument("--hidden-size", type=int, default=256, help="model width (2 heads of 128 in every mixer)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the generated data")
@@ -141,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
 
     specs = plan(args.tasks, args.lengths, args.mixers, steps=args.steps, wall_s=args.run_wall_s,
                  batch_tokens=args.batch_tokens, min_batch=args.min_batch, lr=args.lr, warmup_steps=args.warmup_steps,
+                 weight_decay=args.weight_decay,
                  eval_every=args.eval_every, eval_sequences=args.eval_sequences, target_acc=args.target_acc,
                  seed=args.seed, hidden_size=args.hidden_size)
     t0 = time.perf_counter()

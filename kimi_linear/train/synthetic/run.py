@@ -2,9 +2,11 @@
 
 `plan(...)` lists the `RunSpec`s; `run_suite(...)` warms the Triton cache once (two steps of each linear mixer
 in one worker process, so the workers load compiled kernels instead of all compiling them at once), then
-starts the workers (`worker.py`), at most `workers` at a time on the one device, each with its own step and
-wall-clock budget, all within the suite's `budget_s` (a run started late gets what is left, and a worker still
-alive `GRACE_S` after its budget is killed). Every worker appends its evaluations to OUT/curves.jsonl as it
+deals the runs round-robin into `workers` lanes, one worker process each (`worker.py`: the imports and the CUDA
+context are paid once per lane, not per run), all on the one device until the suite's `budget_s` ends: a lane
+gives each of its runs an equal share of its time left (capped by the run's own `wall_s`), and a lane still
+alive `GRACE_S` after the budget is killed. Few lanes: processes time-slice one GPU (their kernels never
+overlap without MPS), so more runs at once only split the device finer, and each costs a CPU process. Every worker appends its evaluations to OUT/curves.jsonl as it
 measures them, so the report (`report.py`, `plot.py`) of a suite cut short shows what was measured.
 """
 
@@ -86,31 +88,25 @@ def run_suite(specs: list[RunSpec], out_dir: str, workers: int, budget_s: float,
         workers = 1
     if warmup and device.startswith("cuda"):
         warm_up(specs, out_dir, env)
-    pending = list(specs)
-    running: list[tuple[subprocess.Popen, RunSpec, float, float]] = []
-    while pending or running:
-        now = time.perf_counter()
-        left = budget_s - (now - start)
-        while pending and len(running) < workers and left > STARTUP_S + 5:
-            spec = pending.pop(0)
-            spec = RunSpec(**{**spec.to_dict(), "wall_s": max(min(spec.wall_s, left - STARTUP_S), 1.0)})
-            proc = subprocess.Popen([sys.executable, "-m", "kimi_linear.train.synthetic.worker",
-                                     json.dumps(spec.to_dict()), curves], env=env)
-            running.append((proc, spec, now, spec.wall_s))
-            logger.info("started %s (wall %.0f s, batch %d)", spec.key, spec.wall_s, spec.batch)
-        if left <= STARTUP_S + 5 and pending:
-            logger.warning("budget spent: %d runs not started (%s)", len(pending), ", ".join(s.key for s in pending))
-            pending.clear()
+    deadline = time.time() + budget_s - (time.perf_counter() - start) - STARTUP_S
+    lanes = [specs[i::workers] for i in range(min(workers, len(specs)))]  # round-robin: each lane mixes lengths
+    running = []
+    for lane in lanes:
+        proc = subprocess.Popen([sys.executable, "-m", "kimi_linear.train.synthetic.worker",
+                                 json.dumps([s.to_dict() for s in lane]), curves, repr(deadline)], env=env)
+        running.append((proc, lane))
+        logger.info("started a lane of %d runs: %s", len(lane), ", ".join(s.key for s in lane))
+    while running:
         still = []
-        for proc, spec, t0, wall in running:
+        for proc, lane in running:
             if proc.poll() is not None:
-                logger.info("finished %s (exit %d, %.0f s)", spec.key, proc.returncode, time.perf_counter() - t0)
-            elif time.perf_counter() - t0 > wall + STARTUP_S + GRACE_S:
+                logger.info("lane %s finished (exit %d)", lane[0].key, proc.returncode)
+            elif time.time() > deadline + GRACE_S:
                 proc.kill()
                 proc.wait()
-                logger.warning("killed %s after %.0f s", spec.key, time.perf_counter() - t0)
+                logger.warning("killed the lane of %s at the budget's end", lane[0].key)
             else:
-                still.append((proc, spec, t0, wall))
+                still.append((proc, lane))
         running = still
         time.sleep(0.5)
     return curves
