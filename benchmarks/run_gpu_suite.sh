@@ -2,7 +2,7 @@
 # Every GPU check and timing in one go (the device gives each command at most 10 minutes):
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
-# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic demo soak train_tests train fp8 fp8_tests
+# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic synthetic_probe demo soak train_tests train fp8 fp8_tests
 #   fp8_tiles profile profile_fp8 long_ctx
 #   (default: tests kda_decode engine)
 # train_tests (<= 50 s): the training kernels compiled against their references
@@ -34,6 +34,8 @@ for part in $parts; do
     # the report's synthetic tasks: 36 runs (3 tasks x 256..2048 x KDA/GDN/MLA) as parallel processes, 320 s budget
     synthetic) mkdir -p "$OUT/synthetic"
       timeout 400 python3 -m kimi_linear synthetic --out "$OUT/synthetic" --budget-s 320 2>&1 | tee "$OUT/synthetic/log.txt" | tail -40 ;;
+    # synthetic_probe (<= 150 s): steps/s of one synthetic run per mixer / length / batch, then 4-16 runs at once
+    synthetic_probe) timeout 150 python3 -m benchmarks.synthetic_probe --budget-s 120 --json "$OUT/synthetic_probe.json" 2>&1 | tail -30 ;;
     # the demo model (kimi_linear/tools/demo_model.py) from the prepared corpus + tokenizer in $DEMO_DATA
     # (made here by `python -m kimi_linear.tools.demo_model prepare --out .gpu_synth18/demo_data`, carried along)
     demo) timeout 240 python3 -m kimi_linear.tools.demo_model train --data "${DEMO_DATA:-.gpu_synth18/demo_data}" \

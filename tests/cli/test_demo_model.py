@@ -16,7 +16,7 @@ import pytest
 from kimi_linear.tools import demo_model
 
 PROMPT = "And the LORD said unto Moses"
-PPL_BOUND = 70.0  # per BPE token on the shipped held-out passages: the shipped model measures 58.5, the random model of the shape ~4e5
+PPL_BOUND = 45.0  # per BPE token on the shipped held-out passages: the shipped model measures 34.0, the random model of the shape ~6e5
 
 trained = pytest.mark.skipif(demo_model.default_model_dir() is None,
                              reason="the trained demo model is not in the package yet (issue 18: run "
