@@ -285,39 +285,33 @@ class LLMEngine:
         return bool(self._states)
 
     def step(self) -> list[RequestOutput]:
-        """One engine step; with async scheduling one step stays in flight between calls and each call
-        returns the outputs of the step before it (`engine/overlap.py`)."""
-        prev, self._inflight = self._inflight, None
+        """One engine step: the outputs of the step this call completes. With async scheduling the next step
+        is scheduled and launched before this one's tokens are read back, and stays in flight until the next
+        call completes it (`engine/overlap.py`)."""
         touched = set(self._dirty)
         self._dirty.clear()
+        cur, self._inflight = self._inflight, None
+        if cur is None:
+            cur = self._launch(touched)
+            if cur is None:
+                if not touched and self.scheduler.has_unfinished():
+                    raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting "
+                                       f"and {len(self.scheduler.running)} running requests")
+                return self._outputs(touched)
+            self._advance(cur)
         nxt = None
-        overlapped = prev is not None and self.async_scheduling and can_overlap(prev, self.prefix_cache, self.config.block_size)
-        if overlapped:  # schedule and launch step t+1 while step t runs
-            nxt = self._launch(touched, inputs_from=prev.launched.sample)
+        if self.async_scheduling and can_overlap(cur, self.prefix_cache, self.config.block_size):
+            nxt = self._launch(touched, inputs_from=cur.launched.sample)  # while `cur` runs on the device
             self._num_overlapped_steps += nxt is not None
-        if prev is not None:
-            self._resolve(prev, touched)
-        if nxt is None:
-            nxt = self._launch(touched)
-            if nxt is None and prev is None and not touched and self.scheduler.has_unfinished():
-                raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting and "
-                                   f"{len(self.scheduler.running)} running requests")
-        if nxt is None:
-            return self._outputs(touched)
-        if self.async_scheduling and self.scheduler.has_unfinished():
-            outputs = self._outputs(touched)  # before the new placeholders: outputs never hold one
+        self._resolve(cur, touched)
+        outputs = self._outputs(touched)  # before `nxt` adds placeholders: outputs never hold one
+        if nxt is not None:
             self._advance(nxt)
-            self._inflight = nxt
-            return outputs
-        self._advance(nxt)  # synchronous, or nothing left to overlap with (a discarded speculative step)
-        self._resolve(nxt, touched)
-        return self._outputs(touched)
-
-    def _advance(self, step: InflightStep) -> None:
-        """The host side of a launched step that needs no token value (`Scheduler.advance`)."""
-        step.placeholders = self.scheduler.advance(step.out, step.launched.sample.rows)
-        for req, rows in step.launched.prompt_logprobs:
-            req.num_prompt_logprobs += len(rows)
+            if self.scheduler.has_unfinished():
+                self._inflight = nxt
+            else:  # only discarded speculative tokens left: complete it now, nothing is left in flight
+                self._resolve(nxt, set())
+        return outputs
 
     def _launch(self, touched: set[str], inputs_from=None) -> InflightStep | None:
         """Schedule a step and enqueue it on the device (forward + sampling); None when nothing was scheduled."""
@@ -329,6 +323,12 @@ class LLMEngine:
         launched = self.runner.launch(out, inputs_from=inputs_from)
         self._num_scheduled_tokens += out.total_num_tokens
         return InflightStep(out, launched)
+
+    def _advance(self, step: InflightStep) -> None:
+        """The host side of a launched step that needs no token value (`Scheduler.advance`)."""
+        step.placeholders = self.scheduler.advance(step.out, step.launched.sample.rows)
+        for req, rows in step.launched.prompt_logprobs:
+            req.num_prompt_logprobs += len(rows)
 
     def _resolve(self, step: InflightStep, touched: set[str]) -> None:
         """Read back a launched step's tokens (the sync point), fill the placeholders and process each token:

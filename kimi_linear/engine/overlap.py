@@ -1,14 +1,16 @@
 """Async scheduling (`EngineConfig.async_scheduling`): the host prepares step t+1 while step t runs.
 
-With one step in flight, `LLMEngine.step()` does, in this order:
+Each `LLMEngine.step()` completes one step t and returns its outputs, as with async scheduling off;
+step t was launched by the previous call (or by this one when nothing is in flight). In this order:
 
-1. schedule step t+1 and launch it (forward + sampling enqueued, no wait). A request sampled at step t
-   holds a placeholder as its last token (`Request.append_placeholder`); its input id for t+1 is taken
-   on the device from step t's sampled tokens (`ModelRunner.forward(inputs_from=...)`);
+1. schedule step t+1 and launch it (forward + sampling enqueued, no wait) while step t runs. A request
+   sampled at step t holds a placeholder as its last token (`Request.append_placeholder`); its input
+   id for t+1 is taken on the device from step t's sampled tokens (`ModelRunner.forward(inputs_from=)`);
 2. resolve step t: wait for its tokens (the one sync point: an event after non-blocking copies into
-   pinned memory), fill the placeholders, apply the stop rules (ids, stop strings, grammar), detokenize;
-3. advance step t+1 on the host (`Scheduler.advance`: computed counts, snapshots, blocks, placeholders);
-4. return step t's outputs. Step t+1 stays in flight until the next call.
+   pinned memory), fill the placeholders, apply the stop rules (ids, stop strings, grammar), detokenize,
+   build the outputs;
+3. advance step t+1 on the host (`Scheduler.advance`: computed counts, snapshots, blocks, placeholders)
+   and keep it in flight for the next call (the caller's own work on the outputs overlaps it too).
 
 A request that finishes at step t (a stop token or string, found in 2.) was scheduled in step t+1 too:
 that speculative token is computed and discarded (never appended; its blocks and slot are freed in 2.
@@ -23,8 +25,8 @@ the host (`can_overlap`); otherwise that call resolves step t first and schedule
 with async scheduling off: repetition / frequency / presence penalties and bad_words (the sampler reads
 the previous tokens), structured output (the grammar must accept the token before the next bitmask),
 and a prefix-cache state snapshot at the end of the next step (the snapshot's key hashes the token; once
-per block_size decode steps). With async scheduling off, every call runs steps 1-4 on one step with
-no overlap: the same code path.
+per block_size decode steps). Then step t+1 is scheduled after step 2, and launched and resolved within
+the next call, exactly as with async scheduling off, which runs every step this way: the same code path.
 """
 
 from __future__ import annotations

@@ -15,13 +15,18 @@ from kimi_linear import LLM, SamplingParams
 from kimi_linear.engine.config import EngineConfig
 
 # a cache small enough to preempt, a budget small enough to chunk prompts and mix prefill with decodes
-KW = dict(device="cpu", dtype="float32", max_model_len=96, max_num_seqs=5, max_num_batched_tokens=16, block_size=8,
-          num_gpu_blocks_override=14)
+KW = dict(dtype="float32", max_model_len=96, max_num_seqs=5, max_num_batched_tokens=16, block_size=8,
+          num_gpu_blocks_override=14, num_state_slots_override=5)
 
 
-@pytest.fixture(scope="module")
-def llms(tiny_checkpoint):
-    return {mode: LLM(str(tiny_checkpoint), async_scheduling=mode == "async", **KW) for mode in ("sync", "async")}
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def llms(tiny_checkpoint, request):
+    """Both modes on one device; on CUDA with graphs: real concurrency, stream-ordered reuse of freed blocks."""
+    out = {mode: LLM(str(tiny_checkpoint), device=request.param, async_scheduling=mode == "async", **KW)
+           for mode in ("sync", "async")}
+    yield out
+    for llm in out.values():
+        llm.shutdown()
 
 
 def prompts(vocab: int, lengths, seed: int = 0) -> list[dict]:
