@@ -25,8 +25,8 @@ holds its blocks and slot only while RUNNING, and snapshots are pinned or pendin
 decides the token-id stops (`Request.check_stop`: EOS, stop ids, min_tokens, max_tokens, max_model_len)
 and frees finished requests. It is two halves, which async scheduling runs apart: `advance` (at launch:
 counts, snapshots, blocks, a placeholder per sampled token) and `resolve_token` (once the token is read
-back: its value and the stop rules). A request whose in-flight token ends it by length is not scheduled. Stop strings are found later, on the output side, which finishes the
-request through `finish` (the engine).
+back: its value and the stop rules). A request whose in-flight token ends it by length is not scheduled.
+Stop strings are found later, on the output side, which finishes the request through `finish` (the engine).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ reasons, texts and logprobs as synchronous stepping, on the tiny model (CPU, fp3
 CUDA without the concurrency): greedy and seeded sampling, many requests with different max_tokens, stop
 strings and stop ids finishing at different steps, preemption, a chunked long prompt beside decodes, an
 abort mid-stream, logprobs and prompt logprobs, and the batches that fall back to one step at a time
-(penalties, bad_words). The pools end empty: a discarded speculative token frees what it used."""
+(penalties, bad_words, structured output). The pools end empty: a discarded speculative token frees what
+it used. On CUDA (the `gpu` params) the same tests run with graphs."""
 
 from __future__ import annotations
 
@@ -191,3 +192,17 @@ def test_host_token_batches_fall_back_and_agree(llms):
     assert res["async"][1]["num_overlapped_steps"] < res["async"][1]["num_steps"] // 2
     alone = generate_both(llms, ps[2:], params[2:])
     assert alone["async"][1]["num_overlapped_steps"] > 0
+
+
+def test_structured_output_falls_back_and_agrees(llms):
+    """A grammar must accept each token before the next bitmask: its steps run one at a time, same tokens."""
+    pytest.importorskip("xgrammar")
+    from kimi_linear.sampling_params import StructuredOutputsParams
+
+    ps = prompts(llms["sync"].llm_engine.vocab_size, [4, 6], seed=7)
+    grammar = StructuredOutputsParams(regex="(ab|c){3,5}")
+    params = [SamplingParams(temperature=0, max_tokens=12, structured_outputs=grammar),
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)]
+    res = generate_both(llms, ps, params)
+    assert_same(res)
+    assert res["async"][0][0].outputs[0].finish_reason == "stop"
