@@ -8,7 +8,10 @@ from config.json alone with random weights (`load_format="dummy"`). Each context
 the engine's own cache structures: `LLMEngine.admit_computed` takes the request's MLA blocks from the
 block pool and its KDA slot from the state pool and marks ctx - 1 tokens computed; the benchmark then
 fills those latent blocks and KDA states with random values (never zeros), and decodes `--steps`
-tokens with `engine.step()` (CUDA-graph replay on CUDA), timing every step with CUDA events (median).
+tokens with `engine.step()` (CUDA-graph replay on CUDA), timing the wall clock between successive
+returns of `step()` (median; with async scheduling a step returns while the next one runs, so that
+period is the TPOT). `--async-scheduling on|off|both` (default both: off, then on, on the same engine
+and request) prints TPOT, graph replay and TPOT minus replay (the host work left unoverlapped) per mode.
 
 Correctness first: the first decode step is run through the graph and through the same padded code
 eagerly, from the same caches, and the logits must agree. The floor (performance.md section 4) is
@@ -131,27 +134,49 @@ def check_graph_vs_eager(engine) -> float | None:
     return ((a - b.float()).norm() / b.float().norm()).item()
 
 
-def run_context(engine, context: int, steps: int, warmup: int, timer: Timer) -> dict:
+def time_steps(engine, steps: int, warmup: int) -> list[float]:
+    """Milliseconds between successive returns of `engine.step()` (wall clock, no device sync of our own: with
+    async scheduling a step returns while the next one runs, so its period is the TPOT)."""
+    for _ in range(warmup):
+        engine.step()
+    t = [time.perf_counter()]
+    for _ in range(steps):
+        engine.step()
+        t.append(time.perf_counter())
+    return [(b - a) * 1e3 for a, b in zip(t, t[1:])]
+
+
+def run_context(engine, context: int, steps: int, warmup: int, timer: Timer, modes: tuple[str, ...] = ("sync",)
+                ) -> dict:
+    """Decode `warmup + steps` tokens per mode ("sync": async scheduling off, "async": on) from one request at
+    `context`; TPOT per mode, the graph replay alone, and TPOT minus replay (the host work not overlapped)."""
     vocab = engine.vocab_size
     prompt = torch.randint(0, vocab, (context,), generator=torch.Generator().manual_seed(context)).tolist()
     rid = f"ctx{context}"
-    params = SamplingParams(temperature=0, max_tokens=steps + warmup + 1, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=(steps + warmup) * len(modes) + 1, ignore_eos=True)
     req = engine.admit_computed(rid, {"prompt_token_ids": prompt}, params, num_computed_tokens=context - 1)
     fill_random(engine, req, context)
     err = check_graph_vs_eager(engine)
-    for _ in range(warmup):
-        engine.step()
-    step_ms = [timer(engine.step) for _ in range(steps)]
+    async_before = engine.async_scheduling
+    by_mode = {}
+    for mode in modes:
+        engine.async_scheduling = mode == "async"
+        step_ms = time_steps(engine, steps, warmup)
+        by_mode[mode] = {"tpot_ms": statistics.median(step_ms), "tpot_min_ms": min(step_ms)}
+    engine.async_scheduling = async_before
     dec = engine.runner.decode
     replay_ms = None
     if dec.graphs:
         g = dec.graphs[dec.bucket_for(1)]
         replay_ms = statistics.median(timer(g.replay) for _ in range(steps))
+    for m in by_mode.values():
+        m["host_ms"] = m["tpot_ms"] - replay_ms if replay_ms is not None else None
     engine.abort_request(rid)
     engine.step()
     s = engine.scheduler
     assert s.block_pool.num_free == s.block_pool.num_blocks and s.state_pool.num_free == s.state_pool.num_slots
-    return {"context": context, "tpot_ms": statistics.median(step_ms), "tpot_min_ms": min(step_ms),
+    main = by_mode.get("async", by_mode[modes[0]])
+    return {"context": context, "tpot_ms": main["tpot_ms"], "tpot_min_ms": main["tpot_min_ms"], "modes": by_mode,
             "replay_ms": replay_ms, "graph_vs_eager_rel_err": err, "generated": req.num_output_tokens}
 
 
@@ -166,25 +191,28 @@ def run_variant(base: dict, variant: str, args, timer: Timer, bandwidth: float, 
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(variant_config(base, variant), f)
     contexts = contexts or args.contexts
+    modes = getattr(args, "modes", ("async",))  # callers without --async-scheduling: the engine's default
     t0 = time.perf_counter()
     llm = LLM(folder, device=args.device, dtype=args.dtype, load_format="dummy",
               max_model_len=max(contexts) + args.steps + args.warmup + 8, max_num_seqs=1,
               max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager, block_size=args.block_size, **(engine_kwargs or {}))
+              enforce_eager=args.enforce_eager, block_size=args.block_size,
+              **{"async_scheduling": "async" in modes, **(engine_kwargs or {})})
     engine = llm.llm_engine
     print(f"[{label}] engine ready in {time.perf_counter() - t0:.1f} s: {engine.runner.sizing.token_capacity} "
           f"cache tokens, graphs {sorted(engine.runner.decode.graphs)}", flush=True)
     extra = on_engine(engine) if on_engine else None
     rows = []
     for ctx in contexts:
-        r = run_context(engine, ctx, args.steps, args.warmup, timer)
+        r = run_context(engine, ctx, args.steps, args.warmup, timer, modes)
         nbytes = step_bytes(engine.runner.model, ctx, engine.runner.kv_cache_dtype)
         floor_ms = nbytes["total"] / bandwidth * 1e3
         r.update(variant=label, bytes=nbytes, floor_ms=floor_ms, tpot_over_floor=r["tpot_ms"] / floor_ms,
                  replay_over_floor=(r["replay_ms"] / floor_ms) if r["replay_ms"] else None)
         if extra is not None and not rows:
             r["extra"] = extra
-        print(f"[{label}] ctx {ctx:>8}: TPOT {r['tpot_ms']:.3f} ms (floor {floor_ms:.3f} ms, "
+        per_mode = ", ".join(f"{m} {v['tpot_ms']:.3f}" for m, v in r["modes"].items())
+        print(f"[{label}] ctx {ctx:>8}: TPOT {per_mode} ms (floor {floor_ms:.3f} ms, "
               f"{r['tpot_over_floor']:.2f}x), graph vs eager err {r['graph_vs_eager_rel_err']}", flush=True)
         rows.append(r)
     llm.shutdown()
@@ -211,10 +239,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048, help="profiling / prefill budget")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", choices=("on", "off", "both"), default="both",
+                    help="time decode with async scheduling on, off, or both on the same engine (default both)")
     ap.add_argument("--copy-bytes", type=int, default=None, help="buffer size of the bandwidth measurement")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     args.contexts = [parse_count(c) for c in args.contexts.split(",") if c.strip()]
+    args.modes = {"on": ("async",), "off": ("sync",), "both": ("sync", "async")}[args.async_scheduling]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device = str(device)
     if args.model:
@@ -247,6 +278,12 @@ def main(argv: list[str] | None = None) -> dict:
         e = f"{r['graph_vs_eager_rel_err']:.1e}" if r["graph_vs_eager_rel_err"] is not None else "-"
         print(f"{r['variant']:<8} {r['context']:>8} {r['tpot_ms']:>9.3f} {g:>9} {r['floor_ms']:>9.3f} "
               f"{r['tpot_over_floor']:>10.2f}x {r['bytes']['total'] / 1e9:>8.2f}  {e}")
+    print("\nvariant  context  scheduling   TPOT ms  graph ms  TPOT - graph ms")
+    for r in results:
+        for mode, m in r["modes"].items():
+            g = f"{r['replay_ms']:.3f}" if r["replay_ms"] else "-"
+            h = f"{m['host_ms']:.3f}" if m["host_ms"] is not None else "-"
+            print(f"{r['variant']:<8} {r['context']:>8}  {mode:<10} {m['tpot_ms']:>8.3f} {g:>9} {h:>16}")
     for q in ratios:
         print(f"context {q['context']:>8}: all-MLA / hybrid TPOT {q['mla_over_hybrid_tpot']:.2f}x "
               f"(floor ratio {q['mla_over_hybrid_floor']:.2f}x)")

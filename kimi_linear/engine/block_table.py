@@ -37,7 +37,9 @@ class BlockTable:
                     raise RuntimeError(f"{req.request_id}: {len(ids)} blocks exceed the block table width "
                                        f"{self.max_blocks_per_seq}")
                 new = torch.tensor(ids[k:], dtype=torch.int32)
-                self.table[s, k:len(ids)].copy_(new, non_blocking=False)
+                if self.table.is_cuda:  # pinned + async: a pageable copy would wait for the step in flight
+                    new = new.pin_memory()
+                self.table[s, k:len(ids)].copy_(new, non_blocking=True)
                 self._synced[s] = len(ids)
 
     def rows(self, state_indices: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:

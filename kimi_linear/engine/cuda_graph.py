@@ -108,10 +108,14 @@ class DecodeRunner:
         return self.model.compute_logits(hidden)
 
     def run(self, input_ids: list[int], state_indices: list[int], slot_mapping: list[int], seq_lens: list[int],
-            use_graph: bool = True) -> torch.Tensor:
-        """Logits [N, vocab] of a decode batch of N sequences (graph replay when one is captured)."""
+            use_graph: bool = True, patch=None) -> torch.Tensor:
+        """Logits [N, vocab] of a decode batch of N sequences (graph replay when one is captured). `patch`
+        (async scheduling): a function that overwrites rows of the device input ids [B] (tokens sampled by
+        the step still in flight), stream-ordered after the upload of the host inputs."""
         n = len(input_ids)
         B = self.load(input_ids, state_indices, slot_mapping, seq_lens)
+        if patch is not None:
+            patch(self.packed[ROW_INPUT_IDS])
         if use_graph and B in self.graphs:
             self.graphs[B].replay()
             self.num_replays += 1

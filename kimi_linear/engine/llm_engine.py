@@ -31,6 +31,7 @@ from kimi_linear.engine.block_pool import BlockPool
 from kimi_linear.engine.config import EngineConfig, default_sampling_kwargs, eos_token_ids, read_generation_config
 from kimi_linear.engine.input_processor import ContextLengthError, InputProcessor, ProcessedPrompt
 from kimi_linear.engine.model_runner import ModelRunner
+from kimi_linear.engine.overlap import InflightStep, can_overlap
 from kimi_linear.engine.outputs import RequestMetrics, RequestOutput, RequestState, SequenceProcessor, TextProcessor
 from kimi_linear.engine.prefix_cache import PrefixCache
 from kimi_linear.engine.request import Request, RequestStatus
@@ -65,6 +66,7 @@ class EngineStats:
     num_generated_tokens: int = 0
     num_steps: int = 0
     num_preemptions: int = 0
+    num_overlapped_steps: int = 0  # async scheduling: steps launched while the previous one was in flight
     prefix_caching: bool = False
     prefix_cache_queries: int = 0  # tokens of admitted requests looked up in the prefix cache
     prefix_cache_hits: int = 0  # of them, tokens found cached (not computed)
@@ -135,6 +137,9 @@ class LLMEngine:
         self._num_scheduled_tokens = 0
         self._num_prompt_tokens = 0
         self._num_generated_tokens = 0
+        self.async_scheduling = config.async_scheduling  # a benchmark may flip it between steps with none in flight
+        self._inflight: InflightStep | None = None  # async scheduling: the launched step not yet resolved
+        self._num_overlapped_steps = 0
 
     @property
     def device(self) -> torch.device:
@@ -180,7 +185,8 @@ class LLMEngine:
                            num_scheduled_tokens=self._num_scheduled_tokens,
                            num_prompt_tokens=self._num_prompt_tokens,
                            num_generated_tokens=self._num_generated_tokens,
-                           num_steps=s.stats.num_steps, num_preemptions=s.stats.num_preemptions, **cache)
+                           num_steps=s.stats.num_steps, num_preemptions=s.stats.num_preemptions,
+                           num_overlapped_steps=self._num_overlapped_steps, **cache)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block and state snapshot that no running request holds (vLLM's
@@ -279,41 +285,84 @@ class LLMEngine:
         return bool(self._states)
 
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
+        """One engine step: the outputs of the step this call completes. With async scheduling the next step
+        is scheduled and launched before this one's tokens are read back, and stays in flight until the next
+        call completes it (`engine/overlap.py`)."""
         touched = set(self._dirty)
         self._dirty.clear()
+        cur, self._inflight = self._inflight, None
+        if cur is None:
+            cur = self._launch(touched)
+            if cur is None:
+                if not touched and self.scheduler.has_unfinished():
+                    raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting "
+                                       f"and {len(self.scheduler.running)} running requests")
+                return self._outputs(touched)
+            self._advance(cur)
+        nxt = None
+        if self.async_scheduling and can_overlap(cur, self.prefix_cache, self.config.block_size):
+            nxt = self._launch(touched, inputs_from=cur.launched.sample)  # while `cur` runs on the device
+            self._num_overlapped_steps += nxt is not None
+        self._resolve(cur, touched)
+        outputs = self._outputs(touched)  # before `nxt` adds placeholders: outputs never hold one
+        if nxt is not None:
+            self._advance(nxt)
+            if self.scheduler.has_unfinished():
+                self._inflight = nxt
+            else:  # only discarded speculative tokens left: complete it now, nothing is left in flight
+                self._resolve(nxt, set())
+        return outputs
+
+    def _launch(self, touched: set[str], inputs_from=None) -> InflightStep | None:
+        """Schedule a step and enqueue it on the device (forward + sampling); None when nothing was scheduled."""
+        out = self.scheduler.schedule()
         touched.update(r.parent_id for r in out.finished)
-        if out.is_empty and not touched and self.scheduler.has_unfinished():
-            raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting and "
-                               f"{len(self.scheduler.running)} running requests")
-        if not out.is_empty:
-            self._note_scheduled(out.scheduled, time.monotonic())
-            result = self.runner.execute(out)
-            self._num_scheduled_tokens += out.total_num_tokens
-            for req, rows in result.prompt_logprobs:
-                req.num_prompt_logprobs += len(rows)
-                self._states[req.parent_id].processors[req.index].on_prompt_logprobs(rows)
-            sampled = result.sampled
-            changed = self.scheduler.update_from_output(out, {k: s.token_id for k, s in sampled.items()})
-            self._num_generated_tokens += len(changed)
-            now = time.monotonic()
-            for req in changed:
-                if not sampled[req.request_id].is_finite:
-                    self._finish_error(req)
-                    touched.add(req.parent_id)
-                    continue
-                m = self._states[req.parent_id].metrics
-                if m is not None:
-                    m.first_token_time = m.first_token_time or now
-                    m.last_token_time = now
-                token = req.output_token_ids[-1]
-                if req.matcher is not None:
-                    self._advance_grammar(req, token)
-                proc = self._states[req.parent_id].processors[req.index]
-                stop = proc.on_token(token, sampled[req.request_id])
-                if stop is not None:
-                    self._finish(req, RequestStatus.FINISHED_STOPPED, stop)
-                touched.add(req.parent_id)
+        if out.is_empty:
+            return None
+        self._note_scheduled(out.scheduled, time.monotonic())
+        launched = self.runner.launch(out, inputs_from=inputs_from)
+        self._num_scheduled_tokens += out.total_num_tokens
+        return InflightStep(out, launched)
+
+    def _advance(self, step: InflightStep) -> None:
+        """The host side of a launched step that needs no token value (`Scheduler.advance`)."""
+        step.placeholders = self.scheduler.advance(step.out, step.launched.sample.rows)
+        for req, rows in step.launched.prompt_logprobs:
+            req.num_prompt_logprobs += len(rows)
+
+    def _resolve(self, step: InflightStep, touched: set[str]) -> None:
+        """Read back a launched step's tokens (the sync point), fill the placeholders and process each token:
+        stop rules, grammar, stop strings, logprobs, detokenization."""
+        result = step.launched.result()
+        for req, rows in result.prompt_logprobs:
+            state = self._states.get(req.parent_id)
+            if state is not None:
+                state.processors[req.index].on_prompt_logprobs(rows)
+        sampled = result.sampled
+        now = time.monotonic()
+        for req in step.placeholders:
+            if req.status == RequestStatus.FINISHED_ABORTED:
+                req.fill_placeholder(None)  # aborted while its token was in flight: the token is dropped
+                continue
+            self.scheduler.resolve_token(req, sampled[req.request_id].token_id)
+            self._num_generated_tokens += 1
+            touched.add(req.parent_id)
+            if not sampled[req.request_id].is_finite:
+                self._finish_error(req)
+                continue
+            m = self._states[req.parent_id].metrics
+            if m is not None:
+                m.first_token_time = m.first_token_time or now
+                m.last_token_time = now
+            token = req.output_token_ids[-1]
+            if req.matcher is not None:
+                self._advance_grammar(req, token)
+            proc = self._states[req.parent_id].processors[req.index]
+            stop = proc.on_token(token, sampled[req.request_id])
+            if stop is not None:
+                self._finish(req, RequestStatus.FINISHED_STOPPED, stop)
+
+    def _outputs(self, touched: set[str]) -> list[RequestOutput]:
         outputs = []
         for rid in touched:
             state = self._states.get(rid)
@@ -366,6 +415,7 @@ class LLMEngine:
         """Abort everything and free the device memory held by the model, caches and graphs."""
         self.abort_request(list(self._states))
         self._states.clear()
+        self._inflight = None
         if self.runner is not None:
             self.runner.release()
             self.runner = None

@@ -35,7 +35,7 @@ from kimi_linear.engine.config import EngineConfig
 from kimi_linear.engine.cuda_graph import DecodeRunner
 from kimi_linear.engine.input_batch import BatchInputs, build_batch
 from kimi_linear.engine.memory import PROMPT_LOGPROB_ROWS, CacheSizing, cpu_sizing, cuda_sizing
-from kimi_linear.engine.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
+from kimi_linear.engine.sampler import Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs, to_device
 from kimi_linear.engine.scheduler import SchedulerOutput
 from kimi_linear.errors import ConfigError
 from kimi_linear.models import ForwardContext, KimiLinearForCausalLM
@@ -65,6 +65,59 @@ class PromptLogprobRow:
 class StepResult:
     sampled: dict[str, SampleResult]  # request id -> its new token (requests whose step reached their end)
     prompt_logprobs: list[tuple[object, list[PromptLogprobRow]]]  # (request, rows from its first new position)
+
+
+class PendingSample:
+    """The tokens sampled in one step: on the device at once (`token_ids` [R], which the next step may take
+    as its inputs, `rows`: request id -> row) and on their way to the host (asynchronous copies into pinned
+    memory, then an event); `results()` waits for the copies only, not for later work on the stream."""
+
+    def __init__(self, requests: list, so: SamplerOutput | None, finite: torch.Tensor | None, device: torch.device):
+        self.requests = requests
+        self.rows = {r.request_id: i for i, r in enumerate(requests)}
+        self.token_ids = so.token_ids if so is not None else None
+        self._results: dict[str, SampleResult] | None = None if requests else {}
+        if not requests:
+            return
+        ranks = so.ranks if so.ranks is not None else torch.zeros_like(so.token_ids)
+        self._has_ranks = so.ranks is not None
+        # two copies: the integers (token, rank, finite) in one [3, R] tensor, the logprobs in another
+        self._ints = torch.stack([so.token_ids, ranks, finite.to(torch.int64)]).to("cpu", non_blocking=True)
+        self._lps = so.logprobs.to("cpu", non_blocking=True)
+        self._top = None
+        if so.top_ids is not None:
+            self._top = (so.top_ids.to("cpu", non_blocking=True), so.top_logprobs.to("cpu", non_blocking=True))
+        self._event = None
+        if device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def results(self) -> dict[str, SampleResult]:
+        """request id -> SampleResult (the one sync point of a step: waits for the copies to the host)."""
+        if self._results is None:
+            if self._event is not None:
+                self._event.synchronize()
+            tokens, ranks, finite = self._ints.tolist()
+            lps = self._lps.tolist()
+            top_ids, top_lps = (self._top[0].tolist(), self._top[1].tolist()) if self._top is not None else (None, None)
+            results = {}
+            for i, r in enumerate(self.requests):
+                k = r.sampling_params.logprobs
+                top = list(zip(top_ids[i][:k], top_lps[i][:k])) if (k and top_ids is not None) else None
+                results[r.request_id] = SampleResult(tokens[i], lps[i], top, ranks[i] if self._has_ranks else None,
+                                                     is_finite=bool(finite[i]))
+            self._results = results
+        return self._results
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward and sampling are enqueued; its tokens come back through `sample`."""
+    sample: PendingSample
+    prompt_logprobs: list[tuple[object, list[PromptLogprobRow]]]
+
+    def result(self) -> StepResult:
+        return StepResult(self.sample.results(), self.prompt_logprobs)
 
 
 class ModelRunner:
@@ -144,26 +197,52 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
-    def forward(self, out: SchedulerOutput, use_graph: bool = True) -> tuple[torch.Tensor, BatchInputs]:
-        """Run the model on a scheduled step: logits [R, vocab] of the R rows to sample, and the batch."""
+    def forward(self, out: SchedulerOutput, use_graph: bool = True,
+                inputs_from: PendingSample | None = None) -> tuple[torch.Tensor, BatchInputs]:
+        """Run the model on a scheduled step: logits [R, vocab] of the R rows to sample, and the batch.
+        `inputs_from` (async scheduling): the step in flight, whose device tokens fill the input positions
+        that are still placeholders on the host."""
         if out.reset_slots:
             self.cache.reset_slots(out.reset_slots)
         plan = out.snapshots
         if plan.restores:  # prefix-cache hits: the slot starts from the snapshot's state
             self.snapshots.restore([s for s, _ in plan.restores], [slot for _, slot in plan.restores])
         batch = build_batch(out, self.block_size)
+        patch = self._input_patch(batch, inputs_from)
         self.block_table.sync(batch.requests)
         if batch.is_decode:
             logits = self.decode.run(batch.input_ids, batch.state_indices, batch.slot_mapping, batch.seq_lens,
-                                     use_graph=use_graph)
+                                     use_graph=use_graph, patch=patch)
             self._save_snapshots(out)
             batch.prompt_logprob_rows = self._prompt_logprobs(batch, lambda idx: logits[idx])
             if len(batch.sample_seq) != batch.num_seqs:  # 1-token prefill chunks that do not sample
                 logits = logits[batch.sample_seq]
             return logits, batch
-        logits = self._forward_eager(batch)
+        logits = self._forward_eager(batch, patch)
         self._save_snapshots(out)
         return logits, batch
+
+    def _input_patch(self, batch: BatchInputs, src: PendingSample | None):
+        """The function that writes the in-flight tokens of `src` into a step's device input ids, or None.
+        A placeholder is always a sequence's last token, so it sits at the end of its (one-token) chunk."""
+        dst, rows, flat = [], [], 0
+        for req, q in zip(batch.requests, batch.query_lens):
+            flat += q
+            if not req.num_placeholders:
+                continue
+            row = src.rows.get(req.request_id) if src is not None else None
+            if row is None or req.num_computed_tokens + q != req.num_tokens:
+                raise RuntimeError(f"{req.request_id}: scheduled with a token in flight that no step provides")
+            dst.append(flat - 1)
+            rows.append(row)
+        if not dst:
+            return None
+        tokens = src.token_ids
+        k = len(dst)
+        if dst == rows == list(range(k)):  # the steady decode batch: the same sequences in the same order
+            return lambda ids: ids[:k].copy_(tokens[:k])
+        d, r = to_device(dst, torch.int64, self.device), to_device(rows, torch.int64, self.device)
+        return lambda ids: ids.index_copy_(0, d, tokens.index_select(0, r))
 
     def _save_snapshots(self, out: SchedulerOutput) -> None:
         """After the forward (stream-ordered after the graph replay, outside it): copy the slots whose chunk
@@ -172,7 +251,7 @@ class ModelRunner:
         if saves:
             self.snapshots.save([s.slot for s in saves], [s.snapshot for s in saves])
 
-    def _forward_eager(self, batch: BatchInputs) -> torch.Tensor:
+    def _forward_eager(self, batch: BatchInputs, patch=None) -> torch.Tensor:
         dev = self.device
 
         def t(values, dtype):
@@ -186,7 +265,10 @@ class ModelRunner:
             slot_mapping=t(batch.slot_mapping, torch.int64),
             block_tables=self.block_table.rows(state_indices, cdiv(max_seq_len, self.block_size)),
             seq_lens=t(batch.seq_lens, torch.int32), max_seq_len=max_seq_len, split_decodes=self.split_decodes)
-        hidden = self.model.forward_flat(t(batch.input_ids, torch.int64), ctx)
+        input_ids = t(batch.input_ids, torch.int64)
+        if patch is not None:
+            patch(input_ids)
+        hidden = self.model.forward_flat(input_ids, ctx)
         batch.prompt_logprob_rows = self._prompt_logprobs(batch, lambda idx: self.model.compute_logits(hidden[idx]))
         if not batch.sample_index:
             return hidden.new_empty(0, self.model_config.vocab_size)
@@ -227,9 +309,11 @@ class ModelRunner:
         return bitmask
 
     @torch.no_grad()
-    def sample(self, logits: torch.Tensor, requests: list) -> dict[str, SampleResult]:
+    def sample_async(self, logits: torch.Tensor, requests: list) -> PendingSample:
+        """Enqueue the sampling of `requests` (one row of `logits` each) and the copies of its results to the
+        host; nothing here waits for the device."""
         if not requests:
-            return {}
+            return PendingSample([], None, None, self.device)
         params = [r.sampling_params for r in requests]
         batch = SamplingBatch.build(
             params, [r.generator for r in requests], self.model_config.vocab_size, self.device,
@@ -237,24 +321,21 @@ class ModelRunner:
             output_token_ids=[r.output_token_ids for r in requests],
             eos_token_ids=sorted(requests[0].eos_token_ids), bitmask=self._fill_bitmask(requests))
         so = self.sampler(logits, batch)
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        tokens = so.token_ids.tolist()
-        lps = so.logprobs.tolist()
-        ranks = so.ranks.tolist() if so.ranks is not None else None
-        top_ids = so.top_ids.tolist() if so.top_ids is not None else None
-        top_lps = so.top_logprobs.tolist() if so.top_logprobs is not None else None
-        results = {}
-        for i, r in enumerate(requests):
-            k = r.sampling_params.logprobs
-            top = list(zip(top_ids[i][:k], top_lps[i][:k])) if (k and top_ids is not None) else None
-            results[r.request_id] = SampleResult(tokens[i], lps[i], top, ranks[i] if ranks is not None else None,
-                                                 is_finite=finite[i])
-        return results
+        return PendingSample(requests, so, torch.isfinite(logits).all(dim=-1), self.device)
+
+    def sample(self, logits: torch.Tensor, requests: list) -> dict[str, SampleResult]:
+        return self.sample_async(logits, requests).results()
+
+    def launch(self, out: SchedulerOutput, inputs_from: PendingSample | None = None) -> LaunchedStep:
+        """Forward + sampling, enqueued: the tokens come back through `LaunchedStep.sample`. The sampling is
+        enqueued before the next step's forward, so it reads the graph's static logits before a replay
+        overwrites them."""
+        logits, batch = self.forward(out, inputs_from=inputs_from)
+        return LaunchedStep(self.sample_async(logits, batch.sample_requests), batch.prompt_logprob_rows)
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         """Forward + sample: the new token of each request whose step reached its end, and prompt logprobs."""
-        logits, batch = self.forward(out)
-        return StepResult(self.sample(logits, batch.sample_requests), batch.prompt_logprob_rows)
+        return self.launch(out).result()
 
     def release(self) -> None:
         """Drop the graphs, cache and model so that their device memory can be freed."""

@@ -18,6 +18,12 @@ Invariants the scheduler and runner rely on:
 - Prefix cache: a request may start RUNNING with `num_computed_tokens` > 0 (a hit: its first blocks
   are shared, cached ones and its slot restored from a snapshot). `block_hashes` depend on the tokens
   only, so they are kept across preemption; `num_cached_tokens` is the first admission's hit.
+- Async scheduling (`engine/overlap.py`): a step launched before the previous one's tokens are known
+  appends a placeholder (`PLACEHOLDER`, -1) for each sampled request (`append_placeholder`); it is always
+  the last output token, at most one per request, and becomes the sampled token (`fill_placeholder`)
+  before anything reads token values (stop rules, grammar, penalties, prefix hashes, outputs). Counts
+  (`num_tokens`, `num_output_tokens`, min_tokens) include it; `reached_length` is the value-free part
+  of `check_stop`, so a request whose in-flight token ends it by length is never scheduled again.
 - `matcher` (structured output) has accepted exactly `output_token_ids`; preemption keeps it (the
   recompute samples no old token again). `num_prompt_logprobs` counts the prompt positions whose
   logprobs were computed (kept across preemption so none is computed twice).
@@ -30,6 +36,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from kimi_linear.sampling_params import SamplingParams
+
+
+PLACEHOLDER = -1  # an output token still on the device (async scheduling)
 
 
 class RequestStatus(enum.Enum):
@@ -88,6 +97,7 @@ class Request:
         self.num_preemptions = 0
         self.generator: Any = None  # torch.Generator of a seeded request (set by the engine)
         self.matcher: Any = None  # structured-output GrammarMatcher of this sequence (set by the engine)
+        self.num_placeholders = 0  # trailing output tokens still on the device (0 or 1; async scheduling)
         self.num_prompt_logprobs = 0  # prompt positions whose logprobs are computed (see wants_prompt_logprobs)
         # prefix cache (engine/prefix_cache.py)
         self.use_prefix_cache = True  # False: never looked up, indexed or snapshotted
@@ -146,6 +156,29 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
 
+    def append_placeholder(self) -> None:
+        """A token was sampled on the device and is not read back yet (async scheduling)."""
+        if self.num_placeholders:
+            raise RuntimeError(f"{self.request_id}: a second token in flight")
+        self.output_token_ids.append(PLACEHOLDER)
+        self.num_placeholders = 1
+
+    def fill_placeholder(self, token_id: int | None) -> None:
+        """The in-flight token became known (`token_id`), or is dropped (None: the request was aborted)."""
+        if not self.num_placeholders:
+            raise RuntimeError(f"{self.request_id}: no token in flight")
+        if token_id is None:
+            self.output_token_ids.pop()
+        else:
+            self.output_token_ids[-1] = token_id
+        self.num_placeholders = 0
+
+    def reached_length(self, max_model_len: int) -> bool:
+        """The length cap (max_tokens, max_model_len) is reached: the part of `check_stop` that needs no
+        token value."""
+        return self.num_tokens >= max_model_len or (self.max_tokens is not None
+                                                     and self.num_output_tokens >= self.max_tokens)
+
     def check_stop(self, max_model_len: int) -> bool:
         """After a token was appended: set a FINISHED status (and stop_reason) and return True if the request
         is done. EOS wins over a stop id equal to it (stop_reason None), and both over the length cap."""
@@ -156,8 +189,7 @@ class Request:
             if p.ignore_eos or last not in self.eos_token_ids:
                 self.stop_reason = last
             return True
-        if self.num_tokens >= max_model_len or (self.max_tokens is not None
-                                                 and self.num_output_tokens >= self.max_tokens):
+        if self.reached_length(max_model_len):
             self.status = RequestStatus.FINISHED_LENGTH
             return True
         return False

@@ -68,11 +68,11 @@ class SamplingBatch:
         lps = [p.logprobs for p in params if p.logprobs is not None]
 
         def f32(values):
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return to_device(values, torch.float32, device)
 
         batch = cls(
-            temperature=f32(temps), top_k=torch.tensor(top_k, dtype=torch.int64, device=device), top_p=f32(top_p),
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=device), generators=list(generators),
+            temperature=f32(temps), top_k=to_device(top_k, torch.int64, device), top_p=f32(top_p),
+            greedy=to_device(greedy, torch.bool, device), generators=list(generators),
             num_logprobs=max(lps) if lps else -1, all_greedy=all(greedy),
             use_top_k=any(k < V for k in top_k), use_top_p=any(p < 1.0 for p in top_p), bitmask=bitmask)
         if any(p.min_p > 0 and not g for p, g in zip(params, greedy)):
@@ -124,8 +124,18 @@ class SamplingBatch:
         return batch
 
 
+def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list as a tensor on `device` without waiting for the device: on CUDA through pinned memory and an
+    asynchronous copy (a plain `torch.tensor(..., device=cuda)` synchronizes the stream, which would stall
+    async scheduling until the step in flight is done)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _i64(values, device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
+    return to_device(values, torch.int64, device)
 
 
 def _check_id(tok: int, V: int, param: str) -> None:
@@ -249,7 +259,7 @@ class Sampler:
         if batch.allowed is not None:
             logits = logits.masked_fill(~batch.allowed, _NEG_INF)
         if batch.banned is not None:
-            logits = logits.index_put(batch.banned, torch.tensor(_NEG_INF, device=logits.device))
+            logits = logits.index_put(batch.banned, torch.full((), _NEG_INF, device=logits.device))
         if batch.bias is not None:
             rows, cols, vals = batch.bias
             logits = logits.index_put((rows, cols), vals, accumulate=True)

@@ -23,8 +23,10 @@ holds its blocks and slot only while RUNNING, and snapshots are pinned or pendin
 
 `update_from_output()` closes the loop: it advances `num_computed_tokens`, appends sampled tokens,
 decides the token-id stops (`Request.check_stop`: EOS, stop ids, min_tokens, max_tokens, max_model_len)
-and frees finished requests. Stop strings are found later, on the output side, which finishes the
-request through `finish` (the engine).
+and frees finished requests. It is two halves, which async scheduling runs apart: `advance` (at launch:
+counts, snapshots, blocks, a placeholder per sampled token) and `resolve_token` (once the token is read
+back: its value and the stop rules). A request whose in-flight token ends it by length is not scheduled.
+Stop strings are found later, on the output side, which finishes the request through `finish` (the engine).
 """
 
 from __future__ import annotations
@@ -182,6 +184,8 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if req.num_placeholders and req.reached_length(self.max_model_len):
+                continue  # its token in flight ends it by length (async scheduling): nothing left to compute
             n = min(req.num_uncomputed_tokens, budget)
             if req.is_prefilling:  # shrink the chunk to what the free blocks can hold
                 fits = (len(req.block_ids) + self.block_pool.num_free) * bs - req.num_computed_tokens
@@ -259,6 +263,15 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance the scheduled requests; `sampled` maps request id -> the token sampled for it (only
         requests whose step reached their last token). Returns the requests that got a token."""
+        changed = self.advance(out, sampled)
+        for req in changed:
+            self.resolve_token(req, sampled[req.request_id])
+        return changed
+
+    def advance(self, out: SchedulerOutput, sampled) -> list[Request]:
+        """The value-free half of `update_from_output`, run once the step is launched: commit its snapshot
+        plan, advance `num_computed_tokens`, index newly full blocks, and append a placeholder token to each
+        running request in `sampled` (request ids). Returns those requests; `resolve_token` completes each."""
         changed = []
         pc = self.prefix_cache
         if pc is not None:
@@ -268,17 +281,25 @@ class Scheduler:
                 continue
             req.num_computed_tokens += n
             if pc is not None and req.use_prefix_cache:
-                pc.register_blocks(req)
-            token = sampled.get(req.request_id)
-            if token is None:
+                pc.register_blocks(req)  # computed tokens only: never the placeholder appended below
+            if req.request_id not in sampled:
                 continue
             if req.num_computed_tokens != req.num_tokens:
                 raise RuntimeError(f"{req.request_id}: sampled before its last token was computed")
-            req.append_token(token)
+            req.append_placeholder()
             changed.append(req)
-            if req.check_stop(self.max_model_len):
-                self.finish(req, req.status)
         return changed
+
+    def resolve_token(self, req: Request, token: int) -> bool:
+        """The placeholder of `req` becomes `token`; apply the token-id stop rules and free the request if they
+        end it. It may have been preempted meanwhile (async scheduling: the next step was scheduled first),
+        or finished by the cache's capacity, which a stop token overrides (as if the token came first).
+        Returns True when the request is finished."""
+        req.fill_placeholder(token)
+        was_finished = req.is_finished
+        if req.check_stop(self.max_model_len) and not was_finished:
+            self.finish(req, req.status)
+        return req.is_finished
 
     # ------------------------------------------------------------------ direct admission
     def admit_computed(self, request: Request, num_computed_tokens: int) -> None:

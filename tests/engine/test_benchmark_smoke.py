@@ -43,7 +43,9 @@ def test_cpu_smoke(bench, tmp_path, monkeypatch):
     rows = {(r["variant"], r["context"]): r for r in report["results"]}
     assert set(rows) == {("hybrid", 40), ("hybrid", 100), ("mla", 40), ("mla", 100)}
     for r in rows.values():
-        assert r["tpot_ms"] > 0 and r["floor_ms"] > 0 and r["generated"] == 3  # warmup + steps
+        # both scheduling modes, one after the other on the same request: 2 x (warmup + steps)
+        assert r["tpot_ms"] > 0 and r["floor_ms"] > 0 and r["generated"] == 6
+        assert set(r["modes"]) == {"sync", "async"} and r["tpot_ms"] == r["modes"]["async"]["tpot_ms"]
     # the latent bytes grow with the context and with the number of MLA layers (tiny: 1 of 4 vs 4 of 4)
     assert rows[("mla", 100)]["bytes"]["latent"] == 4 * rows[("hybrid", 100)]["bytes"]["latent"]
     assert rows[("hybrid", 100)]["bytes"]["latent"] > rows[("hybrid", 40)]["bytes"]["latent"]

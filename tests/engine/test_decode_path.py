@@ -22,8 +22,10 @@ POISON = 1.0e4
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint):
+    # synchronous steps: the test drives the scheduler and the runner itself between steps, which needs no step
+    # in flight (async scheduling keeps one)
     return LLM(str(tiny_checkpoint), device="cpu", dtype="float32", max_model_len=64, max_num_seqs=4,
-               max_num_batched_tokens=64, block_size=4, num_gpu_blocks_override=40)
+               max_num_batched_tokens=64, block_size=4, num_gpu_blocks_override=40, async_scheduling=False)
 
 
 def cache_tensors(cache):
