@@ -17,7 +17,8 @@ Correctness first: the first decode step is run through the graph and through th
 eagerly, from the same caches, and the logits must agree. The floor (performance.md section 4) is
 the bytes one step must move divided by the copy bandwidth measured in the same run: the active
 weights (every attention layer, k routed + shared experts + router per MoE layer, the dense layer,
-lm_head, one embedding row), the KDA states read and written, and the latent cache of the context.
+lm_head, one embedding row), the KDA states read and written, and the latent cache of the context
+(`benchmarks/decode_floor.py` counts them, per category: `profile_decode.py` prints each beside its time).
 Prints each TPOT beside its floor and the hybrid / all-MLA ratio; writes JSON to $OUT if set.
 """
 
@@ -28,7 +29,6 @@ import copy
 import gc
 import json
 import os
-import re
 import statistics
 import tempfile
 import time
@@ -36,6 +36,7 @@ import time
 import torch
 
 from benchmarks.common import copy_bandwidth, wall_ms, write_report
+from benchmarks.decode_floor import step_bytes
 from kimi_linear import LLM, SamplingParams
 from kimi_linear.tools.presets import preset_config
 
@@ -71,27 +72,6 @@ class Timer:
             b.synchronize()
             return a.elapsed_time(b)
         return wall_ms(fn)
-
-
-# ---------------------------------------------------------------- bytes one decode step must move
-def step_bytes(model, context: int, kv_cache_dtype: torch.dtype | None = None) -> dict:
-    """Bytes one batch-1 decode step moves, in the parameters' own dtypes (FP8 weights count 1 byte, their
-    fp32 scales 4) and the latent cache's (`kv_cache_dtype`, default the model dtype)."""
-    cfg = model.config
-    weights = 0
-    for name, p in model.named_parameters():
-        b = p.numel() * p.element_size()
-        if re.search(r"experts\.(w13|w2)_weight(_scale|_scale_inv)?$", name):
-            b = b * cfg.num_experts_per_token // cfg.num_experts  # only the routed experts are read
-        elif name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
-            b = p.shape[1] * p.element_size()  # one row
-        weights += b
-    H, K, W = cfg.kda_num_heads, cfg.kda_head_dim, cfg.conv_kernel_size
-    item = model.dtype.itemsize
-    kda = len(cfg.kda_layers) * 2 * (H * K * K * 4 + (W - 1) * 3 * H * K * item)
-    kv_item = (kv_cache_dtype or model.dtype).itemsize
-    latent = len(cfg.mla_layers) * cfg.kv_cache_dim * kv_item * (context + 1)  # read the context, write one
-    return {"weights": weights, "kda_state": kda, "latent": latent, "total": weights + kda + latent}
 
 
 # ---------------------------------------------------------------- one context
