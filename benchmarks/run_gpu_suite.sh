@@ -3,7 +3,7 @@
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
 # parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic synthetic_probe demo soak train_tests train fp8 fp8_tests
-#   fp8_tiles profile profile_fp8 long_ctx
+#   fp8_tiles profile profile_fp8 long_ctx prefill
 #   (default: tests kda_decode engine)
 # train_tests (<= 50 s): the training kernels compiled against their references
 # train (<= 540 s): benchmarks.train, ours vs transformers + fla at 1b-4k, 1b-32k with checkpointing in both,
@@ -47,6 +47,12 @@ for part in $parts; do
         --warmup 1 --timeout-per-impl "${TRAIN_TIMEOUT_PER_IMPL:-300}" --out "$OUT/train.json" 2>&1 | grep -v Warning | tail -60 ;;
     # long_ctx (<= 400 s): 1M-context decode, hybrid vs all-MLA, each at the largest batch its cache holds
     long_ctx) timeout 400 python3 -m benchmarks.long_context_throughput --json "$OUT/long_context_throughput.json" 2>&1 | tail -12 ;;
+    # prefill (<= 400 s): batch-1 prefill (TTFT, max_tokens=1) of 32K, 128K, 1M random tokens, 48b-a3b (256 experts),
+    #   dummy bf16, 16K-token chunks, MFU by metrics.forward_flops (0.258 / 1.955 / 84.6 PFLOP) vs the 989 TFLOP/s
+    #   peak and an 8192^3 bf16 matmul timed in the run. Expected on the H200 at ~315 TFLOP/s (the MLA prefill
+    #   kernel's rate; 128K took 6.1 s before): build + warm-up ~60-90 s, 32K ~0.8 s, 128K ~6 s, 1M ~270 s (108 s
+    #   at 100% of 780 TFLOP/s); ~370 s in all. The JSON is written after each context: a cut run keeps 32K, 128K.
+    prefill) timeout 400 python3 -m benchmarks.prefill --json "$OUT/prefill.json" 2>&1 | tail -12 ;;
     fp8_tiles) timeout 150 python3 -m benchmarks.fp8_tiles --out "$OUT/fp8_tiles.json" --budget-s 115 2>&1 | tail -14 ;;
     profile_fp8) for q in fp8 bf16; do [ $q = fp8 ] && a="--quantization fp8" || a=""
         timeout 150 python3 -m benchmarks.profile_decode --preset 48b-a3b --context 4096 --top 28 $a \

@@ -1,12 +1,17 @@
 """Training metrics: FLOPs per token and MFU, peak memory, and the OUT/metrics.jsonl writer.
 
-FLOPs per trained token = 3 x forward FLOPs (backward ~ 2 x forward), forward =
-- 2 x the active matmul parameters: every weight matrix of the decoder and lm_head (the embedding is a
-  lookup), the routed experts counted k / E (each token visits k of E), the shared experts fully;
-- MLA: QK^T and AV, 2 x H x (qk_head_dim + v_head_dim) x the mean causal context, taken as seq_len / 2
-  (an upper bound for packed documents shorter than a row);
-- KDA: per token and head the recurrent form's three K x V products (q S, k S, k v^T): 6 x H x K x V,
-  plus the depthwise short conv 2 x 3C x W.
+`forward_flops` owns the FLOP count of one forward pass over a causal sequence of N tokens (the training
+count and `benchmarks/prefill.py` both call it):
+- matmuls: 2 x the active matmul parameters per token: every weight matrix of the decoder (attention
+  projections, router, the dense MLP, the routed experts counted k / E since each token visits k of E, the
+  shared experts fully), the embedding excluded (a lookup); lm_head (vocab x hidden) only for the tokens
+  whose logits are computed (every token in training, the last one in a prefill);
+- MLA, per layer: QK^T and PV over the causal half, 2 x H x Dqk x N^2 / 2 + 2 x H x Dv x N^2 / 2 =
+  H x (qk_head_dim + v_head_dim) x N^2 (the mean causal context taken as N / 2; an upper bound for packed
+  documents shorter than a row);
+- KDA, per layer and token: the recurrent form's three K x V products per head (q S, k S, k v^T):
+  6 x H x K x V, plus the depthwise short conv over q, k, v: 2 x 3C x W (C = H x K, W taps).
+FLOPs per trained token = 3 x forward FLOPs / N (backward ~ 2 x forward), `flops_per_token`.
 MFU = tokens/s x FLOPs per token / (processes x peak FLOP/s of one device); the bf16 dense peak is known
 for a few GPUs (`PEAK_TFLOPS`, by device name) and None elsewhere (the CPU), where MFU is not reported.
 """
@@ -43,17 +48,32 @@ def active_matmul_params(config) -> float:
     return total
 
 
-def flops_per_token(config, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token of a row of `seq_len` tokens."""
-    fwd = 2 * active_matmul_params(config)
-    ctx = seq_len / 2
+def forward_flops_parts(config, num_tokens: int, num_logit_tokens: int | None = None) -> dict[str, float]:
+    """Forward FLOPs of one causal sequence of `num_tokens` tokens by part (module docstring): "matmul",
+    "mla_attention", "kda", and their "total". `num_logit_tokens`: the tokens that go through lm_head
+    (default: all of them; a prefill computes the last token's logits only: 1)."""
+    N = num_tokens
+    lm_head = float(config.vocab_size * config.hidden_size)
+    n_logits = N if num_logit_tokens is None else num_logit_tokens
+    matmul = 2 * (active_matmul_params(config) - lm_head) * N + 2 * lm_head * n_logits
+    mla = kda = 0.0
     for kind in config.layer_types:
-        if kind == "mla":
-            fwd += 2 * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * ctx
+        if kind == "mla":  # QK^T + PV over the causal half: 2 H (Dqk + Dv) N^2 / 2
+            mla += config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * N * N
         else:
             H, K = config.kda_num_heads, config.kda_head_dim
-            fwd += 6 * H * K * K + 2 * 3 * config.kda_dim * config.conv_kernel_size
-    return 3 * fwd
+            kda += (6 * H * K * K + 2 * 3 * config.kda_dim * config.conv_kernel_size) * N
+    return {"matmul": matmul, "mla_attention": mla, "kda": kda, "total": matmul + mla + kda}
+
+
+def forward_flops(config, num_tokens: int, num_logit_tokens: int | None = None) -> float:
+    """Forward FLOPs of one causal sequence of `num_tokens` tokens (`forward_flops_parts`' total)."""
+    return forward_flops_parts(config, num_tokens, num_logit_tokens)["total"]
+
+
+def flops_per_token(config, seq_len: int) -> float:
+    """Training FLOPs (forward + backward = 3 x forward) per token of a row of `seq_len` tokens."""
+    return 3 * forward_flops(config, seq_len) / seq_len
 
 
 def peak_flops(device: torch.device) -> float | None:
