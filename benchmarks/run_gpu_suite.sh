@@ -3,7 +3,7 @@
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
 # parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic synthetic_probe demo soak train_tests train fp8 fp8_tests
-#   fp8_tiles profile profile_fp8 long_ctx prefill
+#   fp8_tiles profile profile_fp8 long_ctx prefill tc_save tc_restore
 #   (default: tests kda_decode engine)
 # train_tests (<= 50 s): the training kernels compiled against their references
 # train (<= 540 s): benchmarks.train, ours vs transformers + fla at 1b-4k, 1b-32k with checkpointing in both,
@@ -57,6 +57,13 @@ for part in $parts; do
     profile_fp8) for q in fp8 bf16; do [ $q = fp8 ] && a="--quantization fp8" || a=""
         timeout 150 python3 -m benchmarks.profile_decode --preset 48b-a3b --context 4096 --top 28 $a \
           --json "$OUT/profile_$q.json" 2>&1 | sed -n '/=== graph/,$p'; done ;;
+    # the Triton cache (fla's autotuning is ~4 min of a first call): tc_save writes TRITON_CACHE_DIR into $OUT as
+    # parts of <= 15 MiB (the device returns files of at most 16 MiB); copy them into .tc/ (git-ignored) and carry
+    # it, then tc_restore (first in the next call's parts) unpacks them
+    tc_save) tar czf - -C "$(dirname "${TRITON_CACHE_DIR:-/tmp/tc}")" "$(basename "${TRITON_CACHE_DIR:-/tmp/tc}")" \
+        | split -b 15M - "$OUT/tc.tgz.part-" && ls -la "$OUT"/tc.tgz.part-* ;;
+    tc_restore) if ls .tc/tc.tgz.part-* >/dev/null 2>&1; then mkdir -p "$(dirname "${TRITON_CACHE_DIR:-/tmp/tc}")"
+        cat .tc/tc.tgz.part-* | tar xzf - -C "$(dirname "${TRITON_CACHE_DIR:-/tmp/tc}")" && echo restored; else echo "no .tc/"; fi ;;
     *) echo "unknown part $part" ;;
   esac
 done
