@@ -35,7 +35,8 @@ from kimi_linear.engine.config import EngineConfig
 from kimi_linear.engine.cuda_graph import DecodeRunner
 from kimi_linear.engine.input_batch import BatchInputs, build_batch
 from kimi_linear.engine.memory import PROMPT_LOGPROB_ROWS, CacheSizing, cpu_sizing, cuda_sizing
-from kimi_linear.engine.sampler import Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs, to_device
+from kimi_linear.engine.sampler import (Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs, to_device,
+                                       upload)
 from kimi_linear.engine.scheduler import SchedulerOutput
 from kimi_linear.errors import ConfigError
 from kimi_linear.models import ForwardContext, KimiLinearForCausalLM
@@ -255,7 +256,7 @@ class ModelRunner:
         dev = self.device
 
         def t(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+            return to_device(values, dtype, dev)  # pinned: a pageable copy may wait for the step in flight
 
         state_indices = t(batch.state_indices, torch.int32)
         max_seq_len = max(batch.seq_lens)
@@ -294,19 +295,20 @@ class ModelRunner:
         return out
 
     def _fill_bitmask(self, requests: list) -> torch.Tensor | None:
-        """Token bitmask [R, ceil(V / 32)] int32 of the sampled rows, or None when no row has a grammar."""
+        """Token bitmask [R, ceil(V / 32)] int32 of the sampled rows on the device, or None when no row has a
+        grammar. The matchers fill a cached host buffer; the step gets its own device copy (`upload`), so the
+        next step may refill the buffer while this one's copy is still queued behind the step in flight."""
         if all(r.matcher is None for r in requests):
             return None
         if self._bitmask is None:
             V = self.model_config.vocab_size
-            self._bitmask = torch.empty(self.max_num_seqs, (V + 31) // 32, dtype=torch.int32,
-                                        pin_memory=self.device.type == "cuda")
+            self._bitmask = torch.empty(self.max_num_seqs, (V + 31) // 32, dtype=torch.int32)
         bitmask = self._bitmask[:len(requests)]
         bitmask.fill_(-1)
         for i, r in enumerate(requests):
             if r.matcher is not None:
                 r.matcher.fill_bitmask(bitmask, i)
-        return bitmask
+        return upload(bitmask, self.device)
 
     @torch.no_grad()
     def sample_async(self, logits: torch.Tensor, requests: list) -> PendingSample:
@@ -338,7 +340,10 @@ class ModelRunner:
         return self.launch(out).result()
 
     def release(self) -> None:
-        """Drop the graphs, cache and model so that their device memory can be freed."""
+        """Drop the graphs, cache and model so that their device memory can be freed. Waits for the device
+        first: with async scheduling a step is still in flight after `LLMEngine.step()` returns."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.decode.release()
         self.decode = None
         self.cache = None

@@ -19,6 +19,16 @@ from __future__ import annotations
 import torch
 
 
+def _indices(ids, device: torch.device) -> torch.Tensor:
+    """Slot / snapshot ids as an int64 tensor on `device`. A host list goes through fresh pinned memory and an
+    asynchronous copy on CUDA: a blocking (or pageable) copy would wait for the step in flight (async
+    scheduling); the caching host allocator keeps the pinned tensor until the copy has run."""
+    if isinstance(ids, torch.Tensor):
+        return ids.to(device, torch.long)
+    pin = device.type == "cuda"
+    return torch.tensor(list(ids), dtype=torch.long, pin_memory=pin).to(device, non_blocking=pin)
+
+
 class ModelCache:
     def __init__(self, specs: list, num_blocks: int, block_size: int, num_slots: int,
                  device: torch.device | str):
@@ -64,11 +74,9 @@ class ModelCache:
     # ------------------------------------------------------------------ slots
     def reset_slots(self, slots: torch.Tensor | list[int]) -> None:
         """Zero the states of `slots` so that new sequences start from an empty state."""
-        if not isinstance(slots, torch.Tensor):
-            slots = torch.tensor(slots, dtype=torch.long)
+        slots = _indices(slots, self.device)
         if slots.numel() == 0:
             return
-        slots = slots.to(self.device, torch.long)
         for t in self.slot_tensors():
             t.index_fill_(0, slots, 0)
 
@@ -97,9 +105,7 @@ class SlotSnapshots:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def _index(self, ids) -> torch.Tensor:
-        if isinstance(ids, torch.Tensor):
-            return ids.to(self.cache.device, torch.long)
-        return torch.tensor(ids, dtype=torch.long).to(self.cache.device, non_blocking=True)
+        return _indices(ids, self.cache.device)
 
     def save(self, slots, snapshot_ids) -> None:
         """snapshot_ids[i] <- slots[i] for every slot tensor."""

@@ -207,3 +207,85 @@ def test_structured_output_falls_back_and_agrees(llms):
     res = generate_both(llms, ps, params)
     assert_same(res)
     assert res["async"][0][0].outputs[0].finish_reason == "stop"
+
+
+# --------------------------------------------------------------------------- host buffers vs queued copies
+# On CUDA the host runs a step ahead of the device, so a copy from host memory may still be queued when the
+# host prepares the next step. These CPU tests check the buffer discipline with fake events.
+
+class _CopyEvent:
+    """A fake CUDA event after the asynchronous copy from `host`: the copy reads `host` only when the device
+    gets to it, which is at the latest when `synchronize()` returns; until then `host` must not change."""
+
+    def __init__(self, host: torch.Tensor):
+        self.host, self.pending, self.expected = host, False, None
+
+    def record(self):
+        assert not self.pending, "a new copy from the host buffer before the previous one was waited for"
+        self.pending, self.expected = True, self.host.clone()
+
+    def synchronize(self):
+        if self.pending:
+            assert torch.equal(self.host, self.expected), "host buffer rewritten while its copy was queued"
+        self.pending = False
+
+
+def test_decode_host_buffer_waits_for_its_copy():
+    from kimi_linear.engine.cuda_graph import ROW_INPUT_IDS, DecodeRunner
+
+    dr = DecodeRunner(None, None, None, max_batch=4, max_seq_len=32, device=torch.device("cpu"))
+    dr._copied = _CopyEvent(dr.host)
+    dr.load([5, 6], [0, 1], [3, 9], [4, 10])
+    dr.load([7, 8, 9], [0, 1, 2], [4, 10, 17], [5, 11, 2])  # waits for the first copy before rewriting
+    assert dr.packed[ROW_INPUT_IDS, :3].tolist() == [7, 8, 9]
+    dr.host[0, 0] = 1  # a write without waiting is what the fake catches
+    with pytest.raises(AssertionError, match="rewritten"):
+        dr._copied.synchronize()
+
+
+def test_readback_waits_for_its_event():
+    from types import SimpleNamespace
+
+    from kimi_linear.engine.model_runner import PendingSample
+    from kimi_linear.engine.sampler import SamplerOutput
+
+    reqs = [SimpleNamespace(request_id=r, sampling_params=SimpleNamespace(logprobs=None)) for r in "ab"]
+    so = SamplerOutput(token_ids=torch.tensor([3, 4]), logprobs=torch.tensor([-0.5, -1.0]))
+    ps = PendingSample(reqs, so, torch.tensor([True, False]), torch.device("cpu"))
+    waited = []
+    ps._event = SimpleNamespace(synchronize=lambda: waited.append(True))
+    ints = ps._ints
+
+    class Guarded:  # the pinned destination: readable only after the event
+        def tolist(self):
+            assert waited, "read the pinned readback before its event completed"
+            return ints.tolist()
+
+    ps._ints = Guarded()
+    res = ps.results()
+    assert [res[r].token_id for r in "ab"] == [3, 4] and [res[r].is_finite for r in "ab"] == [True, False]
+    assert ps.results() is res and waited == [True]  # read once, kept
+
+
+def test_bitmask_buffer_refill_never_reaches_a_queued_step():
+    """The grammar bitmask of step t+1 is filled on the host while step t's may still be queued: each step
+    gets its own device copy of the cached host buffer."""
+    from types import SimpleNamespace
+
+    from kimi_linear.engine.model_runner import ModelRunner
+
+    class Matcher:
+        def __init__(self, word):
+            self.word = word
+
+        def fill_bitmask(self, bitmask, i):
+            bitmask[i] = self.word
+
+    runner = SimpleNamespace(_bitmask=None, max_num_seqs=3, device=torch.device("cpu"),
+                             model_config=SimpleNamespace(vocab_size=70))
+    first = ModelRunner._fill_bitmask(runner, [SimpleNamespace(matcher=Matcher(5)), SimpleNamespace(matcher=None)])
+    assert first.tolist() == [[5] * 3, [-1] * 3]
+    second = ModelRunner._fill_bitmask(runner, [SimpleNamespace(matcher=Matcher(9))])
+    assert second.tolist() == [[9] * 3]
+    assert first.tolist() == [[5] * 3, [-1] * 3]  # the refill did not change the earlier step's mask
+    assert first.data_ptr() != runner._bitmask.data_ptr()
