@@ -20,3 +20,14 @@ def assert_close(name: str, ref: torch.Tensor, got: torch.Tensor, tol: float) ->
     e = rel_err(ref, got)
     m = (got.double() - ref.double()).abs().max().item()
     assert e <= tol, f"{name}: relative error {e:.3e} > {tol:.1e} (max abs diff {m:.3e})"
+
+
+def fp8_experts(E, D, I, block, device):
+    """Random expert stacks (w13 [E, 2I, D], w2 [E, D, I]) quantized per expert to FP8: (q13, s13, q2, s2)."""
+    from kimi_linear.ops.quant import quantize_fp8
+
+    w13 = torch.randn(E, 2 * I, D, device=device) / D**0.5
+    w2 = torch.randn(E, D, I, device=device) / I**0.5
+    q13, s13 = zip(*(quantize_fp8(w13[e], block) for e in range(E)))
+    q2, s2 = zip(*(quantize_fp8(w2[e], block) for e in range(E)))
+    return torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)

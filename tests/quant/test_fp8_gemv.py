@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, fp8_experts
 
 import kimi_linear.ops.quant.fp8_gemm as fp8_gemm_module
 from kimi_linear.errors import MoEError
@@ -97,14 +97,6 @@ def test_fp8_gemm_dispatch(device, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------- MoE
-def _fp8_experts(E, D, I, block, device):
-    w13 = torch.randn(E, 2 * I, D, device=device) / D**0.5
-    w2 = torch.randn(E, D, I, device=device) / I**0.5
-    q13, s13 = zip(*(quantize_fp8(w13[e], block) for e in range(E)))
-    q2, s2 = zip(*(quantize_fp8(w2[e], block) for e in range(E)))
-    return torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
-
-
 MOE_TILES = {"rule": None, "split": MoEGemvTiles((16, 32, 2, 4, 2), (16, 16, 3, 4, 2)),
              "nosplit": MoEGemvTiles((32, 32, 1, 4, 2), (8, 32, 1, 4, 2))}
 
@@ -114,7 +106,7 @@ MOE_TILES = {"rule": None, "split": MoEGemvTiles((16, 32, 2, 4, 2), (16, 16, 3, 
 @pytest.mark.parametrize("block", [None, (16, 32)], ids=["channel", "block16x32"])
 def test_fused_moe_gemv_matches_dequantized(device, poison_empty, N, k, tiles, block):
     E, D, I = 6, 80, 48  # D, I not multiples of the 32-wide K tiles: ragged K in both GEMVs
-    q13, s13, q2, s2 = _fp8_experts(E, D, I, block, device)
+    q13, s13, q2, s2 = fp8_experts(E, D, I, block, device)
     x = torch.randn(N, D, device=device).to(torch.bfloat16)
     ids = torch.rand(N, E, device=device).argsort(dim=1)[:, :k]
     if k > 1:
@@ -136,7 +128,7 @@ def test_fused_moe_gemv_matches_dequantized(device, poison_empty, N, k, tiles, b
 
 
 def test_fused_moe_gemv_arguments(device):
-    q13, s13, q2, s2 = _fp8_experts(4, 64, 32, None, device)
+    q13, s13, q2, s2 = fp8_experts(4, 64, 32, None, device)
     x = torch.randn(1, 64, device=device).to(torch.bfloat16)
     ids, tw = torch.tensor([[0, 2]], device=device), torch.rand(1, 2, device=device)
     kw = dict(w13_scale=s13, w2_scale=s2)

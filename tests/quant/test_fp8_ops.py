@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, fp8_experts
 
 from kimi_linear.ops.moe import naive_moe_experts
 from kimi_linear.ops.moe.fused_moe import fused_moe
@@ -45,20 +45,12 @@ def test_fp8_gemm_matches_dequantized(device, poison_empty, M, block, dtype):
     assert_close(f"fp8_gemm M={M}", ref, got, 1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def _fp8_experts(E, D, I, block, device):
-    w13 = torch.randn(E, 2 * I, D, device=device) / D**0.5
-    w2 = torch.randn(E, D, I, device=device) / I**0.5
-    q13, s13 = zip(*(quantize_fp8(w13[e], block) for e in range(E)))
-    q2, s2 = zip(*(quantize_fp8(w2[e], block) for e in range(E)))
-    return torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
-
-
 @pytest.mark.parametrize("N,act_fp8", [(1, None), (2, None), (40, None), (40, False), (3, True)],
                          ids=["direct", "direct2", "sorted-a8", "sorted-w8a16", "direct-a8"])
 @pytest.mark.parametrize("block", [None, (32, 32)], ids=["channel", "block32"])
 def test_fused_moe_fp8_matches_dequantized(device, poison_empty, N, act_fp8, block):
     E, D, I, k = 8, 64, 32, 2
-    q13, s13, q2, s2 = _fp8_experts(E, D, I, block, device)
+    q13, s13, q2, s2 = fp8_experts(E, D, I, block, device)
     x = torch.randn(N, D, device=device).to(torch.bfloat16)
     ids = torch.rand(N, E, device=device).argsort(dim=1)[:, :k]
     tw = torch.rand(N, k, device=device) + 0.1
@@ -93,7 +85,7 @@ def _a8_reference(x, w13, w2, tw, ids):
 
 
 def test_fused_moe_fp8_rejects_bad_scales(device):
-    q13, s13, q2, s2 = _fp8_experts(4, 64, 32, None, device)
+    q13, s13, q2, s2 = fp8_experts(4, 64, 32, None, device)
     x = torch.randn(1, 64, device=device).to(torch.bfloat16)
     ids, tw = torch.zeros(1, 1, dtype=torch.long, device=device), torch.ones(1, 1, device=device)
     with pytest.raises(ValueError, match="w13_scale"):
@@ -125,7 +117,7 @@ def test_explicit_tiles_give_the_same_results(device):
     q, s = quantize_fp8(torch.randn(N, K, device=device) / K**0.5)
     x = torch.randn(1, K, device=device)
     assert_close("fp8_gemm with explicit tiles", fp8_gemm(x, q, s), fp8_gemm(x, q, s, tiles=(16, 32, 64, 4, 2)), 1e-6)
-    q13, s13, q2, s2 = _fp8_experts(4, 64, 32, None, device)
+    q13, s13, q2, s2 = fp8_experts(4, 64, 32, None, device)
     xm = torch.randn(1, 64, device=device).to(torch.bfloat16)
     ids, tw = torch.tensor([[0, 2]], device=device), torch.rand(1, 2, device=device)
     base = fused_moe(xm, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2)

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.errors import MoEError
-from kimi_linear.ops.moe.fused_moe_gemv import MoEGemvTiles, moe_gemv_pairs
+from kimi_linear.ops.moe.fused_moe_gemv import MoEGemvTiles, moe_gemv_pairs, scale_tile_k
 from kimi_linear.ops.quant.naive import quantize_per_token
 
 SINGLE_PROGRAM_MAX_PAIRS = 4096
@@ -338,17 +338,6 @@ def _fp8_launch(w_fp8: bool, a_fp8: bool, block: tuple[int, int] | None) -> dict
     return dict(W_FP8=True, A_FP8=a_fp8, BLOCK_SCALE=block is not None, SBN=sbn, SBK=sbk)
 
 
-def _scale_tile_k(bk: int, block: tuple[int, int] | None) -> int:
-    """BLOCK_K shrunk (halving) until it divides the scale block width, so a K tile never straddles two."""
-    if block is None:
-        return bk
-    while bk > 16 and (bk > block[1] or block[1] % bk):
-        bk //= 2
-    if block[1] % bk:
-        raise MoEError(f"fused_moe: the scale block width {block[1]} must be a multiple of 16")
-    return bk
-
-
 def _per_token_fp8(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """a [R, K] -> (fp8 [R, K], fp32 scale [R]): `ops.quant.quantize_per_token` (torch ops, no host sync)."""
     q, scale = quantize_per_token(a)
@@ -487,7 +476,7 @@ def _launch(x, w13, w2, topk_weights, topk_ids, t: MoETiles, direct: bool, N, D,
         x_in, xs = _per_token_fp8(x)
     h = torch.empty(R, I, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = t.up
-    bk = _scale_tile_k(bk, block)
+    bk = scale_tile_k(bk, block)
     s13 = w13_scale if w_fp8 else x
     _moe_up_kernel[(num_m * triton.cdiv(I, bn),)](
         x_in, w13, h, sorted_pairs, start, count, topk_ids, s13, xs, s13.stride(0) if w_fp8 else 0,
@@ -500,7 +489,7 @@ def _launch(x, w13, w2, topk_weights, topk_ids, t: MoETiles, direct: bool, N, D,
         h_in, hs = _per_token_fp8(h)
     y = torch.empty(P, D, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = t.down
-    bk = _scale_tile_k(bk, block)
+    bk = scale_tile_k(bk, block)
     s2 = w2_scale if w_fp8 else x
     _moe_down_kernel[(num_m * triton.cdiv(D, bn),)](
         h_in, w2, y, sorted_pairs, start, count, topk_ids, s2, hs, s2.stride(0) if w_fp8 else 0,

@@ -155,8 +155,9 @@ def _k_split(K: int, bk: int, split: int) -> tuple[int, int]:
     return k_split, triton.cdiv(K, k_split)
 
 
-def _block_k(bk: int, block: tuple[int, int] | None) -> int:
-    """BLOCK_K halved until it divides the scale block width (a K tile never straddles two scale blocks)."""
+def scale_tile_k(bk: int, block: tuple[int, int] | None) -> int:
+    """BLOCK_K halved until it divides the scale block width (a K tile never straddles two scale blocks); the
+    MMA kernels of `fused_moe.py` use it too."""
     if block is None:
         return bk
     while bk > 16 and (bk > block[1] or block[1] % bk):
@@ -183,7 +184,7 @@ def moe_gemv_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_id
 
     h = torch.empty(P, I, dtype=x.dtype, device=dev)
     bn, bk, split, warps, stages = t.up
-    bk = _block_k(bk, block)
+    bk = scale_tile_k(bk, block)
     k_split, split = _k_split(D, bk, split)
     num_n = triton.cdiv(I, bn)
     part = torch.empty(split, 2, P, I, dtype=torch.float32, device=dev) if split > 1 else h
@@ -195,7 +196,7 @@ def moe_gemv_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_id
 
     y = torch.empty(P, D, dtype=x.dtype, device=dev)
     bn, bk, split, warps, stages = t.down
-    bk = _block_k(bk, block)
+    bk = scale_tile_k(bk, block)
     k_split, split = _k_split(I, bk, split)
     num_n = triton.cdiv(D, bn)
     part = torch.empty(split, P, D, dtype=torch.float32, device=dev) if split > 1 else y
