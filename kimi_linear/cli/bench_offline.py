@@ -2,7 +2,10 @@
 
 latency: one batch of `--batch-size` random prompts of `--input-len` tokens, `--output-len` tokens
 each (ignore_eos), repeated `--num-iters` times after warm-up; prints the mean and percentiles.
-throughput: `--num-prompts` random requests submitted at once; prints requests/s and tokens/s.
+throughput: `--num-prompts` random requests submitted at once; prints requests/s and tokens/s. With
+`--random-range-ratio r` each request's input and output lengths are drawn uniformly from [len * (1 - r),
+len * (1 + r)] (vLLM's random dataset; `bench_datasets.random_requests`, the one `bench serve` uses), e.g. the
+peers' "200 random prompts of 8000 in / 1500 out": `--num-prompts 200 --input-len 8000 --output-len 1500`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def add_parsers(bench_sub: argparse._SubParsersAction) -> None:
     thr.add_argument("--input-len", type=int, default=128)
     thr.add_argument("--output-len", type=int, default=128)
     thr.add_argument("--num-prompts", type=int, default=64)
+    thr.add_argument("--random-range-ratio", type=float, default=0.0,
+                     help="draw each request's input and output lengths uniformly in [len * (1 - r), len * (1 + r)]")
     thr.add_argument("--output-json", default=None)
     thr.set_defaults(func=run_throughput)
 
@@ -75,10 +80,20 @@ def run_latency(args: argparse.Namespace) -> int:
 def run_throughput(args: argparse.Namespace) -> int:
     from kimi_linear.sampling_params import SamplingParams
 
+    from kimi_linear.cli.bench_datasets import DatasetError, Vocab, random_requests
+
+    if not 0 <= args.random_range_ratio < 1:  # before the model loads
+        raise SystemExit(f"error: --random-range-ratio must be in [0, 1), got {args.random_range_ratio}")
     llm = _llm(args)
-    vocab = llm.llm_engine.vocab_size
-    params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
-    prompts = _prompts(args.num_prompts, args.input_len, vocab, args.seed)
+    vocab = Vocab(llm.llm_engine.vocab_size, frozenset({0}))  # id 0 left out, as in latency's prompts
+    try:
+        reqs = random_requests(vocab, args.num_prompts, args.input_len, args.output_len, args.random_range_ratio,
+                               random.Random(args.seed), as_text=False)
+    except DatasetError as e:
+        llm.shutdown()
+        raise SystemExit(f"error: {e}") from None
+    prompts = [{"prompt_token_ids": r.prompt} for r in reqs]
+    params = [SamplingParams(temperature=1.0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     dt = time.perf_counter() - t

@@ -4,6 +4,7 @@ stdin), bench latency and bench throughput; a bad flag is a clear error."""
 from __future__ import annotations
 
 import io
+import json
 import sys
 
 import pytest
@@ -50,6 +51,16 @@ def test_bench_latency_and_throughput(tiny_checkpoint, capsys):
     assert main(["bench", "throughput", str(tiny_checkpoint), "--device", "cpu", "--num-prompts", "3",
                  "--input-len", "8", "--output-len", "3"]) == 0
     assert "Throughput:" in capsys.readouterr().out
+
+
+def test_bench_throughput_random_range_ratio(tiny_checkpoint, capsys, tmp_path):
+    out = tmp_path / "t.json"
+    assert main(["bench", "throughput", str(tiny_checkpoint), "--device", "cpu", "--num-prompts", "6", "--input-len",
+                 "10", "--output-len", "4", "--random-range-ratio", "0.5", "--output-json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["num_requests"] == 6 and 6 * (5 + 2) <= r["total_num_tokens"] <= 6 * (15 + 6)
+    with pytest.raises(SystemExit, match="--random-range-ratio must be in"):
+        main(["bench", "throughput", str(tiny_checkpoint), "--device", "cpu", "--random-range-ratio", "1.5"])
 
 
 def test_bad_engine_flag_is_a_clear_error(tiny_checkpoint, capsys):
