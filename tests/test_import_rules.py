@@ -21,7 +21,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "kimi_linear"
 
 ENGINE_INTERNALS = {"scheduler", "block_pool", "state_pool", "model_runner", "memory", "cuda_graph",
-                    "input_batch", "block_table", "sampler"}
+                    "input_batch", "block_table", "sampler", "step_result", "overlap"}
 
 
 def _files(sub: str) -> list[Path]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -36,6 +35,7 @@ from kimi_linear.engine.outputs import RequestMetrics, RequestOutput, RequestSta
 from kimi_linear.engine.prefix_cache import PrefixCache
 from kimi_linear.engine.request import Request, RequestStatus
 from kimi_linear.engine.scheduler import Scheduler
+from kimi_linear.engine.stats import EngineStats
 from kimi_linear.engine.snapshot_pool import SnapshotPool
 from kimi_linear.engine.state_pool import StatePool
 from kimi_linear.engine.structured_output import StructuredOutputs
@@ -46,49 +46,6 @@ from kimi_linear.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 __all__ = ["ContextLengthError", "EngineStats", "LLMEngine", "ProcessedPrompt"]
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine's load (`LLMEngine.stats()`): request counts, MLA block and KDA slot
-    usage, and counters since start (tokens run through the model, tokens sampled, steps, preemptions);
-    the prefix cache: tokens looked up and found (vLLM's prefix_cache_queries / _hits), cached blocks
-    without an owner, and the state-snapshot pool's use."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    num_blocks_used: int = 0
-    num_blocks: int = 0
-    num_slots_used: int = 0
-    num_slots: int = 0
-    num_scheduled_tokens: int = 0  # prompt chunks + decodes (recomputed tokens after preemption included)
-    num_prompt_tokens: int = 0  # prompt tokens run through the model, counted per step (recomputation included)
-    num_generated_tokens: int = 0
-    num_steps: int = 0
-    num_preemptions: int = 0
-    num_overlapped_steps: int = 0  # async scheduling: steps launched while the previous one was in flight
-    prefix_caching: bool = False
-    prefix_cache_queries: int = 0  # tokens of admitted requests looked up in the prefix cache
-    prefix_cache_hits: int = 0  # of them, tokens found cached (not computed)
-    num_blocks_cached: int = 0  # cached MLA blocks without an owner (counted free: evicted on demand)
-    num_snapshots_used: int = 0
-    num_snapshots: int = 0
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.num_blocks_used / max(1, self.num_blocks)
-
-    @property
-    def snapshot_usage(self) -> float:
-        return self.num_snapshots_used / max(1, self.num_snapshots)
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / max(1, self.prefix_cache_queries)
-
-    @property
-    def state_slot_usage(self) -> float:
-        return self.num_slots_used / max(1, self.num_slots)
 
 
 class LLMEngine:
