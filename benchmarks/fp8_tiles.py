@@ -43,8 +43,9 @@ def _time(fn) -> float:
         return float("inf")
 
 
-def _sweep(fn, default, candidates, deadline: float) -> tuple[object, float, float, int]:
-    """(best tiles, best us, default us, candidates tried) of fn(tiles) until time.time() passes deadline."""
+def _sweep(fn, default, candidates, deadline: float, log: list | None = None) -> tuple[object, float, float, int]:
+    """(best tiles, best us, default us, candidates tried) of fn(tiles) until time.time() passes deadline;
+    `log` (when given) gets [tiles, us] of every candidate timed, so a tile rule can be fitted to the sweep."""
     t_def = _time(lambda: fn(default))
     best, t_best, tried = default, t_def, 0
     for c in candidates:
@@ -52,6 +53,8 @@ def _sweep(fn, default, candidates, deadline: float) -> tuple[object, float, flo
             break
         t = _time(lambda: fn(c))
         tried += 1
+        if log is not None:
+            log.append([list(c), round(t, 2)])
         if t < t_best:
             best, t_best = c, t
     return best, t_best, t_def, tried
@@ -105,14 +108,15 @@ def main() -> None:
         mma, t_mma, t_mma_def, _ = _sweep(lambda c: fp8_gemm(x, q, sc, tiles=c, gemv=False), _tiles(M, N),
                                           GEMM_CANDIDATES, time.time() + 0.3 * slot)
         gv_def = gemv_tiles(M, N, Kd, num_sms=sms)
+        gv_log: list = []
         gv, t_gv, t_gv_def, tried = _sweep(lambda c: fp8_gemm(x, q, sc, tiles=c, gemv=True), gv_def,
-                                           GEMV_CANDIDATES, time.time() + 0.7 * slot)
+                                           GEMV_CANDIDATES, time.time() + 0.7 * slot, gv_log)
         floor = N * Kd / bw * 1e6
         print(f"{name:<14} {N:>5} x {Kd:<5} {t_bf:7.1f} {t_mma_def:8.1f} {t_mma:8.1f} {t_gv_def:8.1f} {t_gv:9.1f} "
               f"{floor:6.1f} {floor / t_gv:6.0%} {t_bf / t_gv:6.2f}x  {gv} ({tried}, default {gv_def})", flush=True)
         rows.append(dict(name=name, N=N, K=Kd, M=M, bf16_us=t_bf, mma_default_us=t_mma_def, mma_best_us=t_mma,
                          mma_best=list(mma), gemv_default_us=t_gv_def, gemv_best_us=t_gv, gemv_best=list(gv),
-                         gemv_default=list(gv_def), floor_us=floor))
+                         gemv_default=list(gv_def), floor_us=floor, gemv_candidates=gv_log))
         if t_mma < 0.97 * t_mma_def:
             winners["fp8_gemm"][f"{N}x{Kd}"] = list(mma)
         if t_gv < 0.97 * t_gv_def:
