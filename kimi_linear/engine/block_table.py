@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from kimi_linear.engine.request import Request
+from kimi_linear.models.cache import to_device
 
 
 class BlockTable:
@@ -36,10 +37,7 @@ class BlockTable:
                 if len(ids) > self.max_blocks_per_seq:
                     raise RuntimeError(f"{req.request_id}: {len(ids)} blocks exceed the block table width "
                                        f"{self.max_blocks_per_seq}")
-                new = torch.tensor(ids[k:], dtype=torch.int32)
-                if self.table.is_cuda:  # pinned + async: a pageable copy would wait for the step in flight
-                    new = new.pin_memory()
-                self.table[s, k:len(ids)].copy_(new, non_blocking=True)
+                self.table[s, k:len(ids)] = to_device(ids[k:], torch.int32, self.table.device)
                 self._synced[s] = len(ids)
 
     def rows(self, state_indices: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:

@@ -34,12 +34,12 @@ from kimi_linear.engine.config import EngineConfig
 from kimi_linear.engine.cuda_graph import DecodeRunner
 from kimi_linear.engine.input_batch import BatchInputs, build_batch
 from kimi_linear.engine.memory import PROMPT_LOGPROB_ROWS, CacheSizing, cpu_sizing, cuda_sizing
-from kimi_linear.engine.sampler import Sampler, SamplingBatch, compute_prompt_logprobs, to_device, upload
+from kimi_linear.engine.sampler import Sampler, SamplingBatch, compute_prompt_logprobs, upload
 from kimi_linear.engine.scheduler import SchedulerOutput
 from kimi_linear.engine.step_result import LaunchedStep, PendingSample, PromptLogprobRow, SampleResult, StepResult
 from kimi_linear.errors import ConfigError
 from kimi_linear.models import ForwardContext, KimiLinearForCausalLM
-from kimi_linear.models.cache import SlotSnapshots
+from kimi_linear.models.cache import SlotSnapshots, to_device
 
 logger = logging.getLogger(__name__)
 

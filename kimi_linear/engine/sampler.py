@@ -25,6 +25,7 @@ import torch
 
 from kimi_linear.engine.request import ids_to_mask
 from kimi_linear.errors import ValidationError
+from kimi_linear.models.cache import to_device
 from kimi_linear.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -122,16 +123,6 @@ class SamplingBatch:
                     allowed[i, _i64(p.allowed_token_ids, device)] = True
             batch.allowed = allowed
         return batch
-
-
-def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
-    """A host list as a tensor on `device` without waiting for the device: on CUDA through pinned memory and an
-    asynchronous copy (a plain `torch.tensor(..., device=cuda)` synchronizes the stream, which would stall
-    async scheduling until the step in flight is done)."""
-    t = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def upload(t: torch.Tensor, device) -> torch.Tensor:

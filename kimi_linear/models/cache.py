@@ -19,14 +19,21 @@ from __future__ import annotations
 import torch
 
 
+def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """Host values (a list, or a tensor already anywhere) as a `dtype` tensor on `device`, without waiting for
+    the device: a host list goes through fresh pinned memory and an asynchronous copy on CUDA (a blocking or
+    pageable copy would wait for the step in flight under async scheduling; the caching host allocator keeps
+    the pinned tensor until the copy has run). The one owner of that rule: the engine's sampler, runner and
+    block table use it too."""
+    if isinstance(values, torch.Tensor):
+        return values.to(device, dtype)
+    pin = torch.device(device).type == "cuda"
+    return torch.tensor(list(values), dtype=dtype, pin_memory=pin).to(device, non_blocking=pin)
+
+
 def _indices(ids, device: torch.device) -> torch.Tensor:
-    """Slot / snapshot ids as an int64 tensor on `device`. A host list goes through fresh pinned memory and an
-    asynchronous copy on CUDA: a blocking (or pageable) copy would wait for the step in flight (async
-    scheduling); the caching host allocator keeps the pinned tensor until the copy has run."""
-    if isinstance(ids, torch.Tensor):
-        return ids.to(device, torch.long)
-    pin = device.type == "cuda"
-    return torch.tensor(list(ids), dtype=torch.long, pin_memory=pin).to(device, non_blocking=pin)
+    """Slot / snapshot ids as an int64 tensor on `device` (`to_device`)."""
+    return to_device(ids, torch.long, device)
 
 
 class ModelCache:

@@ -197,7 +197,6 @@ def test_host_token_batches_fall_back_and_agree(llms):
 
 def test_structured_output_falls_back_and_agrees(llms):
     """A grammar must accept each token before the next bitmask: its steps run one at a time, same tokens."""
-    pytest.importorskip("xgrammar")
     from kimi_linear.sampling_params import StructuredOutputsParams
 
     ps = prompts(llms["sync"].llm_engine.vocab_size, [4, 6], seed=7)

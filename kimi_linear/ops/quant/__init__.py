@@ -41,7 +41,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     if not use_triton(x) or needs_grad(x):
         return naive_fp8_linear(x, w, scale, block)
     from kimi_linear.ops.quant.fallback import first_try
-    from kimi_linear.ops.quant.fp8_gemm import fp8_gemm
+    from kimi_linear.ops.quant.fp8_gemm import fp8_gemm, use_gemv
 
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -52,8 +52,6 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         if scaled_mm.supported(x2, w):
             return first_try("scaled_mm", lambda: scaled_mm.scaled_mm_linear(x2, w, scale),
                              lambda: fp8_gemm(x2, w, scale, block)).view(out)
-    from kimi_linear.ops.quant.fp8_gemm import use_gemv
-
     def triton_path():
         if use_gemv(x2):
             return first_try("fp8_gemv", lambda: fp8_gemm(x2, w, scale, block, gemv=True),
