@@ -42,7 +42,7 @@ def test_conv_varlen_no_silu_and_bf16():
     assert causal_conv1d_varlen(x, w, cu).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("lengths", [[6, 1, 11], [4]])
+@pytest.mark.parametrize("lengths", [[6, 1, 11], [4], [5, 5, 5], [3, 0, 3]])
 def test_mla_sdpa_matches_naive(lengths):
     H, Dn, Dr, Dv, R = 2, 8, 4, 6, 10
     T = sum(lengths)

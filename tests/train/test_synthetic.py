@@ -130,6 +130,43 @@ def test_bad_flags_name_the_flag(capsys):
     assert "--tasks" in capsys.readouterr().err
     assert main(["synthetic", "--lengths", "15"]) == 2
     assert "--lengths" in capsys.readouterr().err
+    assert main(["synthetic", "--shares", "sorting=2"]) == 2
+    assert "--shares" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["synthetic", "--shares", "mqar=-1"])
+    assert "--shares" in capsys.readouterr().err
+
+
+def test_shares_weigh_the_runs_and_balance_the_lanes():
+    from kimi_linear.train.synthetic.cli import _shares
+    from kimi_linear.train.synthetic.run import lanes, plan
+
+    shares = _shares("mqar=3,mla=0.5")
+    specs = plan(["mqar", "stack"], [32, 16], ["kda", "mla"], shares=shares)
+    assert {(s.task, s.mixer): s.share for s in specs} == {("mqar", "kda"): 3.0, ("mqar", "mla"): 1.5,
+                                                           ("stack", "kda"): 1.0, ("stack", "mla"): 0.5}
+    dealt = lanes(specs, 2)
+    assert sorted(s.key for lane in dealt for s in lane) == sorted(s.key for s in specs)
+    weights = [sum(s.share for s in lane) for lane in dealt]
+    assert abs(weights[0] - weights[1]) <= max(s.share for s in specs)  # greedy balance
+    assert len(lanes(specs, 20)) == len(specs)
+
+
+def test_a_run_gets_its_share_of_the_lane_time(tmp_path, monkeypatch):
+    """worker.main: wall_s = time left x share / the shares of the runs not yet started."""
+    import time
+
+    from kimi_linear.train.synthetic import worker
+    from kimi_linear.train.synthetic.run import plan
+
+    seen = []
+    monkeypatch.setattr("kimi_linear.train.synthetic.train_one.train_one",
+                        lambda spec, device, sink: seen.append(spec.wall_s))
+    specs = plan(["mqar", "stack"], [16], ["kda"], shares={"mqar": 3.0}, wall_s=1e9)
+    assert worker.main([json.dumps([s.to_dict() for s in specs]), str(tmp_path / "c.jsonl"),
+                        repr(time.time() + 400)]) == 0
+    # the first run took no time: what it left goes to the second
+    assert seen[0] == pytest.approx(300, abs=2) and seen[1] == pytest.approx(400, abs=2)
 
 
 @pytest.mark.parametrize("mixer", ["kda", "mla"])

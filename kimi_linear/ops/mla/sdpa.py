@@ -7,7 +7,9 @@ through kv_b_proj into per-head keys [k_nope ; k_pe] and values, then
 needs equal q and v head dims) and autograd their backward: only the output and the log-sum-exp are kept,
 never the [H, n, n] attention matrix. (3-D inputs would send every call to the fp32 math fallback, which
 materialises the scores in fp32 and saves them.) The per-document launches cost one host loop over the
-documents (their lengths are host lists already); one document is one call. A row of several documents on
+documents (their lengths are host lists already); one document is one call, and documents of one length
+(fixed-length batches packed into a row, as the synthetic tasks train) are one batched call [B, H, n, D]
+(a loop over 256 short documents made full attention 4x slower per step than KDA there). A row of several documents on
 CUDA runs on the memory-efficient backend only: cuDNN's attention builds an execution plan for every new
 sequence length (tens of ms each), and packed rows bring new document lengths at every step, which made the
 first hundred steps of a packed run several seconds each; one document per row (a fixed length) keeps torch's
@@ -42,9 +44,15 @@ def mla_prefill_sdpa(q: torch.Tensor, latent: torch.Tensor, query_lens: list[int
     k = torch.cat([kv[..., :Dn], latent[:, None, R:].to(dtype).expand(T, H, Dr)], dim=-1)
     v = kv[..., Dn:]
     qc = q.to(dtype)
+    lens = [n for n in query_lens if n]
+    if len(lens) > 1 and all(n == lens[0] for n in lens):  # one length: one batched call (a fixed shape)
+        n, B = lens[0], len(lens)
+        o = F.scaled_dot_product_attention(*(t.view(B, n, H, -1).transpose(1, 2) for t in (qc, k, v)),
+                                           is_causal=True, scale=scale)
+        return o.transpose(1, 2).reshape(T, H, v_head_dim).to(q.dtype)
     outs = []
     start = 0
-    several = sum(1 for n in query_lens if n) > 1
+    several = len(lens) > 1
     backends = (sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if several and q.is_cuda
                 else contextlib.nullcontext())
     with backends:

@@ -31,6 +31,25 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
+DEFAULT_SHARES = "mqar=2.5,mla=0.5"
+
+
+def _shares(text: str) -> dict[str, float]:
+    """`name=weight,...` (task or mixer names) -> {name: weight}."""
+    out = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not NAME=WEIGHT") from None
+        if not sep or not out[name.strip()] > 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight must be a positive number")
+    return out
+
+
 def _csv(kind):
     def parse(text: str):
         return [kind(x) for x in text.split(",") if x.strip()]
@@ -48,6 +67,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=default_workers(), help="runs at once, each its own process on "
                    "the device (0: one after another in this process; default: a quarter of the CPU cores, 1 to 4: "
                    "processes time-slice one GPU, so more runs at once only split it finer)")
+    p.add_argument("--shares", type=_shares, default=DEFAULT_SHARES, help="time weights of the runs, by task and by "
+                   "mixer (a run's weight is the product; 1 where absent): each run gets its weight's part of its "
+                   f"lane's time left (default: {DEFAULT_SHARES}: MQAR needs the most steps, 2K-20K in the report; "
+                   "full attention is the reference)")
     p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per step (sequences = this / length)")
     p.add_argument("--min-batch", type=int, default=8, help="at least this many sequences per step")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate after warm-up (default: 2e-3)")
@@ -86,6 +109,12 @@ def validate(args: argparse.Namespace) -> None:
     from kimi_linear.train.synthetic.models import MIXERS
     from kimi_linear.train.synthetic.tasks import TASKS
 
+    if isinstance(args.shares, str):  # the default, as argparse leaves it when the flag is absent
+        args.shares = _shares(args.shares)
+    bad = [k for k in args.shares if k not in TASKS and k not in MIXERS]
+    if bad:
+        raise ConfigError("--shares", f"unknown {bad}; the names are tasks ({', '.join(TASKS)}) or mixers "
+                          f"({', '.join(MIXERS)})")
     for flag, values, allowed in (("--tasks", args.tasks, TASKS), ("--mixers", args.mixers, MIXERS)):
         bad = [v for v in values if v not in allowed]
         if bad or not values:
@@ -147,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from kimi_linear.train.synthetic.run import plan, run_suite
 
-    specs = plan(args.tasks, args.lengths, args.mixers, steps=args.steps, wall_s=args.run_wall_s,
+    specs = plan(args.tasks, args.lengths, args.mixers, shares=args.shares, steps=args.steps, wall_s=args.run_wall_s,
                  batch_tokens=args.batch_tokens, min_batch=args.min_batch, lr=args.lr, warmup_steps=args.warmup_steps,
                  weight_decay=args.weight_decay,
                  eval_every=args.eval_every, eval_sequences=args.eval_sequences, target_acc=args.target_acc,

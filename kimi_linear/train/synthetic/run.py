@@ -2,10 +2,11 @@
 
 `plan(...)` lists the `RunSpec`s; `run_suite(...)` warms the Triton cache once (two steps of each linear mixer
 in one worker process, so the workers load compiled kernels instead of all compiling them at once), then
-deals the runs round-robin into `workers` lanes, one worker process each (`worker.py`: the imports and the CUDA
-context are paid once per lane, not per run), all on the one device until the suite's `budget_s` ends: a lane
-gives each of its runs an equal share of its time left (capped by the run's own `wall_s`), and a lane still
-alive `GRACE_S` after the budget is killed. Few lanes: processes time-slice one GPU (their kernels never
+deals the runs into `workers` lanes (`lanes`: each run to the lane with the least share so far, so the lanes
+carry equal weights), one worker process each (`worker.py`: the imports and the CUDA context are paid once per
+lane, not per run), all on the one device until the suite's `budget_s` ends: a lane gives each of its runs its
+`share` of the lane's time left (capped by the run's own `wall_s`), and a lane still alive `GRACE_S` after the
+budget is killed. Few lanes: processes time-slice one GPU (their kernels never
 overlap without MPS), so more runs at once only split the device finer, and each costs a CPU process. Every worker appends its evaluations to OUT/curves.jsonl as it
 measures them, so the report (`report.py`, `plot.py`) of a suite cut short shows what was measured.
 """
@@ -28,10 +29,21 @@ STARTUP_S = 20.0  # a worker's imports and CUDA context before its run's clock s
 CURVES_FILE = "curves.jsonl"
 
 
-def plan(tasks, lengths, mixers, **spec_fields) -> list[RunSpec]:
-    """One spec per (task, length, mixer), the longest lengths first (they gain most from starting early)."""
-    return [RunSpec(task=t, mixer=m, seq_len=n, **spec_fields)
+def plan(tasks, lengths, mixers, shares: dict[str, float] | None = None, **spec_fields) -> list[RunSpec]:
+    """One spec per (task, length, mixer), the longest lengths first (they gain most from starting early); a
+    run's `share` is the product of `shares`' values for its task and its mixer (1 where a name is absent)."""
+    shares = shares or {}
+    return [RunSpec(task=t, mixer=m, seq_len=n, share=shares.get(t, 1.0) * shares.get(m, 1.0), **spec_fields)
             for n in sorted(lengths, reverse=True) for t in tasks for m in mixers]
+
+
+def lanes(specs: list[RunSpec], workers: int) -> list[list[RunSpec]]:
+    """Deal `specs` (in order) into `workers` lanes: each to the lane whose shares sum least (ties: the first),
+    so every lane carries about the same weight and mixes lengths and tasks."""
+    out = [[] for _ in range(min(workers, len(specs)))]
+    for s in specs:
+        min(out, key=lambda lane: sum(x.share for x in lane)).append(s)
+    return out
 
 
 def warm_up(specs: list[RunSpec], out_dir: str, env: dict) -> None:
@@ -89,9 +101,8 @@ def run_suite(specs: list[RunSpec], out_dir: str, workers: int, budget_s: float,
     if warmup and device.startswith("cuda"):
         warm_up(specs, out_dir, env)
     deadline = time.time() + budget_s - (time.perf_counter() - start) - STARTUP_S
-    lanes = [specs[i::workers] for i in range(min(workers, len(specs)))]  # round-robin: each lane mixes lengths
     running = []
-    for lane in lanes:
+    for lane in lanes(specs, workers):
         proc = subprocess.Popen([sys.executable, "-m", "kimi_linear.train.synthetic.worker",
                                  json.dumps([s.to_dict() for s in lane]), curves, repr(deadline)], env=env)
         running.append((proc, lane))

@@ -54,6 +54,7 @@ class RunSpec:
     target_acc: float = 0.99
     seed: int = 0
     hidden_size: int = 256
+    share: float = 1.0  # this run's weight in its lane's time (worker.py), from --shares
 
     @property
     def batch(self) -> int:

@@ -1,8 +1,9 @@
 """A worker process of `kimi-linear synthetic`: `python -m kimi_linear.train.synthetic.worker SPECS_JSON CURVES [DEADLINE]`.
 
 Runs one `RunSpec` (train_one.py), or a list of them one after another (a lane of the suite: the imports and
-the CUDA context are paid once), each run getting an equal share of what is left until DEADLINE (a
-`time.time()` value; none: each its own `wall_s`), and appends each evaluation record to CURVES as one JSON line, written with a
+the CUDA context are paid once), each run getting its share of what is left until DEADLINE (a
+`time.time()` value; none: each its own `wall_s`): `spec.share` over the shares of the runs not yet started,
+so time a run leaves unused (solved early) goes to those after it, and appends each evaluation record to CURVES as one JSON line, written with a
 single `write` on a file opened for appending (so records of workers sharing the file never interleave), and
 flushed at once: a worker killed mid-run leaves every point it measured. A failure is recorded as a line with
 `"event": "error"` and its message, and the worker exits 1.
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for i, spec in enumerate(specs):
         if deadline is not None:
-            share = (deadline - time.time()) / (len(specs) - i)
+            share = (deadline - time.time()) * spec.share / sum(s.share for s in specs[i:])
             if share < 1.0:
                 break
             spec = RunSpec(**{**spec.to_dict(), "wall_s": min(spec.wall_s, share)})
