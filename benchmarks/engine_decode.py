@@ -174,7 +174,7 @@ def run_variant(base: dict, variant: str, args, timer: Timer, bandwidth: float, 
     modes = getattr(args, "modes", ("async",))  # callers without --async-scheduling: the engine's default
     t0 = time.perf_counter()
     llm = LLM(folder, device=args.device, dtype=args.dtype, load_format="dummy",
-              max_model_len=max(contexts) + args.steps + args.warmup + 8, max_num_seqs=1,
+              max_model_len=max(contexts) + (args.steps + args.warmup) * len(modes) + 8, max_num_seqs=1,
               max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, block_size=args.block_size,
               **{"async_scheduling": "async" in modes, **(engine_kwargs or {})})

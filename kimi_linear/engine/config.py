@@ -12,7 +12,8 @@ sizing), and `max_cuda_graph_batch_size` (largest captured decode batch; default
 between tokens; off, JSON comes in one line with ", " / ": " separators, a guard against models that
 loop on whitespace (vLLM's `disable_any_whitespace`, inverted).
 
-`async_scheduling` (off by default until it is measured on a GPU; `--async-scheduling` turns it on): the host schedules step t+1 and
+`async_scheduling` (on by default, `--no-async-scheduling` turns it off; on the H200 it hides the host work of a
+decode step: TPOT minus graph replay 0.26-0.36 ms off, 0.09 ms on, benchmarks/RESULTS.md): the host schedules step t+1 and
 launches it before reading step t's tokens back, and processes step t's outputs while t+1 runs
 (`engine/overlap.py`, which lists the batches that fall back to one step at a time). Independent of
 `enforce_eager` (CUDA graphs).
@@ -74,8 +75,8 @@ class EngineConfig:
     max_num_batched_tokens: int = knob(8192, "token budget of one step (prefill chunks + decodes)", size=True)
     gpu_memory_utilization: float = knob(0.9, "fraction of the GPU memory this engine may use")
     enforce_eager: bool = knob(False, "disable CUDA graphs")
-    async_scheduling: bool = knob(False, "schedule and prepare the next step while the GPU runs the current one "
-                                         "(one step in flight; same tokens; default: off until measured on a GPU)",
+    async_scheduling: bool = knob(True, "schedule and prepare the next step while the GPU runs the current one "
+                                        "(one step in flight; same tokens)",
                                   negatable=True)
     seed: int = knob(0, "global RNG seed (requests without their own seed)")
     load_format: str = knob("auto", "auto = read the weights; dummy = random weights from config.json (benchmarks)",
