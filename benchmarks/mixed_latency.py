@@ -125,7 +125,8 @@ def run_mode(engine, toggle: Toggle, mode: str, args, prompts, long_prompt, wind
     wall, cpu = [g[0] * 1e3 for g in gaps], [g[1] * 1e3 for g in gaps]
     return {"gap_p50_ms": statistics.median(wall), "gap_max_ms": max(wall), "ttft_ms": ttft[0] * 1e3,
             "gap_p50_cpu_ms": statistics.median(cpu), "ttft_cpu_ms": ttft[1] * 1e3,
-            "mixed_steps": toggle.mixed_steps, "num_gaps": len(gaps), "tokens": tokens}
+            "mixed_steps": toggle.mixed_steps, "num_gaps": len(gaps), "tokens": tokens,
+            "async_scheduling": engine.async_scheduling}
 
 
 def timed_step(engine) -> tuple[float, float]:

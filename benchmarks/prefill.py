@@ -14,7 +14,9 @@ first. Then per context N, `--repeat` times (median): one request of N random to
 greedy, max_tokens=1, fed to `LLMEngine.add_request`; the engine's scheduler chunks the prompt into
 ceil(N / C) steps. Prefill time = wall time from add_request to the step that returns the token (the step
 reads the sampled token back, so the device work is done; torch.cuda.synchronize before and after). The
-engine's counters must show N tokens computed in ceil(N / C) steps. CUDA events between the steps give
+engine's counters must show N tokens computed in ceil(N / C) steps. Async scheduling is off here: with it
+a `step()` call launches the next chunk before it returns, so the per-step clock would no longer time one
+chunk (and one request's prefill has no host work worth hiding). CUDA events between the steps give
 each chunk's time (JSON `chunk_ms`: the first includes add_request; later chunks attend over more
 keys). Triton compiles are logged per context (a compile inside a timed run would show there).
 
@@ -171,7 +173,7 @@ def build(folder: str, chunk: int, args) -> LLM:
     llm = LLM(folder, device=args.device, dtype=args.dtype, load_format="dummy",
               max_model_len=max(args.contexts) + 1, max_num_seqs=1, max_num_batched_tokens=chunk,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-              block_size=args.block_size, enable_prefix_caching=False)
+              block_size=args.block_size, enable_prefix_caching=False, async_scheduling=False)
     s = llm.llm_engine.stats()
     log(f"[chunk {chunk}] engine ready in {time.perf_counter() - t0:.1f} s: {s.num_blocks} blocks "
         f"({s.num_blocks * args.block_size} tokens), {s.num_slots} state slots")
