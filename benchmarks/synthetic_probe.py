@@ -54,7 +54,7 @@ class _Measure:
         from kimi_linear.train.synthetic.train_one import Trainer
 
         self.device = device
-        task = make_task(spec.task)
+        task = make_task(spec.task, spec.mqar_vocab)
         gen = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         self.batches = [task.generate(spec.batch, spec.seq_len, gen) for _ in range(2)]

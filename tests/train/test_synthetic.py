@@ -130,6 +130,8 @@ def test_bad_flags_name_the_flag(capsys):
     assert "--tasks" in capsys.readouterr().err
     assert main(["synthetic", "--lengths", "15"]) == 2
     assert "--lengths" in capsys.readouterr().err
+    assert main(["synthetic", "--mqar-vocab", "64"]) == 2  # 31 keys for 128 pairs at length 2048
+    assert "--mqar-vocab" in capsys.readouterr().err
     assert main(["synthetic", "--shares", "sorting=2"]) == 2
     assert "--shares" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -208,3 +210,17 @@ def test_a_lane_runs_its_specs_in_turn(tmp_path):
     assert main([json.dumps([s.to_dict() for s in specs]), str(curves), repr(time.time() + 100)]) == 0
     records = [json.loads(line) for line in open(curves)]
     assert [(r["task"], r["step"]) for r in records] == [("palindrome", 2), ("stack", 2)]
+
+
+def test_mqar_vocab_reaches_the_run(tmp_path):
+    """Zoology's vocabulary (8192) by default; --mqar-vocab (RunSpec.mqar_vocab) sets another."""
+    from kimi_linear.train.synthetic.tasks import make_task
+
+    assert MQAR().vocab_size == 8192 and make_task("mqar").vocab_size == 8192
+    assert make_task("mqar", 1024).vocab_size == 1024 and make_task("stack", 1024).vocab_size == Stack().vocab_size
+    from kimi_linear.cli.main import main
+
+    out = tmp_path / "s"
+    assert main(["synthetic", "--quick", "--tasks", "mqar", "--mixers", "gdn", "--lengths", "16", "--mqar-vocab",
+                 "256", "--out", str(out), "--curves-length", "16"]) == 0
+    assert {json.loads(line)["vocab"] for line in open(out / "curves.jsonl")} == {256}

@@ -55,6 +55,7 @@ class RunSpec:
     seed: int = 0
     hidden_size: int = 256
     share: float = 1.0  # this run's weight in its lane's time (worker.py), from --shares
+    mqar_vocab: int | None = None  # MQAR's vocabulary (None: the task's default, 8192)
 
     @property
     def batch(self) -> int:
@@ -183,11 +184,12 @@ class Trainer:
 def train_one(spec: RunSpec, device: torch.device, sink: Callable[[dict], None]) -> dict:
     """Run `spec` on `device`; call `sink(record)` after every evaluation; return the last record."""
     start = time.perf_counter()
-    task = make_task(spec.task)
+    task = make_task(spec.task, spec.mqar_vocab)
     trainer = Trainer(spec, device, task.vocab_size)
     eval_set = make_eval_set(task, spec)
     batches = batch_stream(task, spec, device)
-    base = {"task": spec.task, "mixer": spec.mixer, "seq_len": spec.seq_len, "batch": spec.batch, "lr": spec.lr}
+    base = {"task": spec.task, "mixer": spec.mixer, "seq_len": spec.seq_len, "batch": spec.batch, "lr": spec.lr,
+            "vocab": task.vocab_size}
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     num_losses = 0
     best = 0.0
