@@ -3,7 +3,7 @@
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
 # parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic synthetic_probe demo soak train_tests train fp8 fp8_tests
-#   fp8_tiles profile profile_fp8 long_ctx prefill tc_save tc_restore
+#   fp8_tiles profile profile_fp8 long_ctx prefill throughput tc_save tc_restore
 #   (default: tests kda_decode engine)
 # train_tests (<= 50 s): the training kernels compiled against their references
 # train (<= 540 s): benchmarks.train, ours vs transformers + fla at 1b-4k, 1b-32k with checkpointing in both,
@@ -53,6 +53,15 @@ for part in $parts; do
     #   kernel's rate; 128K took 6.1 s before): build + warm-up ~60-90 s, 32K ~0.8 s, 128K ~6 s, 1M ~270 s (108 s
     #   at 100% of 780 TFLOP/s); ~370 s in all. The JSON is written after each context: a cut run keeps 32K, 128K.
     prefill) timeout 400 python3 -m benchmarks.prefill --json "$OUT/prefill.json" 2>&1 | tail -12 ;;
+    # throughput (<= 560 s): the peers' published workloads on the real 256-expert shape, dummy bf16, offline
+    #   (`kimi-linear bench throughput`): SGLang's 200 random prompts of 8,000 in / 1,500 out, then 1,024 in /
+    #   1,024 out with at most 100 requests running (their concurrency-100 figure; no HTTP in between here)
+    throughput) python3 -m kimi_linear init --preset 48b-a3b --no-weights /tmp/kl-48b >/dev/null &&
+      timeout 330 python3 -m kimi_linear bench throughput /tmp/kl-48b --load-format dummy --num-prompts 200 \
+        --input-len 8000 --output-len 1500 --max-model-len 10240 --output-json "$OUT/throughput_8k.json" 2>&1 | tail -6
+      timeout 220 python3 -m kimi_linear bench throughput /tmp/kl-48b --load-format dummy --num-prompts 300 \
+        --input-len 1024 --output-len 1024 --max-num-seqs 100 --max-model-len 4096 \
+        --output-json "$OUT/throughput_1k_c100.json" 2>&1 | tail -6 ;;
     fp8_tiles) timeout 150 python3 -m benchmarks.fp8_tiles --out "$OUT/fp8_tiles.json" --budget-s 115 2>&1 | tail -14 ;;
     profile_fp8) for q in fp8 bf16; do [ $q = fp8 ] && a="--quantization fp8" || a=""
         timeout 150 python3 -m benchmarks.profile_decode --preset 48b-a3b --context 4096 --top 28 $a \
