@@ -45,16 +45,17 @@ def mla_prefill_sdpa(q: torch.Tensor, latent: torch.Tensor, query_lens: list[int
     v = kv[..., Dn:]
     qc = q.to(dtype)
     lens = [n for n in query_lens if n]
-    if len(lens) > 1 and all(n == lens[0] for n in lens):  # one length: one batched call (a fixed shape)
-        n, B = lens[0], len(lens)
-        o = F.scaled_dot_product_attention(*(t.view(B, n, H, -1).transpose(1, 2) for t in (qc, k, v)),
-                                           is_causal=True, scale=scale)
-        return o.transpose(1, 2).reshape(T, H, v_head_dim).to(q.dtype)
-    outs = []
-    start = 0
     several = len(lens) > 1
     backends = (sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if several and q.is_cuda
                 else contextlib.nullcontext())
+    if several and all(n == lens[0] for n in lens):  # one length: one batched call
+        n, B = lens[0], len(lens)
+        with backends:
+            o = F.scaled_dot_product_attention(*(t.reshape(B, n, H, -1).transpose(1, 2) for t in (qc, k, v)),
+                                               is_causal=True, scale=scale)
+        return o.transpose(1, 2).reshape(T, H, v_head_dim).to(q.dtype)
+    outs = []
+    start = 0
     with backends:
         for n in query_lens:
             if n == 0:
