@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks: timing (do_bench, CUDA-graph replays), the ceilings measured in
-the same run (copy bandwidth, matmul rate), relative error, importing the fla peer, a timestamped log.
+the same run (copy bandwidth, matmul rate), relative error, importing the fla peer, a timestamped log, and
+the model-shape flags (`--preset` or `--model`) with the config.json dict they name.
 
 Every benchmark runs from the repository root as a module, `python -m benchmarks.NAME`: the root is
 then on sys.path, so `kimi_linear` and `benchmarks` import without installing or path edits.
@@ -18,6 +19,23 @@ import types
 import torch
 
 T0 = time.time()
+
+
+def add_shape_args(ap, preset_default: str | None, preset_help: str) -> None:
+    """`--preset NAME` or `--model DIR` (one of the two): the shape a benchmark builds its engine from."""
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=preset_default, help=preset_help)
+    src.add_argument("--model", help="a checkpoint folder whose config.json gives the shape (weights not read)")
+
+
+def shape_config(args) -> dict:
+    """The official-format config dict `add_shape_args`' flags name: DIR/config.json, else the preset's."""
+    from kimi_linear.tools.presets import preset_config
+
+    if args.model:
+        with open(os.path.join(args.model, "config.json")) as f:
+            return json.load(f)
+    return preset_config(args.preset)
 
 
 def log(msg: str) -> None:

@@ -35,10 +35,9 @@ import time
 
 import torch
 
-from benchmarks.common import copy_bandwidth, wall_ms, write_report
+from benchmarks.common import add_shape_args, copy_bandwidth, shape_config, wall_ms, write_report
 from benchmarks.decode_floor import step_bytes
 from kimi_linear import LLM, SamplingParams
-from kimi_linear.tools.presets import preset_config
 
 
 def parse_count(text: str) -> int:
@@ -206,9 +205,7 @@ def run_variant(base: dict, variant: str, args, timer: Timer, bandwidth: float, 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="48b-a3b-e64", help="model shape preset (default 48b-a3b-e64)")
-    src.add_argument("--model", help="a checkpoint folder whose config.json gives the shape (weights not read)")
+    add_shape_args(ap, "48b-a3b-e64", "model shape preset (default 48b-a3b-e64)")
     ap.add_argument("--contexts", default="4K,128K,1M", help="comma-separated contexts, K/M suffixes allowed")
     ap.add_argument("--variants", default="hybrid,mla", help="hybrid and/or mla (every layer MLA)")
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps per context")
@@ -228,11 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.modes = {"on": ("async",), "off": ("sync",), "both": ("sync", "async")}[args.async_scheduling]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device = str(device)
-    if args.model:
-        with open(os.path.join(args.model, "config.json")) as f:
-            base = json.load(f)
-    else:
-        base = preset_config(args.preset)
+    base = shape_config(args)
     timer = Timer(device)
     nbytes = args.copy_bytes or (1 << 30 if device.type == "cuda" else 1 << 26)
     bandwidth = copy_bandwidth(nbytes, device)

@@ -65,10 +65,9 @@ import time
 
 import torch
 
-from benchmarks.common import CompileLog, log, matmul_rate, write_report
+from benchmarks.common import CompileLog, add_shape_args, log, matmul_rate, shape_config, write_report
 from benchmarks.engine_decode import parse_count
 from kimi_linear import LLM, SamplingParams
-from kimi_linear.tools.presets import preset_config
 from kimi_linear.train.metrics import forward_flops_parts, peak_flops
 
 COMPILES = CompileLog()  # installed by main(): Triton compiles per context
@@ -212,9 +211,7 @@ def print_summary(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="48b-a3b", help="model shape preset (default 48b-a3b: 256 experts)")
-    src.add_argument("--model", help="a checkpoint folder whose config.json gives the shape (weights not read)")
+    add_shape_args(ap, "48b-a3b", "model shape preset (default 48b-a3b: 256 experts)")
     ap.add_argument("--contexts", default="32K,128K,1M", help="comma-separated prompt lengths, K/M suffixes allowed")
     ap.add_argument("--max-num-batched-tokens", default="16384",
                     help="prefill chunk sizes (the engine's token budget per step), comma-separated: one engine each")
@@ -238,11 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.device = str(device)
     dtype = getattr(torch, args.dtype)
     COMPILES.install()
-    if args.model:
-        with open(os.path.join(args.model, "config.json")) as f:
-            base = json.load(f)
-    else:
-        base = preset_config(args.preset)
+    base = shape_config(args)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     n = args.matmul_n or (8192 if device.type == "cuda" else 512)
     rates = {"peak": peak_flops(device), "matmul": measure_matmul(device, dtype, n)}

@@ -39,9 +39,8 @@ import time
 
 import torch
 
-from benchmarks.common import CompileLog, log, write_report
+from benchmarks.common import CompileLog, add_shape_args, log, shape_config, write_report
 from kimi_linear import LLM, SamplingParams
-from kimi_linear.tools.presets import preset_config
 
 SMOKE = dict(preset="tiny", device="cpu", dtype="float32", contexts="96,160", msg=8, answer=5, conversations=3,
              turns=2, system=24, first_msg=8, block_size=16, max_num_batched_tokens=256, max_num_seqs=3,
@@ -249,9 +248,7 @@ def merge(args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny preset on the CPU with small sizes (CI)")
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--preset", default=None, help="model shape preset (default 48b-a3b)")
-    src.add_argument("--model", help="a checkpoint folder whose config.json gives the shape (weights not read)")
+    add_shape_args(ap, None, "model shape preset (default 48b-a3b)")
     ap.add_argument("--modes", default="on,off", help="on and/or off (prefix caching)")
     ap.add_argument("--parts", default="ttft,multiturn", help="ttft and/or multiturn")
     ap.add_argument("--contexts", default=None, help="shared contexts of the TTFT part (default 32K,128K)")
@@ -302,11 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     for p in parts:
         if p not in ("ttft", "multiturn"):
             raise SystemExit(f"unknown part {p!r} (ttft, multiturn)")
-    if args.model:
-        with open(os.path.join(args.model, "config.json")) as f:
-            config = json.load(f)
-    else:
-        config = preset_config(args.preset)
+    config = shape_config(args)
     turn_tokens = 2 * args.msg + 2 * args.answer
     multiturn_len = args.system + args.first_msg + args.turns * (args.msg + args.answer)
     max_model_len = 64 + max(max(args.contexts, default=0) + turn_tokens, multiturn_len,

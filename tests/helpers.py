@@ -1,8 +1,22 @@
-"""Test helpers: relative-error comparison with clear messages, HF oracle checkpoint builders."""
+"""Test helpers: relative-error comparison with clear messages, HF oracle checkpoint builders, importing a
+benchmark module."""
 
 from __future__ import annotations
 
+import importlib
+import pathlib
+import sys
+
 import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def import_benchmark(name: str):
+    """`benchmarks.NAME`, imported as `python -m benchmarks.NAME` does (the repository root on sys.path)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:

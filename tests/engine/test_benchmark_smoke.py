@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import pathlib
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from helpers import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
     """benchmarks.engine_decode, imported as `python -m benchmarks.engine_decode` does (from the repo root)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))  # already there under `python -m pytest` from the root
-        return importlib.import_module("benchmarks.engine_decode")
+    return import_benchmark("engine_decode")
 
 
 def test_parse_count(bench):
@@ -56,8 +51,7 @@ def test_cpu_smoke(bench, tmp_path, monkeypatch):
 def test_long_context_throughput_cpu_smoke(tmp_path, monkeypatch):
     """benchmarks/long_context_throughput.py: the batch is the most requests the pools hold (tiny on the CPU:
     blocks for min(max_model_len * max_num_seqs, 2^18) tokens), every request decodes, the pools are empty after."""
-    monkeypatch.syspath_prepend(str(ROOT))
-    lct = importlib.import_module("benchmarks.long_context_throughput")
+    lct = import_benchmark("long_context_throughput")
     monkeypatch.setenv("OUT", str(tmp_path))
     report = lct.main(["--preset", "tiny", "--contexts", "200", "--steps", "2", "--warmup", "1", "--device", "cpu",
                        "--dtype", "float32", "--block-size", "16", "--max-batch", "4"])
@@ -73,8 +67,7 @@ def test_long_context_throughput_cpu_smoke(tmp_path, monkeypatch):
 def test_long_context_largest_batch_is_bound_by_blocks_slots_and_cap(monkeypatch):
     from types import SimpleNamespace as NS
 
-    monkeypatch.syspath_prepend(str(ROOT))
-    lct = importlib.import_module("benchmarks.long_context_throughput")
+    lct = import_benchmark("long_context_throughput")
 
     def engine(free_blocks, free_slots, mla_layers=(3,)):
         return NS(scheduler=NS(block_pool=NS(block_size=64, num_free=free_blocks), state_pool=NS(num_free=free_slots)),

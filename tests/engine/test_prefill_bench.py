@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import pathlib
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from helpers import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))  # as `python -m benchmarks.prefill` from the repository root
-        return importlib.import_module("benchmarks.prefill")
+    return import_benchmark("prefill")
 
 
 def test_cpu_smoke(bench, tmp_path, monkeypatch, capsys):

@@ -6,24 +6,19 @@ seeded outputs equal across rounds, the engine and the gauges back to 0, memory 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import os
-import pathlib
 import time
 
 import psutil
 import pytest
+from helpers import import_benchmark
 from harness import LoopbackServer
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def soak():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))
-        return importlib.import_module("benchmarks.soak")
+    return import_benchmark("soak")
 
 
 def check_report(rep: dict) -> None:

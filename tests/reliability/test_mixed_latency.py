@@ -8,20 +8,15 @@ test asks for 1.5x."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import pathlib
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from helpers import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))
-        return importlib.import_module("benchmarks.mixed_latency")
+    return import_benchmark("mixed_latency")
 
 
 def test_decode_gap_under_a_long_prefill_is_smaller_with_the_split(bench, tmp_path, monkeypatch):
