@@ -34,7 +34,7 @@ from kimi_linear.engine.config import EngineConfig
 from kimi_linear.engine.cuda_graph import DecodeRunner
 from kimi_linear.engine.input_batch import BatchInputs, build_batch
 from kimi_linear.engine.memory import PROMPT_LOGPROB_ROWS, CacheSizing, cpu_sizing, cuda_sizing
-from kimi_linear.engine.sampler import Sampler, SamplingBatch, compute_prompt_logprobs, upload
+from kimi_linear.engine.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 from kimi_linear.engine.scheduler import SchedulerOutput
 from kimi_linear.engine.step_result import LaunchedStep, PendingSample, PromptLogprobRow, SampleResult, StepResult
 from kimi_linear.errors import ConfigError
@@ -219,7 +219,7 @@ class ModelRunner:
 
     def _fill_bitmask(self, requests: list) -> torch.Tensor | None:
         """Token bitmask [R, ceil(V / 32)] int32 of the sampled rows on the device, or None when no row has a
-        grammar. The matchers fill a cached host buffer; the step gets its own device copy (`upload`), so the
+        grammar. The matchers fill a cached host buffer; the step gets its own device copy (`to_device`), so the
         next step may refill the buffer while this one's copy is still queued behind the step in flight."""
         if all(r.matcher is None for r in requests):
             return None
@@ -231,7 +231,7 @@ class ModelRunner:
         for i, r in enumerate(requests):
             if r.matcher is not None:
                 r.matcher.fill_bitmask(bitmask, i)
-        return upload(bitmask, self.device)
+        return to_device(bitmask, torch.int32, self.device)
 
     @torch.no_grad()
     def sample_async(self, logits: torch.Tensor, requests: list) -> PendingSample:

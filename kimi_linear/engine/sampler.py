@@ -125,19 +125,6 @@ class SamplingBatch:
         return batch
 
 
-def upload(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor's own copy on `device`, without waiting for the device: later host writes to `t` never
-    reach it. On CUDA through a fresh pinned staging tensor (the caching host allocator keeps it until the
-    asynchronous copy has run) - copying from a persistent pinned buffer instead would race with the next
-    host write into it while the step in flight delays the copy (async scheduling), and a blocking copy
-    would wait for the whole stream."""
-    if torch.device(device).type != "cuda":
-        return t.to(device, copy=True)
-    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    staged.copy_(t)
-    return staged.to(device, non_blocking=True)
-
-
 def _i64(values, device) -> torch.Tensor:
     return to_device(values, torch.int64, device)
 

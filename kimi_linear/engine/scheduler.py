@@ -249,7 +249,7 @@ class Scheduler:
 
     def _count(self, out: SchedulerOutput) -> None:
         s = self.stats
-        s.num_steps += 1
+        s.num_steps += not out.is_empty  # steps that run the model (an empty one only reads a token back)
         s.max_running = max(s.max_running, len(self.running))
         kinds = set()
         for req, n in out.scheduled:

@@ -20,15 +20,22 @@ import torch
 
 
 def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
-    """Host values (a list, or a tensor already anywhere) as a `dtype` tensor on `device`, without waiting for
-    the device: a host list goes through fresh pinned memory and an asynchronous copy on CUDA (a blocking or
-    pageable copy would wait for the step in flight under async scheduling; the caching host allocator keeps
-    the pinned tensor until the copy has run). The one owner of that rule: the engine's sampler, runner and
-    block table use it too."""
+    """Host values (a list, or a tensor anywhere) as a `dtype` tensor on `device`, without waiting for the
+    device: on CUDA a host list or host tensor goes through fresh pinned memory and an asynchronous copy (a
+    blocking or pageable copy would wait for the step in flight under async scheduling; the caching host
+    allocator keeps the pinned tensor until the copy has run). A host tensor always comes back as its own
+    copy, so later host writes to it (a reused buffer) never reach the result. The one owner of that rule:
+    the engine's sampler, runner and block table use it too."""
+    cuda = torch.device(device).type == "cuda"
     if isinstance(values, torch.Tensor):
-        return values.to(device, dtype)
-    pin = torch.device(device).type == "cuda"
-    return torch.tensor(list(values), dtype=dtype, pin_memory=pin).to(device, non_blocking=pin)
+        if values.device.type != "cpu":
+            return values.to(device, dtype)
+        if not cuda:
+            return values.to(device, dtype, copy=True)
+        staged = torch.empty(values.shape, dtype=dtype, pin_memory=True)
+        staged.copy_(values)
+        return staged.to(device, non_blocking=True)
+    return torch.tensor(list(values), dtype=dtype, pin_memory=cuda).to(device, non_blocking=cuda)
 
 
 def _indices(ids, device: torch.device) -> torch.Tensor:

@@ -288,3 +288,21 @@ def test_bitmask_buffer_refill_never_reaches_a_queued_step():
     assert second.tolist() == [[9] * 3]
     assert first.tolist() == [[5] * 3, [-1] * 3]  # the refill did not change the earlier step's mask
     assert first.data_ptr() != runner._bitmask.data_ptr()
+
+
+def test_steps_count_model_runs_only(llms):
+    """A 40-token prompt under a 16-token budget is 3 chunks in either mode. With async scheduling the first
+    `step()` launches two chunks and the last one schedules nothing (it reads the token back): `num_steps`
+    counts the 3 model runs in both modes, not the empty schedule."""
+    for mode, llm in llms.items():
+        eng = llm.llm_engine
+        before = eng.stats().num_steps
+        eng.add_request(f"count-{mode}", prompts(eng.vocab_size, [40])[0],
+                        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        calls = 0
+        while eng.has_unfinished_requests():
+            eng.step()
+            calls += 1
+        assert eng.stats().num_steps - before == 3, mode
+        assert calls == 3, mode
+        assert_pools_empty(llm)

@@ -29,6 +29,7 @@ from kimi_linear.errors import QuantError
 
 GEMV_MAX_M = 8  # rows of x up to which `fp8_gemm` takes this kernel on CUDA (ALU per weight byte grows with M)
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # counter buffers replaced by larger ones (kept alive for captured graphs)
 _SMS: dict[int, int] = {}
 
 
@@ -37,6 +38,8 @@ def split_k_counters(device: torch.device, n: int) -> torch.Tensor:
     the counters it used at 0)."""
     buf = _COUNTERS.get(device)
     if buf is None or buf.numel() < n:
+        if buf is not None:  # a captured CUDA graph may still point at it: never freed
+            _OUTGROWN.append(buf)
         buf = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
         _COUNTERS[device] = buf
     return buf
