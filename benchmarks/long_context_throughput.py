@@ -71,23 +71,28 @@ def run(base: dict, variant: str, context: int, args, timer: Timer, tmp: str) ->
     for _ in range(args.warmup):
         engine.step()
     step_ms = [timer(engine.step) for _ in range(args.steps)]
-    dec = engine.runner.decode
-    graphed = bool(dec.graphs) and dec.bucket_for(B) in dec.graphs
+    graphed = bool(engine.runner.decode.graphs) and engine.runner.decode.bucket_for(B) in engine.runner.decode.graphs
     engine.abort_request(rids)
     engine.step()
-    s = engine.scheduler
-    assert s.block_pool.num_free == s.block_pool.num_blocks and s.state_pool.num_free == s.state_pool.num_slots
+    blocks, slots = engine.scheduler.block_pool, engine.scheduler.state_pool
+    assert blocks.num_free == blocks.num_blocks and slots.num_free == slots.num_slots
+    del blocks, slots, req
     ms = statistics.median(step_ms)
     row = {"variant": variant, "context": context, "batch": B, "step_ms": ms, "tokens_per_s": B / ms * 1e3,
            "per_token_ms": ms / B, "cuda_graph": graphed, "cache_tokens": engine.runner.sizing.token_capacity}
     print(f"[{variant}] ctx {context}: batch {B}, step {ms:.3f} ms, {row['tokens_per_s']:.1f} tok/s, "
           f"{row['per_token_ms']:.3f} ms/token (graph: {graphed})", flush=True)
     llm.shutdown()
-    del llm, engine
-    gc.collect()
-    if torch.device(args.device).type == "cuda":
-        torch.cuda.empty_cache()
     return row
+
+
+def free_device(device: str) -> None:
+    """Give the allocator's cached blocks back once run()'s frame (engine, graphs, caches) is gone: the next
+    engine sizes its cache by the device's free memory."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        print(f"freed: {torch.cuda.memory_allocated() / 2 ** 30:.2f} GiB still allocated", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -117,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         for ctx in contexts:
             for variant in ("hybrid", "mla"):
                 rows.append(run(base, variant, ctx, args, timer, tmp))
+                free_device(args.device)
     ratios = []
     print("\nvariant  context  batch   step ms     tok/s  ms/token")
     for r in rows:

@@ -1,6 +1,7 @@
 """MLA decode (absorbed, split-KV over the paged latent cache): launch configurations vs the copy floor.
 
-Real shape (H=32, Dn=128, Dr=64, Dv=128, R=512), bf16, scattered block tables, random cache contents.
+Real shape (H=32, Dn=128, Dr=64, Dv=128, R=512), bf16 (a variant naming `fp8` uses a float8_e4m3fn cache,
+its floor counted in 1-byte values), scattered block tables, random cache contents.
 Each launch configuration (`default`, or overrides of `mla_decode_attention`'s launch arguments such as
 `bh16/s3`) runs in its own subprocess, so that a launch that faults (an illegal memory access poisons
 the CUDA context) cannot take the others down. A configuration is first checked against the fp32
@@ -37,7 +38,6 @@ from kimi_linear.ops.mla.naive import naive_mla_decode
 H, DN, DR, DV, R = 32, 128, 64, 128, 512
 BS = 64
 SCALE = (DN + DR) ** -0.5
-BYTES_PER_TOKEN = (R + DR) * 2
 DEVICE = "cuda"
 DEFAULT_VARIANTS = "default,bh16,s3"  # ~1 min each
 SHAPES = [(1, 4096), (1, 131072), (1, 1048576), (8, 4096), (8, 131072), (32, 32768), (128, 4096)]
@@ -50,7 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the varian
 def parse_spec(spec: str) -> dict:
     """'default' or '/'-separated launch overrides -> keyword arguments of `mla_decode_attention`:
     bnN (tile tokens), wN (warps), sN (stages), mcN (min_chunk), spN (splits), bhN (heads per program),
-    nopre (no block-id prefetch). E.g. 'bh16/s3' -> dict(block_h=16, num_stages=3)."""
+    nopre (no block-id prefetch). E.g. 'bh16/s3' -> dict(block_h=16, num_stages=3). 'fp8' is not a launch
+    option: it selects a float8_e4m3fn cache (see `cache_dtype`), e.g. 'fp8/w8'."""
     kw: dict = {}
     names = dict(bn="block_n", w="num_warps", s="num_stages", mc="min_chunk", sp="num_splits", bh="block_h")
     for opt in spec.split("/"):
@@ -59,9 +60,11 @@ def parse_spec(spec: str) -> dict:
         if opt == "nopre":
             kw["prefetch"] = False
             continue
+        if opt == "fp8":
+            continue
         key = opt.rstrip("0123456789")
         if key not in names or key == opt:
-            raise SystemExit(f"unknown launch option {opt!r} in {spec!r} (options: default, nopre, "
+            raise SystemExit(f"unknown launch option {opt!r} in {spec!r} (options: default, fp8, nopre, "
                              + ", ".join(k + "N" for k in names) + ")")
         kw[names[key]] = int(opt[len(key):])
     return kw
@@ -72,11 +75,16 @@ def reference_decode(q, cache, tables, lens, w, Dv, scale):
     return naive_mla_decode(q.float(), cache.float(), tables, lens, w.float(), Dv, scale)
 
 
-def make_batch(lens, bs: int = BS, seed: int = 0):
+def cache_dtype(spec: str) -> torch.dtype:
+    """The latent cache's dtype of a variant: float8_e4m3fn when its spec names 'fp8', else bf16."""
+    return torch.float8_e4m3fn if "fp8" in spec.split("/") else torch.bfloat16
+
+
+def make_batch(lens, bs: int = BS, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     need = [triton.cdiv(L, bs) for L in lens]
     NB = sum(need) + 1
-    cache = torch.randn(NB, bs, R + DR, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    cache = torch.randn(NB, bs, R + DR, device=DEVICE, dtype=torch.bfloat16, generator=g).to(dtype)
     perm = torch.randperm(NB, device=DEVICE, generator=g).to(torch.int32)
     tables = torch.zeros(len(lens), max(max(need), 1), dtype=torch.int32, device=DEVICE)
     k = 0
@@ -104,19 +112,19 @@ def graph_time(fn) -> float:
     return graph_time_ms(lambda i: fn()) * 1e-3
 
 
-def check(kw) -> float:
+def check(kw, dtype=torch.bfloat16) -> float:
     """Worst relative error vs the fp32 reference over block sizes, padding rows and long contexts."""
     worst = 0.0
     for bs in (16, 64, 256):
         lens = [1, 17, bs, bs + 1] + CHECK_TAIL
-        q, cache, tables, lens_t, w = make_batch(lens, bs, seed=bs)
+        q, cache, tables, lens_t, w = make_batch(lens, bs, seed=bs, dtype=dtype)
         out = mla_decode(q, cache, tables, lens_t, w, DV, SCALE, {}, **kw)
         torch.cuda.synchronize()
         worst = max(worst, worst_row_err(q, cache, tables, lens_t, w, out, [n for n, L in enumerate(lens) if L]))
         if torch.count_nonzero(out[5]).item():
             raise AssertionError("padding row not zero")
     for L in CHECK_LONG:
-        q, cache, tables, lens_t, w = make_batch([L], BS, seed=L % 997)
+        q, cache, tables, lens_t, w = make_batch([L], BS, seed=L % 997, dtype=dtype)
         out = mla_decode(q, cache, tables, lens_t, w, DV, SCALE, {}, **kw)
         torch.cuda.synchronize()
         worst = max(worst, worst_row_err(q, cache, tables, lens_t, w, out, [0]))
@@ -125,23 +133,23 @@ def check(kw) -> float:
     return worst
 
 
-def time_variant(kw, shapes, bw) -> dict:
+def time_variant(kw, shapes, bw, dtype=torch.bfloat16) -> dict:
     rows = []
     for N, ctx in shapes:
-        q, cache, tables, lens, w = make_batch([ctx] * N)
+        q, cache, tables, lens, w = make_batch([ctx] * N, dtype=dtype)
         extras = {}
         wv = w.view(H, DN + DV, R)
         q_lat, q_pe = torch.bmm(q[..., :DN].transpose(0, 1), wv[:, :DN]), q[..., DN:]
         t_attn = bench(lambda: mla_decode_attention(q_lat, q_pe, cache, tables, lens, SCALE, extras, **kw))
         t_graph = graph_time(lambda: mla_decode(q, cache, tables, lens, w, DV, SCALE, extras, **kw))
-        floor = N * ctx * BYTES_PER_TOKEN / bw
+        floor = N * ctx * (R + DR) * cache.element_size() / bw
         rows.append(dict(batch=N, context=ctx, attn_us=t_attn * 1e6, graph_us=t_graph * 1e6, floor_us=floor * 1e6,
                          attn_over_floor=t_attn / floor))
         print(f"  N={N:4d} ctx={ctx:8d} attn={t_attn * 1e6:9.1f}us graph={t_graph * 1e6:9.1f}us "
               f"floor={floor * 1e6:8.1f}us ({t_attn / floor:.2f}x)", flush=True)
         del q, cache, tables, lens, w, extras, q_lat, q_pe
         torch.cuda.empty_cache()
-    q, cache, tables, lens, w = make_batch([4096])
+    q, cache, tables, lens, w = make_batch([4096], dtype=dtype)
     short = {}
     for mc in (64, 256):
         kw_mc = dict(kw, min_chunk=mc)
@@ -153,12 +161,13 @@ def time_variant(kw, shapes, bw) -> dict:
 def run_one(spec: str, shapes, bw: float) -> None:
     kw = parse_spec(spec)
     t0 = time.time()
-    err = check(kw)
+    dtype = cache_dtype(spec)
+    err = check(kw, dtype)
     print(f"  [{spec}] check: worst rel err {err:.1e} ({time.time() - t0:.0f}s)", flush=True)
     res = dict(spec=spec, rel_err=err, splits_batch1=decode_num_splits(1, H, torch.device(DEVICE),
                                                                        kw.get("block_h", 32)))
     if err < 2e-2:
-        res.update(time_variant(kw, shapes, bw))
+        res.update(time_variant(kw, shapes, bw, dtype))
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -220,7 +229,8 @@ def main():
     with open(args.json, "w") as f:
         json.dump(dict(device=dev, copy_TBps=bw / 1e12, variants=results), f, indent=1)
 
-    print(f"\n## MLA decode attention, {dev}, bf16, H={H} R={R} Dr={DR}, block {BS}; copy bw {bw / 1e12:.2f} TB/s")
+    print(f"\n## MLA decode attention, {dev}, bf16 queries (cache: fp8 where the launch names it), H={H} R={R} "
+          f"Dr={DR}, block {BS}; copy bw {bw / 1e12:.2f} TB/s")
     head = ["launch", "rel err"] + [f"N={n} {c // 1024}K attn us (x floor)" for n, c in shapes] + [
         "4K graph us", "4K graph mc256 us"]
     print("| " + " | ".join(head) + " |")

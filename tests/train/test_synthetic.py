@@ -132,6 +132,8 @@ def test_bad_flags_name_the_flag(capsys):
     assert "--lengths" in capsys.readouterr().err
     assert main(["synthetic", "--mqar-vocab", "64"]) == 2  # 31 keys for 128 pairs at length 2048
     assert "--mqar-vocab" in capsys.readouterr().err
+    assert main(["synthetic", "--tasks", "mqar", "--lengths", "16384"]) == 2  # the default 1024: 511 keys < 1024 pairs
+    assert "1024 holds too few distinct keys" in capsys.readouterr().err
     assert main(["synthetic", "--shares", "sorting=2"]) == 2
     assert "--shares" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -213,11 +215,11 @@ def test_a_lane_runs_its_specs_in_turn(tmp_path):
 
 
 def test_mqar_vocab_reaches_the_run(tmp_path):
-    """Zoology's vocabulary (8192) by default; --mqar-vocab (RunSpec.mqar_vocab) sets another."""
+    """1024 tokens by default (the committed table's); --mqar-vocab (RunSpec.mqar_vocab) sets another."""
     from kimi_linear.train.synthetic.tasks import make_task
 
-    assert MQAR().vocab_size == 8192 and make_task("mqar").vocab_size == 8192
-    assert make_task("mqar", 1024).vocab_size == 1024 and make_task("stack", 1024).vocab_size == Stack().vocab_size
+    assert MQAR().vocab_size == 1024 and make_task("mqar").vocab_size == 1024
+    assert make_task("mqar", 8192).vocab_size == 8192 and make_task("stack", 1024).vocab_size == Stack().vocab_size
     from kimi_linear.cli.main import main
 
     out = tmp_path / "s"

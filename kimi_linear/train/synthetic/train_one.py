@@ -55,7 +55,7 @@ class RunSpec:
     seed: int = 0
     hidden_size: int = 256
     share: float = 1.0  # this run's weight in its lane's time (worker.py), from --shares
-    mqar_vocab: int | None = None  # MQAR's vocabulary (None: the task's default, 8192)
+    mqar_vocab: int | None = None  # MQAR's vocabulary (None: the task's default, 1024)
 
     @property
     def batch(self) -> int:
