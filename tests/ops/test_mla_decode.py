@@ -102,6 +102,21 @@ def test_decode_launch_overrides(block_n, block_h, prefetch, device, poison_empt
     assert torch.count_nonzero(got[2]) == 0
 
 
+def test_decode_reduces_many_splits(device, poison_empty):
+    """More active splits than the reduction merges per load (REDUCE_BLOCK_S): several merge rounds, a
+    length that leaves the last round partly masked, a padding row."""
+    import kimi_linear.ops.mla.decode as dec
+
+    H, Dn, Dr, Dv, R = 2, 16, 16, 16, 32
+    seq_lens = [16 * (dec.REDUCE_BLOCK_S * 2 + 5) + 3, 0, 40]
+    q, cache, tables, lens, w = _setup(3, H, Dn, Dr, Dv, R, 16, seq_lens, torch.float32, device)
+    ref = reference_decode(q, cache, tables, lens, w, Dv, 0.3)
+    got = mla_decode(q, cache, tables, lens, w, Dv, 0.3, num_splits=dec.REDUCE_BLOCK_S * 3, min_chunk=16,
+                     block_n=16)
+    assert_close("many splits", ref, got.float(), 1e-5)
+    assert torch.count_nonzero(got[1]) == 0
+
+
 def test_decode_bf16_default_launch(device, poison_empty):
     """The default launch in bf16 (32-token tiles, default split count)."""
     H, Dn, Dr, Dv, R = 4, 16, 16, 16, 32

@@ -24,7 +24,7 @@ Design and invariants:
 
 Schedule: S = Q K^T with the heads as the MMA M dimension (mma.sync), 4 warps, 32-token tiles
 (16 in fp32), Triton's pipeliner, the next tile's block ids read one iteration ahead; the reduction runs
-one program per (sequence, head, 128 values) over the active splits. Measured figures are in
+one program per (sequence, head, 128 values) over the active splits, 64 splits per vector load. Measured figures are in
 benchmarks/RESULTS.md (`benchmarks/mla_decode.py`).
 """
 
@@ -41,6 +41,7 @@ from kimi_linear.errors import MLAError
 _LOG2E = 1.4426950408889634
 MIN_CHUNK = 64  # fewest tokens a split takes before another split is used (64 beat 128..1024 at 4K, "heads")
 MAX_SPLITS = 512
+REDUCE_BLOCK_S = 64  # splits the reduction merges per vector load ([64, 128] fp32 partial tiles, 4 warps)
 
 
 @triton.jit
@@ -132,21 +133,28 @@ def _mla_decode_reduce_kernel(
     chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     num_active = (L + chunk - 1) // chunk  # 0 for a padding row
 
-    o_s = tl.arange(0, BLOCK_S)
+    # one pass over the active splits, BLOCK_S at a time (vector loads, no serial per-split chain), the
+    # running max and denominator rescaled as in the split kernel
     lse_base = part_lse + i_n.to(tl.int64) * s_pl_n + i_h
-    lse = tl.load(lse_base + o_s * s_pl_s, mask=o_s < num_active, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(num_active > 0, m, 0.0)
-
+    o_base = part_o + i_n.to(tl.int64) * s_po_n + i_h * s_po_h
     o_r = i_r * BLOCK_RR + tl.arange(0, BLOCK_RR)
     m_r = o_r < R
-    den = tl.sum(tl.exp2(lse - m), 0)  # masked splits contribute exp2(-inf) = 0
-    den = tl.where(den > 0, den, 1.0)
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([BLOCK_RR], dtype=tl.float32)
-    o_base = part_o + i_n.to(tl.int64) * s_po_n + i_h * s_po_h
-    for s in range(0, num_active):
-        w = tl.exp2(tl.load(lse_base + s * s_pl_s) - m)
-        acc += w * tl.load(o_base + s * s_po_s + o_r, mask=m_r, other=0.0)
+    for s0 in range(0, num_active, BLOCK_S):
+        o_s = s0 + tl.arange(0, BLOCK_S)
+        m_s = o_s < num_active
+        lse = tl.load(lse_base + o_s * s_pl_s, mask=m_s, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))  # finite: split s0 is active
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)  # masked splits: exp2(-inf) = 0
+        part = tl.load(o_base + o_s[:, None].to(tl.int64) * s_po_s + o_r[None, :],
+                       mask=m_s[:, None] & m_r[None, :], other=0.0)
+        den = den * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * part, 0)
+        m = m_new
+    den = tl.where(den > 0, den, 1.0)  # a padding row (no active split): zeros
     tl.store(o_lat + i_h * s_ol_h + i_n.to(tl.int64) * s_ol_n + o_r, (acc / den).to(o_lat.dtype.element_ty),
              mask=m_r)
 
@@ -235,7 +243,7 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
     )
     args = (part_o, part_lse, seq_lens, o_lat, part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1), o_lat.stride(0), o_lat.stride(1), R, S)
-    block_s = triton.next_power_of_2(S)
+    block_s = min(REDUCE_BLOCK_S, triton.next_power_of_2(S))
     block_rr = min(128, triton.next_power_of_2(R))
     _mla_decode_reduce_kernel[(N, H, triton.cdiv(R, block_rr))](
         *args, MIN_CHUNK=min_chunk, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_RR=block_rr, num_warps=4)
