@@ -88,8 +88,9 @@ def test_decode_odd_widths_and_default_splits(device, poison_empty):
     assert extras["mla_decode_ws"][1] is ws and torch.equal(got, again)
 
 
-@pytest.mark.parametrize("block_n,block_h,prefetch", [(16, 16, True), (32, 32, False)])
-def test_decode_launch_overrides(block_n, block_h, prefetch, device, poison_empty):
+@pytest.mark.parametrize("block_n,block_h,prefetch,dual_load", [(16, 16, True, False), (32, 32, False, False),
+                                                                 (16, 32, True, True)])
+def test_decode_launch_overrides(block_n, block_h, prefetch, dual_load, device, poison_empty):
     """Launch overrides: block-id prefetch on / off, tiles that span several cache blocks (block size 8),
     head groups (20 heads in groups of 16), padding rows."""
     H, Dn, Dr, Dv, R = 20, 16, 16, 16, 32
@@ -97,8 +98,8 @@ def test_decode_launch_overrides(block_n, block_h, prefetch, device, poison_empt
     q, cache, tables, lens, w = _setup(4, H, Dn, Dr, Dv, R, 8, seq_lens, torch.float32, device)
     ref = reference_decode(q, cache, tables, lens, w, Dv, 0.25)
     got = mla_decode(q, cache, tables, lens, w, Dv, 0.25, num_splits=3, min_chunk=16, prefetch=prefetch,
-                     block_n=block_n, block_h=block_h)
-    assert_close(f"BN={block_n} BH={block_h} prefetch={prefetch}", ref, got.float(), 1e-5)
+                     block_n=block_n, block_h=block_h, dual_load=dual_load)
+    assert_close(f"BN={block_n} BH={block_h} prefetch={prefetch} dual={dual_load}", ref, got.float(), 1e-5)
     assert torch.count_nonzero(got[2]) == 0
 
 

@@ -94,7 +94,8 @@ def test_fused_moe_fp8_rejects_bad_scales(device):
         fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=None)
 
 
-def test_mla_decode_reads_an_fp8_cache(device, poison_empty):
+@pytest.mark.parametrize("dual_load", [False, True], ids=["one-load", "dual-load"])
+def test_mla_decode_reads_an_fp8_cache(dual_load, device, poison_empty):
     from kimi_linear.ops.mla import naive_mla_decode
     from kimi_linear.ops.mla.decode import mla_decode
 
@@ -105,7 +106,8 @@ def test_mla_decode_reads_an_fp8_cache(device, poison_empty):
     tables = torch.tensor([[3, 1, 5, 0], [2, 7, 4, 6]], dtype=torch.int32, device=device)
     lens = torch.tensor([37, 64], dtype=torch.int32, device=device)
     ref = naive_mla_decode(q, cache, tables, lens, w, Dv, 0.1)
-    assert_close("mla decode over fp8", ref, mla_decode(q, cache, tables, lens, w, Dv, 0.1), 1e-4)
+    got = mla_decode(q, cache, tables, lens, w, Dv, 0.1, num_splits=3, min_chunk=16, block_n=16, dual_load=dual_load)
+    assert_close("mla decode over fp8", ref, got, 1e-4)
     assert_close("fp8 vs fp32 cache", ref, naive_mla_decode(q, cache.float(), tables, lens, w, Dv, 0.1), 1e-6)
 
 

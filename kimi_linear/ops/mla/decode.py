@@ -53,7 +53,7 @@ def _mla_decode_split_kernel(
     NUM_SPLITS,
     H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BS: tl.constexpr, MIN_CHUNK: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
-    PREC: tl.constexpr, PREFETCH: tl.constexpr,
+    PREC: tl.constexpr, PREFETCH: tl.constexpr, DUAL_LOAD: tl.constexpr,
 ):
     i_hg = tl.program_id(0)
     i_s = tl.program_id(1)
@@ -95,9 +95,15 @@ def _mla_decode_split_kernel(
         row = cache + blk * s_c_blk + (pos % BS).to(tl.int64) * s_c_tok
         # an fp8 latent cache (static scale 1.0) is upcast in registers to the query's dtype
         c = tl.load(row[:, None] + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0).to(q_l.dtype)
-        kp = tl.load(row[:, None] + R + o_p[None, :], mask=m_n[:, None] & m_p[None, :], other=0.0).to(q_l.dtype)
-        s = tl.dot(q_l, tl.trans(c), input_precision=PREC)
-        s = tl.dot(q_p, tl.trans(kp), s, input_precision=PREC)
+        if DUAL_LOAD:  # the key operand loaded again, already transposed: each load feeds one dot
+            ct = tl.load(row[None, :] + o_r[:, None], mask=m_r[:, None] & m_n[None, :], other=0.0).to(q_l.dtype)
+            kpt = tl.load(row[None, :] + R + o_p[:, None], mask=m_p[:, None] & m_n[None, :], other=0.0)
+            s = tl.dot(q_l, ct, input_precision=PREC)
+            s = tl.dot(q_p, kpt.to(q_l.dtype), s, input_precision=PREC)
+        else:
+            kp = tl.load(row[:, None] + R + o_p[None, :], mask=m_n[:, None] & m_p[None, :], other=0.0)
+            s = tl.dot(q_l, tl.trans(c), input_precision=PREC)
+            s = tl.dot(q_p, tl.trans(kp.to(q_l.dtype)), s, input_precision=PREC)
         s = tl.where(m_n[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -194,20 +200,23 @@ def _default_config(H: int, dtype: torch.dtype) -> dict:
     # beat 8 warps (1.5x), 64-token tiles and 16-head groups
     block_h = min(32, max(16, triton.next_power_of_2(H)))
     return dict(block_h=block_h, block_n=16 if dtype == torch.float32 else 32, num_warps=4, num_stages=2,
-                prefetch=False)
+                prefetch=False, dual_load=False)
 
 
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                          seq_lens: torch.Tensor, scale: float, extras: dict | None = None, *,
                          num_splits: int | None = None, min_chunk: int = MIN_CHUNK, block_h: int | None = None,
                          block_n: int | None = None, num_warps: int | None = None,
-                         num_stages: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
+                         num_stages: int | None = None, prefetch: bool | None = None,
+                         dual_load: bool | None = None) -> torch.Tensor:
     """Attention over the paged latent cache (MQA form). Returns o_lat [H, N, R] in q_lat's dtype.
 
     q_lat [H, N, R] (the absorbed query, any strides with a unit last stride); q_pe [N, H, Dr] (unit last
     stride); cache [NB, BS, R + Dr]; block_tables int32 [N, max_blocks]; seq_lens int32 [N] (0 = padding
     row: its output is zeros). The keyword arguments override the launch configuration (tests, sweeps);
-    `prefetch` reads the next tile's block ids one iteration ahead.
+    `prefetch` reads the next tile's block ids one iteration ahead; `dual_load` loads each latent tile twice,
+    once transposed for Q K^T and once for P V, so that each load feeds one dot (a launch choice under
+    measurement for fp8 caches, whose upcast sits between the load and both dots).
     """
     H, N, R = q_lat.shape
     Dr = q_pe.shape[-1]
@@ -230,6 +239,7 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
     block_tables = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
     seq_lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
     pre = cfg["prefetch"] if prefetch is None else prefetch
+    dual = cfg["dual_load"] if dual_load is None else dual_load
     _mla_decode_split_kernel[(triton.cdiv(H, block_h), S, N)](
         q_lat, q_pe, cache, block_tables, seq_lens, part_o, part_lse,
         scale * _LOG2E,
@@ -239,7 +249,7 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
         S,
         H=H, R=R, DR=Dr, BS=BS, MIN_CHUNK=min_chunk, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_DR=max(16, triton.next_power_of_2(Dr)), PREC=prec,
-        PREFETCH=pre, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+        PREFETCH=pre, DUAL_LOAD=dual, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     args = (part_o, part_lse, seq_lens, o_lat, part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1), o_lat.stride(0), o_lat.stride(1), R, S)
