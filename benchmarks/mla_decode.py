@@ -50,8 +50,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the varian
 def parse_spec(spec: str) -> dict:
     """'default' or '/'-separated launch overrides -> keyword arguments of `mla_decode_attention`:
     bnN (tile tokens), wN (warps), sN (stages), mcN (min_chunk), spN (splits), bhN (heads per program),
-    nopre (no block-id prefetch), dl (each latent tile loaded twice, once per dot). E.g. 'bh16/s3' -> dict(block_h=16, num_stages=3). 'fp8' is not a launch
-    option: it selects a float8_e4m3fn cache (see `cache_dtype`), e.g. 'fp8/w8'."""
+    nopre (no block-id prefetch), dl (each latent tile loaded twice, once per dot). E.g. 'bh16/s3' ->
+    dict(block_h=16, num_stages=3). 'fp8' is not a launch option: it selects a float8_e4m3fn cache (see
+    `cache_dtype`), e.g. 'fp8/dl'."""
     kw: dict = {}
     names = dict(bn="block_n", w="num_warps", s="num_stages", mc="min_chunk", sp="num_splits", bh="block_h")
     for opt in spec.split("/"):
