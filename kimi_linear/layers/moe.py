@@ -16,6 +16,9 @@ shared gate/up its last expert; likewise `w2_weight` and the shared down_proj), 
 expert E with weight 1.0 to every token, and one fused MoE call computes both: no separate GEMVs. The
 kernel's sum then rounds once (routed + shared in fp32) where the reference (and the naive path) rounds
 the routed sum and the shared output to the model dtype first: a one-ulp difference at most.
+`norm_forward(norm, branch, residual)` is the decoder's post-attention `norm.add` followed by the block, with
+the norm, the router's logits and its top-k in one launch for decode-sized batches
+(`ops.moe.norm_select_experts`).
 `forward(x, reduce=False)` may return the unreduced `(y [N, k, D], weights [N, k])` pair for the next norm
 kernel to sum (`RMSNorm.add`).
 
@@ -40,7 +43,7 @@ from kimi_linear.config import ModelConfig
 from kimi_linear.layers.fused import fused_weight
 from kimi_linear.layers.linear import Fp8Weight, scale_shape
 from kimi_linear.layers.mlp import SwiGLUMLP
-from kimi_linear.ops.moe import fused_experts, router_scores, select_experts
+from kimi_linear.ops.moe import fused_experts, norm_select_experts, router_scores, select_experts
 from kimi_linear.ops.quant import FP8
 
 
@@ -57,6 +60,16 @@ class Router(nn.Module):
         return select_experts(x, self.weight, self.e_score_correction_bias, c.num_experts_per_token,
                               c.num_expert_group, c.topk_group, c.moe_renormalize, c.routed_scaling_factor,
                               c.moe_biased_weights, num_shared=num_shared)
+
+    def norm_route(self, norm: nn.Module, branch: torch.Tensor, residual: torch.Tensor, num_shared: int = 0):
+        """The decoder's `norm.add(branch, residual)` and this router on its output, one launch where the
+        kernel serves (`ops.moe.norm_select_experts`) -> (h, residual, (weights, ids))."""
+        c = self.config
+        h, residual, weights, ids = norm_select_experts(
+            branch, residual, norm.weight, norm.eps, self.weight, self.e_score_correction_bias,
+            c.num_experts_per_token, c.num_expert_group, c.topk_group, c.moe_renormalize, c.routed_scaling_factor,
+            c.moe_biased_weights, num_shared=num_shared)
+        return h, residual, (weights, ids)
 
 
 class Experts(nn.Module):
@@ -136,13 +149,23 @@ class MoE(nn.Module):
             return w13.view_experts(E + 1), w2.view_experts(E + 1), 1
         return w13.view(E + 1, I2, D), w2.view(E + 1, D, I2 // 2), 1
 
-    def forward(self, x: torch.Tensor, reduce: bool = True, cu_seqlens: torch.Tensor | None = None):
+    def norm_forward(self, norm: nn.Module, branch: torch.Tensor, residual: torch.Tensor, reduce: bool = True,
+                     cu_seqlens: torch.Tensor | None = None):
+        """`self(norm.add(branch, residual)[0])` and the new residual, the norm folded into the router's launch
+        where the kernel serves (decode). branch, residual [N, D] -> (y or the unreduced pair, residual)."""
+        w13, w2, num_shared = self._stacked()
+        h, residual, routing = self.gate.norm_route(norm, branch, residual, num_shared)
+        return self.forward(h, reduce, cu_seqlens, routing=routing, stacks=(w13, w2, num_shared)), residual
+
+    def forward(self, x: torch.Tensor, reduce: bool = True, cu_seqlens: torch.Tensor | None = None,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None, stacks: tuple | None = None):
         """x [..., D] -> y [..., D]; with reduce=False (x [N, D]) possibly the pair (y [N, k, D], weights [N, k]).
-        cu_seqlens int32 [S + 1]: the documents of x [N, D] (for the balance loss; None = one document)."""
+        cu_seqlens int32 [S + 1]: the documents of x [N, D] (for the balance loss; None = one document).
+        routing / stacks: the router's (weights, ids) and `_stacked()` already computed (`norm_forward`)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        w13, w2, num_shared = self._stacked()
-        topk_weights, topk_ids = self.gate(x, num_shared=num_shared)
+        w13, w2, num_shared = stacks if stacks is not None else self._stacked()
+        topk_weights, topk_ids = routing if routing is not None else self.gate(x, num_shared=num_shared)
         if self.training:
             routed = topk_ids[:, :self.config.num_experts_per_token]
             flat = routed.reshape(-1)  # counted by a scatter-add: bincount would sync with the host

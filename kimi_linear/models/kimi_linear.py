@@ -16,7 +16,8 @@
 Parameter names equal the checkpoint's, except the routed experts, which are stacked per layer
 (`experts.w13_weight`, `experts.w2_weight`); `checkpoint_layout()` gives the mapping both ways.
 Projections that read the same input are stored as rows of one tensor (`tie_fused_weights`) so that
-inference runs them as one GEMM; the decoder's residual adds are folded into the next norm's kernel.
+inference runs them as one GEMM; the decoder's residual adds are folded into the next norm's kernel, and
+in an MoE layer the post-attention norm into the router's launch at decode (`MoE.norm_forward`).
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ class KimiLinearDecoderLayer(nn.Module):
         branch (a tensor, or an MoE's unreduced `(y, weights)` pair) still to be added to `residual`.
         Returns (branch, residual): this layer's output stream is residual + branch."""
         h, residual = self.input_layernorm.add(x, residual)
-        h, residual = self.post_attention_layernorm.add(self.self_attn(h, ctx), residual)
-        if self.is_moe:
-            return self.block_sparse_moe(h, reduce=False, cu_seqlens=ctx.cu_seqlens), residual
+        branch = self.self_attn(h, ctx)
+        if self.is_moe:  # the post-attention norm folded into the router's launch (decode)
+            return self.block_sparse_moe.norm_forward(self.post_attention_layernorm, branch, residual, reduce=False,
+                                                      cu_seqlens=ctx.cu_seqlens)
+        h, residual = self.post_attention_layernorm.add(branch, residual)
         return self.mlp(h), residual
 
     def aux_loss(self) -> torch.Tensor | None:

@@ -3,6 +3,9 @@
 Public entries (each runs the Triton kernel or the naive reference, `ops/dispatch.py`; the kernels have
 no backward, so under autograd the naive forms run; both never sync with the host on the kernel path):
 - `select_experts`: the router (`routing.py` / `naive.sigmoid_grouped_topk`);
+- `norm_select_experts`: the decoder's post-attention residual add + RMSNorm and the router, in one launch
+  for decode-sized batches on the kernel path (`norm_router.py`), else `ops.norm.fused_rms_norm` then
+  `select_experts`;
 - `fused_experts`: the routed experts, plus shared experts folded into the stacks (`fused_moe.py` /
   `naive.naive_fused_experts`). Under autograd: torch's differentiable grouped GEMM
   (`grouped.grouped_moe_experts`) where it serves (CUDA, bf16 compute), else the naive expert loop.
@@ -20,8 +23,9 @@ import torch
 from kimi_linear.ops.dispatch import training_forms, use_kernel
 from kimi_linear.ops.moe.grouped import grouped_moe_experts, grouped_supported
 from kimi_linear.ops.moe.naive import naive_fused_experts, naive_moe_experts, router_scores, sigmoid_grouped_topk
+from kimi_linear.ops.norm import fused_rms_norm
 
-__all__ = ["select_experts", "fused_experts", "router_scores", "grouped_moe_experts", "grouped_supported", "sigmoid_grouped_topk", "naive_moe_experts", "naive_fused_experts"]
+__all__ = ["select_experts", "norm_select_experts", "fused_experts", "router_scores", "grouped_moe_experts", "grouped_supported", "sigmoid_grouped_topk", "naive_moe_experts", "naive_fused_experts"]
 
 
 def select_experts(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
@@ -36,6 +40,25 @@ def select_experts(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tenso
 
         return kernel(*args, num_shared=num_shared)
     return sigmoid_grouped_topk(*args, num_shared=num_shared)
+
+
+def norm_select_experts(branch: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_expert_group: int = 1,
+                        topk_group: int = 1, renormalize: bool = True, scaling: float = 1.0,
+                        biased_weights: bool = False, num_shared: int = 0):
+    """h = RMSNorm(residual + branch) and the router on h: branch, residual [N, D] -> (h, new residual,
+    topk_weights [N, k + S] fp32, topk_ids [N, k + S] int64); the norm as `ops.norm.fused_rms_norm`, the
+    router as `select_experts`. Up to `routing.GEMV_MAX_TOKENS` tokens on the kernel path: one launch."""
+    route = (top_k, num_expert_group, topk_group, renormalize, scaling, biased_weights)
+    if branch.dim() == 2 and use_kernel(branch, residual, norm_weight, gate_weight, bias):
+        from kimi_linear.ops.moe.routing import GEMV_MAX_TOKENS
+
+        if branch.shape[0] <= GEMV_MAX_TOKENS:
+            from kimi_linear.ops.moe.norm_router import fused_norm_select_experts as kernel
+
+            return kernel(branch, residual, norm_weight, eps, gate_weight, bias, *route, num_shared=num_shared)
+    h, residual = fused_rms_norm(branch, norm_weight, eps, residual=residual)
+    return (h, residual, *select_experts(h, gate_weight, bias, *route, num_shared=num_shared))
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

@@ -72,17 +72,17 @@ def _router_logits_kernel(x_ptr, w_ptr, out_ptr, N, E, D: tl.constexpr, BF16_DOT
 
 
 @triton.jit
-def _router_topk_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E, PER, scaling,
-                        G: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr, NUM_SHARED: tl.constexpr,
-                        K_P: tl.constexpr,
-                        G_P: tl.constexpr, PER_P: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BIASED_WEIGHTS: tl.constexpr, RENORMALIZE: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
+def topk_row(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E, PER, scaling,
+             G: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr, NUM_SHARED: tl.constexpr,
+             K_P: tl.constexpr, G_P: tl.constexpr, PER_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+             BIASED_WEIGHTS: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """The grouped top-k of one token: its E fp32 logits at `logits_ptr` (read from L2: another program of
+    the same launch may have written them) -> TOPK + NUM_SHARED weights and ids at weights_ptr / ids_ptr."""
     g = tl.arange(0, G_P)
     j = tl.arange(0, PER_P)
     valid = (g[:, None] < G) & (j[None, :] < PER)
     eid = g[:, None] * PER + j[None, :]
-    logits = tl.load(logits_ptr + n * E + eid, mask=valid, other=0.0)
+    logits = tl.load(logits_ptr + eid, mask=valid, other=0.0, cache_modifier=".cg")
     scores = 1.0 / (1.0 + tl.exp(-logits))
     choice = scores
     if HAS_BIAS:
@@ -125,8 +125,52 @@ def _router_topk_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E, PER, scal
         shared = (slots >= TOPK) & (slots < KT)
         out_w = tl.where(shared, 1.0, out_w)
         out_id = tl.where(shared, (E + slots - TOPK).to(tl.int64), out_id)
-    tl.store(weights_ptr + n * KT + slots, out_w, mask=slots < KT)
-    tl.store(ids_ptr + n * KT + slots, out_id, mask=slots < KT)
+    tl.store(weights_ptr + slots, out_w, mask=slots < KT)
+    tl.store(ids_ptr + slots, out_id, mask=slots < KT)
+
+
+@triton.jit
+def _router_topk_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E, PER, scaling,
+                        G: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr, NUM_SHARED: tl.constexpr,
+                        K_P: tl.constexpr, G_P: tl.constexpr, PER_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BIASED_WEIGHTS: tl.constexpr, RENORMALIZE: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    KT: tl.constexpr = TOPK + NUM_SHARED
+    topk_row(logits_ptr + n * E, bias_ptr, weights_ptr + n * KT, ids_ptr + n * KT, E, PER, scaling, G, TOPK_GROUP,
+             TOPK, NUM_SHARED, K_P, G_P, PER_P, HAS_BIAS, BIASED_WEIGHTS, RENORMALIZE)
+
+
+def check_router_args(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
+                      num_expert_group: int, topk_group: int, num_shared: int) -> None:
+    """The router's argument checks (shared by the fused norm + router, `norm_router.py`)."""
+    if x.dim() != 2 or gate_weight.dim() != 2 or x.shape[1] != gate_weight.shape[1]:
+        raise MoEError(f"router: x {tuple(x.shape)} and gate weight {tuple(gate_weight.shape)} do not match "
+                         "([N, D] and [E, D])")
+    E = gate_weight.shape[0]
+    if not 1 <= top_k <= E:
+        raise MoEError(f"router: top_k={top_k} must be in [1, {E}]")
+    if num_expert_group < 1 or E % num_expert_group or not 1 <= topk_group <= num_expert_group:
+        raise MoEError(f"router: {E} experts cannot form {num_expert_group} groups keeping {topk_group}")
+    if bias is not None and bias.shape != (E,):
+        raise MoEError(f"router: correction bias shape {tuple(bias.shape)} != ({E},)")
+    if num_shared < 0:
+        raise MoEError(f"router: num_shared={num_shared} must be >= 0")
+
+
+def topk_constexprs(E: int, top_k: int, num_expert_group: int, topk_group: int, renormalize: bool,
+                    biased_weights: bool, num_shared: int, has_bias: bool) -> dict:
+    """The compile-time arguments of `topk_row` (after PER and scaling) for this router."""
+    per = E // num_expert_group
+    return dict(G=num_expert_group, TOPK_GROUP=topk_group, TOPK=top_k, NUM_SHARED=num_shared,
+                K_P=triton.next_power_of_2(top_k + num_shared), G_P=max(2, triton.next_power_of_2(num_expert_group)),
+                PER_P=max(2, triton.next_power_of_2(per)), HAS_BIAS=has_bias, BIASED_WEIGHTS=biased_weights,
+                RENORMALIZE=renormalize)
+
+
+def gemv_block_e(D: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_E) of the decode-sized logits GEMV: whole rows, <= 8K weight values a program."""
+    block_d = triton.next_power_of_2(D)
+    return block_d, max(1, min(16, 8192 // block_d))
 
 
 def fused_sigmoid_grouped_topk(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
@@ -137,21 +181,11 @@ def fused_sigmoid_grouped_topk(x: torch.Tensor, gate_weight: torch.Tensor, bias:
     Same contract as `naive.sigmoid_grouped_topk`; ids come best first (the reference leaves them unsorted).
     num_shared = S > 0 appends S shared-expert slots (ids E .. E + S - 1, weight 1.0): [N, k + S].
     """
-    if x.dim() != 2 or gate_weight.dim() != 2 or x.shape[1] != gate_weight.shape[1]:
-        raise MoEError(f"router: x {tuple(x.shape)} and gate weight {tuple(gate_weight.shape)} do not match "
-                         "([N, D] and [E, D])")
+    check_router_args(x, gate_weight, bias, top_k, num_expert_group, topk_group, num_shared)
     N, D = x.shape
     E = gate_weight.shape[0]
-    if not 1 <= top_k <= E:
-        raise MoEError(f"router: top_k={top_k} must be in [1, {E}]")
-    if num_expert_group < 1 or E % num_expert_group or not 1 <= topk_group <= num_expert_group:
-        raise MoEError(f"router: {E} experts cannot form {num_expert_group} groups keeping {topk_group}")
-    if bias is not None and bias.shape != (E,):
-        raise MoEError(f"router: correction bias shape {tuple(bias.shape)} != ({E},)")
     x = x.contiguous()
     gate_weight = gate_weight.contiguous()
-    if num_shared < 0:
-        raise MoEError(f"router: num_shared={num_shared} must be >= 0")
     kt = top_k + num_shared
     weights = torch.empty(N, kt, dtype=torch.float32, device=x.device)
     ids = torch.empty(N, kt, dtype=torch.int64, device=x.device)
@@ -159,8 +193,7 @@ def fused_sigmoid_grouped_topk(x: torch.Tensor, gate_weight: torch.Tensor, bias:
         return weights, ids
     logits = torch.empty(N, E, dtype=torch.float32, device=x.device)
     if N <= GEMV_MAX_TOKENS:
-        block_d = triton.next_power_of_2(D)
-        block_e = max(1, min(16, 8192 // block_d))  # <= 8K weight values (64 registers a thread) per program
+        block_d, block_e = gemv_block_e(D)
         _router_logits_gemv_kernel[(triton.cdiv(E, block_e),)](x, gate_weight, logits, N, E, x.stride(0), D,
                                                                BLOCK_E=block_e, BLOCK_D=block_d, num_warps=4)
     else:
@@ -171,11 +204,8 @@ def fused_sigmoid_grouped_topk(x: torch.Tensor, gate_weight: torch.Tensor, bias:
         grid = (triton.cdiv(N, block_m), triton.cdiv(E, block_e))
         _router_logits_kernel[grid](x, gate_weight, logits, N, E, D, BF16_DOT=bf16, BLOCK_M=block_m,
                                     BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4, num_stages=3)
-    per = E // num_expert_group
     b = bias.contiguous() if bias is not None else logits
-    _router_topk_kernel[(N,)](logits, b, weights, ids, E, per, float(scaling),
-                              G=num_expert_group, TOPK_GROUP=topk_group, TOPK=top_k, NUM_SHARED=num_shared,
-                              K_P=triton.next_power_of_2(kt), G_P=max(2, triton.next_power_of_2(num_expert_group)),
-                              PER_P=max(2, triton.next_power_of_2(per)), HAS_BIAS=bias is not None,
-                              BIASED_WEIGHTS=biased_weights, RENORMALIZE=renormalize, num_warps=1)
+    _router_topk_kernel[(N,)](logits, b, weights, ids, E, E // num_expert_group, float(scaling),
+                              **topk_constexprs(E, top_k, num_expert_group, topk_group, renormalize, biased_weights,
+                                                num_shared, bias is not None), num_warps=1)
     return weights, ids

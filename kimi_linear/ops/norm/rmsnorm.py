@@ -29,6 +29,18 @@ from kimi_linear.errors import NormError
 
 
 @triton.jit
+def rms_norm_of(v, w, o, m, eps, D: tl.constexpr):
+    """weight * (float(v) * rsqrt(mean(float(v)^2) + eps)).to(v's dtype), fp32 (the caller rounds): one row
+    v [BLOCK_D] in the stream's dtype, masked lanes zero; `w + o` the weight's lanes. Shared with the kernels
+    that fold a norm into their prologue (`ops/moe/norm_router.py`), which launch with `launch_warps` so
+    that their sum of squares reduces in the same order as this module's kernel."""
+    xf = v.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, 0) / D + eps)
+    yn = (xf * rstd).to(v.dtype).to(tl.float32)
+    return yn * tl.load(w + o, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_kernel(x, r, bw, w, y, r_out, dst, slots, sx_n, sx_k, sr_n, sy_n, sro_n, eps,
                      D: tl.constexpr, TAIL: tl.constexpr, TOPK: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_T: tl.constexpr, HAS_RES: tl.constexpr, HAS_BW: tl.constexpr, SCATTER: tl.constexpr):
@@ -50,11 +62,7 @@ def _rms_norm_kernel(x, r, bw, w, y, r_out, dst, slots, sx_n, sx_k, sr_n, sy_n, 
         s = (v.to(tl.float32) + tl.load(r + n * sr_n + o, mask=m, other=0.0).to(tl.float32)).to(x.dtype.element_ty)
         tl.store(r_out + n * sro_n + o, s, mask=m)
         v = s
-    xf = v.to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(xf * xf, 0) / D + eps)
-    yn = (xf * rstd).to(x.dtype.element_ty).to(tl.float32)
-    out = yn * tl.load(w + o, mask=m, other=0.0).to(tl.float32)
-    out = out.to(y.dtype.element_ty)
+    out = rms_norm_of(v, w, o, m, eps, D).to(y.dtype.element_ty)
     tl.store(y + n * sy_n + o, out, mask=m)
     if SCATTER:
         # through fp32: exact for a bf16 cache, one rounding (RNE, saturating) for an fp8 one
@@ -68,7 +76,8 @@ def _rms_norm_kernel(x, r, bw, w, y, r_out, dst, slots, sx_n, sx_k, sr_n, sy_n, 
             tl.store(p_dst + D + ot, t.to(tl.float32).to(dst.dtype.element_ty), mask=mt & (slot >= 0))
 
 
-def _num_warps(block: int) -> int:
+def launch_warps(block: int) -> int:
+    """Warps of a launch whose programs each normalise [block]-lane rows."""
     return max(1, min(8, block // 512))
 
 
@@ -133,5 +142,5 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
             D if r_out is not None else 0, float(eps),
             D=D, TAIL=tail, TOPK=topk, BLOCK_D=block_d, BLOCK_T=triton.next_power_of_2(max(tail, 1)),
             HAS_RES=residual is not None, HAS_BW=branch_weights is not None, SCATTER=scatter is not None,
-            num_warps=_num_warps(block_d))
+            num_warps=launch_warps(block_d))
     return y if residual is None else (y, r_out)
