@@ -24,8 +24,8 @@ Design and invariants:
 
 Schedule: S = Q K^T with the heads as the MMA M dimension (mma.sync), 4 warps, 32-token tiles
 (16 in fp32), Triton's pipeliner, the next tile's block ids read one iteration ahead; the reduction runs
-one program per (sequence, head, 128 values) over the active splits, 64 splits per vector load. Measured figures are in
-benchmarks/RESULTS.md (`benchmarks/mla_decode.py`).
+one program per (sequence, head, 128 values) over the active splits, 64 splits per vector load. Measured
+figures are in benchmarks/RESULTS.md (`benchmarks/mla_decode.py`).
 """
 
 from __future__ import annotations

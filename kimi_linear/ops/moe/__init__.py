@@ -25,7 +25,8 @@ from kimi_linear.ops.moe.grouped import grouped_moe_experts, grouped_supported
 from kimi_linear.ops.moe.naive import naive_fused_experts, naive_moe_experts, router_scores, sigmoid_grouped_topk
 from kimi_linear.ops.norm import fused_rms_norm
 
-__all__ = ["select_experts", "norm_select_experts", "fused_experts", "router_scores", "grouped_moe_experts", "grouped_supported", "sigmoid_grouped_topk", "naive_moe_experts", "naive_fused_experts"]
+__all__ = ["select_experts", "norm_select_experts", "fused_experts", "router_scores", "grouped_moe_experts",
+           "grouped_supported", "sigmoid_grouped_topk", "naive_moe_experts", "naive_fused_experts"]
 
 
 def select_experts(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
