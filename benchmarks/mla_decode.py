@@ -50,7 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the varian
 def parse_spec(spec: str) -> dict:
     """'default' or '/'-separated launch overrides -> keyword arguments of `mla_decode_attention`:
     bnN (tile tokens), wN (warps), sN (stages), mcN (min_chunk), spN (splits), bhN (heads per program),
-    nopre (no block-id prefetch), dl (each latent tile loaded twice, once per dot). E.g. 'bh16/s3' ->
+    nopre (no block-id prefetch), dl / nodl (each latent tile loaded twice, once per dot, or once: the
+    default is dl over an fp8 cache, nodl over bf16). E.g. 'bh16/s3' ->
     dict(block_h=16, num_stages=3). 'fp8' is not a launch option: it selects a float8_e4m3fn cache (see
     `cache_dtype`), e.g. 'fp8/dl'."""
     kw: dict = {}
@@ -61,14 +62,14 @@ def parse_spec(spec: str) -> dict:
         if opt == "nopre":
             kw["prefetch"] = False
             continue
-        if opt == "dl":
-            kw["dual_load"] = True
+        if opt in ("dl", "nodl"):
+            kw["dual_load"] = opt == "dl"
             continue
         if opt == "fp8":
             continue
         key = opt.rstrip("0123456789")
         if key not in names or key == opt:
-            raise SystemExit(f"unknown launch option {opt!r} in {spec!r} (options: default, fp8, dl, nopre, "
+            raise SystemExit(f"unknown launch option {opt!r} in {spec!r} (options: default, fp8, dl, nodl, nopre, "
                              + ", ".join(k + "N" for k in names) + ")")
         kw[names[key]] = int(opt[len(key):])
     return kw
