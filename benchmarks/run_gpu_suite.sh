@@ -2,7 +2,7 @@
 # Every GPU check and timing in one go (the device gives each command at most 10 minutes):
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
-# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic synthetic_mqar synthetic_probe demo soak train_tests train fp8 fp8_tests
+# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic synthetic_mqar synthetic_mqar16 synthetic_probe demo soak train_tests train fp8 fp8_tests
 #   fp8_tiles profile profile_fp8 long_ctx prefill throughput tc_save tc_restore
 #   (default: tests kda_decode engine)
 # train_tests (<= 50 s): the training kernels compiled against their references
@@ -43,6 +43,13 @@ for part in $parts; do
       timeout 585 python3 -m kimi_linear synthetic --tasks mqar --mixers kda,gdn --lengths 512,1024 --workers 4 \
         --steps 20000 --run-wall-s 530 --budget-s 535 --curves-length 1024 --out "$OUT/synthetic_mqar" 2>&1 \
         | tee "$OUT/synthetic_mqar/log.txt" | tail -30 ;;
+    # synthetic_mqar16 (<= 420 s, a call of its own): MQAR with 16 key-value pairs at every length (the count that
+    #   both mixers learn at 256 tokens), KDA and GDN at 1024 and 2048: with the recall load fixed, does the longer
+    #   distance separate the channel-wise gate from the per-head one?
+    synthetic_mqar16) mkdir -p "$OUT/synthetic_mqar16"
+      timeout 420 python3 -m kimi_linear synthetic --tasks mqar --mixers kda,gdn --lengths 1024,2048 --mqar-pairs 16 \
+        --workers 4 --steps 20000 --run-wall-s 320 --budget-s 330 --curves-length 1024 --out "$OUT/synthetic_mqar16" 2>&1 \
+        | tee "$OUT/synthetic_mqar16/log.txt" | tail -30 ;;
     # synthetic_probe (<= 150 s): steps/s of one synthetic run per mixer / length / batch, then 4-16 runs at once
     synthetic_probe) timeout 150 python3 -m benchmarks.synthetic_probe --budget-s 120 --json "$OUT/synthetic_probe.json" 2>&1 | tail -30 ;;
     # the demo model (kimi_linear/tools/demo_model.py) from the prepared corpus + tokenizer in $DEMO_DATA

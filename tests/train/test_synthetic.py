@@ -134,6 +134,10 @@ def test_bad_flags_name_the_flag(capsys):
     assert "--mqar-vocab" in capsys.readouterr().err
     assert main(["synthetic", "--tasks", "mqar", "--lengths", "16384"]) == 2  # the default 1024: 511 keys < 1024 pairs
     assert "1024 holds too few distinct keys" in capsys.readouterr().err
+    assert main(["synthetic", "--tasks", "mqar", "--mqar-pairs", "0"]) == 2
+    assert "--mqar-pairs" in capsys.readouterr().err
+    assert main(["synthetic", "--tasks", "mqar", "--lengths", "64,256", "--mqar-pairs", "32"]) == 2  # 128 > 64
+    assert "need every length >= 128" in capsys.readouterr().err
     assert main(["synthetic", "--shares", "sorting=2"]) == 2
     assert "--shares" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -226,3 +230,18 @@ def test_mqar_vocab_reaches_the_run(tmp_path):
     assert main(["synthetic", "--quick", "--tasks", "mqar", "--mixers", "gdn", "--lengths", "16", "--mqar-vocab",
                  "256", "--out", str(out), "--curves-length", "16"]) == 0
     assert {json.loads(line)["vocab"] for line in open(out / "curves.jsonl")} == {256}
+
+
+def test_mqar_pairs_reach_the_run(tmp_path):
+    """--mqar-pairs fixes MQAR's key-value pairs at every length (RunSpec.mqar_pairs); the records name them."""
+    from kimi_linear.train.synthetic.tasks import make_task
+
+    assert make_task("mqar").pairs(1024) == 64 and make_task("mqar", None, 16).pairs(1024) == 16
+    ids, labels = make_task("mqar", 256, 3).generate(2, 32, torch.Generator().manual_seed(0))
+    assert ((labels != -100).sum(dim=1) == 3).all()  # one answer per pair
+    from kimi_linear.cli.main import main
+
+    out = tmp_path / "s"
+    assert main(["synthetic", "--quick", "--tasks", "mqar", "--mixers", "gdn", "--lengths", "16,32", "--mqar-pairs",
+                 "2", "--out", str(out), "--curves-length", "16"]) == 0
+    assert {json.loads(line)["kv_pairs"] for line in open(out / "curves.jsonl")} == {2}

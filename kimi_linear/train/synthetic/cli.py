@@ -82,6 +82,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-acc", type=float, default=0.99, help="stop a run once it reaches this accuracy")
     p.add_argument("--mqar-vocab", type=int, default=None, help="MQAR's vocabulary (default: 1024, the "
                    "committed table's; Zoology's 8192 learnt nothing in the same budget)")
+    p.add_argument("--mqar-pairs", type=int, default=None, help="MQAR's key-value pairs per sequence at every "
+                   "length (default: the length / 16, so longer sequences hold more to recall; Zoology fixes them)")
     p.add_argument("--hidden-size", type=int, default=256, help="model width (2 heads of 128 in every mixer)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the generated data")
     p.add_argument("--curves-length", type=int, default=1024, help="length whose accuracy-vs-step curves are drawn")
@@ -132,8 +134,15 @@ def validate(args: argparse.Namespace) -> None:
     from kimi_linear.train.synthetic.tasks import make_task
 
     vocab = make_task("mqar", args.mqar_vocab).vocab_size
-    if "mqar" in args.tasks and vocab // 2 - 1 < max(args.lengths) // 16:
-        raise ConfigError("--mqar-vocab", f"{vocab} holds too few distinct keys for {max(args.lengths) // 16} "
+    pairs = args.mqar_pairs if args.mqar_pairs is not None else max(args.lengths) // 16
+    if args.mqar_pairs is not None and "mqar" in args.tasks:
+        if args.mqar_pairs < 1:
+            raise ConfigError("--mqar-pairs", f"must be at least 1, got {args.mqar_pairs}")
+        if 4 * args.mqar_pairs > min(args.lengths):
+            raise ConfigError("--mqar-pairs", f"{args.mqar_pairs} key-value pairs need every length >= "
+                              f"{4 * args.mqar_pairs}, got {min(args.lengths)}")
+    if "mqar" in args.tasks and vocab // 2 - 1 < pairs:
+        raise ConfigError("--mqar-vocab", f"{vocab} holds too few distinct keys for {pairs} "
                           f"key-value pairs (length {max(args.lengths)}): pass a larger --mqar-vocab")
     if not args.lr > 0:
         raise ConfigError("--lr", f"must be positive, got {args.lr}")
@@ -188,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
                  batch_tokens=args.batch_tokens, min_batch=args.min_batch, lr=args.lr, warmup_steps=args.warmup_steps,
                  weight_decay=args.weight_decay,
                  eval_every=args.eval_every, eval_sequences=args.eval_sequences, target_acc=args.target_acc,
-                 seed=args.seed, hidden_size=args.hidden_size, mqar_vocab=args.mqar_vocab)
+                 seed=args.seed, hidden_size=args.hidden_size, mqar_vocab=args.mqar_vocab,
+                 mqar_pairs=args.mqar_pairs)
     t0 = time.perf_counter()
     if args.workers == 0:
         curves = _run_inline(specs, args.out, device, args.budget_s)

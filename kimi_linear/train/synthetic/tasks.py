@@ -175,10 +175,11 @@ class Stack:
 TASKS = {"palindrome": Palindrome, "mqar": MQAR, "stack": Stack}
 
 
-def make_task(name: str, mqar_vocab: int | None = None):
-    """The task `name` with its defaults (MQAR's vocabulary `mqar_vocab` when given)."""
+def make_task(name: str, mqar_vocab: int | None = None, mqar_pairs: int | None = None):
+    """The task `name` with its defaults (MQAR's vocabulary `mqar_vocab` and its key-value pairs per sequence
+    `mqar_pairs` when given; by default the pairs are T / 16)."""
     if name not in TASKS:
         raise ValueError(f"unknown synthetic task {name!r}; choose from {', '.join(TASKS)}")
-    if name == "mqar" and mqar_vocab is not None:
-        return MQAR(vocab=mqar_vocab)
+    if name == "mqar":
+        return MQAR(**({} if mqar_vocab is None else {"vocab": mqar_vocab}), num_kv_pairs=mqar_pairs)
     return TASKS[name]()

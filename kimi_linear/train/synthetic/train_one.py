@@ -56,6 +56,7 @@ class RunSpec:
     hidden_size: int = 256
     share: float = 1.0  # this run's weight in its lane's time (worker.py), from --shares
     mqar_vocab: int | None = None  # MQAR's vocabulary (None: the task's default, 1024)
+    mqar_pairs: int | None = None  # MQAR's key-value pairs per sequence (None: seq_len // 16)
 
     @property
     def batch(self) -> int:
@@ -184,12 +185,14 @@ class Trainer:
 def train_one(spec: RunSpec, device: torch.device, sink: Callable[[dict], None]) -> dict:
     """Run `spec` on `device`; call `sink(record)` after every evaluation; return the last record."""
     start = time.perf_counter()
-    task = make_task(spec.task, spec.mqar_vocab)
+    task = make_task(spec.task, spec.mqar_vocab, spec.mqar_pairs)
     trainer = Trainer(spec, device, task.vocab_size)
     eval_set = make_eval_set(task, spec)
     batches = batch_stream(task, spec, device)
     base = {"task": spec.task, "mixer": spec.mixer, "seq_len": spec.seq_len, "batch": spec.batch, "lr": spec.lr,
             "vocab": task.vocab_size}
+    if hasattr(task, "pairs"):  # MQAR: how many key-value pairs each sequence holds
+        base["kv_pairs"] = task.pairs(spec.seq_len)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     num_losses = 0
     best = 0.0
