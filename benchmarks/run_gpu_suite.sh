@@ -3,7 +3,7 @@
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
 # parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic synthetic_mqar synthetic_mqar16 synthetic_probe demo soak train_tests train fp8 fp8_tests
-#   fp8_tiles profile profile_fp8 long_ctx prefill throughput tc_save tc_restore
+#   fp8_tiles profile profile_fp8 long_ctx prefill throughput throughput_sweep tc_save tc_restore
 #   (default: tests kda_decode engine)
 # train_tests (<= 50 s): the training kernels compiled against their references
 # train (<= 540 s): benchmarks.train, ours vs transformers + fla at 1b-4k, 1b-32k with checkpointing in both,
@@ -78,6 +78,14 @@ for part in $parts; do
       timeout 220 python3 -m kimi_linear bench throughput /tmp/kl-48b --load-format dummy --num-prompts 300 \
         --input-len 1024 --output-len 1024 --max-num-seqs 100 --max-model-len 4096 \
         --output-json "$OUT/throughput_1k_c100.json" 2>&1 | tail -6 ;;
+    # throughput_sweep (<= 560 s): SGLang's 8,000 / 1,500 workload under three engine settings, to find what the
+    #   12-04 figure (15,617 total tok/s, below the 17,971 of an earlier main) lost: async scheduling off, then a
+    #   16K and a 32K step token budget (default 8,192: 256 experts see ~256 tokens each per prefill step)
+    throughput_sweep) python3 -m kimi_linear init --preset 48b-a3b --no-weights /tmp/kl-48b >/dev/null &&
+      for a in "--no-async-scheduling" "--max-num-batched-tokens 16384" "--max-num-batched-tokens 32768"; do
+        echo "--- $a"; timeout 180 python3 -m kimi_linear bench throughput /tmp/kl-48b --load-format dummy \
+          --num-prompts 200 --input-len 8000 --output-len 1500 --max-model-len 10240 $a \
+          --output-json "$OUT/throughput_8k_$(echo $a | tr -dc 'a-z0-9').json" 2>&1 | grep -v Generating | tail -3; done ;;
     fp8_tiles) timeout 150 python3 -m benchmarks.fp8_tiles --out "$OUT/fp8_tiles.json" --budget-s 115 2>&1 | tail -14 ;;
     profile_fp8) for q in fp8 bf16; do [ $q = fp8 ] && a="--quantization fp8" || a=""
         timeout 150 python3 -m benchmarks.profile_decode --preset 48b-a3b --context 4096 --top 28 $a \
