@@ -1,0 +1,35 @@
+"""Static sm_90 checks without a GPU (benchmarks/sm90_compile.py): the MLA decode kernel over an fp8 latent
+cache keeps its tiles on Triton's pipelined async copies with the default launch (dual_load), where a single
+load feeding both dots through the upcast is copied synchronously (1.15x slower at 1M on the H200)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import sm90_compile
+from kimi_linear.ops.mla.decode import _default_config
+
+pytestmark = pytest.mark.skipif(not sm90_compile.available(), reason="this Triton cannot compile for sm_90 here")
+
+
+def test_fp8_cache_default_launch_keeps_async_copies():
+    assert _default_config(32, torch.bfloat16, torch.float8_e4m3fn)["dual_load"]
+    assert not _default_config(32, torch.bfloat16, torch.bfloat16)["dual_load"]
+    r = sm90_compile.report()
+    bf16, one, dual = r["bf16"], r["fp8e4nv"], r["fp8e4nv/dl"]
+    assert bf16["async_copies"] >= 4  # the latent and rope tiles, double-buffered
+    assert one["async_copies"] < bf16["async_copies"]  # the latent tile fell off the async path
+    assert dual["async_copies"] >= bf16["async_copies"] + 2  # both latent loads and the rope tile are async
+    assert "2" in dual["mma"]
+
+
+def test_compile_report_refuses_interpreted_kernels():
+    from kimi_linear.ops.mla.decode import _mla_decode_split_kernel
+
+    if not hasattr(_mla_decode_split_kernel, "arg_names") or type(_mla_decode_split_kernel).__name__ != "JITFunction":
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            sm90_compile.compile_report(_mla_decode_split_kernel, {}, {})
+    else:
+        with pytest.raises(ValueError, match="no type or value"):
+            sm90_compile.compile_report(_mla_decode_split_kernel, {}, {})
