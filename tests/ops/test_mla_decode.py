@@ -89,10 +89,11 @@ def test_decode_odd_widths_and_default_splits(device, poison_empty):
 
 
 @pytest.mark.parametrize("block_n,block_h,prefetch,dual_load", [(16, 16, True, False), (32, 32, False, False),
-                                                                 (16, 32, True, True)])
+                                                                 (16, 32, True, True), (16, 64, False, False)])
 def test_decode_launch_overrides(block_n, block_h, prefetch, dual_load, device, poison_empty):
     """Launch overrides: block-id prefetch on / off, tiles that span several cache blocks (block size 8),
-    head groups (20 heads in groups of 16), padding rows."""
+    head groups (20 heads in groups of 16, or one group of 64 with 44 masked: the wgmma-sized launch), padding
+    rows."""
     H, Dn, Dr, Dv, R = 20, 16, 16, 16, 32
     seq_lens = [150, 1, 0, 33]
     q, cache, tables, lens, w = _setup(4, H, Dn, Dr, Dv, R, 8, seq_lens, torch.float32, device)
