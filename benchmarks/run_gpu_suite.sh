@@ -83,10 +83,12 @@ for part in $parts; do
         --input-len 1024 --output-len 1024 --max-num-seqs 100 --max-model-len 4096 \
         --output-json "$OUT/throughput_1k_c100.json" 2>&1 | tail -6 ;;
     # throughput_sweep (<= 560 s): SGLang's 8,000 / 1,500 workload under three engine settings, to find what the
-    #   12-04 figure (15,617 total tok/s, below the 17,971 of an earlier main) lost: async scheduling off, then a
-    #   16K and a 32K step token budget (default 8,192: 256 experts see ~256 tokens each per prefill step)
+    #   12-04 figure (15,617 total tok/s, below the 17,971 of an earlier main) lost: prefix caching off (on by
+    #   default since 12-02: KDA state snapshots at block boundaries, chunk ends aligned to blocks, 10% of the
+    #   cache memory), async scheduling off, a 16K step token budget (default 8,192: 256 experts see ~256 tokens
+    #   each per prefill step)
     throughput_sweep) python3 -m kimi_linear init --preset 48b-a3b --no-weights /tmp/kl-48b >/dev/null &&
-      for a in "--no-async-scheduling" "--max-num-batched-tokens 16384" "--max-num-batched-tokens 32768"; do
+      for a in "--no-enable-prefix-caching" "--no-async-scheduling" "--max-num-batched-tokens 16384"; do
         echo "--- $a"; timeout 180 python3 -m kimi_linear bench throughput /tmp/kl-48b --load-format dummy \
           --num-prompts 200 --input-len 8000 --output-len 1500 --max-model-len 10240 $a \
           --output-json "$OUT/throughput_8k_$(echo $a | tr -dc 'a-z0-9').json" 2>&1 | grep -v Generating | tail -3; done ;;
