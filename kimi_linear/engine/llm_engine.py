@@ -257,7 +257,7 @@ class LLMEngine:
                 return self._outputs(touched)
             self._advance(cur)
         nxt = None
-        if self.async_scheduling and can_overlap(cur, self.prefix_cache, self.config.block_size):
+        if self.async_scheduling and can_overlap(cur):
             nxt = self._launch(touched, inputs_from=cur.launched.sample)  # while `cur` runs on the device
             self._num_overlapped_steps += nxt is not None
         self._resolve(cur, touched)

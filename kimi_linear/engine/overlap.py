@@ -23,10 +23,12 @@ depend on the batch; a seeded request draws once per launched step, the discarde
 Step t+1 is scheduled before step t is resolved only when nothing in it needs step t's token values on
 the host (`can_overlap`); otherwise that call resolves step t first and schedules after it, exactly as
 with async scheduling off: repetition / frequency / presence penalties and bad_words (the sampler reads
-the previous tokens), structured output (the grammar must accept the token before the next bitmask),
-and a prefix-cache state snapshot at the end of the next step (the snapshot's key hashes the token; once
-per block_size decode steps). Then step t+1 is scheduled after step 2, and launched and resolved within
-the next call, exactly as with async scheduling off, which runs every step this way: the same code path.
+the previous tokens) and structured output (the grammar must accept the token before the next bitmask).
+Then step t+1 is scheduled after step 2, and launched and resolved within the next call, exactly as with
+async scheduling off, which runs every step this way: the same code path. A prefix-cache state snapshot at
+the end of step t+1 of a block that holds step t's token is planned without its key and keyed when step
+t+1 is advanced, after step t is resolved (`PrefixCache.commit`); if step t finished the request, the copy
+is dropped, as the synchronous engine never runs that step.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kimi_linear.engine.model_runner import LaunchedStep
-from kimi_linear.engine.prefix_cache import PrefixCache
 from kimi_linear.engine.request import Request, RequestStatus
 from kimi_linear.engine.scheduler import SchedulerOutput
 
@@ -55,16 +56,8 @@ def needs_host_tokens(req: Request) -> bool:
             or bool(p.frequency_penalty) or bool(p.presence_penalty))
 
 
-def can_overlap(step: InflightStep, prefix_cache: PrefixCache | None, block_size: int) -> bool:
-    """The next step can be scheduled and launched before `step` is resolved, with the same token values."""
-    snapshots = prefix_cache is not None and prefix_cache.needs_state
-    for req in step.placeholders:
-        if req.status != RequestStatus.RUNNING:
-            continue
-        if needs_host_tokens(req):
-            return False
-        # its next decode ends at num_tokens: on a block boundary the scheduler plans a state snapshot keyed by
-        # the hash of the block, which holds the token in flight
-        if snapshots and req.use_prefix_cache and req.num_tokens % block_size == 0:
-            return False
-    return True
+def can_overlap(step: InflightStep) -> bool:
+    """The next step can be scheduled and launched before `step` is resolved, with the same token values.
+    (A prefix-cache state snapshot at the end of the next step needs no token value when it is planned: a
+    block ending with the token in flight is keyed once the token is read back, `PrefixCache.commit`.)"""
+    return not any(req.status == RequestStatus.RUNNING and needs_host_tokens(req) for req in step.placeholders)

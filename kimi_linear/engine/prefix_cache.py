@@ -17,7 +17,9 @@ token p - 1 (`SnapshotPool`, keyed by the hash of the block ending at p). A mode
 - `chunk_tokens`: a prefill chunk ends at the next snapshot target, and otherwise (when it is not the
   last chunk) at a block boundary, so that the state at each chunk end is an exact snapshot point.
 - `plan_saves`: after the step's forward, the runner copies the slot of each scheduled request whose
-  chunk ends on a block boundary into a fresh snapshot. Targets are kept; other snapshots (chunk ends,
+  chunk ends on a block boundary into a fresh snapshot. A block that ends with the token still in flight
+  (async scheduling: a decode scheduled before the previous step's token is read back) is keyed at
+  `commit`, which runs after that token is known, so such steps overlap like any other. Targets are kept; other snapshots (chunk ends,
   block boundaries during decode) are progress snapshots: a request keeps only its latest one, which
   is what the next turn of a chat (prompt + answer + new message) or a resumed preempted request hits.
 - `commit(plan)` (after the step): unpin the restored snapshots and index the saved ones;
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 
 from kimi_linear.engine.block_hash import BlockHasher
 from kimi_linear.engine.block_pool import BlockPool
-from kimi_linear.engine.request import Request
+from kimi_linear.engine.request import Request, RequestStatus
 from kimi_linear.engine.snapshot_pool import SnapshotPool
 
 
@@ -49,8 +51,9 @@ class SnapshotSave:
     request: Request
     slot: int
     snapshot: int
-    key: bytes
+    key: bytes | None  # None: the block ends with the token in flight, keyed at `commit`
     keep: bool  # a snapshot target (else a progress snapshot, superseded by the request's next one)
+    num_blocks: int = 0  # the request's full blocks at the snapshot point (the block whose hash is the key)
 
 
 @dataclass
@@ -152,13 +155,17 @@ class PrefixCache:
             end = req.num_computed_tokens + n
             if end % bs or end == 0:
                 continue
-            key = self.hasher.hashes(req, end // bs)[end // bs - 1]
-            if self.snapshot_pool.lookup(key) is not None:
-                continue
+            if req.num_placeholders and end >= req.num_tokens:
+                key = None  # its last token is in flight: hashed at commit (never hash a placeholder)
+            else:
+                key = self.hasher.hashes(req, end // bs)[end // bs - 1]
+                if self.snapshot_pool.lookup(key) is not None:
+                    continue
             sid = self.snapshot_pool.allocate()
             if sid is None:  # every snapshot is pending or pinned this step
                 continue
-            plan.saves.append(SnapshotSave(req, req.state_slot, sid, key, keep=end in req.snapshot_targets))
+            plan.saves.append(SnapshotSave(req, req.state_slot, sid, key, keep=end in req.snapshot_targets,
+                                           num_blocks=end // bs))
 
     def commit(self, plan: StepPlan) -> None:
         """After the step's forward: unpin the restored snapshots and index the saved ones (the scheduler
@@ -166,13 +173,22 @@ class PrefixCache:
         for sid, _ in plan.restores:
             self.snapshot_pool.unpin(sid)
         for save in plan.saves:
-            self.stats.saves += 1
-            if not self.snapshot_pool.commit(save.snapshot, save.key) or save.keep:
-                continue
             req = save.request
-            if req.progress_snapshot is not None and req.progress_snapshot != save.key:
+            key = save.key
+            if key is None:  # keyed now: the token in flight at scheduling time has been read back since
+                if (req.status != RequestStatus.RUNNING or req.num_placeholders
+                        or req.num_tokens < save.num_blocks * self.block_size):
+                    # it finished, was aborted (its token dropped) or preempted meanwhile: as a synchronous
+                    # engine would never have run this step, the copy is not kept
+                    self.snapshot_pool.cancel(save.snapshot)
+                    continue
+                key = self.hasher.hashes(req, save.num_blocks)[save.num_blocks - 1]
+            self.stats.saves += 1
+            if not self.snapshot_pool.commit(save.snapshot, key) or save.keep:
+                continue
+            if req.progress_snapshot is not None and req.progress_snapshot != key:
                 self.snapshot_pool.discard(req.progress_snapshot)
-            req.progress_snapshot = save.key
+            req.progress_snapshot = key
 
     def register_blocks(self, request: Request) -> None:
         """Index the request's full, computed blocks that are not indexed yet."""

@@ -275,3 +275,28 @@ def test_abort_and_n_sequences_leave_nothing_owned(pair):
     assert got[0].num_cached_tokens == 24
     assert_same(got, off.generate(ids(prompt + [7]), sp, use_tqdm=False), "n=2")
     assert_nothing_owned(on)
+
+
+def test_decode_snapshots_keep_async_overlap(pair):
+    """With async scheduling (the default) a decode whose block ends with the token in flight snapshots the
+    state without waiting for that token: every step after the first overlaps, the tokens are the cache-off
+    engine's, and the next turn hits a snapshot taken during the answer."""
+    on, _ = pair
+    assert on.llm_engine.async_scheduling
+    on.reset_prefix_cache()
+    prompts = [tokens(5 + 3 * i, seed=40 + i) for i in range(3)]
+    stats = {}
+
+    def run(llm):
+        before = llm.llm_engine.stats()
+        outs = llm.generate([ids(p) for p in prompts], greedy(21), use_tqdm=False)  # crosses 2-3 boundaries
+        after = llm.llm_engine.stats()
+        stats[llm is on] = {k: getattr(after, k) - getattr(before, k) for k in ("num_steps", "num_overlapped_steps")}
+        nxt = prompts[0] + outs[0].outputs[0].token_ids + tokens(3, seed=60)
+        return outs + llm.generate(ids(nxt), greedy(2), use_tqdm=False)
+
+    got, ref = both(pair, run)
+    assert_same(got, ref, "decode snapshots")
+    assert stats[True]["num_overlapped_steps"] == stats[True]["num_steps"] - 1, stats
+    done = len(prompts[0]) + 21 - 1  # the first request's computed tokens: its answer's last token is not
+    assert got[-1].num_cached_tokens == done // BS * BS > len(prompts[0])

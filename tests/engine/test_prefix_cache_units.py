@@ -308,3 +308,34 @@ def test_admit_computed_requests_are_never_cached():
         _step(s, rng)
     assert s.block_pool.num_cached == 0 and pc.snapshot_pool.num_used == 0
     assert r.status == RequestStatus.FINISHED_LENGTH
+
+
+@pytest.mark.parametrize("ends", ["runs on", "stops", "aborted"])
+def test_snapshot_of_a_block_ending_with_the_token_in_flight(ends):
+    """Async scheduling plans the next decode before the token it consumes is read back: a snapshot of the
+    block that ends with that token is planned without a key (nothing hashes the placeholder) and keyed at
+    commit, after the token is known; if the token finished the request (or it was aborted), the copy is
+    cancelled, as the synchronous engine never runs that step."""
+    s, pc = _scheduler(bs=4, budget=64, snapshots=4)
+    a = Request("a", [11, 12, 13], SamplingParams(temperature=0, max_tokens=8), eos_token_ids=frozenset({7}))
+    s.add_request(a)
+    first = s.schedule()  # the 3-token prompt: no block boundary
+    s.advance(first, {"a"})  # its token is in flight: a placeholder
+    assert a.num_placeholders == 1 and a.num_tokens == 4
+    nxt = s.schedule()  # the decode that consumes it ends on the boundary at 4
+    (save,) = nxt.snapshots.saves
+    assert save.key is None and save.num_blocks == 1 and pc.snapshot_pool.num_pending == 1
+    assert a.block_hashes == []  # nothing hashed the placeholder
+    if ends == "aborted":
+        s.abort("a")
+        a.fill_placeholder(None)
+    else:
+        s.resolve_token(a, 7 if ends == "stops" else 5)
+    s.advance(nxt, {"a"})
+    assert pc.snapshot_pool.num_pending == 0
+    want = BlockHasher(4).hashes(Request("b", [11, 12, 13, 5], SamplingParams()), 1)[0]
+    if ends == "runs on":
+        assert pc.snapshot_pool.lookup(want) == save.snapshot and a.progress_snapshot == want
+        assert pc.stats.saves == 1
+    else:
+        assert pc.snapshot_pool.num_used == 0 and pc.stats.saves == 0
