@@ -8,6 +8,11 @@ pipeliner sees what it sees on the device. Numbers come from `cuobjdump --dump-r
 
     python -m benchmarks.sm90_compile                    # the MLA decode split kernel: bf16 and fp8 caches
     python -m benchmarks.sm90_compile --dump /tmp/ir     # also write each variant's TTGIR and PTX there
+    python -m benchmarks.sm90_compile --kda              # every kernel chunk_kda launches, forward + backward
+
+`--kda` runs the op under the interpreter, in a child process, at a small shape with the real head size
+(K = V = 128) and records each launch (`capture`: argument types, constexprs, warps, stages), then compiles
+what it recorded here (`compile_captured`): the launch configurations are the ones the op would use.
 
 `compile_report` is the function; `report` runs the MLA variants in a child process (the CPU tests import triton
 interpreted, which cannot compile), and tests/ops/test_sm90_compile.py holds the fp8 dual-load property to it.
@@ -77,6 +82,107 @@ def compile_report(fn, signature: dict[str, str], constexprs: dict, *, num_warps
     return out
 
 
+_TORCH_TO_TRITON = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "fp8e4nv",
+                    "float8_e5m2": "fp8e5", "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8",
+                    "uint8": "u8", "bool": "i1"}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def _describe(v):
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return {"ptr": _TORCH_TO_TRITON[str(v.dtype).removeprefix("torch.")]}
+    if v is None or isinstance(v, (bool, str)):
+        return {"value": v}
+    if isinstance(v, int):
+        return {"int": v}
+    if isinstance(v, float):
+        return {"float": v}
+    if hasattr(v, "value"):  # tl.constexpr
+        return {"value": v.value}
+    raise TypeError(f"capture: cannot describe a kernel argument of type {type(v).__name__}")
+
+
+def capture(run) -> list[dict]:
+    """Call `run()` with triton imported under TRITON_INTERPRET=1 (the CPU tests' mode) and record every
+    kernel launch: module, name, each argument (a pointer's dtype, an int, a float or a constant) and the
+    launch options. Identical launches are recorded once. Returns the records (JSON-able)."""
+    import inspect
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    orig = InterpretedFunction.run
+    seen: dict[str, dict] = {}
+
+    def record(self, *args, grid, warmup, **kwargs):
+        import json
+
+        opts = {k: kwargs[k] for k in _LAUNCH_OPTIONS if k in kwargs}
+        bound = inspect.signature(self.fn).bind(*args, **{k: v for k, v in kwargs.items() if k not in opts})
+        bound.apply_defaults()
+        rec = dict(module=self.fn.__module__, name=self.fn.__name__,
+                   args={n: _describe(v) for n, v in bound.arguments.items()}, options=opts)
+        seen.setdefault(json.dumps(rec, sort_keys=True), rec)
+        return orig(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = record
+    try:
+        run()
+    finally:
+        InterpretedFunction.run = orig
+    return list(seen.values())
+
+
+def compile_captured(rec: dict, dump: str | None = None) -> dict:
+    """Compile one `capture` record for sm_90 as a launch would: integer 1 becomes a constant and integers
+    divisible by 16 carry the divisibility hint (unless the kernel lists them in do_not_specialize)."""
+    import importlib
+
+    fn = getattr(importlib.import_module(rec["module"]), rec["name"])
+    sig, consts, no_hint = {}, {}, []
+    for p in fn.params:
+        d = rec["args"][p.name]
+        if p.is_constexpr or "value" in d:
+            consts[p.name] = d.get("value", d.get("int", d.get("float")))
+        elif "ptr" in d:
+            sig[p.name] = "*" + d["ptr"]
+        elif "float" in d:
+            sig[p.name] = "fp32"
+        elif d["int"] == 1 and not p.do_not_specialize:
+            consts[p.name] = 1
+        else:
+            sig[p.name] = "i32" if -2 ** 31 <= d["int"] < 2 ** 31 else "i64"
+            if d["int"] % 16 or p.do_not_specialize:
+                no_hint.append(p.name)
+    opts = rec.get("options", {})
+    return compile_report(fn, sig, consts, num_warps=opts.get("num_warps", 4), num_stages=opts.get("num_stages", 3),
+                          no_hint=tuple(no_hint), dump=dump, name=rec["name"])
+
+
+def kda_launches(T: int = 128, H: int = 2, K: int = 128, backward: bool = True) -> list[dict]:
+    """The launches of `chunk_kda` (gate, beta sigmoid and L2 norm in the kernel, as the model calls it) at
+    [1, T, H, K], forward and (with `backward`) backward, recorded under the interpreter."""
+    import torch
+
+    from kimi_linear.ops.kda import chunk_kda
+
+    def run():
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, T, H, K, generator=g, dtype=torch.bfloat16).requires_grad_(backward)
+                   for _ in range(3))
+        f = torch.randn(1, T, H, K, generator=g, dtype=torch.bfloat16).requires_grad_(backward)
+        beta = torch.randn(1, T, H, generator=g, dtype=torch.bfloat16).requires_grad_(backward)
+        A_log = torch.rand(H, generator=g).requires_grad_(backward)
+        dt_bias = torch.zeros(H * K).requires_grad_(backward)
+        o, _ = chunk_kda(q, k, v, f, beta, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log,
+                         dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
+        if backward:
+            o.float().sum().backward()
+
+    return capture(run)
+
+
 def mla_decode_split(cache_dtype: str = "bf16", *, dual_load: bool = False, block_n: int = 32, num_warps: int = 4,
                      num_stages: int = 2, dump: str | None = None) -> dict:
     """The MLA decode split kernel at the real shape (H=32, R=512, Dr=64, block size 64), bf16 queries,
@@ -118,9 +224,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dump", default=None, help="write each variant's TTGIR and PTX into this folder")
     ap.add_argument("--json", default=None, help="write the reports (without the IR) to this file")
+    ap.add_argument("--kda", action="store_true", help="every kernel chunk_kda launches (forward + backward)")
+    ap.add_argument("--records", default=None, help=argparse.SUPPRESS)  # compile these recorded launches
+    ap.add_argument("--capture-kda", default=None, help=argparse.SUPPRESS)  # the recording child of --kda
     args = ap.parse_args(argv)
+    if args.capture_kda:
+        return _capture_kda(args.capture_kda)
     if not available():
         raise SystemExit("this Triton has no nvidia backend binaries (ptxas, cuobjdump): cannot compile for sm_90")
+    if args.kda:
+        return _kda_main(args)
+    if args.records:
+        return _compile_records(args)
     print(f"Triton {triton.__version__}, target sm_90; MLA decode split kernel (H=32, R=512, Dr=64, BS=64)")
     print(f"{'cache':8s} {'launch':22s} {'regs':>5s} {'stack B':>8s} {'shared B':>9s} {'async copies':>13s}  mma")
     out = {}
@@ -130,6 +245,58 @@ def main(argv=None) -> int:
         launch = "dual_load" if dl else "one load"
         print(f"{dt:8s} {launch:22s} {r['regs']:5d} {r['stack']:8d} {r['shared']:9d} {r['async_copies']:13d}  "
               f"v{','.join(r['mma'])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+def _kda_main(args) -> int:
+    """Record chunk_kda's launches in a child process under the interpreter, then compile them here."""
+    import sys
+
+    if triton.knobs.runtime.interpret:
+        raise SystemExit("run --kda without TRITON_INTERPRET (it records under the interpreter in a child)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", KIMI_LINEAR_TRITON_ON_CPU="1")
+    with tempfile.TemporaryDirectory() as d:
+        rpath = os.path.join(d, "records.json")
+        subprocess.run([sys.executable, "-m", "benchmarks.sm90_compile", "--capture-kda", rpath], cwd=root,
+                       env=env, check=True)
+        args.records = rpath
+        return _compile_records(args)
+
+
+def _capture_kda(path: str) -> int:
+    """The child of --kda: triton was imported interpreted (TRITON_INTERPRET=1 in its environment)."""
+    import json
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "tests"))
+    import triton_interpreter  # the tests' fixes of the interpreter's own bugs (int32 masks, bf16 dots)
+
+    triton_interpreter.apply()
+    with open(path, "w") as f:
+        json.dump(kda_launches(), f)
+    return 0
+
+
+def _compile_records(args) -> int:
+    import json
+
+    with open(args.records) as f:
+        recs = json.load(f)
+    print(f"Triton {triton.__version__}, target sm_90; {len(recs)} recorded launches")
+    print(f"{'kernel':40s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'stack B':>8s} {'shared B':>9s} "
+          f"{'async':>6s}  mma")
+    out = []
+    for rec in recs:
+        r = compile_captured(rec, dump=args.dump)
+        opts = rec.get("options", {})
+        print(f"{rec['name'][:40]:40s} {opts.get('num_warps', 4):5d} {opts.get('num_stages', 3):6d} {r['regs']:5d} "
+              f"{r['stack']:8d} {r['shared']:9d} {r['async_copies']:6d}  v{','.join(r['mma']) or '-'}")
+        out.append(dict(rec, report={k: v for k, v in r.items() if k != "ttgir"}))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
