@@ -82,15 +82,16 @@ class SequenceProcessor:
     def __init__(self, request: Request, tokenizer=None):
         self.request = request
         self.tokenizer = tokenizer
-        self.cumulative_logprob = 0.0
-        self.logprobs: list[dict[int, Logprob]] | None = [] if request.sampling_params.logprobs is not None else None
+        wants = request.sampling_params.logprobs is not None
+        self.cumulative_logprob = 0.0 if wants else None  # as vLLM: only with logprobs requested
+        self.logprobs: list[dict[int, Logprob]] | None = [] if wants else None
         # entries for prompt tokens 1.. (token 0 has none), filled while the prompt is prefilled
         self.prompt_logprobs: list[dict[int, Logprob]] | None = [] if request.wants_prompt_logprobs else None
 
     def on_token(self, token_id: int, sample) -> str | None:
         """Record token `token_id` (sample: the runner's SampleResult). Return a stop reason to finish now."""
-        self.cumulative_logprob += sample.logprob
         if self.logprobs is not None:
+            self.cumulative_logprob += sample.logprob
             entry: dict[int, Logprob] = {}
             for rank, (tid, lp) in enumerate(sample.top or [], 1):
                 entry[tid] = Logprob(lp, rank, self._decode_one(tid))

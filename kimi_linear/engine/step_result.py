@@ -14,7 +14,7 @@ from kimi_linear.engine.sampler import SamplerOutput
 @dataclass
 class SampleResult:
     token_id: int
-    logprob: float  # raw logprob of the sampled token
+    logprob: float | None  # raw logprob of the sampled token (None: no request of the step asked for logprobs)
     top: list[tuple[int, float]] | None = None  # (token id, logprob) of the top `logprobs`, best first
     rank: int | None = None  # rank of the sampled token in the raw distribution (1 = top), if logprobs
     is_finite: bool = True  # False: the logits held NaN / inf, the token means nothing
@@ -50,7 +50,7 @@ class PendingSample:
         self._has_ranks = so.ranks is not None
         # two copies: the integers (token, rank, finite) in one [3, R] tensor, the logprobs in another
         self._ints = torch.stack([so.token_ids, ranks, finite.to(torch.int64)]).to("cpu", non_blocking=True)
-        self._lps = so.logprobs.to("cpu", non_blocking=True)
+        self._lps = so.logprobs.to("cpu", non_blocking=True) if so.logprobs is not None else None
         self._top = None
         if so.top_ids is not None:
             self._top = (so.top_ids.to("cpu", non_blocking=True), so.top_logprobs.to("cpu", non_blocking=True))
@@ -65,7 +65,7 @@ class PendingSample:
             if self._event is not None:
                 self._event.synchronize()
             tokens, ranks, finite = self._ints.tolist()
-            lps = self._lps.tolist()
+            lps = self._lps.tolist() if self._lps is not None else [None] * len(self.requests)
             top_ids, top_lps = (self._top[0].tolist(), self._top[1].tolist()) if self._top is not None else (None, None)
             results = {}
             for i, r in enumerate(self.requests):

@@ -167,6 +167,26 @@ def test_logprobs_are_raw_log_softmax():
     assert torch.equal(out.ranks, want_rank)
 
 
+
+def test_no_logprobs_requested_skips_the_log_softmax(monkeypatch):
+    """Without a row asking for logprobs the raw log_softmax (a [B, V] pass per step) is not computed: the
+    tokens are the same as with logprobs, the logprobs and ranks None."""
+    logits = torch.randn(3, V) * 3
+
+    def run(**lp):
+        params = [SamplingParams(temperature=0.0, **lp), SamplingParams(temperature=0.8, seed=1, **lp),
+                  SamplingParams(top_k=3, seed=2, **lp)]
+        gens = [None, make_generator(1, "cpu"), make_generator(2, "cpu")]
+        return Sampler()(logits, SamplingBatch.build(params, gens, V, "cpu"))
+
+    ref = run(logprobs=0)
+    calls = []
+    real = torch.log_softmax
+    monkeypatch.setattr(torch, "log_softmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = run()
+    assert calls == [] and out.logprobs is None and out.ranks is None and out.top_ids is None
+    assert torch.equal(out.token_ids, ref.token_ids) and ref.logprobs is not None
+
 def test_prompt_logprobs_helper():
     logits = torch.randn(9, V) * 2
     targets = torch.randint(0, V, (9,))
