@@ -42,12 +42,13 @@ def _norm_router_kernel(x, r, nw, h_out, r_out, gw, logits, bias, weights, ids, 
     cmask = cols < E
     w = tl.load(gw + cols.to(tl.int64)[:, None] * D + o[None, :], mask=cmask[:, None] & m[None, :],
                 other=0.0).to(tl.float32)
+    nwv = tl.load(nw + o, mask=m, other=0.0)  # with the router's tile, not after the norm's reduction
     first = pid == 0
     n = 0
     while n < N:
         v = tl.load(x + n * sx_n + o, mask=m, other=0.0)
         s = (v.to(tl.float32) + tl.load(r + n * sr_n + o, mask=m, other=0.0).to(tl.float32)).to(x.dtype.element_ty)
-        h = rms_norm_of(s, nw, o, m, eps, D).to(h_out.dtype.element_ty)
+        h = rms_norm_of(s, nwv, eps, D).to(h_out.dtype.element_ty)
         tl.store(r_out + n * D + o, s, mask=m & first)
         tl.store(h_out + n * D + o, h, mask=m & first)
         tl.store(logits + n * E + cols, tl.sum(w * h.to(tl.float32)[None, :], 1), mask=cmask)

@@ -29,15 +29,17 @@ from kimi_linear.errors import NormError
 
 
 @triton.jit
-def rms_norm_of(v, w, o, m, eps, D: tl.constexpr):
+def rms_norm_of(v, wv, eps, D: tl.constexpr):
     """weight * (float(v) * rsqrt(mean(float(v)^2) + eps)).to(v's dtype), fp32 (the caller rounds): one row
-    v [BLOCK_D] in the stream's dtype, masked lanes zero; `w + o` the weight's lanes. Shared with the kernels
-    that fold a norm into their prologue (`ops/moe/norm_router.py`), which launch with `launch_warps` so
-    that their sum of squares reduces in the same order as this module's kernel."""
+    v [BLOCK_D] in the stream's dtype, masked lanes zero; `wv` the weight's lanes, loaded by the caller
+    before the row (its load then overlaps the row's instead of following the reduction's barrier: one
+    memory latency less per launch). Shared with the kernels that fold a norm into their prologue
+    (`ops/moe/norm_router.py`), which launch with `launch_warps` so that their sum of squares reduces in the
+    same order as this module's kernel."""
     xf = v.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(xf * xf, 0) / D + eps)
     yn = (xf * rstd).to(v.dtype).to(tl.float32)
-    return yn * tl.load(w + o, mask=m, other=0.0).to(tl.float32)
+    return yn * wv.to(tl.float32)
 
 
 @triton.jit
@@ -50,6 +52,7 @@ def _rms_norm_kernel(x, r, bw, w, y, r_out, dst, slots, sx_n, sx_k, sr_n, sy_n, 
         p_dst = dst + tl.maximum(slot, 0) * (D + TAIL)
     o = tl.arange(0, BLOCK_D)
     m = o < D
+    wv = tl.load(w + o, mask=m, other=0.0)  # first: its latency overlaps the row's loads
     if HAS_BW:
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for j in tl.static_range(TOPK):
@@ -62,7 +65,7 @@ def _rms_norm_kernel(x, r, bw, w, y, r_out, dst, slots, sx_n, sx_k, sr_n, sy_n, 
         s = (v.to(tl.float32) + tl.load(r + n * sr_n + o, mask=m, other=0.0).to(tl.float32)).to(x.dtype.element_ty)
         tl.store(r_out + n * sro_n + o, s, mask=m)
         v = s
-    out = rms_norm_of(v, w, o, m, eps, D).to(y.dtype.element_ty)
+    out = rms_norm_of(v, wv, eps, D).to(y.dtype.element_ty)
     tl.store(y + n * sy_n + o, out, mask=m)
     if SCATTER:
         # through fp32: exact for a bf16 cache, one rounding (RNE, saturating) for an fp8 one
