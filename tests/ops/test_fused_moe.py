@@ -171,6 +171,28 @@ def test_fused_router_matches_naive(device, poison_empty, E, k, groups, topk_gro
             assert abs(got[e] - ref[e]) < 1e-5, f"token {n} expert {e}: weight {got[e]} != {ref[e]}"
 
 
+@pytest.mark.parametrize("N", [1, 3, 9], ids=["gemv-1", "gemv-3", "batched"])
+def test_fused_router_breaks_exact_ties_by_the_smallest_id(device, N):
+    """Equal gate rows give bit-equal scores: the picks come best first and, among equal scores, by the
+    smallest expert id (the top-k packs the score's order-preserving bits above the id's complement), with
+    and without a correction bias, for positive and negative logits."""
+    E, D, k = 32, 24, 8
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(E, D, generator=g)
+    w[[3, 17, 30]] = w[9].clone()  # four equal rows, near the top for every token
+    w[[5, 21]] = -w[9].clone()  # and two equal rows at the bottom
+    x = (w[9] + 0.3 * torch.randn(N, D, generator=g)) * 0.1
+    w, x = w.to(device), x.to(device)
+    for bias in (None, torch.zeros(E, device=device)):
+        tw, ids = fused_sigmoid_grouped_topk(x, w, bias, k, 1, 1, False, 1.0, False)
+        scores = torch.sigmoid(x.float() @ w.float().T)
+        for n in range(N):
+            want = sorted(range(E), key=lambda e: (-scores[n, e].item(), e))[:k]
+            assert {3, 9, 17, 30} <= set(want), "the tied rows should be picked"
+            assert ids[n].tolist() == want, (ids[n].tolist(), want)
+            assert torch.allclose(tw[n], scores[n, ids[n]], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_fused_router_without_bias(device, renormalize):
     x, w = torch.randn(5, 24, device=device), torch.randn(8, 24, device=device)

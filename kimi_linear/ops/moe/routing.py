@@ -107,16 +107,25 @@ def topk_row(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E, PER, scaling,
             gscore = tl.where(g == gbest, neg_inf, gscore)
         choice = tl.where(keep[:, None], choice, neg_inf)
     slots = tl.arange(0, K_P)
-    out_w = tl.zeros([K_P], dtype=tl.float32)
     out_id = tl.zeros([K_P], dtype=tl.int64)
+    # one packed reduction per pick (not a max, a min and a sum): the order-preserving int32 image of the fp32
+    # choice in the high word, the complement of the expert id in the low word, so the max is the best
+    # choice and, among equal ones, the smallest id (the tie rule of the reference)
+    bits = choice.to(tl.int32, bitcast=True)
+    eid64 = eid.to(tl.int64)
+    keys = (tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) << 32) | (0xFFFFFFFF - eid64)
     for s in tl.static_range(TOPK):
-        best = tl.max(tl.max(choice, axis=1), axis=0)
-        idx = tl.min(tl.min(tl.where(choice == best, eid, big), axis=1), axis=0)
-        hit = eid == idx
-        w = tl.sum(tl.sum(tl.where(hit, source, 0.0), axis=1), axis=0)
-        out_w = tl.where(slots == s, w, out_w)
-        out_id = tl.where(slots == s, idx.to(tl.int64), out_id)
-        choice = tl.where(hit, neg_inf, choice)
+        best = tl.max(tl.max(keys, axis=1), axis=0)
+        idx = 0xFFFFFFFF - (best & 0xFFFFFFFF)
+        out_id = tl.where(slots == s, idx, out_id)
+        keys = tl.where(eid64 == idx, -9223372036854775807 - 1, keys)
+    # the chosen experts' weights, recomputed from their logits with the same operations (the same bits)
+    picked = slots < TOPK
+    lg = tl.load(logits_ptr + out_id, mask=picked, other=0.0, cache_modifier=".cg")
+    out_w = 1.0 / (1.0 + tl.exp(-lg))
+    if HAS_BIAS and BIASED_WEIGHTS:
+        out_w = out_w + tl.load(bias_ptr + out_id, mask=picked, other=0.0).to(tl.float32)
+    out_w = tl.where(picked, out_w, 0.0)
     if RENORMALIZE:
         out_w = out_w / (tl.sum(out_w, axis=0) + 1e-20)
     out_w = out_w * scaling
