@@ -87,9 +87,6 @@ def topk_row(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E, PER, scaling,
     choice = scores
     if HAS_BIAS:
         choice = scores + tl.load(bias_ptr + eid, mask=valid, other=0.0).to(tl.float32)
-    source = scores
-    if BIASED_WEIGHTS:
-        source = choice
     neg_inf = float("-inf")
     big = 2147483647
     choice = tl.where(valid, choice, neg_inf)
