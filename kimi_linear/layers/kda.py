@@ -179,12 +179,16 @@ class KimiDeltaAttention(nn.Module):
 
         qkv = causal_conv1d(qkv, w_conv, conv_state, ctx.cu_seqlens, state_indices, activation="silu",
                             decode=decode and conv_state is not None)
+        kwargs = dict(initial_state=recurrent, output_final_state=False, use_qk_l2norm_in_kernel=True,
+                      use_gate_in_kernel=True, A_log=self.A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True,
+                      state_indices=state_indices)
+        if decode:  # one token per row (padding rows too, state index -1): T sequences of one token, so the
+            # kernel reads no cu_seqlens before its loads (one dependent memory latency less per launch)
+            q, k, v = (t.reshape(T, 1, H, K) for t in qkv.split(C, dim=-1))
+            o, _ = kda_ops.fused_recurrent_kda(q, k, v, g.reshape(T, 1, H, K), beta.reshape(T, 1, H), **kwargs)
+            return o.view(1, T, H, K)
         q, k, v = (t.reshape(1, T, H, K) for t in qkv.split(C, dim=-1))
-        kwargs = dict(initial_state=recurrent, output_final_state=False, cu_seqlens=ctx.cu_seqlens,
-                      use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log,
-                      dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True, state_indices=state_indices)
-        fn = kda_ops.fused_recurrent_kda if decode else kda_ops.chunk_kda
-        o, _ = fn(q, k, v, g, beta, **kwargs)
+        o, _ = kda_ops.chunk_kda(q, k, v, g, beta, cu_seqlens=ctx.cu_seqlens, **kwargs)
         return o
 
 

@@ -188,7 +188,7 @@ def test_decode_rows_no_longer_go_through_chunk_kda(model, monkeypatch):
 
     def counting(name, fn):
         def wrapper(q, *args, **kwargs):
-            calls[name].append(q.shape[1])
+            calls[name].append(q.shape[0] * q.shape[1])  # tokens: [1, T] chunked, [T, 1] decode rows
             return fn(q, *args, **kwargs)
         return wrapper
 
