@@ -19,9 +19,10 @@ token p - 1 (`SnapshotPool`, keyed by the hash of the block ending at p). A mode
 - `plan_saves`: after the step's forward, the runner copies the slot of each scheduled request whose
   chunk ends on a block boundary into a fresh snapshot. A block that ends with the token still in flight
   (async scheduling: a decode scheduled before the previous step's token is read back) is keyed at
-  `commit`, which runs after that token is known, so such steps overlap like any other. Targets are kept; other snapshots (chunk ends,
-  block boundaries during decode) are progress snapshots: a request keeps only its latest one, which
-  is what the next turn of a chat (prompt + answer + new message) or a resumed preempted request hits.
+  `commit`, which runs after that token is known, so such steps overlap like any other. Targets are
+  kept; other snapshots (chunk ends, block boundaries during decode) are progress snapshots: a request
+  keeps only its latest one, which is what the next turn of a chat (prompt + answer + new message) or a
+  resumed preempted request hits.
 - `commit(plan)` (after the step): unpin the restored snapshots and index the saved ones;
   `register_blocks(request)` indexes a request's newly full, computed blocks under their hashes.
 
