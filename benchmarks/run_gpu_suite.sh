@@ -2,7 +2,7 @@
 # Every GPU check and timing in one go (the device gives each command at most 10 minutes):
 # the gpu-marked tests, then the benchmarks, each under its own timeout so one failure does not
 # hide the rest. Results land in $OUT (or ./gpu-results). Usage: bash benchmarks/run_gpu_suite.sh [parts...]
-# parts: tests kda kda_decode mla moe engine prefix_on prefix_off synthetic synthetic_mqar synthetic_mqar16 synthetic_probe demo soak train_tests train fp8 fp8_tests
+# parts: tests kda kda_decode mla mla_prefill moe engine prefix_on prefix_off synthetic synthetic_mqar synthetic_mqar16 synthetic_probe demo soak train_tests train fp8 fp8_tests
 #   fp8_tiles profile profile_fp8 long_ctx prefill throughput throughput_sweep tc_save tc_restore
 #   (default: tests kda_decode engine)
 # train_tests (<= 50 s): the training kernels compiled against their references
@@ -29,6 +29,9 @@ for part in $parts; do
     #   + masked padding) with 8 warps lower to warpgroup MMAs reading the tiles from shared memory
     mla) timeout 330 python3 -m benchmarks.mla_decode --shapes 1x4096,1x131072,1x1048576,8x131072 --timeout 80 --variants \
         "${MLA_VARIANTS:-default,s3,bh16,bh64/w8,bh64/w8/bn64,fp8,fp8/bh64/w8,fp8/bn64/w8,fp8/w8/s3}" 2>&1 | tail -45 ;;
+    # mla_prefill (<= 150 s): the MLA prefill attention kernel alone under tile configurations (prefill.TILES first),
+    #   16K queries over 32K earlier keys and the causal first chunk, TFLOP/s beside a bf16 matmul
+    mla_prefill) timeout 150 python3 -m benchmarks.mla_prefill --json "$OUT/mla_prefill.json" 2>&1 | tail -14 ;;
     moe) timeout 150 python3 -m benchmarks.moe 2>&1 | tail -30 ;;
     fp8) timeout 420 python3 -m benchmarks.fp8 --json "$OUT/fp8.json" 2>&1 | tail -60 ;;
     fp8_tests) timeout 170 python3 -m pytest tests/quant -q -p no:cacheprovider 2>&1 | tail -25 ;;

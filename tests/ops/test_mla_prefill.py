@@ -130,3 +130,23 @@ def test_prefill_real_shape_gpu(key_chunk):
         if ql:
             assert_close(f"real shape q={ql} ctx={cl}", ref[st:st + ql], got[st:st + ql].float(), 1e-2)
         st += ql
+
+
+def test_prefill_tile_benchmark_smoke(tmp_path, monkeypatch):
+    """benchmarks/mla_prefill.py at tiny shapes under the interpreter: the default tiles match the fp32
+    reference and another configuration (128-query tiles, 8 warps) matches the default, merged chunk and
+    causal first chunk; `prefill.TILES` is restored."""
+    import json
+
+    from benchmarks import mla_prefill
+    from kimi_linear.ops.mla import prefill as P
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    default = P.TILES
+    out = tmp_path / "pf.json"
+    args = ["--small", "--tiles", "64x64x4x3,128x32x8x3", "--json", str(out)]
+    assert mla_prefill.main(args + ([] if torch.cuda.is_available() else ["--device", "cpu"])) == 0
+    rep = json.loads(out.read_text())
+    assert rep["ref_err"] < 2e-2 and P.TILES == default
+    assert len(rep["results"]) == 4 and all(r["vs_default"] < 1e-2 for r in rep["results"])

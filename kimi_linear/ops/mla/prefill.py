@@ -30,6 +30,10 @@ from kimi_linear.ops.mla.decode import mla_decode
 
 _LOG2E = 1.4426950408889634
 KEY_CHUNK_BYTES = 512 << 20  # budget of one expanded key/value chunk
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the bf16 / fp16 kernel for more than 32 queries (H100 choice;
+# benchmarks/mla_prefill.py sweeps others: 128-query tiles with 8 warps also compile to warpgroup MMAs without
+# spills on sm_90, and share each key tile between twice the queries)
+TILES = (64, 64, 4, 3)
 
 
 @triton.jit
@@ -108,8 +112,10 @@ def _attend_chunk(q, kv, kpe, o, lse, scale, q_pos0: int, k_pos0: int, Dn: int, 
     KC = kv.shape[0]
     Dr = Dqk - Dn
     fp32 = q.dtype == torch.float32
-    block_m = 64 if T > 32 or not fp32 else 32
-    block_n = 32 if fp32 else 64
+    if fp32:
+        block_m, block_n, warps, stages = 64 if T > 32 else 32, 32, 4, 2
+    else:
+        block_m, block_n, warps, stages = TILES if T > 32 else (64, 64, 4, 3)
     _mla_prefill_kernel[(triton.cdiv(T, block_m), H)](
         q, kv, kpe, o, lse,
         scale * _LOG2E, T, KC, q_pos0, k_pos0,
@@ -119,7 +125,7 @@ def _attend_chunk(q, kv, kpe, o, lse, scale, q_pos0: int, k_pos0: int, Dn: int, 
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DN=max(16, triton.next_power_of_2(Dn)),
         BLOCK_DR=max(16, triton.next_power_of_2(Dr)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
         IS_FIRST=is_first, PREC="ieee" if fp32 else "tf32",
-        num_warps=4, num_stages=2 if fp32 else 3,
+        num_warps=warps, num_stages=stages,
     )
 
 
