@@ -108,7 +108,7 @@ def topk_row(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E, PER, scaling,
     # one packed reduction per pick (not a max, a min and a sum): the order-preserving int32 image of the fp32
     # choice in the high word, the complement of the expert id in the low word, so the max is the best
     # choice and, among equal ones, the smallest id (the tie rule of the reference)
-    bits = choice.to(tl.int32, bitcast=True)
+    bits = tl.where(choice == 0.0, 0.0, choice).to(tl.int32, bitcast=True)  # -0.0 ties +0.0, as compared
     eid64 = eid.to(tl.int64)
     keys = (tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) << 32) | (0xFFFFFFFF - eid64)
     for s in tl.static_range(TOPK):
