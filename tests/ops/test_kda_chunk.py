@@ -6,6 +6,7 @@ tests repeat the checks at the real shape (H = 32, K = V = 128). bf16 tolerance:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from helpers import assert_close
 from kimi_linear.errors import KDAError
 from kimi_linear.ops.kda import naive_chunk_kda
 from kimi_linear.ops.kda.chunk import chunk_kda
+from kimi_linear.ops.kda.chunk_diag import SPAN
 
 GRAD_NAMES = ("dq", "dk", "dv", "df", "dbeta", "dA_log", "ddt_bias", "dh0")
 
@@ -135,6 +137,52 @@ def test_varlen_matches_reference(poison_empty):
     assert_close("o", o_ref, a[0], 2e-5)
     assert_close("final_state", s_ref, a[1], 2e-5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def diagonal_block_spans(f, A_log, dt_bias):
+    """Per (chunk, 16-token block, head) of one sequence: the block's decay span in log2 units, max over
+    channels of the summed log decay of its tokens (what decides the anchored vs the exact path)."""
+    from kimi_linear.ops.kda import kda_gate
+
+    g = kda_gate(f.float(), A_log, dt_bias, f.shape[-1])[0] / math.log(2.0)  # [T, H, K]
+    T = g.shape[0]
+    out = []
+    for c in range(0, T, 64):
+        out.append(torch.stack([-g[s:min(s + 16, T)].sum(0).min(-1).values for s in range(c, min(c + 64, T), 16)]))
+    return torch.nn.utils.rnn.pad_sequence(out, batch_first=True)
+
+
+def spiked_gate_inputs(T, H, K, V, spikes, seed=0):
+    """Small decays everywhere (raw gate ~ N(-6, 1)) except single-token spikes (token, head, channel):
+    raw gate 20 there, so with exp(A_log) = 201 in head 0 the decay of that one token is below -2.7e3."""
+    q, k, v, f, beta, A_log, dt_bias = make_inputs(1, T, H, K, V, seed=seed)
+    f = f - 5.0
+    for t, h, c in spikes:
+        f[0, t, h, c] = 20.0
+    A_log = torch.tensor([math.log(201.0)] + [0.0] * (H - 1)).view(1, 1, H, 1)
+    return q, k, v, f, beta, A_log, dt_bias
+
+
+def test_anchored_and_exact_diagonal_blocks(poison_empty):
+    """The forward diag kernel takes a diagonal block's anchored matmul while the block's decay span is
+    small and the exact element-wise path where it is not; both in one chunk (spikes at tokens 20 and 100
+    of head 0: blocks 1 of chunk 0 and 2 of chunk 1), at the real head size K = 128. The default and the
+    all-exact forward (span -1) match the fp32 reference, forward and backward."""
+    T, H, K, V = 130, 2, 128, 32
+    q, k, v, f, beta, A_log, dt_bias = spiked_gate_inputs(T, H, K, V, [(20, 0, 5), (100, 0, 77)], seed=5)
+    g_min, _ = gate_extremes(f, A_log, dt_bias)
+    assert g_min < -2.7e3, g_min
+    spans = diagonal_block_spans(f, A_log, dt_bias)  # [chunk, block, head]
+    assert (spans[0, :, 0] > SPAN).tolist() == [False, True, False, False], spans[0, :, 0]
+    assert (spans[1, :, 0] > SPAN).tolist() == [False, False, True, False], spans[1, :, 0]
+    assert (spans[..., 1] < SPAN).all()
+    h0 = torch.randn(1, H, K, V)
+    ref = run(naive_chunk_kda, q, k, v, f, beta, A_log, dt_bias, h0, torch.float32)
+    for config in (None, {"intra": {"span": -1.0}}):
+        fn = functools.partial(chunk_kda, config=config)
+        got = run(fn, q, k, v, f, beta, A_log, dt_bias, h0, torch.float32)
+        assert_finite(("o", "final_state") + GRAD_NAMES, got)
+        compare(ref, got, 1e-4, reduced_tol=1e-3)  # G near -4e3 (log2) after a spike: as the real-gate test
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

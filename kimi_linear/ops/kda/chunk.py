@@ -22,6 +22,7 @@ import triton
 from kimi_linear.errors import KDAError
 from kimi_linear.ops.kda.chunk_bwd_intra import chunk_bwd_intra_launch
 from kimi_linear.ops.kda.chunk_bwd_state import chunk_bwd_state_launch
+from kimi_linear.ops.kda.chunk_diag import SPAN
 from kimi_linear.ops.kda.chunk_intra import chunk_fwd_intra_launch
 from kimi_linear.ops.kda.chunk_scan import chunk_bwd_scan_launch, chunk_fwd_scan_launch
 from kimi_linear.ops.kda.chunk_utils import BT, prepare_chunks
@@ -29,7 +30,7 @@ from kimi_linear.ops.kda.chunk_utils import BT, prepare_chunks
 # Default launch settings per kernel (`chunk_kda(config=...)` overrides them per call, e.g. for a
 # benchmark sweep); scans: None = by shape (chunk_scan.pick_scan).
 CONFIG = {
-    "intra": dict(num_warps=8, num_stages=1, diag_warps=2, solve_warps=2),
+    "intra": dict(num_warps=8, num_stages=1, diag_warps=2, solve_warps=2, exact_warps=2, span=SPAN),
     "scan": dict(num_warps=4, num_stages=None, BV=None),
     "bwd_scan": dict(num_warps=4, num_stages=None, BV=None),
     "bwd_state": dict(num_warps=8, num_stages=1),

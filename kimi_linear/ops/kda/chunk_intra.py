@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.kda.chunk_diag import chunk_fwd_diag_launch
+from kimi_linear.ops.kda.chunk_diag import SPAN, chunk_fwd_diag_launch
 from kimi_linear.ops.kda.chunk_utils import chunk_of_program, gate_log2, load_beta, load_tile, store_tile
 
 
@@ -217,7 +217,8 @@ def chunk_kda_fwd_solve_kernel(
 
 
 def chunk_fwd_intra_launch(q, k, v, f, beta, A_log, dt_bias, scale, idx, T, bufs, *, use_gate, use_l2,
-                           use_sigmoid, num_warps=8, num_stages=1, diag_warps=2, solve_warps=2):
+                           use_sigmoid, num_warps=8, num_stages=1, diag_warps=2, solve_warps=2, exact_warps=2,
+                           span=SPAN):
     """Prep, diagonal blocks, solve. q, k, f: [*, H, K] token-major views; bufs: dict of output buffers."""
     H, K = q.shape[-2], q.shape[-1]
     V = v.shape[-1]
@@ -237,7 +238,7 @@ def chunk_fwd_intra_launch(q, k, v, f, beta, A_log, dt_bias, scale, idx, T, bufs
         num_warps=num_warps, num_stages=num_stages,
     )
     chunk_fwd_diag_launch(q, k, beta, scale, idx, T, bufs, use_l2=use_l2, use_sigmoid=use_sigmoid,
-                          num_warps=diag_warps)
+                          num_warps=diag_warps, exact_warps=exact_warps, span=span)
     chunk_kda_fwd_solve_kernel[grid](
         v, beta, bufs["W"], bufs["U"], bufs["M"], bufs["Akk"],
         bufs.get("cu_seqlens"), idx.chunk_seq, idx.chunk_offsets,
