@@ -147,10 +147,15 @@ def decode_config(num_heads_total: int, V: int, device: torch.device) -> tuple[i
     """(BV, num_warps) for N * H = `num_heads_total` (sequence, head) pairs; depends on shapes only.
 
     Largest V tile (up to 64) that still gives at least two programs per SM; the warp count keeps the
-    K x BV fp32 tile at about 32-64 registers per thread."""
+    K x BV fp32 tile at about 32-64 registers per thread. With 16 or more programs per SM even at BV = 128
+    (large decode batches) the whole 128-wide rows, 4 warps: on the H200 at B = 256, H = 32 (one run of
+    `benchmarks.kda --decode-sweep`) 295.1 us vs 304.7 at BV = 64 (85.8% vs 83.1% of copy bandwidth);
+    at B = 64 BV = 64 stays best (74.5 vs 75.9 us)."""
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
     cap = triton.next_power_of_2(V)
+    if cap >= 128 and num_heads_total * triton.cdiv(V, 128) >= 16 * sms:
+        return 128, 4
     BV = 8
     for bv in (64, 32, 16, 8):
         if num_heads_total * triton.cdiv(V, bv) >= 2 * sms:
