@@ -121,7 +121,8 @@ def run_decode_benchmark(batch_sizes=(1, 16, 64, 256), H=32, K=128, check=True, 
         out = torch.empty(1, B, H, K, dtype=torch.bfloat16, device=DEVICE)
         kw = dict(GATE, A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu)
         n_steps = max(sets, 16)
-        row = dict(B=B, config=decode_config(B * H, K, q.device), rotation_sets=sets, steps_per_graph=n_steps)
+        row = dict(B=B, config=decode_config(B * H, v.shape[-1], q.device), rotation_sets=sets,
+                   steps_per_graph=n_steps)
 
         if check:
             ref_pool, mine = pool[:B].clone(), pool[:B].clone()

@@ -288,6 +288,8 @@ def test_clear_errors():
     with pytest.raises(KDAError, match="inference-only"):
         chunk_kda(q.requires_grad_(), k, v, f, beta, initial_state=pool, state_indices=torch.tensor([1]),
                   cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+    with pytest.raises(KDAError, match="span"):  # would overflow the anchored products
+        chunk_kda(q.detach(), k, v, f, beta, config={"intra": {"span": 200.0}})
 
 
 # ---------------------------------------------------------------------------------------------

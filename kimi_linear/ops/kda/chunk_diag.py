@@ -25,9 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kimi_linear.errors import KDAError
 from kimi_linear.ops.kda.chunk_utils import chunk_of_program, load_beta, pair_rows
 
 SPAN = 96.0  # log2: the largest decay span of a diagonal block that its anchored matmul takes
+MAX_SPAN = 100.0  # beyond, exp2(span) * |k| summed over 256 channels could overflow fp32 (2^128)
 
 
 @triton.jit
@@ -90,7 +92,7 @@ def chunk_kda_fwd_diag_kernel(
     cu_seqlens, chunk_seq, chunk_offsets,
     T, N, NT_seq, s_q, s_k, s_b, scale,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    SPAN_: tl.constexpr, EXACT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_L2: tl.constexpr,
+    SPAN_: tl.constexpr, EXACT: tl.constexpr, DIAG_PREC: tl.constexpr, IS_VARLEN: tl.constexpr, USE_L2: tl.constexpr,
     USE_SIGMOID: tl.constexpr,
 ):
     i_tb = tl.program_id(0)
@@ -147,8 +149,8 @@ def chunk_kda_fwd_diag_kernel(
     ka = kn * E
     if not EXACT:
         kb = tl.trans(kn * tl.exp2(tl.minimum(a[None, :] - G, SPAN_)))
-        sq = tl.dot(qa, kb)
-        sk = tl.dot(ka, kb)
+        sq = tl.dot(qa, kb, input_precision=DIAG_PREC)
+        sk = tl.dot(ka, kb, input_precision=DIAG_PREC)
         p = rows[:, None] * sHA + r0 + o[None, :]
         tl.store(A_b + p, tl.where(o[:, None] >= o[None, :], sq, 0.0).to(A_b.dtype.element_ty), mask=m_r[:, None])
         tl.store(S_b + p, tl.where(o[:, None] > o[None, :], sk * b[:, None], 0.0), mask=m_r[:, None])
@@ -173,17 +175,22 @@ def chunk_fwd_diag_launch(q, k, beta, scale, idx, T, bufs, *, use_l2, use_sigmoi
     inverse norms bufs["rq"], bufs["rk"] with the fused norm) from the prep kernel. Two launches: the
     anchored one for every sub-chunk whose diagonal block's span allows it (it flags the others), then
     the exact one for the flagged sub-chunks (its other programs exit after one flag read)."""
+    if not span <= MAX_SPAN:  # (NaN too)
+        raise KDAError(f"intra span {span} must be <= {MAX_SPAN} (log2): larger column factors exp2(span) "
+                       "overflow fp32 in the anchored products")
     H, K = q.shape[-2], q.shape[-1]
     BK = max(16, triton.next_power_of_2(K))
     B = 1 if idx.chunk_seq is not None else idx.N
     grid = (4 * (idx.NT if idx.chunk_seq is not None else idx.NT_seq), B * H)
+    # fp32 inputs keep fp32 products on the diagonal blocks (the largest entries); tf32 otherwise
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
     flags = torch.empty(grid, device=q.device, dtype=torch.int8)
     for exact, warps in ((False, num_warps), (True, exact_warps)):
         chunk_kda_fwd_diag_kernel[grid](
             q, k, beta, bufs["G"], bufs.get("rq"), bufs.get("rk"), bufs["Aqk"], bufs["Akk"], flags,
             bufs.get("cu_seqlens"), idx.chunk_seq, idx.chunk_offsets,
             T, idx.N, idx.NT_seq, q.stride(-3), k.stride(-3), beta.stride(-2), scale,
-            H=H, K=K, BK=BK, BT=64, BC=16, SPAN_=float(span), EXACT=exact,
+            H=H, K=K, BK=BK, BT=64, BC=16, SPAN_=float(span), EXACT=exact, DIAG_PREC=prec,
             IS_VARLEN=idx.chunk_seq is not None, USE_L2=use_l2, USE_SIGMOID=use_sigmoid,
             num_warps=warps, num_stages=num_stages,
         )
