@@ -1,8 +1,9 @@
 """Chunkwise-parallel KDA (prefill and training) on Triton: the public `chunk_kda` and its autograd.
 
-Forward = three kernels: `chunk_diag` (the exact diagonal 16x16 blocks of Aqk and Akk), `chunk_intra`
-(the rest that is local to a 64-token chunk: gate, cumsum, L2 norm, beta, off-diagonal blocks, the UT
-transform, W, U) and `chunk_scan` (the sequential state scan, fused with the output). Backward = the
+Forward = `chunk_intra`'s prep kernel (per 64-token chunk: gate, cumsum, L2 norm, beta, Qg, Kd), `chunk_diag`
+(per 16-token sub-chunk: its rows of Aqk and Akk, the diagonal block through an anchored matmul where its
+decay span allows and exactly where not, in two launches), `chunk_intra`'s solve kernel (the UT transform,
+W, U) and `chunk_scan` (the sequential state scan, fused with the output). Backward = the
 reverse state scan, then `chunk_bwd_state` (per chunk: the value-dim contractions) and `chunk_bwd_intra`
 (per 16-token sub-chunk: the key-dim work back to q, k, beta; then per chunk: the reverse cumsum of the
 decay gradient and the gate backward to f / g, A_log, dt_bias).
