@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.kda.chunk_utils import chunk_of_program, load_beta, pair_rows, sigmoid_thr, softplus
+from kimi_linear.ops.kda.chunk_utils import chunk_of_program, dot_precision, load_beta, pair_rows, sigmoid_thr, softplus
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def chunk_kda_bwd_intra_kernel(
     cu_seqlens, chunk_seq, chunk_offsets,
     T, N, NT_seq, s_q, s_k, s_b, s_dq, s_dk, s_db, scale,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    IS_VARLEN: tl.constexpr, USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr,
 ):
     i_tb = tl.program_id(0)
     i_t = i_tb // 4
@@ -129,8 +129,8 @@ def chunk_kda_bwd_intra_kernel(
             kj = _nrows(k_b, rj, m_j, s_k, cols, m_c, rk_b, H, USE_L2)
             kj = kj * tl.exp2(tl.minimum(a - _grows(G_b, rj, m_j, sHK, cols, m_c), 0.0))
             pj = rows[:, None] * sHA + J * BC + o[None, :]
-            Pq = tl.dot(tl.load(dAq_b + pj, mask=m_r[:, None], other=0.0), kj, Pq)
-            Pk = tl.dot(tl.load(dAk_b + pj, mask=m_r[:, None], other=0.0), kj, Pk)
+            Pq = tl.dot(tl.load(dAq_b + pj, mask=m_r[:, None], other=0.0), kj, Pq, input_precision=PREC)
+            Pk = tl.dot(tl.load(dAk_b + pj, mask=m_r[:, None], other=0.0), kj, Pk, input_precision=PREC)
         ea = tl.exp2(tl.minimum(G - a, 0.0))
         Rq += Pq * ea
         Rk += Pk * ea
@@ -144,11 +144,12 @@ def chunk_kda_bwd_intra_kernel(
     dq_ll = tl.load(dAq_b + pd, mask=m_ll, other=0.0)
     dk_ll = tl.load(dAk_b + pd, mask=m_ll, other=0.0)
     kq = kn * Ql
-    Rq += Ph * tl.dot(dq_ll, kq)
-    Rk += Ph * tl.dot(dk_ll, kq)
+    Rq += Ph * tl.dot(dq_ll, kq, input_precision=PREC)
+    Rk += Ph * tl.dot(dk_ll, kq, input_precision=PREC)
     qn = _nrows(q_b, rows, m_r, s_q, cols, m_c, rq_b, H, USE_L2)
     qh = qn * scale
-    Cd += Ql * (tl.dot(tl.trans(dq_ll), qh * Ph) + tl.dot(tl.trans(dk_ll), (kn * b[:, None]) * Ph))
+    Cd += Ql * (tl.dot(tl.trans(dq_ll), qh * Ph, input_precision=PREC)
+                + tl.dot(tl.trans(dk_ll), (kn * b[:, None]) * Ph, input_precision=PREC))
 
     # ---- column part from the sub-chunks after I, anchor b = G of the last row of I
     n_sub = tl.cdiv(n_valid, BC)
@@ -163,8 +164,8 @@ def chunk_kda_bwd_intra_kernel(
             zk = _nrows(k_b, ri, m_i, s_k, cols, m_c, rk_b, H, USE_L2) * (e * load_beta(b_b, ri, m_i, s_b,
                                                                                              USE_SIGMOID)[:, None])
             pi = ri[:, None] * sHA + r0 + o[None, :]
-            C2 = tl.dot(tl.trans(tl.load(dAq_b + pi, mask=m_i[:, None], other=0.0)), zq, C2)
-            C2 = tl.dot(tl.trans(tl.load(dAk_b + pi, mask=m_i[:, None], other=0.0)), zk, C2)
+            C2 = tl.dot(tl.trans(tl.load(dAq_b + pi, mask=m_i[:, None], other=0.0)), zq, C2, input_precision=PREC)
+            C2 = tl.dot(tl.trans(tl.load(dAk_b + pi, mask=m_i[:, None], other=0.0)), zk, C2, input_precision=PREC)
         Cd += C2 * tl.exp2(tl.minimum(ab - G, 0.0))
 
     # ---- local terms (Qg = qh exp(G), Y = beta exp(G) kn, Kd = kn exp(G_last - G)), then the norms
@@ -263,7 +264,7 @@ def chunk_bwd_intra_launch(q, k, f, beta, A_log, dt_bias, scale, bufs, grads, ou
         T, idx.N, idx.NT_seq, q.stride(-3), k.stride(-3), beta.stride(-2),
         dq.stride(-3), dk.stride(-3), dbeta.stride(-2), scale,
         H=H, K=K, BK=BK, BT=64, BC=16, IS_VARLEN=varlen, USE_L2=use_l2, USE_SIGMOID=use_sigmoid,
-        num_warps=num_warps, num_stages=num_stages,
+        PREC=dot_precision(bufs["W"].dtype), num_warps=num_warps, num_stages=num_stages,
     )
     BKG = min(32, BK)
     chunk_kda_bwd_gate_kernel[(nt, B * H, triton.cdiv(K, BKG))](

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.kda.chunk_utils import chunk_of_program, load_beta
+from kimi_linear.ops.kda.chunk_utils import chunk_of_program, dot_precision, load_beta
 
 
 @triton.jit(do_not_specialize=["N"])  # N varies per batch: one compile
@@ -27,7 +27,7 @@ def chunk_kda_bwd_state_kernel(
     cu_seqlens, chunk_seq, chunk_offsets,
     T, N, NT_seq, s_do, s_v, s_b, s_dv,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_SIGMOID: tl.constexpr,
+    BT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr,
 ):
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -73,26 +73,27 @@ def chunk_kda_bwd_state_kernel(
     b_vn = tl.load(vn + tv_base + o_tv, mask=m_tv, other=0.0)
     b_dvn = tl.load(dvn + tv_base + o_tv, mask=m_tv, other=0.0)
 
-    tl.store(dQg + tk_base + o_tk, tl.dot(g_o, tl.trans(S)), mask=m_tk)
-    tl.store(dKd + tk_base + o_tk, tl.dot(b_vn, tl.trans(dS)), mask=m_tk)
+    tl.store(dQg + tk_base + o_tk, tl.dot(g_o, tl.trans(S), input_precision=PREC), mask=m_tk)
+    tl.store(dKd + tk_base + o_tk, tl.dot(b_vn, tl.trans(dS), input_precision=PREC), mask=m_tk)
     glast = tl.load(gam + (gc * H + i_h) * K + ck, mask=m_k, other=0.0)
     tl.store(dgx + (gc * H + i_h) * K + ck, tl.exp2(glast) * tl.sum(S32 * dS32, 1), mask=m_k)
 
     Mt = tl.trans(tl.load(Mi + ta_base + o_ta, mask=m_t[:, None], other=0.0))
-    b_dY = tl.dot(Mt, (-tl.dot(b_dvn, tl.trans(S))).to(dt))
+    b_dY = tl.dot(Mt, (-tl.dot(b_dvn, tl.trans(S))).to(dt), input_precision=PREC)
     tl.store(dY + tk_base + o_tk, b_dY, mask=m_tk)
-    b_dX = tl.dot(Mt, b_dvn)
+    b_dX = tl.dot(Mt, b_dvn, input_precision=PREC)
     b = load_beta(beta + i_h + t0 * s_b, ct, m_t, s_b, USE_SIGMOID)
     b_v = tl.load(v + t0 * s_v + i_h * V + ct[:, None] * s_v + cv[None, :], mask=m_tv, other=0.0).to(tl.float32)
     tl.store(dv + t0 * s_dv + i_h * V + ct[:, None] * s_dv + cv[None, :], (b_dX * b[:, None]).to(dv.dtype.element_ty),
              mask=m_tv)
     tl.store(dbx + (t0 + ct) * H + i_h, tl.sum(b_dX * b_v, 1), mask=m_t)
 
-    b_dA = tl.dot(g_o, tl.trans(b_vn))
+    b_dA = tl.dot(g_o, tl.trans(b_vn), input_precision=PREC)
     tl.store(dAqk + ta_base + o_ta, tl.where(ct[:, None] >= ct[None, :], b_dA, 0.0), mask=m_t[:, None])
     b_u = tl.load(U + tv_base + o_tv, mask=m_tv, other=0.0)
     b_w = tl.load(Wt + tk_base + o_tk, mask=m_tk, other=0.0)
-    b_dAkk = -(tl.dot(b_dX.to(dt), tl.trans(b_u)) + tl.dot(b_dY.to(dt), tl.trans(b_w)))
+    b_dAkk = -(tl.dot(b_dX.to(dt), tl.trans(b_u), input_precision=PREC)
+               + tl.dot(b_dY.to(dt), tl.trans(b_w), input_precision=PREC))
     tl.store(dAkk + ta_base + o_ta, tl.where(ct[:, None] > ct[None, :], b_dAkk, 0.0), mask=m_t[:, None])
 
 
@@ -110,5 +111,5 @@ def chunk_bwd_state_launch(bufs, do, v, beta, dv, grads, idx, T, *, use_sigmoid,
         bufs.get("cu_seqlens"), idx.chunk_seq, idx.chunk_offsets,
         T, idx.N, idx.NT_seq, do.stride(-3), v.stride(-3), beta.stride(-2), dv.stride(-3),
         H=H, K=K, V=V, BK=BK, BV=BV, BT=64, IS_VARLEN=idx.chunk_seq is not None, USE_SIGMOID=use_sigmoid,
-        num_warps=num_warps, num_stages=num_stages,
+        PREC=dot_precision(bufs["W"].dtype), num_warps=num_warps, num_stages=num_stages,
     )

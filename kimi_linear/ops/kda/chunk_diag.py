@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.errors import KDAError
-from kimi_linear.ops.kda.chunk_utils import chunk_of_program, load_beta, pair_rows
+from kimi_linear.ops.kda.chunk_utils import chunk_of_program, dot_precision, load_beta, pair_rows
 
 SPAN = 96.0  # log2: the largest decay span of a diagonal block that its anchored matmul takes
 MAX_SPAN = 100.0  # beyond, exp2(span) * |k| summed over 256 channels could overflow fp32 (2^128)
@@ -44,7 +44,7 @@ def _rows(x_b, orow, m_r, stride, cols, m_c, r_b, H: tl.constexpr, USE_L2: tl.co
 
 @triton.jit
 def _exact_diag(qn, kn, G, b, k_b, G_b, rk_b, A_b, S_b, r0, n_valid, s_k, sHK, sHA, cols, m_c, H: tl.constexpr,
-                BC: tl.constexpr, USE_L2: tl.constexpr):
+                BC: tl.constexpr, USE_L2: tl.constexpr, PREC: tl.constexpr):
     """The diagonal block for any gate magnitude: its two 8x8 diagonal blocks exactly, one column per step
     for both halves at once (rows 0..7 against column c, rows 8..15 against column 8 + c; step c's dots
     collect in column c of [16, 8] tiles: row r, column c holds the pair (r, c + 8 [r >= 8])), its
@@ -78,8 +78,8 @@ def _exact_diag(qn, kn, G, b, k_b, G_b, rk_b, A_b, S_b, r0, n_valid, s_k, sHK, s
     a7 = tl.load(G_b + (r0 + 7) * sHK + zr + cols[None, :], mask=m_bc & (r0 + 7 < n_valid), other=0.0)
     E7 = tl.where(hi[:, None], tl.exp2(tl.minimum(G - a7, 0.0)), 0.0)
     kb7 = tl.trans(tl.where(hi[:, None], 0.0, kn * tl.exp2(tl.minimum(a7 - G, 0.0))))
-    sq = tl.dot(qn * E7, kb7)
-    sk = tl.dot(kn * E7, kb7)
+    sq = tl.dot(qn * E7, kb7, input_precision=PREC)
+    sk = tl.dot(kn * E7, kb7, input_precision=PREC)
     m_ll = m_r[:, None] & hi[:, None] & (o[None, :] < 8)
     pl = rows[:, None] * sHA + r0 + o[None, :]
     tl.store(A_b + pl, sq.to(A_b.dtype.element_ty), mask=m_ll)
@@ -92,7 +92,7 @@ def chunk_kda_fwd_diag_kernel(
     cu_seqlens, chunk_seq, chunk_offsets,
     T, N, NT_seq, s_q, s_k, s_b, scale,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    SPAN_: tl.constexpr, EXACT: tl.constexpr, DIAG_PREC: tl.constexpr, IS_VARLEN: tl.constexpr, USE_L2: tl.constexpr,
+    SPAN_: tl.constexpr, EXACT: tl.constexpr, PREC: tl.constexpr, IS_VARLEN: tl.constexpr, USE_L2: tl.constexpr,
     USE_SIGMOID: tl.constexpr,
 ):
     i_tb = tl.program_id(0)
@@ -143,14 +143,15 @@ def chunk_kda_fwd_diag_kernel(
     G = tl.load(G_b + rows[:, None] * sHK + cols[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)
     b = load_beta(beta + tc * s_b + i_h, rows, m_r, s_b, USE_SIGMOID)
     if EXACT:
-        _exact_diag(qn, kn, G, b, k_b, G_b, rk_b, A_b, S_b, r0, n_valid, s_k, sHK, sHA, cols, m_c, H, BC, USE_L2)
+        _exact_diag(qn, kn, G, b, k_b, G_b, rk_b, A_b, S_b, r0, n_valid, s_k, sHK, sHA, cols, m_c, H, BC, USE_L2,
+                    PREC)
     E = tl.exp2(tl.minimum(G - a[None, :], 0.0))
     qa = qn * E
     ka = kn * E
     if not EXACT:
         kb = tl.trans(kn * tl.exp2(tl.minimum(a[None, :] - G, SPAN_)))
-        sq = tl.dot(qa, kb, input_precision=DIAG_PREC)
-        sk = tl.dot(ka, kb, input_precision=DIAG_PREC)
+        sq = tl.dot(qa, kb, input_precision=PREC)
+        sk = tl.dot(ka, kb, input_precision=PREC)
         p = rows[:, None] * sHA + r0 + o[None, :]
         tl.store(A_b + p, tl.where(o[:, None] >= o[None, :], sq, 0.0).to(A_b.dtype.element_ty), mask=m_r[:, None])
         tl.store(S_b + p, tl.where(o[:, None] > o[None, :], sk * b[:, None], 0.0), mask=m_r[:, None])
@@ -162,8 +163,8 @@ def chunk_kda_fwd_diag_kernel(
         kj = _rows(k_b, rj, m_j, s_k, cols, m_c, rk_b, H, USE_L2)
         Gj = tl.load(G_b + rj[:, None] * sHK + cols[None, :], mask=m_j[:, None] & m_c[None, :], other=0.0)
         kb = tl.trans(kj * tl.exp2(tl.minimum(a[None, :] - Gj, 0.0)))
-        sq = tl.dot(qa, kb)
-        sk = tl.dot(ka, kb)
+        sq = tl.dot(qa, kb, input_precision=PREC)
+        sk = tl.dot(ka, kb, input_precision=PREC)
         pj = rows[:, None] * sHA + J * BC + o[None, :]
         tl.store(A_b + pj, sq.to(A_b.dtype.element_ty), mask=m_r[:, None])
         tl.store(S_b + pj, sk * b[:, None], mask=m_r[:, None])
@@ -182,15 +183,14 @@ def chunk_fwd_diag_launch(q, k, beta, scale, idx, T, bufs, *, use_l2, use_sigmoi
     BK = max(16, triton.next_power_of_2(K))
     B = 1 if idx.chunk_seq is not None else idx.N
     grid = (4 * (idx.NT if idx.chunk_seq is not None else idx.NT_seq), B * H)
-    # fp32 inputs keep fp32 products on the diagonal blocks (the largest entries); tf32 otherwise
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = dot_precision(q.dtype)
     flags = torch.empty(grid, device=q.device, dtype=torch.int8)
     for exact, warps in ((False, num_warps), (True, exact_warps)):
         chunk_kda_fwd_diag_kernel[grid](
             q, k, beta, bufs["G"], bufs.get("rq"), bufs.get("rk"), bufs["Aqk"], bufs["Akk"], flags,
             bufs.get("cu_seqlens"), idx.chunk_seq, idx.chunk_offsets,
             T, idx.N, idx.NT_seq, q.stride(-3), k.stride(-3), beta.stride(-2), scale,
-            H=H, K=K, BK=BK, BT=64, BC=16, SPAN_=float(span), EXACT=exact, DIAG_PREC=prec,
+            H=H, K=K, BK=BK, BT=64, BC=16, SPAN_=float(span), EXACT=exact, PREC=prec,
             IS_VARLEN=idx.chunk_seq is not None, USE_L2=use_l2, USE_SIGMOID=use_sigmoid,
             num_warps=warps, num_stages=num_stages,
         )

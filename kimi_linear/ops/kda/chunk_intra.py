@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.kda.chunk_diag import SPAN, chunk_fwd_diag_launch
-from kimi_linear.ops.kda.chunk_utils import chunk_of_program, gate_log2, load_beta, load_tile, store_tile
+from kimi_linear.ops.kda.chunk_utils import chunk_of_program, dot_precision, gate_log2, load_beta, load_tile, store_tile
 
 
 @triton.jit
@@ -148,6 +148,7 @@ def chunk_kda_fwd_solve_kernel(
     T, N, NT_seq, s_v, s_b,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr, USE_SIGMOID: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -205,7 +206,7 @@ def chunk_kda_fwd_solve_kernel(
     for kk in tl.static_range(0, BK, BKC):
         m_k = kk + ck < K
         Y = load_tile(W_b + kk, ot, m_t, sHK, ck, m_k, False).to(dt)
-        store_tile(W_b + kk, tl.dot(Mf, Y), ot, m_t, sHK, ck, m_k, False)
+        store_tile(W_b + kk, tl.dot(Mf, Y, input_precision=PREC), ot, m_t, sHK, ck, m_k, False)
     BVC: tl.constexpr = 64 if BV > 64 else BV
     cv = tl.arange(0, BVC)
     v_b = v + t0 * s_v + i_h * V
@@ -213,7 +214,7 @@ def chunk_kda_fwd_solve_kernel(
     for vv in tl.static_range(0, BV, BVC):
         m_v = vv + cv < V
         X = (load_tile(v_b + vv, ot, m_t, s_v, cv, m_v, False) * b[:, None]).to(dt)
-        store_tile(U_b + vv, tl.dot(Mf, X), ot, m_t, H * V, cv, m_v, False)
+        store_tile(U_b + vv, tl.dot(Mf, X, input_precision=PREC), ot, m_t, H * V, cv, m_v, False)
 
 
 def chunk_fwd_intra_launch(q, k, v, f, beta, A_log, dt_bias, scale, idx, T, bufs, *, use_gate, use_l2,
@@ -244,5 +245,6 @@ def chunk_fwd_intra_launch(q, k, v, f, beta, A_log, dt_bias, scale, idx, T, bufs
         bufs.get("cu_seqlens"), idx.chunk_seq, idx.chunk_offsets,
         T, idx.N, idx.NT_seq, v.stride(-3), beta.stride(-2),
         H=H, K=K, V=V, BK=BK, BV=BV, BT=64, BC=16, IS_VARLEN=varlen, USE_SIGMOID=use_sigmoid,
+        PREC=dot_precision(bufs["W"].dtype),
         num_warps=solve_warps, num_stages=1,
     )

@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kimi_linear.ops.kda.chunk_utils import dot_precision
+
 
 @triton.jit
 def _seq_bounds(n, T, NT_seq, cu_seqlens, chunk_offsets, IS_VARLEN: tl.constexpr):
@@ -38,7 +40,7 @@ def chunk_kda_fwd_scan_kernel(
     T, NT_seq, s_o,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-    USE_POOL: tl.constexpr, SAVE: tl.constexpr,
+    USE_POOL: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
 ):
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
@@ -94,13 +96,13 @@ def chunk_kda_fwd_scan_kernel(
         Sb = S.to(dt)
         if SAVE:
             tl.store(h_out + (gc * H + i_h) * K * V + o_s, S.to(h_out.dtype.element_ty), mask=m_kv)
-        vn = u - tl.dot(w, Sb)
+        vn = u - tl.dot(w, Sb, input_precision=PREC)
         vnb = vn.to(dt)
         if SAVE:
             tl.store(vn_out + t0 * sHV + i_h * V + o_tv, vnb, mask=m_tv)
-        out = tl.dot(qg, Sb) + tl.dot(A, vnb)
+        out = tl.dot(qg, Sb, input_precision=PREC) + tl.dot(A, vnb, input_precision=PREC)
         tl.store(o + t0 * s_o + i_h * V + o_o, out.to(o.dtype.element_ty), mask=m_tv)
-        S = S * decay[:, None] + tl.dot(tl.trans(kd), vnb)
+        S = S * decay[:, None] + tl.dot(tl.trans(kd), vnb, input_precision=PREC)
     if STORE_FINAL:
         tl.store(ht + s_base + o_s, S.to(ht.dtype.element_ty), mask=m_kv)
 
@@ -112,6 +114,7 @@ def chunk_kda_bwd_scan_kernel(
     T, NT_seq, s_do,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, HAS_DH0: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
@@ -155,10 +158,11 @@ def chunk_kda_bwd_scan_kernel(
         decay = tl.exp2(tl.load(gam + (gc * H + i_h) * K + ck, mask=m_k, other=0.0))
         dSb = dS.to(dt)
         tl.store(dh_out + (gc * H + i_h) * K * V + o_s, dS.to(dh_out.dtype.element_ty), mask=m_kv)
-        dvn = tl.dot(tl.trans(A), g_o) + tl.dot(kd, dSb)
+        dvn = tl.dot(tl.trans(A), g_o, input_precision=PREC) + tl.dot(kd, dSb, input_precision=PREC)
         dvnb = dvn.to(dt)
         tl.store(dvn_out + t0 * sHV + i_h * V + o_tv, dvnb, mask=m_tv)
-        dS = dS * decay[:, None] + tl.dot(tl.trans(qg), g_o) - tl.dot(tl.trans(w), dvnb)
+        dS = (dS * decay[:, None] + tl.dot(tl.trans(qg), g_o, input_precision=PREC)
+              - tl.dot(tl.trans(w), dvnb, input_precision=PREC))
     if HAS_DH0:
         tl.store(dh0 + s_base + o_s, dS, mask=m_kv)
 
@@ -190,6 +194,7 @@ def chunk_fwd_scan_launch(bufs, o, h0, ht, idx, T, state_indices, *, save, BV=No
         T, idx.NT_seq, o.stride(-3),
         H=H, K=K, V=V, BK=BK, BV=BV, BT=64, IS_VARLEN=idx.chunk_offsets is not None,
         HAS_H0=h0 is not None, STORE_FINAL=ht is not None, USE_POOL=state_indices is not None, SAVE=save,
+        PREC=dot_precision(W.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -208,6 +213,6 @@ def chunk_bwd_scan_launch(bufs, do, dht, dh, dvn, dh0, idx, T, *, BV=None, num_w
         bufs.get("cu_seqlens"), idx.chunk_offsets,
         T, idx.NT_seq, do.stride(-3),
         H=H, K=K, V=V, BK=BK, BV=BV, BT=64, IS_VARLEN=idx.chunk_offsets is not None,
-        HAS_DHT=dht is not None, HAS_DH0=dh0 is not None,
+        HAS_DHT=dht is not None, HAS_DH0=dh0 is not None, PREC=dot_precision(W.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -67,6 +67,13 @@ def prepare_chunks(cu_seqlens: torch.Tensor | None, B: int, T: int,
     return ChunkIndex(N, max(NT, 1), 0, chunk_seq, offsets.to(torch.int32))
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """The kernels' tl.dot input precision for a compute dtype: fp32 inputs keep fp32 products ("ieee", as
+    torch's fp32 matmuls by default: no silent tf32), every other dtype the tensor-core default ("tf32"
+    applies to the fp32 operands formed in registers; bf16 operands multiply exactly)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 # ---------------------------------------------------------------------------------------------
 # Jitted helpers
 
