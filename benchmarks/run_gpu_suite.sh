@@ -16,11 +16,24 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1  # the benchmarks run as modules from the repository root: no PYTHONPATH needed
+# Carried wheels, installed once per machine into /tmp/site when the call carries them: .whl (fla-core and
+# transformers, the peers) and .whl_srv (xgrammar, fastapi, uvicorn, pydantic and their needs). The device image
+# lacks xgrammar (a core dependency: structured outputs), so the gpu tests need .whl_srv carried too:
+# test_structured_output_falls_back_and_agrees[cuda] fails with "structured outputs are unavailable" without it.
+wheels=$(ls .whl/*.whl .whl_srv/*.whl 2>/dev/null)
+if [ -n "$wheels" ] && [ ! -e /tmp/site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
+    && touch /tmp/site/.installed || echo "installing the carried wheels failed"
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 parts=${*:-tests kda_decode engine}
 for part in $parts; do
   echo "=== $part ==="
   case $part in
-    tests) timeout 240 python3 -m pytest tests/ops tests/models tests/engine tests/quant -m gpu -q -p no:cacheprovider 2>&1 | tail -25 ;;
+    # tests: the whole log in $OUT/tests.log (a cut run keeps what pytest printed; -rfE lists every failure's
+    #   test id, --tb=short its message)
+    tests) timeout 240 python3 -m pytest tests/ops tests/models tests/engine tests/quant -m gpu -q -rfE --tb=short \
+        -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
     profile) timeout 200 python3 -m benchmarks.profile_decode --context 4096 --json "$OUT/profile_4k.json" 2>&1 | tail -60 ;;
     # kda (<= 560 s, a call of its own): ours beside fla-core 0.6.0 (install its wheel first; FLA_CACHE_RESULTS=1:
     #   fla's first-use autotuning is ~325 s, untimed), then the decode step with its launch sweep
