@@ -17,7 +17,6 @@ from kimi_linear.ops.moe import naive_moe_experts, sigmoid_grouped_topk
 from kimi_linear.ops.moe import fused_moe as fm
 from kimi_linear.ops.moe.fused_moe import MoETiles, fused_moe, moe_align, pick_tiles
 from kimi_linear.ops.moe.routing import fused_sigmoid_grouped_topk
-from kimi_linear.ops.dispatch import is_interpreter
 
 
 def make_experts(E, D, I, dtype, device):

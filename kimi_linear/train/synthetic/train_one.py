@@ -199,7 +199,7 @@ def train_one(spec: RunSpec, device: torch.device, sink: Callable[[dict], None])
     step = 0
 
     def evaluate() -> dict:
-        nonlocal best, loss_sum, num_losses
+        nonlocal best, num_losses  # loss_sum is zeroed in place
         loss = loss_sum.item() / num_losses if num_losses else None
         diverged = loss is not None and not math.isfinite(loss)
         acc = answer_accuracy(trainer.model, eval_set, device, trainer.autocast)
